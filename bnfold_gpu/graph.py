@@ -1,0 +1,66 @@
+"""An NNabla graph read once: its functions in topological order and its parameters' names."""
+from typing import Dict, List, Sequence
+
+import nnabla as nn
+
+BN_TYPES = ("BatchNormalization", "FusedBatchNormalization")
+
+
+def parameter_names(scope=None) -> Dict["nn.Variable", str]:
+    """Variable -> full name for every parameter registered under ``scope`` (the current one by default).
+
+    Walks the registry itself instead of calling ``nn.get_parameters()``: files loaded with
+    ``NnpLoader`` can register unused parameters as None, on which ``nn.get_parameters()`` fails.
+    """
+    scope = nn.parameter.get_current_parameter_scope() if scope is None else scope
+    names = {}
+    stack = [("", scope)]
+    while stack:
+        path, d = stack.pop()
+        for key, value in d.items():
+            if value is None:
+                continue
+            if isinstance(value, nn.Variable):
+                names.setdefault(value, path + key)
+            elif hasattr(value, "items"):
+                stack.append((path + key + "/", value))
+    return names
+
+
+class Graph:
+    """``functions`` in topological order (each once), ``outputs``, and ``name(var)``."""
+
+    def __init__(self, outputs: Sequence["nn.Variable"]):
+        self.outputs = list(outputs)
+        functions: List = []
+        seen = set()
+
+        def add(f):
+            if f not in seen:
+                seen.add(f)
+                functions.append(f)
+
+        for out in self.outputs:
+            if out.parent is not None:
+                out.visit(add)
+        self.functions = functions
+        self._names = parameter_names()
+        self._unnamed: Dict = {}
+
+    def name(self, var: "nn.Variable", hint: str = "param") -> str:
+        """The registered name of ``var``, or a stable made-up one that cannot clash with a real one."""
+        name = self._names.get(var)
+        if name is None:
+            name = self._unnamed.get(var)
+            if name is None:
+                name = f"<unnamed {hint} #{len(self._unnamed)}>"
+                self._unnamed[var] = name
+        return name
+
+    def all_names(self):
+        return set(self._names.values()) | set(self._unnamed.values())
+
+    def variables_by_name(self):
+        out = {n: v for v, n in self._names.items()}
+        out.update({n: v for v, n in self._unnamed.items()})
+        return out

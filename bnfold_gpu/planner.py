@@ -1,0 +1,241 @@
+"""Graph -> plan: one pass over the functions, deciding for each BN what it folds into, or why not.
+
+Preference: a BN folds into the layer that produces its input (always exact); failing that, into the
+single layer that consumes its output, where that is exact. A layer absorbs at most one BN.
+"""
+from math import prod
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .backends.common import FoldError
+from .graph import BN_TYPES, Graph
+from .layout import FOLDABLE_FROM, FOLDABLE_INTO, LayoutError, input_layout, output_layout
+from .plan import INPUT_SIDE, OUTPUT_SIDE, FoldSpec, Plan, Skip
+
+
+class _Reject(Exception):
+    """This BN cannot fold this way; the message is the reason."""
+
+
+class _BN:
+    """A BN function's inputs and arguments, read once."""
+
+    def __init__(self, f, index: int, graph: Graph):
+        self.f = f
+        self.index = index
+        self.type = f.info.type_name
+        self.args = f.info.args
+        inputs = f.inputs
+        self.x = inputs[0]
+        self.out = f.outputs[0]
+        self.z = None
+        self.params: Dict[str, Optional[object]] = {}
+        if self.type == "BatchNormalization":
+            labels = ["beta"] * (not self.args["no_bias"]) + ["gamma"] * (not self.args["no_scale"])
+            labels += ["mean", "var"]
+            if len(inputs) != 1 + len(labels):
+                raise _Reject(f"has {len(inputs) - 1} parameter inputs, expected {len(labels)} "
+                              f"for no_bias={self.args['no_bias']}, no_scale={self.args['no_scale']}")
+        else:
+            labels = ["beta", "gamma", "mean", "var"]
+            self.z = inputs[5] if len(inputs) > 5 else None
+        for label, v in zip(labels, inputs[1:]):
+            self.params[label] = v
+        mean = self.params["mean"]
+        self.name = graph.name(mean, self.type)
+        if self.name.endswith("/mean"):
+            self.name = self.name[:-len("/mean")]
+
+    def check_foldable(self):
+        if self.args["batch_stat"]:
+            raise _Reject("batch_stat=True: it normalizes with each batch's statistics, "
+                          "not a fixed per-channel map")
+        if self.type == "FusedBatchNormalization" and self.args.get("nonlinearity") != "relu":
+            raise _Reject(f"nonlinearity {self.args.get('nonlinearity')!r} is not supported")
+        for label, v in self.params.items():
+            if v.parent is not None:
+                raise _Reject(f"its {label} is computed in the graph, not a stored parameter")
+        axes = list(self.args["axes"])
+        if len(axes) != 1:
+            raise _Reject(f"normalizes over axes {axes}; only one channel axis folds")
+        axis = axes[0] + (self.x.ndim if axes[0] < 0 else 0)
+        return axis
+
+
+def plan(graph: Graph, inplace: bool = True) -> Plan:
+    """The plan for ``graph``. ``inplace=False`` sends every folded array to a new name."""
+    return _Planner(graph, inplace).run()
+
+
+class _Planner:
+    def __init__(self, graph: Graph, inplace: bool):
+        self.g = graph
+        self.inplace = inplace
+        self.outputs = set(graph.outputs)
+        self.taken = graph.all_names()
+        self.index = {f: i for i, f in enumerate(graph.functions)}
+        self.used_layers = set()
+        self.arrays: Dict[str, Tuple[tuple, np.dtype]] = {}
+        self.sources: Dict[str, str] = {}
+
+    def run(self) -> Plan:
+        bns: List[Tuple[int, object]] = [(i, f) for i, f in enumerate(self.g.functions)
+                                         if f.info.type_name in BN_TYPES]
+        results: Dict[int, object] = {}
+        pending = []
+        # Output-side folds first, so a BN between two layers goes to the one before it.
+        for i, f in bns:
+            try:
+                bn = _BN(f, i, self.g)
+                axis = bn.check_foldable()
+            except _Reject as r:
+                results[i] = Skip(self._bn_label(f, i), f.info.type_name, str(r), i)
+                continue
+            try:
+                results[i] = self._output_side(bn, axis)
+            except _Reject as r:
+                pending.append((bn, axis, str(r)))
+        for bn, axis, why_not_output in pending:
+            try:
+                results[bn.index] = self._input_side(bn, axis)
+            except _Reject as r:
+                reason = why_not_output if bn.type == "FusedBatchNormalization" \
+                    else f"{why_not_output}; {r}"
+                results[bn.index] = Skip(bn.name, bn.type, reason, bn.index)
+        ordered = [results[i] for i, _ in bns]
+        folds = tuple(r for r in ordered if isinstance(r, FoldSpec))
+        skipped = tuple(r for r in ordered if isinstance(r, Skip))
+        return Plan(folds, skipped, dict(self.arrays), dict(self.sources))
+
+    def _bn_label(self, f, i):
+        """A name for a BN whose inputs did not parse: its mean's name where it has one."""
+        inputs = f.inputs
+        mean_at = 3 if f.info.type_name == "FusedBatchNormalization" else len(inputs) - 2
+        if len(inputs) < 3:
+            return f"<{f.info.type_name} #{i}>"
+        name = self.g.name(inputs[mean_at], f.info.type_name)
+        return name[:-len("/mean")] if name.endswith("/mean") else name
+
+    # -- layer -> BN ------------------------------------------------------------------------------
+    def _output_side(self, bn: _BN, axis: int) -> FoldSpec:
+        layer = bn.x.parent
+        if layer is None:
+            raise _Reject("no layer before it (its input is not computed by a function)")
+        kind = layer.info.type_name
+        if kind not in FOLDABLE_INTO:
+            raise _Reject(f"the layer before it is {kind}, which has no weight to fold into")
+        if layer in self.used_layers:
+            raise _Reject(f"the {kind} before it already absorbs another BN")
+        refs = len(bn.x.function_references)
+        if refs > 1:
+            raise _Reject(f"the {kind}'s output also feeds {refs - 1} other function(s)")
+        if bn.x in self.outputs:
+            raise _Reject(f"the {kind}'s output is also a graph output")
+        args = layer.info.args
+        inputs = layer.inputs
+        w, b = inputs[1], (inputs[2] if len(inputs) > 2 else None)
+        try:
+            wl, bl = output_layout(kind, args, w.shape, bn.x.shape, axis)
+        except LayoutError as e:
+            raise _Reject(str(e)) from None
+        bias_shape = tuple(w.shape[1:]) if kind == "Affine" else (wl.n_channels,)
+        spec = self._spec(bn, layer, kind, OUTPUT_SIDE, w, b, wl, bl, bias_shape, ())
+        return spec
+
+    # -- BN -> layer ------------------------------------------------------------------------------
+    def _input_side(self, bn: _BN, axis: int) -> FoldSpec:
+        if bn.type == "FusedBatchNormalization":
+            raise _Reject("its activation follows it")
+        if bn.out in self.outputs:
+            raise _Reject("its output is a graph output")
+        refs = bn.out.function_references
+        if len(refs) != 1:
+            raise _Reject(f"its output feeds {len(refs)} functions, not one layer")
+        layer = refs[0]
+        kind = layer.info.type_name
+        if kind not in FOLDABLE_FROM:
+            raise _Reject(f"the function after it is {kind}, into which a BN does not fold exactly")
+        if layer in self.used_layers:
+            raise _Reject(f"the {kind} after it already absorbs another BN")
+        inputs = layer.inputs
+        if inputs[0] != bn.out:
+            raise _Reject(f"it feeds the {kind}'s weight, not its data input")
+        args = layer.info.args
+        if any(p != 0 for p in args.get("pad", ())):
+            raise _Reject(f"the {kind} after it zero-pads, and the padding would not be shifted")
+        w, b = inputs[1], (inputs[2] if len(inputs) > 2 else None)
+        try:
+            wl, reduce_axes = input_layout(kind, args, w.shape, bn.out.shape, axis)
+        except LayoutError as e:
+            raise _Reject(str(e)) from None
+        bias_shape = tuple(w.shape[1:]) if kind == "Affine" else (w.shape[0],)
+        return self._spec(bn, layer, kind, INPUT_SIDE, w, b, wl, None, bias_shape, reduce_axes)
+
+    # -- shared -----------------------------------------------------------------------------------
+    def _spec(self, bn, layer, kind, side, w, b, wl, bl, bias_shape, reduce_axes) -> FoldSpec:
+        for label, v in (("weight", w), ("bias", b)):
+            if v is not None and v.parent is not None:
+                raise _Reject(f"the {kind}'s {label} is computed in the graph, not a stored parameter")
+        n = wl.n_channels
+        for label, v in bn.params.items():
+            if v.size != n:
+                raise FoldError(f"{bn.name}: {label} has {v.size} values but the {kind} it folds "
+                                f"into has {n} channels")
+        if b is not None and b.size != prod(bias_shape):
+            raise FoldError(f"{bn.name}: the {kind}'s bias has shape {b.shape}, expected {bias_shape}")
+        g = self.g
+        w_name = g.name(w, "weight")
+        b_name = None if b is None else g.name(b, "bias")
+        notes = []
+        shared = [label for label, v in (("weight", w), ("bias", b))
+                  if v is not None and len(v.function_references) > 1]
+        if shared:
+            notes.append(f"{' and '.join(shared)} shared with other layers: folded into a copy")
+        copy_w = not self.inplace or "weight" in shared
+        copy_b = not self.inplace or "bias" in shared
+        prefix = _prefix(w_name)
+        folded_w = self._new_name(w_name + "_folded") if copy_w else w_name
+        if b is None:
+            folded_b = self._new_name(prefix + "b" if self.inplace else prefix + "b_folded")
+            notes.append("bias created")
+        else:
+            folded_b = self._new_name(b_name + "_folded") if copy_b else b_name
+        dtype = np.dtype(w.data.dtype)
+        self.arrays[w_name] = (tuple(w.shape), dtype)
+        self.arrays[folded_w] = (tuple(w.shape), dtype)
+        if b is not None:
+            self.arrays[b_name] = (tuple(b.shape), np.dtype(b.data.dtype))
+        self.arrays[folded_b] = (tuple(bias_shape), np.dtype(b.data.dtype) if b is not None else dtype)
+        if folded_w != w_name:
+            self.sources[folded_w] = w_name
+        if folded_b != b_name:
+            self.sources[folded_b] = b_name if b is not None else w_name
+        p = {label: g.name(v, label) for label, v in bn.params.items()}
+        for label, v in bn.params.items():
+            self.arrays[p[label]] = (tuple(v.shape), np.dtype(v.data.dtype))
+        self.used_layers.add(layer)
+        return FoldSpec(
+            bn=bn.name, kind=kind, side=side, bn_type=bn.type, weight=w_name, bias=b_name,
+            folded_weight=folded_w, folded_bias=folded_b, beta=p.get("beta"), gamma=p.get("gamma"),
+            mean=p["mean"], var=p["var"], eps=float(bn.args["eps"]), weight_shape=tuple(w.shape),
+            bias_shape=tuple(bias_shape), weight_layout=wl, bias_layout=bl,
+            bias_reduce_axes=tuple(reduce_axes), layer_index=self.index[layer], bn_index=bn.index,
+            note="; ".join(notes))
+
+    def _new_name(self, base: str) -> str:
+        name, k = base, 2
+        while name in self.taken:
+            name = f"{base}_{k}"
+            k += 1
+        self.taken.add(name)
+        return name
+
+
+def _prefix(weight_name: str) -> str:
+    """'conv1/conv/W' -> 'conv1/conv/', 'conv1_W' -> 'conv1_' (as NNabla's ONNX importer names them)."""
+    for sep in ("/", "_"):
+        k = weight_name.rfind(sep)
+        if k >= 0:
+            return weight_name[:k + 1]
+    return weight_name + "_"

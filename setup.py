@@ -1,0 +1,17 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="bnfold_gpu",
+    version="0.1.0",
+    description="Exact batch-normalization folding for NNabla graphs and .nnp files, on GPU or CPU",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["bnfold_gpu", "bnfold_gpu.*"]),
+    python_requires=">=3.8,<3.11",
+    install_requires=["nnabla==1.39.0", "numpy~=1.26.0"],
+    extras_require={
+        "cuda": ["cupy-cuda12x<14"],
+        "test": ["pytest", "hypothesis"],
+    },
+    license="Apache-2.0",
+)

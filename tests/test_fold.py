@@ -1,0 +1,366 @@
+"""fold() on every graph shape it must handle: folded output == original output on random inputs with
+randomized BN statistics, or the BN left in place with a reason."""
+import numpy as np
+import nnabla as nn
+import nnabla.functions as F
+import nnabla.parametric_functions as PF
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+import bnfold_gpu
+from helpers import (assert_fold_exact, bn_count, feed, forward_all, function_types, randomize_all,
+                     rel_err, snapshot)
+
+BN = dict(batch_stat=False)
+
+
+def prepare(rng, outputs, *inputs):
+    randomize_all(rng)
+    feed(rng, *inputs)
+    return outputs
+
+
+# -- layer -> BN ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv_bn(rng, with_bias):
+    x = nn.Variable((2, 3, 9, 9))
+    h = PF.convolution(x, 8, (3, 3), pad=(1, 1), stride=(2, 2), with_bias=with_bias, name="c")
+    y = F.relu(PF.batch_normalization(h, name="bn", **BN))
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert [(r.bn, r.kind) for r in res.folded] == [("bn/bn", "Convolution")]
+    assert res.skipped == () and bn_count(res.outputs) == 0
+    assert res.backend == "numpy"
+    assert ("c/conv/b" in nn.get_parameters(grad_only=False)) and res.outputs is y
+
+
+def test_deconv_bn_groups(rng):
+    x = nn.Variable((2, 6, 5, 5))
+    h1 = PF.deconvolution(x, 4, (3, 3), stride=(2, 2), name="d1")
+    h2 = PF.deconvolution(x, 9, (3, 2), group=3, pad=(1, 0), dilation=(2, 1), with_bias=False,
+                          name="d3")
+    y = [PF.batch_normalization(h1, name="bn1", **BN), PF.batch_normalization(h2, name="bn3", **BN)]
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert sorted(r.kind for r in res.folded) == ["Deconvolution", "Deconvolution"]
+    assert bn_count(res.outputs) == 0
+
+
+def test_depthwise(rng):
+    x = nn.Variable((2, 4, 7, 7))
+    h1 = PF.depthwise_convolution(x, (3, 3), multiplier=2, pad=(1, 1), name="dw")
+    h2 = PF.depthwise_deconvolution(x, (3, 3), divisor=2, name="dd")
+    y = [PF.batch_normalization(h1, name="bn1", **BN), PF.batch_normalization(h2, name="bn2", **BN)]
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert len(res.folded) == 2 and bn_count(res.outputs) == 0
+
+
+@pytest.mark.parametrize("out, axis", [(7, 1), ((3, 5), 1), ((3, 5), 2)])
+def test_affine_bn(rng, out, axis):
+    x = nn.Variable((4, 3, 2, 2))
+    h = PF.affine(x, out, name="fc")
+    y = PF.batch_normalization(h, axes=[axis], name="bn", **BN)
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert [r.kind for r in res.folded] == ["Affine"]
+
+
+def test_affine_without_bias_base_axis_2(rng):
+    x = nn.Variable((2, 3, 4, 5))
+    h = PF.affine(x, 6, base_axis=2, with_bias=False, name="fc")
+    y = PF.batch_normalization(h, axes=[2], name="bn", **BN)
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert len(res.folded) == 1 and "bias created" in res.folded[0].note
+
+
+@pytest.mark.parametrize("no_scale, no_bias", [(True, False), (False, True), (True, True)])
+def test_bn_without_scale_or_bias(rng, no_scale, no_bias):
+    x = nn.Variable((2, 3, 6, 6))
+    h = PF.convolution(x, 5, (3, 3), name="c")
+    y = PF.batch_normalization(h, no_scale=no_scale, no_bias=no_bias, name="bn", **BN)
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert len(res.folded) == 1
+    spec = res.folded[0]
+    assert (spec.gamma is None) == no_scale and (spec.beta is None) == no_bias
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_fused_bn_keeps_add_and_relu(rng, residual):
+    x = nn.Variable((2, 4, 6, 6))
+    z = nn.Variable((2, 4, 6, 6)) if residual else None
+    h = PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c")
+    y = PF.fused_batch_normalization(h, z, name="bn", **BN)
+    prepare(rng, y, *([x, z] if residual else [x]))
+    res = assert_fold_exact(y)
+    assert res.folded[0].bn_type == "FusedBatchNormalization"
+    types = function_types(res.outputs)
+    assert "FusedBatchNormalization" not in types and "ReLU" in types
+    assert ("Add2" in types) == residual
+
+
+def test_eps_and_extreme_stats(rng):
+    x = nn.Variable((2, 3, 5, 5))
+    y = PF.batch_normalization(PF.convolution(x, 4, (1, 1), name="c"), eps=1e-3, name="bn", **BN)
+    prepare(rng, y, x)
+    var = nn.get_parameters(grad_only=False)["bn/bn/var"]
+    var.d = np.array([0.0, 1e-6, 50.0, 3.0], np.float32).reshape(var.shape)  # zero variance is fine with eps
+    res = assert_fold_exact(y)
+    assert res.folded[0].eps == pytest.approx(1e-3)
+
+
+# -- BN -> layer ----------------------------------------------------------------------------------
+def test_bn_before_unpadded_conv_and_affine(rng):
+    x = nn.Variable((2, 4, 6, 6))
+    b1 = PF.batch_normalization(x, name="bn1", **BN)
+    h = PF.convolution(b1, 6, (3, 3), group=2, name="c")      # no padding: exact
+    b2 = PF.batch_normalization(F.relu(h), name="bn2", **BN)
+    y = PF.affine(b2, 3, name="fc")
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert sorted((r.bn, r.kind, r.side) for r in res.folded) == [
+        ("bn1/bn", "Convolution", "input"), ("bn2/bn", "Affine", "input")]
+    assert bn_count(res.outputs) == 0
+
+
+def test_bn_before_depthwise_and_channel_last_conv_weights(rng):
+    x = nn.Variable((2, 3, 6, 6))
+    h = PF.depthwise_convolution(PF.batch_normalization(x, name="bn", **BN), (3, 3), multiplier=2,
+                                 name="dw")
+    res = assert_fold_exact(prepare(rng, h, x))
+    assert [(r.kind, r.side) for r in res.folded] == [("DepthwiseConvolution", "input")]
+
+
+def test_bn_before_padded_conv_is_skipped(rng):
+    x = nn.Variable((2, 3, 6, 6))
+    y = PF.convolution(PF.batch_normalization(x, name="bn", **BN), 4, (3, 3), pad=(1, 1), name="c")
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert res.folded == () and "pads" in res.skipped[0].reason
+    assert bn_count(res.outputs) == 1
+
+
+def test_output_side_preferred_between_two_layers(rng):
+    x = nn.Variable((2, 3, 6, 6))
+    h = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c1"), name="bn", **BN)
+    y = PF.convolution(h, 5, (1, 1), name="c2")
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert [(r.bn, r.side) for r in res.folded] == [("bn/bn", "output")]
+
+
+# -- must not change results ----------------------------------------------------------------------
+def test_forked_layer_output_is_left(rng):
+    x = nn.Variable((2, 3, 6, 6))
+    h = PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c")
+    y = F.add2(PF.batch_normalization(h, name="bn", **BN), F.sigmoid(h))
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert res.folded == () and "also feeds" in res.skipped[0].reason
+
+
+def test_layer_output_that_is_a_graph_output(rng):
+    x = nn.Variable((2, 3, 6, 6))
+    h = PF.convolution(x, 4, (3, 3), name="c")
+    y = [h, PF.batch_normalization(h, name="bn", **BN)]
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert res.folded == () and "graph output" in res.skipped[0].reason
+
+
+def test_tied_weights_fold_into_copies(rng):
+    x = nn.Variable((2, 3, 6, 6))
+    w = nn.parameter.get_parameter_or_create("shared/W", (4, 3, 3, 3))
+    y = F.add2(PF.batch_normalization(F.convolution(x, w, pad=(1, 1)), name="bn1", **BN),
+               PF.batch_normalization(F.convolution(x, w, pad=(1, 1)), name="bn2", **BN))
+    prepare(rng, y, x)
+    w_before = w.d.copy()
+    res = assert_fold_exact(y)
+    assert len(res.folded) == 2
+    assert np.array_equal(w.d, w_before)  # the shared weight itself is never rescaled
+    names = {r.folded_weight for r in res.folded}
+    assert len(names) == 2 and "shared/W" not in names
+    assert all(n in nn.get_parameters(grad_only=False) for n in names)
+    assert all("shared" in r.note for r in res.folded)
+
+
+def test_batch_stat_bn_is_left(rng):
+    x = nn.Variable((4, 3, 6, 6))
+    h = PF.convolution(x, 4, (3, 3), name="c")
+    y = PF.batch_normalization(h, batch_stat=True, name="bn")
+    prepare(rng, y, x)
+    res = bnfold_gpu.fold(y)
+    assert res.folded == () and "batch_stat" in res.skipped[0].reason
+    assert bn_count(res.outputs) == 1
+
+
+def test_bn_over_a_non_channel_axis_is_left(rng):
+    x = nn.Variable((2, 3, 5, 5))
+    y = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), axes=[2], name="bn", **BN)
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert res.folded == () and "channel axis" in res.skipped[0].reason
+
+
+def test_bn_with_no_adjacent_layer_is_left(rng):
+    x = nn.Variable((2, 3, 5, 5))
+    y = F.sigmoid(PF.batch_normalization(F.tanh(x), name="bn", **BN))
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert res.folded == ()
+    reason = res.skipped[0].reason
+    assert "Tanh" in reason and "Sigmoid" in reason
+
+
+# -- names, outputs, modes ------------------------------------------------------------------------
+def test_unscoped_onnx_style_names_never_collide(rng):
+    x = nn.Variable((2, 3, 6, 6))
+    for name, shape in [("conv1_W", (4, 3, 3, 3)), ("bn1_scale", (1, 4, 1, 1)),
+                        ("bn1_bias", (1, 4, 1, 1)), ("bn1_mean", (1, 4, 1, 1)),
+                        ("bn1_var", (1, 4, 1, 1)), ("conv1_b", (7,))]:   # conv1_b: an unrelated one
+        nn.parameter.get_parameter_or_create(name, shape)
+    p = nn.get_parameters(grad_only=False)
+    h = F.convolution(x, p["conv1_W"])
+    y = F.batch_normalization(h, p["bn1_bias"], p["bn1_scale"], p["bn1_mean"], p["bn1_var"],
+                              batch_stat=False)
+    prepare(rng, y, x)
+    unrelated = p["conv1_b"].d.copy()
+    res = assert_fold_exact(y)
+    assert res.folded[0].bn == "bn1_mean"
+    assert res.folded[0].folded_bias not in ("conv1_b",)
+    assert np.array_equal(nn.get_parameters(grad_only=False)["conv1_b"].d, unrelated)
+
+
+def test_inplace_false_leaves_everything_untouched(rng):
+    x = nn.Variable((2, 3, 6, 6))
+    y = F.relu(PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), name="bn", **BN))
+    prepare(rng, y, x)
+    before_params, before_out = snapshot(), forward_all(y)
+    res = assert_fold_exact(y, inplace=False)
+    assert res.outputs is not y and bn_count(y) == 1 and bn_count(res.outputs) == 0
+    after = snapshot()
+    for name, value in before_params.items():
+        assert np.array_equal(after[name], value), name
+    assert rel_err(forward_all(y)[0], before_out[0]) == 0.0
+    assert set(res.parameters) == {res.folded[0].folded_weight, res.folded[0].folded_bias}
+
+
+def test_plan_is_a_dry_run(rng):
+    x = nn.Variable((2, 3, 6, 6))
+    y = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), name="bn", **BN)
+    prepare(rng, y, x)
+    before = snapshot()
+    p = bnfold_gpu.plan(y)
+    assert [s.bn for s in p.folds] == ["bn/bn"] and "bn/bn" in p.table()
+    assert bn_count(y) == 1 and snapshot().keys() == before.keys()
+    assert all(np.array_equal(snapshot()[k], v) for k, v in before.items())
+
+
+# -- errors ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [-0.5, np.nan, np.inf])
+def test_bad_variance_raises_and_changes_nothing(rng, bad):
+    x = nn.Variable((2, 3, 6, 6))
+    h1 = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c1"), name="bn1", **BN)
+    y = PF.batch_normalization(PF.convolution(h1, 4, (3, 3), name="c2"), name="bn2", **BN)
+    prepare(rng, y, x)
+    var = nn.get_parameters(grad_only=False)["bn2/bn/var"]
+    v = var.d.copy()
+    v.flat[2] = bad
+    var.d = v
+    before = snapshot()
+    with pytest.raises(bnfold_gpu.FoldError, match="bn2/bn: variance"):
+        bnfold_gpu.fold(y)
+    after = snapshot()
+    assert after.keys() == before.keys()
+    assert all(np.array_equal(after[k], before[k], equal_nan=True) for k in before)
+    assert bn_count(y) == 2
+
+
+def test_unknown_backend(rng):
+    x = nn.Variable((1, 3, 4, 4))
+    y = PF.batch_normalization(PF.convolution(x, 2, (1, 1), name="c"), name="bn", **BN)
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        bnfold_gpu.fold(y, backend="tpu")
+    with pytest.raises(TypeError):
+        bnfold_gpu.fold("y")
+
+
+# -- randomized shapes ----------------------------------------------------------------------------
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["conv", "deconv"]), groups=st.integers(1, 3),
+       cin=st.integers(1, 3), cout=st.integers(1, 3), k=st.integers(1, 3), s=st.integers(1, 2),
+       d=st.integers(1, 2), pad=st.integers(0, 1), ndim=st.sampled_from([1, 2]),
+       with_bias=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_random_conv_shapes(kind, groups, cin, cout, k, s, d, pad, ndim, with_bias, seed):
+    nn.clear_parameters()
+    rng = np.random.RandomState(seed)
+    x = nn.Variable((2, cin * groups) + (7,) * ndim)
+    layer = PF.convolution if kind == "conv" else PF.deconvolution
+    h = layer(x, cout * groups, (k,) * ndim, pad=(pad,) * ndim, stride=(s,) * ndim,
+              dilation=(d,) * ndim, group=groups, with_bias=with_bias, name="l")
+    y = PF.batch_normalization(h, name="bn", **BN)
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert len(res.folded) == 1
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=st.lists(st.integers(1, 4), min_size=2, max_size=4),
+       out=st.lists(st.integers(1, 4), min_size=1, max_size=2), seed=st.integers(0, 2 ** 31 - 1),
+       data=st.data())
+def test_random_affine_shapes(shape, out, seed, data):
+    nn.clear_parameters()
+    rng = np.random.RandomState(seed)
+    base_axis = data.draw(st.integers(1, len(shape) - 1))
+    x = nn.Variable(tuple(shape))
+    h = PF.affine(x, tuple(out), base_axis=base_axis, name="fc")
+    axis = data.draw(st.integers(base_axis, h.ndim - 1))
+    y = PF.batch_normalization(h, axes=[axis], name="bn", **BN)
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert len(res.folded) == 1
+
+
+# -- channel-last (NNabla's CPU cannot run it: check weights against the channel-first twin) -------
+def _twin_fold(rng, kind, groups, side):
+    """Fold the same layer built channel-first and channel-last; return both folded (W, b)."""
+    c_in, c_out, k = 2 * groups, 3 * groups, (3, 2)
+    layer = PF.convolution if kind == "conv" else PF.deconvolution
+    results = []
+    values = None
+    for channel_last in (False, True):
+        nn.clear_parameters()
+        shape = (2, 5, 6, c_in) if channel_last else (2, c_in, 5, 6)
+        axis = 3 if channel_last else 1
+        x = nn.Variable(shape)
+        if side == "output":
+            h = layer(x, c_out, k, group=groups, channel_last=channel_last, name="l")
+            y = PF.batch_normalization(h, axes=[axis], name="bn", **BN)
+        else:
+            b = PF.batch_normalization(x, axes=[axis], name="bn", **BN)
+            y = layer(b, c_out, k, group=groups, channel_last=channel_last, name="l")
+        params = nn.get_parameters(grad_only=False)
+        w = params[[n for n in params if n.endswith("/W")][0]]
+        if values is None:
+            randomize_all(rng)
+            values = {n: v.d.copy() for n, v in params.items()}
+            w_cf = values[[n for n in params if n.endswith("/W")][0]]
+        for n, v in params.items():
+            v.d = np.moveaxis(values[n], 1, -1) if (channel_last and v == w) else values[n].reshape(v.shape)
+        res = bnfold_gpu.fold(y)
+        assert len(res.folded) == 1, res.skipped
+        spec = res.folded[0]
+        params = nn.get_parameters(grad_only=False)
+        results.append((params[spec.folded_weight].d.copy(), params[spec.folded_bias].d.copy()))
+    return w_cf, values, results
+
+
+@pytest.mark.parametrize("kind, groups, side", [("conv", 1, "output"), ("conv", 2, "output"),
+                                                ("deconv", 1, "output"), ("deconv", 2, "output"),
+                                                ("conv", 2, "input")])
+def test_channel_last_matches_channel_first_twin(rng, kind, groups, side):
+    w, values, ((w_cf, b_cf), (w_cl, b_cl)) = _twin_fold(rng, kind, groups, side)
+    assert np.array_equal(np.moveaxis(w_cf, 1, -1), w_cl)
+    np.testing.assert_allclose(b_cl, b_cf, rtol=1e-6)
+    # and against the definition, in float64
+    g, m = values["bn/bn/gamma"].reshape(-1), values["bn/bn/mean"].reshape(-1)
+    v, beta = values["bn/bn/var"].reshape(-1), values["bn/bn/beta"].reshape(-1)
+    scale = g / np.sqrt(v.astype(np.float64) + 1e-5)
+    if side == "output" and kind == "conv":
+        expected = w * scale.reshape(-1, 1, 1, 1)
+    elif side == "output":   # deconv (I, O/g, k...): output channel = group * O/g + j
+        i_per_g, o_per_g = w.shape[0] // groups, w.shape[1]
+        ch = (np.arange(w.shape[0])[:, None] // i_per_g) * o_per_g + np.arange(o_per_g)[None, :]
+        expected = w * scale[ch][:, :, None, None]
+    else:                    # conv input side: input channel = group(o) * I/g + j
+        o_per_g, i_per_g = w.shape[0] // groups, w.shape[1]
+        ch = (np.arange(w.shape[0])[:, None] // o_per_g) * i_per_g + np.arange(i_per_g)[None, :]
+        expected = w * scale[ch][:, :, None, None]
+    np.testing.assert_allclose(w_cf, expected, rtol=1e-6)
