@@ -11,7 +11,8 @@ setup(
     install_requires=["nnabla==1.39.0", "numpy~=1.26.0"],
     extras_require={
         "cuda": ["cupy-cuda12x<14"],
-        "test": ["pytest", "hypothesis"],
+        # nvrtc: the tests compile the kernels with the compiler CuPy uses (no GPU needed)
+        "test": ["pytest", "hypothesis", "nvidia-cuda-nvrtc-cu12", "cupy-cuda12x<14"],
     },
     license="Apache-2.0",
 )

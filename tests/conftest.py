@@ -25,3 +25,30 @@ def clean_parameters():
     yield
     if nn is not None:
         nn.clear_parameters()
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory):
+    """The kernels' per-element code compiled for the CPU (tests/host/bnfold_host.cpp), via ctypes."""
+    import ctypes
+    import shutil
+    import subprocess
+    cxx = shutil.which("g++") or shutil.which("c++")
+    assert cxx, "a C++ compiler is needed to test the kernels' code on the host"
+    lib = tmp_path_factory.mktemp("host") / "libbnfold_host.so"
+    src = Path(__file__).parent / "host" / "bnfold_host.cpp"
+    r = subprocess.run([cxx, "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(lib), str(src)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    h = ctypes.CDLL(str(lib))
+    i64, p = ctypes.c_longlong, ctypes.c_void_p
+    h.bnfold_host_channel64.restype = i64
+    h.bnfold_host_channel64.argtypes = [i64] * 4
+    h.bnfold_host_channel32.restype = ctypes.c_int
+    h.bnfold_host_channel32.argtypes = [ctypes.c_int] * 4
+    h.bnfold_host_half_to_float.argtypes = [p, p, i64]
+    h.bnfold_host_float_to_half.argtypes = [p, p, i64]
+    h.bnfold_host_channels.argtypes = [p, ctypes.c_int, i64, p, p, p, p, p, p]
+    h.bnfold_host_biases.argtypes = [p, ctypes.c_int, i64, p, p, p]
+    h.bnfold_host_weights.argtypes = [p, ctypes.c_int, i64, p, p]
+    return h

@@ -1,7 +1,9 @@
 """fold() on every graph shape it must handle: folded output == original output on random inputs with
 randomized BN statistics, or the BN left in place with a reason."""
 import numpy as np
-import nnabla as nn
+import pytest
+
+nn = pytest.importorskip("nnabla", reason="nnabla is not installed (GPU machine)")
 import nnabla.functions as F
 import nnabla.parametric_functions as PF
 import pytest
@@ -364,3 +366,18 @@ def test_channel_last_matches_channel_first_twin(rng, kind, groups, side):
         ch = (np.arange(w.shape[0])[:, None] // o_per_g) * i_per_g + np.arange(i_per_g)[None, :]
         expected = w * scale[ch][:, :, None, None]
     np.testing.assert_allclose(w_cf, expected, rtol=1e-6)
+
+
+def test_fold_through_the_gpu_backend_emulated(rng, host, monkeypatch):
+    """fold(backend='cupy') end to end, the device emulated on the host (parameters in NNabla's CPU
+    context take the staged path)."""
+    import fake_cupy
+    from bnfold_gpu.backends import cupy_backend
+    monkeypatch.setattr(cupy_backend, "cupy", fake_cupy.make(host))
+    monkeypatch.setattr(cupy_backend, "_MODULES", {})
+    x = nn.Variable((2, 4, 6, 6))
+    h = PF.batch_normalization(PF.deconvolution(x, 6, (3, 3), group=2, name="d"), name="bn1", **BN)
+    h = PF.convolution(PF.batch_normalization(F.relu(h), name="bn2", **BN), 5, (1, 1), name="c")
+    y = PF.fused_batch_normalization(h, name="bn3", **BN)
+    res = assert_fold_exact(prepare(rng, y, x), backend="cupy")
+    assert res.backend == "cupy" and len(res.folded) == 3

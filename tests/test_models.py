@@ -2,7 +2,9 @@
 from pathlib import Path
 
 import numpy as np
-import nnabla as nn
+import pytest
+
+nn = pytest.importorskip("nnabla", reason="nnabla is not installed (GPU machine)")
 from nnabla.utils.nnp_graph import NnpLoader
 
 import bnfold_gpu

@@ -58,6 +58,12 @@ def rescale(src, dst, scale, layout):
         _multiply(task)
 
 
+def _store(dst, values64):
+    """Write float64 results into ``dst``: float16 through float32, as the CUDA kernels round."""
+    values = values64.reshape(dst.shape)
+    dst[...] = values.astype(np.float32) if dst.dtype == np.float16 else values
+
+
 def _rescale_tasks(src, dst, scale, layout, split_bytes):
     """(src, dst, scale) 4-D views covering one rescale, cut into pieces of about ``split_bytes``
     along the longest of the first three axes so that threads can share a large weight."""
@@ -160,7 +166,7 @@ def fold(plan: Plan, arrays: Mapping[str, np.ndarray]) -> None:
             new_bias = folded_output_bias(b, mean, scale, beta, spec.bias_layout)
         else:
             new_bias = folded_input_bias(b, w, offset, spec)  # reads w before it is rescaled
-        fb[...] = new_bias.reshape(fb.shape)
+        _store(fb, new_bias)
         tasks += _rescale_tasks(w, fw, scale, spec.weight_layout, split_bytes=_SPLIT_BYTES)
     _run_balanced(tasks)
 

@@ -1,0 +1,278 @@
+"""The GPU backend: the plan applied by the CUDA kernels in ``kernels/`` through CuPy.
+
+- ``fold(plan, arrays)`` with CuPy arrays rescales device-resident parameters in place, in three
+  launches whatever the number of layers (``segments`` packs the plan into tables).
+- ``fold(plan, arrays)`` with NumPy arrays streams the weights through the device in bounded chunks,
+  uploads overlapped with compute and downloads on two streams, so a model larger than GPU memory
+  still folds.
+- ``from_nnabla(var, writable)`` reaches a parameter that lives in NNabla's CUDA context without a
+  copy, through DLPack.
+
+Results equal the NumPy backend bit for bit, except for BN -> layer biases, whose sums are reduced in
+another order (within float64 rounding).
+"""
+import os
+import sys
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from . import segments
+from .common import FoldError, check_plan_arrays
+from ..plan import OUTPUT_SIDE, Plan
+
+name = "cupy"
+
+_IMPORT_ERROR = "No module named 'cupy'"
+try:
+    import cupy
+except ImportError as _e:  # the module imports without CuPy; unavailable_reason() says why
+    cupy = None
+    _IMPORT_ERROR = str(_e)
+
+KERNEL_NAMES = ("bnfold_channels", "bnfold_biases", "bnfold_weights")
+# Host-resident folds stage at most this many bytes of weights on the device per chunk (two chunks
+# in flight); BNFOLD_STAGING_BYTES overrides it.
+STAGING_BYTES = int(os.environ.get("BNFOLD_STAGING_BYTES", 256 << 20))
+
+
+def unavailable_reason():
+    """None when CuPy imports and a CUDA device answers, else why not."""
+    if cupy is None:
+        return f"CuPy is not installed ({_IMPORT_ERROR}); pip install 'bnfold_gpu[cuda]'"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError without a driver, among others
+        return f"no usable CUDA device ({type(e).__name__}: {e})"
+    if n == 0:
+        return "no CUDA device found"
+    return None
+
+
+def kernel_dir() -> Path:
+    """``kernels/`` beside the package (source tree), or where ``setup.py`` installs it."""
+    for cand in (Path(__file__).resolve().parents[2] / "kernels",
+                 Path(sys.prefix) / "share" / "bnfold_gpu" / "kernels"):
+        if (cand / "bnfold.cu").exists():
+            return cand
+    raise FileNotFoundError("bnfold_gpu's CUDA sources (kernels/bnfold.cu) are not installed")
+
+
+_MODULES = {}
+
+
+def _kernels():
+    """The compiled kernels for the current device (compiled once per device, cached by CuPy)."""
+    dev = cupy.cuda.runtime.getDevice()
+    if dev not in _MODULES:
+        d = kernel_dir()
+        module = cupy.RawModule(code=(d / "bnfold.cu").read_text(),
+                                options=("-I" + str(d), "--std=c++14"))
+        _MODULES[dev] = {k: module.get_function(k) for k in KERNEL_NAMES}
+    return _MODULES[dev]
+
+
+def from_nnabla(var, writable: bool):
+    """A zero-copy CuPy view of an NNabla parameter in a CUDA context; a NumPy view otherwise (the
+    host-staged path then folds it)."""
+    import nnabla as nn
+    ctx = nn.get_current_context()
+    if ctx.backend and ctx.backend[0].split(":")[0] in ("cuda", "cudnn"):
+        from nnabla.utils.dlpack import to_dlpack
+        return cupy.from_dlpack(to_dlpack(var.data, ctx=ctx))
+    return var.data.get_data("rw" if writable else "r")
+
+
+def _ptr(a) -> int:
+    return a.data.ptr
+
+
+def _upload(table: np.ndarray):
+    return cupy.asarray(table.view(np.uint8)) if table.size else cupy.zeros(1, cupy.uint8)
+
+
+def _grid(n, block=segments.BLOCK):
+    return (max(1, -(-int(n) // block)),)
+
+
+class _Channels:
+    """Per-channel scale/offset of every BN of the plan, on the device, checked."""
+
+    def __init__(self, plan: Plan, arrays, kernels):
+        t = segments.build(plan, {n: _ptr(a) for n, a in arrays.items()},
+                           {n: a.dtype for n, a in arrays.items()}, weights=False)
+        n = max(1, t.total_channels)
+        self.tables = t
+        self.scale_d = cupy.empty(n, cupy.float64)
+        self.scale_f = cupy.empty(n, cupy.float32)
+        self.offset = cupy.empty(n, cupy.float64)
+        self.mean_d = cupy.empty(n, cupy.float64)
+        self.beta_d = cupy.empty(n, cupy.float64)
+        status = cupy.zeros(max(1, len(plan.folds)), cupy.int32)
+        self._seg = _upload(t.channels)
+        if t.total_channels:
+            kernels["bnfold_channels"](
+                _grid(t.total_channels), (segments.BLOCK,),
+                (self._seg, np.int32(len(t.channels)), np.int64(t.total_channels), self.scale_d,
+                 self.scale_f, self.offset, self.mean_d, self.beta_d, status))
+        message = segments.status_message(plan, status.get())
+        if message:
+            raise FoldError(message)
+
+    def biases(self, kernels):
+        t = self.tables
+        if t.total_bias:
+            seg = _upload(t.biases)
+            kernels["bnfold_biases"](_grid(t.total_bias), (segments.BLOCK,),
+                                     (seg, np.int32(len(t.biases)), np.int64(t.total_bias),
+                                      self.scale_d, self.mean_d, self.beta_d))
+
+    def weights(self, kernels, table, blocks):
+        if blocks:
+            seg = _upload(table)
+            kernels["bnfold_weights"]((int(blocks),), (segments.BLOCK,),
+                                      (seg, np.int32(len(table)), self.scale_d, self.scale_f))
+
+
+def input_side_bias(spec, w, b, offset, xp):
+    """BN -> layer bias ``b + sum(w * offset[channel])`` over every weight axis but the outputs (float64)."""
+    g, r, c, i = spec.weight_layout.shape4
+    prod = w.astype(xp.float64).reshape(g, r, c, i) * offset.reshape(g, 1, c, 1)
+    delta = prod.reshape(spec.weight_shape).sum(axis=spec.bias_reduce_axes).reshape(spec.bias_shape)
+    return delta if b is None else delta + b.astype(xp.float64).reshape(spec.bias_shape)
+
+
+def _store(dst, values64):
+    dst[...] = (values64.astype(cupy.float32) if dst.dtype == np.float16 else values64).reshape(dst.shape)
+
+
+def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
+    """Apply ``plan`` to ``arrays``: CuPy arrays are folded where they are; NumPy arrays are streamed
+    through the device. Everything is checked before the first array is written."""
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(f"backend 'cupy' is not usable: {reason}")
+    check_plan_arrays(plan, arrays)
+    for n, a in arrays.items():
+        segments.dtype_code(a.dtype)
+    if all(isinstance(a, cupy.ndarray) for a in arrays.values()):
+        _fold_device(plan, arrays)
+    else:
+        _fold_host(plan, arrays)
+
+
+def _fold_device(plan, arrays):
+    k = _kernels()
+    ch = _Channels(plan, arrays, k)
+    bounds = ch.tables.channel_bounds
+    for j, spec in enumerate(plan.folds):   # BN -> layer biases read the weights before rescaling
+        if spec.side != OUTPUT_SIDE:
+            b = arrays[spec.bias] if spec.bias else None
+            _store(arrays[spec.folded_bias],
+                   input_side_bias(spec, arrays[spec.weight], b, ch.offset[bounds[j]:bounds[j + 1]],
+                                   cupy))
+    ch.biases(k)
+    t = segments.build(plan, {n: _ptr(a) for n, a in arrays.items()},
+                       {n: a.dtype for n, a in arrays.items()}, channels=False)
+    ch.weights(k, t.weights, t.total_blocks)
+    cupy.cuda.get_current_stream().synchronize()
+
+
+def _fold_host(plan, host):
+    """Host arrays: statistics and biases (small) are uploaded whole; weights stream through two
+    device buffers of ``STAGING_BYTES`` on two streams, so one chunk's upload overlaps the previous
+    chunk's kernel and download."""
+    k = _kernels()
+    small = {}
+    for spec in plan.folds:
+        for key in (spec.gamma, spec.beta, spec.mean, spec.var, spec.bias, spec.folded_bias):
+            if key is not None and key not in small:
+                small[key] = cupy.asarray(np.ascontiguousarray(host[key]))
+    ch = _Channels(plan, small, k)           # raises before anything is written
+    offset = ch.offset.get()
+    bounds = ch.tables.channel_bounds
+    ch.biases(k)
+    for j, spec in enumerate(plan.folds):
+        if spec.side != OUTPUT_SIDE:
+            b = host[spec.bias] if spec.bias else None
+            values = input_side_bias(spec, np.asarray(host[spec.weight]), b,
+                                     offset[bounds[j]:bounds[j + 1]], np)
+            small[spec.folded_bias][...] = cupy.asarray(
+                values.astype(np.float32) if host[spec.folded_bias].dtype == np.float16 else values
+            ).reshape(small[spec.folded_bias].shape)
+    for spec in plan.folds:
+        host[spec.folded_bias][...] = small[spec.folded_bias].get()
+    _stream_weights(plan, host, ch, k, bounds)
+
+
+def _stream_weights(plan, host, ch, k, bounds):
+    budget = max(segments.CHUNK * 8, STAGING_BYTES)
+    chunks = []   # [(src host array, dst host array, first element, count, layout, channel offset)]
+    for j, spec in enumerate(plan.folds):
+        item = host[spec.weight].dtype.itemsize
+        for first, count, layout, c0 in segments.pieces(spec.weight_layout, budget // item):
+            chunks.append((spec, first, count, layout, int(bounds[j]) + c0))
+    batches, cur, cur_bytes = [], [], 0
+    for c in chunks:
+        nbytes = c[2] * host[c[0].weight].dtype.itemsize
+        if cur and cur_bytes + nbytes > budget:
+            batches.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(c)
+        cur_bytes += nbytes
+    if cur:
+        batches.append(cur)
+    buffers = [cupy.empty(budget, cupy.uint8) for _ in range(min(2, len(batches)))]
+    streams = [cupy.cuda.Stream(non_blocking=True) for _ in buffers]
+    pinned = _register([host[s.weight] for s in plan.folds] + [host[s.folded_weight] for s in plan.folds])
+    try:
+        for n, batch in enumerate(batches):
+            buf, stream = buffers[n % 2], streams[n % 2]
+            with stream:
+                rows, at = [], 0
+                for spec, first, count, layout, c0 in batch:
+                    src = host[spec.weight].reshape(-1)[first:first + count]
+                    item = src.dtype.itemsize
+                    dev = buf[at:at + count * item]
+                    dev.set(src.view(np.uint8), stream=stream)
+                    rows.append((dev, count, layout, c0, src.dtype, spec, first))
+                    at += -(-count * item // 256) * 256
+                table = np.array([segments._array_row(_ptr(d), _ptr(d), layout, c0, dt, dt, 0)
+                                  for d, count, layout, c0, dt, _, _ in rows], segments.ARRAY_SEG)
+                blocks = 0
+                for row, (_, count, *_rest) in zip(table, rows):
+                    row["first_block"] = blocks
+                    blocks += -(-count // segments.CHUNK)
+                ch.weights(k, table, blocks)
+                for dev, count, layout, c0, dt, spec, first in rows:
+                    dst = host[spec.folded_weight].reshape(-1)[first:first + count]
+                    dev.get(stream=stream, out=dst.view(np.uint8))
+        for s in streams:
+            s.synchronize()
+    finally:
+        _unregister(pinned)
+
+
+def _register(arrays):
+    """Page-lock the host arrays so copies to and from them run asynchronously; best effort."""
+    done, seen = [], set()
+    for a in arrays:
+        p = a.ctypes.data
+        if p in seen or a.nbytes == 0:
+            continue
+        seen.add(p)
+        try:
+            cupy.cuda.runtime.hostRegister(p, a.nbytes, 0)
+            done.append(p)
+        except Exception:  # already registered, or not allowed: copies are then synchronous
+            pass
+    return done
+
+
+def _unregister(ptrs):
+    for p in ptrs:
+        try:
+            cupy.cuda.runtime.hostUnregister(p)
+        except Exception:
+            pass

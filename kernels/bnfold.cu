@@ -1,0 +1,29 @@
+// The fold as three launches, whatever the number of layers (tables of per-layer segments, in the
+// spirit of multi-tensor apply): per-channel scale/offset, output-side biases, and weights.
+// The per-element code is in bnfold_math.cuh, which the host tests also compile.
+#include "bnfold_math.cuh"
+
+extern "C" __global__ void bnfold_channels(const bnfold_channel_seg* segs, int n_segs,
+                                           bnfold_i64 total, double* scale_d, float* scale_f,
+                                           double* offset, double* mean_d, double* beta_d,
+                                           int* status) {
+  bnfold_i64 c = (bnfold_i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= total) return;
+  int fold;
+  int bits = bnfold_channel_stage(segs, n_segs, c, scale_d, scale_f, offset, mean_d, beta_d, &fold);
+  if (bits) atomicOr(status + fold, bits);
+}
+
+extern "C" __global__ void bnfold_biases(const bnfold_array_seg* segs, int n_segs, bnfold_i64 total,
+                                         const double* scale_d, const double* mean_d,
+                                         const double* beta_d) {
+  bnfold_i64 e = (bnfold_i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= total) return;
+  bnfold_bias_stage(segs, n_segs, e, scale_d, mean_d, beta_d);
+}
+
+extern "C" __global__ void __launch_bounds__(BNFOLD_BLOCK)
+bnfold_weights(const bnfold_array_seg* segs, int n_segs, const double* scale_d,
+               const float* scale_f) {
+  bnfold_weight_block(segs, n_segs, (bnfold_i64)blockIdx.x, (int)threadIdx.x, scale_d, scale_f);
+}

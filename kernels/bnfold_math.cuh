@@ -1,0 +1,235 @@
+// Per-element logic of the fold, shared by the CUDA kernels (bnfold.cu) and the host tests, which
+// compile this header for the CPU and compare it with the NumPy backend.
+//
+// Every array a fold touches is viewed as (groups, rows, channels, inner) in C order; the BN channel of
+// flat element e is  group * channels + (e / inner) % channels,  group = e / (inner * channels * rows)
+// (bnfold_gpu/layout.py documents each layer's layout).
+//
+// Arithmetic is spelled with explicit round-to-nearest operations so that the device does not
+// contract a*b+c into one fused multiply-add: results then match NumPy bit for bit.
+#pragma once
+
+#ifdef __CUDACC__
+#define BNFOLD_HD __host__ __device__ __forceinline__
+#else
+#define BNFOLD_HD inline
+#endif
+
+#if defined(__CUDA_ARCH__)
+#define BNFOLD_DMUL(a, b) __dmul_rn((a), (b))
+#define BNFOLD_DADD(a, b) __dadd_rn((a), (b))
+#define BNFOLD_DSUB(a, b) __dsub_rn((a), (b))
+#define BNFOLD_DDIV(a, b) __ddiv_rn((a), (b))
+#define BNFOLD_FMUL(a, b) __fmul_rn((a), (b))
+#else
+#include <cmath>
+using std::isfinite;
+using std::sqrt;
+#define BNFOLD_DMUL(a, b) ((a) * (b))
+#define BNFOLD_DADD(a, b) ((a) + (b))
+#define BNFOLD_DSUB(a, b) ((a) - (b))
+#define BNFOLD_DDIV(a, b) ((a) / (b))
+#define BNFOLD_FMUL(a, b) ((a) * (b))
+#endif
+
+typedef long long bnfold_i64;
+typedef unsigned long long bnfold_u64;
+typedef unsigned int bnfold_u32;
+typedef unsigned short bnfold_u16;
+
+// threads per block, and weight elements one block rescales (16 per thread keeps blocks few)
+#define BNFOLD_BLOCK 256
+#define BNFOLD_CHUNK (BNFOLD_BLOCK * 16)
+
+// dtype codes used in the segment tables
+enum { BNFOLD_F16 = 0, BNFOLD_F32 = 1, BNFOLD_F64 = 2 };
+
+// status bits a channel segment reports (bnfold_gpu/backends/segments.py names them)
+enum {
+  BNFOLD_VAR_NONFINITE = 1, BNFOLD_VAR_NEGATIVE = 2, BNFOLD_VAR_EPS_ZERO = 4,
+  BNFOLD_MEAN_NONFINITE = 8, BNFOLD_GAMMA_NONFINITE = 16, BNFOLD_BETA_NONFINITE = 32
+};
+
+template <typename I>
+BNFOLD_HD I bnfold_channel(I e, I inner, I channels, I rows) {
+  I group = e / (inner * channels * rows);
+  return group * channels + (e / inner) % channels;
+}
+
+// ---- float16 <-> float32, by bits (round to nearest even), as NumPy converts -------------------
+BNFOLD_HD bnfold_u32 bnfold_f2u(float f) { union { float f; bnfold_u32 u; } v; v.f = f; return v.u; }
+BNFOLD_HD float bnfold_u2f(bnfold_u32 u) { union { float f; bnfold_u32 u; } v; v.u = u; return v.f; }
+
+BNFOLD_HD float bnfold_half_to_float(bnfold_u16 h) {
+  bnfold_u32 sign = (bnfold_u32)(h & 0x8000u) << 16;
+  bnfold_u32 exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in float
+    float v = (float)mant * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  if (exp == 31) return bnfold_u2f(sign | 0x7f800000u | (mant << 13));
+  return bnfold_u2f(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+BNFOLD_HD bnfold_u16 bnfold_float_to_half(float value) {
+  bnfold_u32 f = bnfold_f2u(value);
+  bnfold_u16 h_sgn = (bnfold_u16)((f & 0x80000000u) >> 16);
+  bnfold_u32 f_exp = f & 0x7f800000u, f_sig;
+  if (f_exp >= 0x47800000u) {  // overflow, inf or nan
+    if (f_exp == 0x7f800000u) {
+      f_sig = f & 0x007fffffu;
+      if (f_sig != 0) {
+        bnfold_u16 ret = (bnfold_u16)(0x7c00u + (f_sig >> 13));
+        if (ret == 0x7c00u) ret++;
+        return (bnfold_u16)(h_sgn + ret);
+      }
+    }
+    return (bnfold_u16)(h_sgn + 0x7c00u);
+  }
+  if (f_exp <= 0x38000000u) {  // subnormal half or zero
+    if (f_exp < 0x33000000u) return h_sgn;
+    f_exp >>= 23;
+    f_sig = 0x00800000u + (f & 0x007fffffu);
+    f_sig >>= (113u - f_exp);
+    if (((f_sig & 0x00003fffu) != 0x00001000u) || (f & 0x000007ffu)) f_sig += 0x00001000u;
+    return (bnfold_u16)(h_sgn + (bnfold_u16)(f_sig >> 13));
+  }
+  bnfold_u16 h_exp = (bnfold_u16)((f_exp - 0x38000000u) >> 13);
+  f_sig = f & 0x007fffffu;
+  if ((f_sig & 0x00003fffu) != 0x00001000u) f_sig += 0x00001000u;
+  bnfold_u16 h_sig = (bnfold_u16)(f_sig >> 13);
+  h_sig = (bnfold_u16)(h_sig + h_exp);
+  return (bnfold_u16)(h_sgn + h_sig);
+}
+
+BNFOLD_HD double bnfold_load(const void* p, int dtype, bnfold_i64 i) {
+  if (dtype == BNFOLD_F16) return (double)bnfold_half_to_float(((const bnfold_u16*)p)[i]);
+  if (dtype == BNFOLD_F32) return (double)((const float*)p)[i];
+  return ((const double*)p)[i];
+}
+
+// Stores a float64 result: float32 directly, float16 through float32 (as the NumPy backend does).
+BNFOLD_HD void bnfold_store(void* p, int dtype, bnfold_i64 i, double v) {
+  if (dtype == BNFOLD_F16) ((bnfold_u16*)p)[i] = bnfold_float_to_half((float)v);
+  else if (dtype == BNFOLD_F32) ((float*)p)[i] = (float)v;
+  else ((double*)p)[i] = v;
+}
+
+// ---- the fold math ---------------------------------------------------------------------------
+// scale = gamma / sqrt(var + eps); offset = beta - mean * scale; returns status bits.
+BNFOLD_HD int bnfold_scale_offset(double gamma, double beta, double mean, double var, double eps,
+                                  double* scale, double* offset) {
+  int status = 0;
+  if (!isfinite(var)) status |= BNFOLD_VAR_NONFINITE;
+  else if (var < 0) status |= BNFOLD_VAR_NEGATIVE;
+  else if (BNFOLD_DADD(var, eps) <= 0) status |= BNFOLD_VAR_EPS_ZERO;
+  if (!isfinite(mean)) status |= BNFOLD_MEAN_NONFINITE;
+  if (!isfinite(gamma)) status |= BNFOLD_GAMMA_NONFINITE;
+  if (!isfinite(beta)) status |= BNFOLD_BETA_NONFINITE;
+  double s = BNFOLD_DDIV(gamma, sqrt(BNFOLD_DADD(var, eps)));
+  *scale = s;
+  *offset = BNFOLD_DSUB(beta, BNFOLD_DMUL(mean, s));
+  return status;
+}
+
+// Bias after folding into the layer's outputs: (bias - mean) * scale + beta.
+BNFOLD_HD double bnfold_output_bias(double bias, double mean, double scale, double beta) {
+  return BNFOLD_DADD(BNFOLD_DMUL(BNFOLD_DSUB(bias, mean), scale), beta);
+}
+
+// One weight element: w * scale, multiplied in float32 for float16/float32 weights, float64 for float64.
+BNFOLD_HD void bnfold_rescale_element(const void* src, void* dst, int dtype, bnfold_i64 i,
+                                      double scale_d, float scale_f) {
+  if (dtype == BNFOLD_F16) {
+    float w = bnfold_half_to_float(((const bnfold_u16*)src)[i]);
+    ((bnfold_u16*)dst)[i] = bnfold_float_to_half(BNFOLD_FMUL(w, scale_f));
+  } else if (dtype == BNFOLD_F32) {
+    ((float*)dst)[i] = BNFOLD_FMUL(((const float*)src)[i], scale_f);
+  } else {
+    ((double*)dst)[i] = BNFOLD_DMUL(((const double*)src)[i], scale_d);
+  }
+}
+
+// ---- segment tables (all fields 64-bit; bnfold_gpu/backends/segments.py packs them) ------------
+struct bnfold_channel_seg {   // one BN: its statistics and where its channels go
+  bnfold_u64 gamma, beta, mean, var;   // device pointers; gamma/beta 0 for no_scale/no_bias
+  bnfold_i64 gamma_dtype, beta_dtype, mean_dtype, var_dtype;
+  double eps;
+  bnfold_i64 n_channels, channel_offset, fold;
+};
+
+struct bnfold_array_seg {     // one weight (or bias): where it is, its layout, its channels
+  bnfold_u64 src, dst;                 // src 0: a created bias (reads as 0)
+  bnfold_i64 numel, inner, channels, rows, channel_offset, dtype, src_dtype, first_block;
+};
+
+// Binary search: the last segment whose start (field read by key) is <= value.
+template <typename Seg, typename Key>
+BNFOLD_HD int bnfold_find_segment(const Seg* segs, int n, bnfold_i64 value, Key key) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) / 2;
+    if (key(segs[mid]) <= value) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// The per-channel stage for global channel index c.
+BNFOLD_HD int bnfold_channel_stage(const bnfold_channel_seg* segs, int n_segs, bnfold_i64 c,
+                                   double* scale_d, float* scale_f, double* offset, double* mean_d,
+                                   double* beta_d, int* fold) {
+  struct K { BNFOLD_HD bnfold_i64 operator()(const bnfold_channel_seg& s) const { return s.channel_offset; } };
+  const bnfold_channel_seg& s = segs[bnfold_find_segment(segs, n_segs, c, K())];
+  bnfold_i64 i = c - s.channel_offset;
+  double gamma = s.gamma ? bnfold_load((const void*)s.gamma, (int)s.gamma_dtype, i) : 1.0;
+  double beta = s.beta ? bnfold_load((const void*)s.beta, (int)s.beta_dtype, i) : 0.0;
+  double mean = bnfold_load((const void*)s.mean, (int)s.mean_dtype, i);
+  double var = bnfold_load((const void*)s.var, (int)s.var_dtype, i);
+  double sc, off;
+  int status = bnfold_scale_offset(gamma, beta, mean, var, s.eps, &sc, &off);
+  scale_d[c] = sc;
+  scale_f[c] = (float)sc;
+  offset[c] = off;
+  mean_d[c] = mean;
+  beta_d[c] = beta;
+  *fold = (int)s.fold;
+  return status;
+}
+
+// One bias element (output side): global element index e over all bias segments (first_block
+// holds each segment's first global element here).
+BNFOLD_HD void bnfold_bias_stage(const bnfold_array_seg* segs, int n_segs, bnfold_i64 e,
+                                 const double* scale_d, const double* mean_d, const double* beta_d) {
+  struct K { BNFOLD_HD bnfold_i64 operator()(const bnfold_array_seg& s) const { return s.first_block; } };
+  const bnfold_array_seg& s = segs[bnfold_find_segment(segs, n_segs, e, K())];
+  bnfold_i64 i = e - s.first_block;
+  bnfold_i64 c = s.channel_offset + bnfold_channel<bnfold_i64>(i, s.inner, s.channels, s.rows);
+  double b = s.src ? bnfold_load((const void*)s.src, (int)s.src_dtype, i) : 0.0;
+  bnfold_store((void*)s.dst, (int)s.dtype, i, bnfold_output_bias(b, mean_d[c], scale_d[c], beta_d[c]));
+}
+
+// Weight element i of one segment.
+template <typename I>
+BNFOLD_HD void bnfold_weight_element(const bnfold_array_seg& s, I i, const double* scale_d,
+                                     const float* scale_f) {
+  bnfold_i64 c = s.channel_offset + (bnfold_i64)bnfold_channel<I>(i, (I)s.inner, (I)s.channels, (I)s.rows);
+  bnfold_rescale_element((const void*)s.src, (void*)s.dst, (int)s.dtype, i, scale_d[c], scale_f[c]);
+}
+
+// What thread `thread` of block `block` of the weight launch does: block b rescales chunk
+// (b - first_block) of the segment whose first_block <= b; 32-bit index math where the segment is
+// small enough, 64-bit past 2^31 elements.
+BNFOLD_HD void bnfold_weight_block(const bnfold_array_seg* segs, int n_segs, bnfold_i64 block,
+                                   int thread, const double* scale_d, const float* scale_f) {
+  struct K { BNFOLD_HD bnfold_i64 operator()(const bnfold_array_seg& s) const { return s.first_block; } };
+  const bnfold_array_seg& s = segs[bnfold_find_segment(segs, n_segs, block, K())];
+  bnfold_i64 begin = (block - s.first_block) * BNFOLD_CHUNK;
+  bnfold_i64 end = begin + BNFOLD_CHUNK < s.numel ? begin + BNFOLD_CHUNK : s.numel;
+  if (s.numel <= 0x7fffffffLL - BNFOLD_CHUNK) {  // i + BNFOLD_BLOCK cannot overflow int
+    for (int i = (int)begin + thread; i < (int)end; i += BNFOLD_BLOCK)
+      bnfold_weight_element<int>(s, i, scale_d, scale_f);
+  } else {
+    for (bnfold_i64 i = begin + thread; i < end; i += BNFOLD_BLOCK)
+      bnfold_weight_element<bnfold_i64>(s, i, scale_d, scale_f);
+  }
+}

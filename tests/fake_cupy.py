@@ -1,0 +1,93 @@
+"""A stand-in for CuPy whose 'device' is host memory and whose kernels are the real kernel code
+compiled for the CPU (tests/host/bnfold_host.cpp). With it the GPU backend's Python side (tables,
+launch arguments, status checks, staging) runs in CI, where no GPU is."""
+import ctypes
+import types
+
+import numpy as np
+
+
+class _Memory:
+    def __init__(self, array):
+        self.ptr = array.ctypes.data
+
+
+class ndarray(np.ndarray):
+    """Host memory posing as device memory."""
+
+    @property
+    def data(self):
+        return _Memory(self)
+
+    def get(self, stream=None, out=None):
+        if out is None:
+            return np.array(self.view(np.ndarray))
+        out[...] = self.view(np.ndarray).reshape(out.shape)
+        return out
+
+    def set(self, arr, stream=None):
+        self.view(np.ndarray)[...] = np.asarray(arr).reshape(self.shape)
+
+
+class _Stream:
+    def __init__(self, non_blocking=False):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self):
+        pass
+
+
+def make(host_lib):
+    """A module-like object exposing what the GPU backend uses of CuPy."""
+    cp = types.SimpleNamespace()
+    cp.ndarray = ndarray
+    for name in ("float16", "float32", "float64", "int32", "int64", "uint8", "nan"):
+        setattr(cp, name, getattr(np, name))
+    cp.asarray = lambda a, dtype=None: np.array(a, dtype=dtype, copy=True).view(ndarray)
+    cp.empty = lambda shape, dtype=np.float32: np.empty(shape, dtype).view(ndarray)
+    cp.zeros = lambda shape, dtype=np.float32: np.zeros(shape, dtype).view(ndarray)
+    cp.full = lambda shape, value, dtype=np.float32: np.full(shape, value, dtype).view(ndarray)
+    cp.launches = []
+    runtime = types.SimpleNamespace(
+        getDeviceCount=lambda: 1, getDevice=lambda: 0, memGetInfo=lambda: (1 << 30, 1 << 30),
+        hostRegister=lambda ptr, size, flags: None, hostUnregister=lambda ptr: None)
+    cp.cuda = types.SimpleNamespace(runtime=runtime, Stream=_Stream,
+                                    get_current_stream=lambda: _Stream())
+
+    def ptr(a):
+        return ctypes.c_void_p(a.ctypes.data)
+
+    def channels(grid, block, args):
+        seg, n, total, sd, sf, off, mean, beta, status = args
+        host_lib.bnfold_host_channels(ptr(seg), int(n), int(total), ptr(sd), ptr(sf), ptr(off),
+                                      ptr(mean), ptr(beta), ptr(status))
+
+    def biases(grid, block, args):
+        seg, n, total, sd, mean, beta = args
+        host_lib.bnfold_host_biases(ptr(seg), int(n), int(total), ptr(sd), ptr(mean), ptr(beta))
+
+    def weights(grid, block, args):
+        seg, n, sd, sf = args
+        host_lib.bnfold_host_weights(ptr(seg), int(n), int(grid[0]), ptr(sd), ptr(sf))
+
+    kernels = {"bnfold_channels": channels, "bnfold_biases": biases, "bnfold_weights": weights}
+
+    class RawModule:
+        def __init__(self, code, options=()):
+            assert "bnfold_weights" in code and any(o.startswith("-I") for o in options)
+
+        def get_function(self, name):
+            def launch(grid, block, args):
+                assert block == (256,) and all(g >= 1 for g in grid)
+                cp.launches.append(name)
+                kernels[name](grid, block, args)
+            return launch
+
+    cp.RawModule = RawModule
+    return cp

@@ -1,0 +1,58 @@
+"""Backend selection, and the GPU backend's checks that run without a GPU."""
+import numpy as np
+import pytest
+
+from bnfold_gpu._synthetic import make_arrays, random_plan
+from bnfold_gpu.backends import FoldError, cupy_backend, get_backend, numpy_backend
+
+
+def test_auto_falls_back_to_numpy_without_a_device(monkeypatch):
+    monkeypatch.setattr(cupy_backend, "unavailable_reason", lambda: "no CUDA device found")
+    assert get_backend("auto") is numpy_backend
+    assert get_backend("numpy") is numpy_backend
+
+
+def test_cupy_without_a_device_says_why(monkeypatch):
+    monkeypatch.setattr(cupy_backend, "unavailable_reason", lambda: "no CUDA device found")
+    with pytest.raises(RuntimeError, match="backend 'cupy' is not usable: no CUDA device found"):
+        get_backend("cupy")
+
+
+def test_cupy_not_installed_says_how(monkeypatch):
+    monkeypatch.setattr(cupy_backend, "cupy", None)
+    reason = cupy_backend.unavailable_reason()
+    assert "CuPy is not installed" in reason and "bnfold_gpu[cuda]" in reason
+
+
+def test_auto_picks_cupy_when_a_device_answers(monkeypatch):
+    monkeypatch.setattr(cupy_backend, "unavailable_reason", lambda: None)
+    assert get_backend("auto") is cupy_backend
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'opencl'"):
+        get_backend("opencl")
+
+
+def test_kernel_sources_are_found():
+    assert (cupy_backend.kernel_dir() / "bnfold.cu").exists()
+
+
+def test_numpy_backend_writes_nothing_when_a_later_bn_is_bad():
+    rng = np.random.RandomState(5)
+    plan = random_plan(rng, n_folds=4, dtype=np.float32)
+    arrays = make_arrays(plan, np, poison=False)
+    arrays[plan.folds[-1].var].flat[0] = -1.0
+    before = {k: v.copy() for k, v in arrays.items()}
+    with pytest.raises(FoldError, match=f"{plan.folds[-1].bn}: variance has negative values"):
+        numpy_backend.fold(plan, arrays)
+    assert all(np.array_equal(arrays[k], before[k]) for k in arrays)
+
+
+def test_numpy_backend_rejects_wrong_shapes():
+    rng = np.random.RandomState(6)
+    plan = random_plan(rng, n_folds=2, dtype=np.float32)
+    arrays = make_arrays(plan, np)
+    arrays[plan.folds[1].mean] = np.zeros(3, np.float32)
+    with pytest.raises(FoldError, match=f"{plan.folds[1].bn}: mean"):
+        numpy_backend.fold(plan, arrays)

@@ -1,0 +1,123 @@
+"""The GPU backend against the NumPy backend, twice: on a real device (``cuda``, marker ``gpu``, skipped
+where no device answers) and on the host (``emulated``: a CuPy stand-in whose kernels are the real
+kernel code compiled for the CPU), so its Python side is tested in CI too. NumPy and CuPy only: this
+runs where nnabla is absent."""
+import numpy as np
+import pytest
+
+from bnfold_gpu._synthetic import LAYOUTS, fold_spec, make_arrays, random_plan
+from bnfold_gpu.backends import FoldError, cupy_backend, numpy_backend
+from bnfold_gpu.plan import OUTPUT_SIDE, Plan
+
+
+@pytest.fixture(params=["emulated", pytest.param("cuda", marks=pytest.mark.gpu)])
+def cp(request, monkeypatch):
+    if request.param == "cuda":
+        reason = cupy_backend.unavailable_reason()
+        if reason:
+            pytest.skip(f"backend 'cupy' is not usable: {reason}")
+        return cupy_backend.cupy
+    import fake_cupy
+    fake = fake_cupy.make(request.getfixturevalue("host"))
+    monkeypatch.setattr(cupy_backend, "cupy", fake)
+    monkeypatch.setattr(cupy_backend, "_MODULES", {})
+    return fake
+
+
+def _compare(plan, got, want):
+    for spec in plan.folds:
+        g, w = got[spec.folded_weight], want[spec.folded_weight]
+        assert np.array_equal(g.view(np.uint8), w.view(np.uint8)), (spec.kind, spec.side, g.dtype)
+        g, w = got[spec.folded_bias], want[spec.folded_bias]
+        if spec.side == OUTPUT_SIDE:
+            assert np.array_equal(g.view(np.uint8), w.view(np.uint8)), (spec.kind, g.dtype)
+        else:   # a sum reduced in another order
+            tol = 1e-3 if g.dtype == np.float16 else 1e-6
+            np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_device_fold_matches_numpy(cp, seed):
+    rng = np.random.RandomState(seed)
+    plan = random_plan(rng)
+    host = make_arrays(plan, np, seed=seed)
+    want = {k: v.copy() for k, v in host.items()}
+    numpy_backend.fold(plan, want)
+    dev = {k: cp.asarray(v) for k, v in host.items()}   # outputs poisoned with NaN
+    cupy_backend.fold(plan, dev)
+    _compare(plan, {k: v.get() for k, v in dev.items()}, want)
+
+
+@pytest.mark.parametrize("case", LAYOUTS, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_every_layout_and_dtype_in_place(cp, case, dtype):
+    spec, shapes = fold_spec(0, case, dtype, inplace=True)
+    plan = Plan((spec,), (), shapes)
+    host = make_arrays(plan, np, seed=1)
+    want = {k: v.copy() for k, v in host.items()}
+    numpy_backend.fold(plan, want)
+    dev = {k: cp.asarray(v) for k, v in host.items()}
+    cupy_backend.fold(plan, dev)
+    _compare(plan, {k: v.get() for k, v in dev.items()}, want)
+
+
+def test_host_arrays_stream_through_small_staging(cp, monkeypatch):
+    monkeypatch.setattr(cupy_backend, "STAGING_BYTES", 64 << 10)  # many batches, weights cut in pieces
+    rng = np.random.RandomState(11)
+    big = ("Convolution", OUTPUT_SIDE, (1, 1, 96, 200 * 9), (96, 200, 3, 3), (96,))
+    a = random_plan(rng, n_folds=3, dtype=np.float32, cases=(big,))
+    b = random_plan(rng, n_folds=6, first=3)
+    plan = Plan(a.folds + b.folds, (), {**a.arrays, **b.arrays})
+    host = make_arrays(plan, np, seed=3)
+    want = {k: v.copy() for k, v in host.items()}
+    numpy_backend.fold(plan, want)
+    cupy_backend.fold(plan, host)
+    _compare(plan, host, want)
+
+
+def test_bad_variance_on_device_changes_nothing(cp):
+    rng = np.random.RandomState(12)
+    plan = random_plan(rng, n_folds=5, dtype=np.float32)
+    host = make_arrays(plan, np, seed=4, poison=False)
+    host[plan.folds[3].var].flat[1] = np.nan
+    dev = {k: cp.asarray(v) for k, v in host.items()}
+    with pytest.raises(FoldError, match=f"{plan.folds[3].bn}: variance has non-finite"):
+        cupy_backend.fold(plan, dev)
+    for k, v in dev.items():
+        assert np.array_equal(v.get(), host[k], equal_nan=True), k
+
+
+def test_index_past_2_to_the_31(cp):
+    """2^31 + 3 float16 weights in one layer: elements beyond 2^31 get their own channel's scale."""
+    free, _ = cp.cuda.runtime.memGetInfo()
+    n_ch, inner = 2, 2 ** 30 + 2       # 2^31 + 4 elements
+    if free < 3 * n_ch * inner * 2:
+        pytest.skip("needs about 13 GB of free device memory")
+    case = ("Convolution", OUTPUT_SIDE, (1, 1, n_ch, inner), (n_ch, inner), (n_ch,))
+    spec, shapes = fold_spec(0, case, np.float16, with_bias=False, inplace=True)
+    plan = Plan((spec,), (), shapes)
+    arrays = {k: cp.asarray(v) for k, v in make_arrays(
+        Plan((spec,), (), {k: v for k, v in shapes.items() if k != "f0/W"}), np).items()
+        if k != "f0/W"}
+    arrays["f0/W"] = cp.ones((n_ch, inner), np.float16)
+    stats = {k: arrays[k].get().astype(np.float64).reshape(-1) for k in
+             ("f0/gamma", "f0/var", "f0/mean", "f0/beta")}
+    cupy_backend.fold(plan, arrays)
+    scale = stats["f0/gamma"] / np.sqrt(stats["f0/var"] + spec.eps)
+    w = arrays["f0/W"].reshape(-1)
+    for e in [0, inner - 1, inner, 2 ** 31 - 1, 2 ** 31, 2 * inner - 1]:
+        want = np.float16(np.float32(1.0) * np.float32(scale[e // inner]))
+        assert w[e].get() == want, e
+
+
+def test_launches_do_not_grow_with_layers(cp):
+    if not hasattr(cp, "launches"):
+        pytest.skip("counts launches of the emulated device only")
+    rng = np.random.RandomState(21)
+    output_cases = tuple(c for c in LAYOUTS if c[1] == OUTPUT_SIDE)
+    for n in (1, 40):
+        plan = random_plan(rng, n_folds=n, cases=output_cases)
+        dev = {k: cp.asarray(v) for k, v in make_arrays(plan, np).items()}
+        del cp.launches[:]
+        cupy_backend.fold(plan, dev)
+        assert cp.launches == ["bnfold_channels", "bnfold_biases", "bnfold_weights"]

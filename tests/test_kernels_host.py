@@ -1,0 +1,203 @@
+"""The CUDA kernels without a GPU: every source compiles with nvcc (PTX, sm_80 and sm_90) and with
+NVRTC (what CuPy uses), and their per-element code, compiled for the host, matches the NumPy backend
+bit for bit on random plans (every layout and dtype)."""
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bnfold_gpu.backends import FoldError, numpy_backend, segments
+from bnfold_gpu._synthetic import fold_spec, make_arrays, random_plan
+from bnfold_gpu.layout import ChannelLayout
+from bnfold_gpu.plan import OUTPUT_SIDE, Plan
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ROOT / "kernels"
+SOURCES = sorted(KERNELS.glob("*.cu"))
+
+
+def test_there_are_kernel_sources():
+    assert SOURCES and (KERNELS / "bnfold_math.cuh").exists()
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_kernels_compile_with_nvcc(tmp_path, source, arch):
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    assert Path(nvcc).exists(), "nvcc (the CUDA toolkit) is needed to check that the kernels build"
+    out = tmp_path / (source.stem + ".ptx")
+    r = subprocess.run([nvcc, f"-arch={arch}", "-ptx", "-Werror=all-warnings", str(source),
+                        "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ptx = out.read_text()
+    for name in ("bnfold_channels", "bnfold_biases", "bnfold_weights"):
+        assert f".entry {name}" in ptx
+
+
+def _nvrtc():
+    """NVRTC, the compiler CuPy uses: from the nvidia-cuda-nvrtc wheel (test extra) or a toolkit."""
+    dirs = []
+    try:
+        import nvidia.cuda_nvrtc
+        dirs += [Path(p) / "lib" for p in nvidia.cuda_nvrtc.__path__]
+    except ImportError:
+        pass
+    dirs += [Path("/usr/local/cuda/lib64"), Path("/usr/local/cuda/lib")]
+    for d in dirs:
+        for cand in sorted(d.glob("libnvrtc.so*")):
+            return ctypes.CDLL(str(cand))
+    return None
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_kernels_compile_with_nvrtc(source):
+    nvrtc = _nvrtc()
+    assert nvrtc is not None, "libnvrtc (the CUDA toolkit) is needed to check the kernels for CuPy"
+    prog = ctypes.c_void_p()
+    code = source.read_bytes()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), code, source.name.encode(), 0, None,
+                                    None) == 0
+    opts = [b"--gpu-architecture=compute_80", b"-I" + str(KERNELS).encode(), b"--std=c++14"]
+    arr = (ctypes.c_char_p * len(opts))(*opts)
+    rc = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    assert rc == 0, log.value.decode()
+
+
+def _ptr(a):
+    return a.ctypes.data
+
+
+# -- index arithmetic -----------------------------------------------------------------------------
+def test_channel_index_matches_layout(host, rng):
+    for _ in range(200):
+        layout = ChannelLayout(*map(int, rng.randint(1, 6, size=4)))
+        e = int(rng.randint(layout.size))
+        want = layout.channel_of(e)
+        assert host.bnfold_host_channel64(e, layout.inner, layout.channels, layout.rows) == want
+        assert host.bnfold_host_channel32(e, layout.inner, layout.channels, layout.rows) == want
+        # and the NumPy backend's broadcasting agrees
+        scale = np.arange(layout.n_channels, dtype=np.float32) + 1
+        out = np.ones(layout.size, np.float32)
+        numpy_backend.rescale(out, out, scale, layout)
+        assert out[e] == want + 1
+
+
+def test_channel_index_past_2_to_the_31(host, rng):
+    # a 4-group deconvolution with 2^33 elements: the index function, not an allocation
+    layout = ChannelLayout(groups=4, rows=4096, channels=1024, inner=128)
+    assert layout.size == 2 ** 31
+    big = ChannelLayout(groups=16, rows=4096, channels=1024, inner=128)
+    for e in [2 ** 31 - 1, 2 ** 31, 2 ** 32 + 12345, big.size - 1] + list(rng.randint(0, big.size, 50)):
+        e = int(e)
+        assert host.bnfold_host_channel64(e, big.inner, big.channels, big.rows) == big.channel_of(e)
+
+
+# -- float16 --------------------------------------------------------------------------------------
+def test_half_to_float_every_pattern(host):
+    bits = np.arange(65536, dtype=np.uint16)
+    out = np.empty(65536, np.float32)
+    host.bnfold_host_half_to_float(_ptr(bits), _ptr(out), 65536)
+    want = bits.view(np.float16).astype(np.float32)
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32)) or \
+        np.array_equal(out, want, equal_nan=True)
+
+
+def test_float_to_half_rounds_like_numpy(host, rng):
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504.0, 65520.0, 65519.99, 1e-8, 6e-8,
+                        5.96e-8, 2.98e-8, 6.1035156e-05, 6.1e-05, 1.0009765625, 1.00048828125,
+                        1.00146484375, -3.0517578e-05], np.float32)
+    rand = np.concatenate([rng.standard_normal(200000).astype(np.float32) * s
+                           for s in (1e-6, 1e-3, 1.0, 1e3, 7e4)])
+    ulps = rng.randint(0, 2 ** 31, 200000, dtype=np.int64).astype(np.uint32).view(np.float32)
+    f = np.concatenate([special, rand, ulps]).astype(np.float32)
+    out = np.empty(f.size, np.uint16)
+    host.bnfold_host_float_to_half(_ptr(f), _ptr(out), f.size)
+    want = f.astype(np.float16)
+    nan = np.isnan(want)
+    assert np.array_equal(out[~nan], want[~nan].view(np.uint16))
+    assert np.isnan(out[nan].view(np.float16)).all()
+
+
+# -- whole folds, kernels emulated on the host vs the NumPy backend ---------------------------------
+def _random_plan(rng, dtype=None):
+    plan = random_plan(rng, dtype=dtype)
+    return plan, make_arrays(plan, np, seed=int(rng.randint(1 << 30)))
+
+
+def _run_host(host, plan, arrays):
+    t = segments.build(plan, {n: _ptr(a) for n, a in arrays.items()},
+                       {n: a.dtype for n, a in arrays.items()})
+    n = t.total_channels
+    scale_d, offset, mean_d, beta_d = (np.full(n, np.nan) for _ in range(4))
+    scale_f = np.full(n, np.nan, np.float32)
+    status = np.zeros(len(plan.folds), np.int32)
+    host.bnfold_host_channels(_ptr(t.channels), len(t.channels), n, _ptr(scale_d), _ptr(scale_f),
+                              _ptr(offset), _ptr(mean_d), _ptr(beta_d), _ptr(status))
+    if t.total_bias:
+        host.bnfold_host_biases(_ptr(t.biases), len(t.biases), t.total_bias, _ptr(scale_d),
+                                _ptr(mean_d), _ptr(beta_d))
+    host.bnfold_host_weights(_ptr(t.weights), len(t.weights), t.total_blocks, _ptr(scale_d),
+                             _ptr(scale_f))
+    return status, offset
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_host_kernels_match_numpy_backend_bit_for_bit(host, seed):
+    rng = np.random.RandomState(seed)
+    plan, arrays = _random_plan(rng)
+    ref = {n: a.copy() for n, a in arrays.items()}
+    numpy_backend.fold(plan, ref)
+    status, _ = _run_host(host, plan, arrays)
+    assert not status.any()
+    for spec in plan.folds:
+        got, want = arrays[spec.folded_weight], ref[spec.folded_weight]
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (spec.kind, spec.side, got.dtype)
+        if spec.side == OUTPUT_SIDE:
+            got, want = arrays[spec.folded_bias], ref[spec.folded_bias]
+            assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (spec.kind, got.dtype)
+        assert np.array_equal(arrays[spec.weight], ref[spec.weight])  # sources untouched
+
+
+def test_large_weights_span_many_blocks(host):
+    inner = 3 * segments.CHUNK + 17
+    case = ("Convolution", OUTPUT_SIDE, (1, 1, 64, inner), (64, inner), (64,))
+    spec, shapes = fold_spec(0, case, np.float32)
+    plan = Plan((spec,), (), shapes)
+    arrays = make_arrays(plan, np)
+    ref = {n: a.copy() for n, a in arrays.items()}
+    numpy_backend.fold(plan, ref)
+    _run_host(host, plan, arrays)
+    assert np.array_equal(arrays[spec.folded_weight], ref[spec.folded_weight])
+
+
+@pytest.mark.parametrize("bad, message", [(-1.0, "negative"), (np.nan, "non-finite"),
+                                          (np.inf, "non-finite")])
+def test_status_reports_bad_variance(host, bad, message):
+    rng = np.random.RandomState(3)
+    plan, arrays = _random_plan(rng, np.float32)
+    k = len(plan.folds) - 1
+    arrays[plan.folds[k].var].flat[0] = bad
+    status, _ = _run_host(host, plan, arrays)
+    assert status[k] and not status[:k].any()
+    msg = segments.status_message(plan, status)
+    assert msg.startswith(plan.folds[k].bn) and message in msg
+    with pytest.raises(FoldError, match=message):
+        numpy_backend.fold(plan, arrays)
+
+
+def test_pieces_cover_the_array_in_order():
+    for shape4 in [(3, 2, 4, 9), (1, 7, 5, 3), (1, 1, 13, 11)]:
+        layout = ChannelLayout(*shape4)
+        got = np.empty(layout.size, np.int64)
+        for first, count, piece, ch in segments.pieces(layout, 40):
+            assert count == piece.size
+            got[first:first + count] = [ch + piece.channel_of(e) for e in range(count)]
+        assert list(got) == [layout.channel_of(e) for e in range(layout.size)]
