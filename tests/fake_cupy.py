@@ -2,6 +2,7 @@
 compiled for the CPU (tests/host/bnfold_host.cpp). With it the GPU backend's Python side (tables,
 launch arguments, status checks, staging) runs in CI, where no GPU is."""
 import ctypes
+import time
 import types
 
 import numpy as np
@@ -10,6 +11,10 @@ import numpy as np
 class _Memory:
     def __init__(self, array):
         self.ptr = array.ctypes.data
+        self.array = array
+
+    def copy_from_device(self, src, nbytes):
+        ctypes.memmove(self.ptr, src.ptr, nbytes)
 
 
 class ndarray(np.ndarray):
@@ -27,6 +32,14 @@ class ndarray(np.ndarray):
 
     def set(self, arr, stream=None):
         self.view(np.ndarray)[...] = np.asarray(arr).reshape(self.shape)
+
+
+class _Event:
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
 
 
 class _Stream:
@@ -53,12 +66,22 @@ def make(host_lib):
     cp.empty = lambda shape, dtype=np.float32: np.empty(shape, dtype).view(ndarray)
     cp.zeros = lambda shape, dtype=np.float32: np.zeros(shape, dtype).view(ndarray)
     cp.full = lambda shape, value, dtype=np.float32: np.full(shape, value, dtype).view(ndarray)
+    cp.empty_like = lambda a: np.empty_like(a).view(ndarray)
     cp.launches = []
+    cp.__version__ = "emulated"
+    rs = np.random.RandomState(0)
+    cp.random = types.SimpleNamespace(
+        standard_normal=lambda n, dtype=np.float32: rs.standard_normal(n).astype(dtype).view(ndarray))
+    cp.get_default_memory_pool = lambda: types.SimpleNamespace(free_all_blocks=lambda: None)
     runtime = types.SimpleNamespace(
         getDeviceCount=lambda: 1, getDevice=lambda: 0, memGetInfo=lambda: (1 << 30, 1 << 30),
-        hostRegister=lambda ptr, size, flags: None, hostUnregister=lambda ptr: None)
-    cp.cuda = types.SimpleNamespace(runtime=runtime, Stream=_Stream,
-                                    get_current_stream=lambda: _Stream())
+        hostRegister=lambda ptr, size, flags: None, hostUnregister=lambda ptr: None,
+        getDeviceProperties=lambda i: {"name": b"host emulation"}, driverGetVersion=lambda: 0,
+        runtimeGetVersion=lambda: 0)
+    cp.cuda = types.SimpleNamespace(
+        runtime=runtime, Stream=_Stream, get_current_stream=lambda: _Stream(), Event=_Event,
+        get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3,
+        Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None))
 
     def ptr(a):
         return ctypes.c_void_p(a.ctypes.data)

@@ -1,0 +1,184 @@
+"""GPU benchmark, one run, NumPy and CuPy only (no nnabla): the CUDA kernels checked against the NumPy
+backend on random plans (every layout and dtype), then fold times for models of 0.1, 1, 4 and 16 GB of
+float32 weights (as many as fit), each beside a device-to-device copy of the same bytes and the NumPy
+path on the same machine. Writes a JSON under --out and prints a table."""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bnfold_gpu._synthetic import LAYOUTS, fold_spec, make_arrays, random_plan, sized_plan  # noqa: E402
+from bnfold_gpu.backends import cupy_backend, numpy_backend  # noqa: E402
+from bnfold_gpu.plan import OUTPUT_SIDE, Plan  # noqa: E402
+
+cp = cupy_backend.cupy
+
+
+def check_correctness(seeds=30):
+    """CuPy result vs NumPy backend on fresh random plans; outputs poisoned with NaN first."""
+    failures, checked = [], 0
+    for seed in range(seeds):
+        rng = np.random.RandomState(seed)
+        plan = random_plan(rng)
+        host = make_arrays(plan, np, seed=seed)
+        want = {k: v.copy() for k, v in host.items()}
+        numpy_backend.fold(plan, want)
+        dev = {k: cp.asarray(v) for k, v in host.items()}
+        cupy_backend.fold(plan, dev)
+        for s in plan.folds:
+            checked += 1
+            g, w = dev[s.folded_weight].get(), want[s.folded_weight]
+            ok = np.array_equal(g.view(np.uint8), w.view(np.uint8))
+            gb, wb = dev[s.folded_bias].get(), want[s.folded_bias]
+            if s.side == OUTPUT_SIDE:
+                ok = ok and np.array_equal(gb.view(np.uint8), wb.view(np.uint8))
+            else:
+                ok = ok and np.allclose(gb.astype(np.float64), wb.astype(np.float64), rtol=1e-3, atol=1e-3)
+            if not ok:
+                failures.append(f"seed {seed}: {s.kind} {s.side} {g.dtype}")
+    for case in LAYOUTS:
+        for dtype in (np.float16, np.float32, np.float64):
+            spec, shapes = fold_spec(0, case, dtype, inplace=True)
+            plan = Plan((spec,), (), shapes)
+            host = make_arrays(plan, np, seed=1)
+            want = {k: v.copy() for k, v in host.items()}
+            numpy_backend.fold(plan, want)
+            dev = {k: cp.asarray(v) for k, v in host.items()}
+            cupy_backend.fold(plan, dev)
+            checked += 1
+            g = dev[spec.folded_weight].get()
+            if not np.array_equal(g.view(np.uint8), want[spec.folded_weight].view(np.uint8)):
+                failures.append(f"in place: {case[0]} {case[1]} {np.dtype(dtype)}")
+    return checked, failures
+
+
+def device_arrays(plan):
+    """The plan's arrays on the device, weights carved out of one buffer (filled at random)."""
+    total = sum(int(np.prod(s.weight_shape)) for s in plan.folds)
+    buf = cp.random.standard_normal(total, dtype=cp.float32)
+    arrays, at = {}, 0
+    for s in plan.folds:
+        n = int(np.prod(s.weight_shape))
+        arrays[s.weight] = buf[at:at + n].reshape(s.weight_shape)
+        at += n
+    small = Plan(plan.folds, (), {k: v for k, v in plan.arrays.items() if k not in arrays})
+    for k, v in make_arrays(small, np, poison=False).items():
+        if k not in arrays:
+            arrays[k] = cp.asarray(v)
+    return arrays, buf
+
+
+def cuda_time(fn, repeats):
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    fn()
+    cp.cuda.Device().synchronize()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
+    return statistics.median(times)
+
+
+def wall_time(fn, repeats):
+    fn()
+    cp.cuda.Device().synchronize()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        cp.cuda.Device().synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="bench/results/")
+    ap.add_argument("--sizes-gb", default="0.1,1,4,16")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--numpy-max-gb", type=float, default=1.0,
+                    help="time the NumPy path up to this size (it is slow)")
+    args = ap.parse_args()
+    reason = cupy_backend.unavailable_reason()
+    if reason:
+        raise SystemExit(f"no GPU: {reason}")
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    checked, failures = check_correctness()
+    print(f"correctness: {checked} folds checked against the NumPy backend, {len(failures)} failures")
+    for f in failures:
+        print("  FAIL", f)
+    rows = []
+    free = cp.cuda.runtime.memGetInfo()[0]
+    for gb in (float(x) for x in args.sizes_gb.split(",")):
+        nbytes = int(gb * 1e9)
+        if 2.2 * nbytes > free:     # weights + a copy's destination
+            print(f"{gb} GB: skipped, {free / 1e9:.0f} GB free on the device")
+            rows.append({"size_gb": gb, "skipped": f"needs {2.2 * nbytes / 1e9:.0f} GB, "
+                                                   f"{free / 1e9:.0f} GB free"})
+            continue
+        rng = np.random.RandomState(0)
+        plan = sized_plan(rng, nbytes)
+        arrays, buf = device_arrays(plan)
+        weight_bytes = buf.nbytes
+        dst = cp.empty_like(buf)
+        copy_s = cuda_time(lambda: dst.data.copy_from_device(buf.data, buf.nbytes), args.repeats)
+        del dst
+        fold_s = wall_time(lambda: cupy_backend.fold(plan, arrays), args.repeats)
+        row = {"size_gb": gb, "weight_bytes": int(weight_bytes), "layers": len(plan.folds),
+               "fold_s": fold_s, "copy_s": copy_s,
+               "fold_gbps": 2 * weight_bytes / fold_s / 1e9, "copy_gbps": 2 * weight_bytes / copy_s / 1e9}
+        row["fold_over_copy_bandwidth"] = row["fold_gbps"] / row["copy_gbps"]
+        if gb <= args.numpy_max_gb:
+            host = {k: v.get() for k, v in arrays.items()}
+            np_s = wall_time(lambda: numpy_backend.fold(plan, host), max(2, args.repeats // 3))
+            row["numpy_s"] = np_s
+            row["speedup_vs_numpy"] = np_s / fold_s
+            host_fold = wall_time(lambda: cupy_backend.fold(plan, host), 2)
+            row["host_staged_s"] = host_fold
+            row["host_staged_gbps"] = 2 * weight_bytes / host_fold / 1e9
+        rows.append(row)
+        del arrays, buf
+        cp.get_default_memory_pool().free_all_blocks()
+    result = {
+        "benchmark": "gpu", "date": datetime.date.today().isoformat(),
+        "device": props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
+        "driver": cp.cuda.runtime.driverGetVersion(), "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+        "versions": {"python": platform.python_version(), "numpy": np.__version__,
+                     "cupy": cp.__version__},
+        "host_cpus": os.cpu_count(), "repeats": args.repeats,
+        "correctness": {"folds_checked": checked, "failures": failures},
+        "rows": rows,
+    }
+    out = Path(args.out)
+    if args.out.endswith("/") or out.is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        name = result["device"].replace(" ", "-").replace("/", "-")
+        out = out / f"gpu-{name}-{result['date']}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{result['device']}, driver {result['driver']}, CuPy {cp.__version__}, NumPy {np.__version__}")
+    print(f"{'GB':>5} {'layers':>6} {'fold ms':>9} {'fold GB/s':>10} {'copy GB/s':>10} {'of copy':>8} "
+          f"{'numpy ms':>9} {'speed-up':>9}")
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['size_gb']:5} skipped: {r['skipped']}")
+            continue
+        print(f"{r['size_gb']:5} {r['layers']:6} {r['fold_s'] * 1e3:9.2f} {r['fold_gbps']:10.0f} "
+              f"{r['copy_gbps']:10.0f} {r['fold_over_copy_bandwidth']:7.0%} "
+              f"{r.get('numpy_s', float('nan')) * 1e3:9.1f} {r.get('speedup_vs_numpy', float('nan')):8.0f}x")
+    print(f"written to {out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

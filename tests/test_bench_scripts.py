@@ -1,0 +1,35 @@
+"""The GPU benchmark script runs end to end (on the emulated device), so a session lent a GPU spends
+its time measuring, not debugging the script."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from bnfold_gpu.backends import cupy_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_gpu_runs_on_the_emulated_device(host, monkeypatch, tmp_path, capsys):
+    import fake_cupy
+    fake = fake_cupy.make(host)
+    monkeypatch.setattr(cupy_backend, "cupy", fake)
+    monkeypatch.setattr(cupy_backend, "_MODULES", {})
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(bench_gpu, "cp", fake)
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--out", str(tmp_path) + "/",
+                                      "--sizes-gb", "0.002,0.004,100", "--repeats", "2",
+                                      "--numpy-max-gb", "0.003"])
+    assert bench_gpu.main() == 0
+    out = capsys.readouterr().out
+    assert "0 failures" in out and "skipped" in out
+    result = json.loads(next(tmp_path.glob("gpu-*.json")).read_text())
+    rows = result["rows"]
+    assert result["correctness"]["failures"] == [] and result["correctness"]["folds_checked"] > 30
+    assert rows[0]["fold_gbps"] > 0 and "speedup_vs_numpy" in rows[0]
+    assert "speedup_vs_numpy" not in rows[1] and "skipped" in rows[2]
