@@ -11,8 +11,13 @@ setup(
     install_requires=["nnabla==1.39.0", "numpy~=1.26.0"],
     extras_require={
         "cuda": ["cupy-cuda12x<14"],
-        # nvrtc: the tests compile the kernels with the compiler CuPy uses (no GPU needed)
-        "test": ["pytest", "hypothesis", "nvidia-cuda-nvrtc-cu12", "cupy-cuda12x<14"],
+        # nvrtc: the tests compile the kernels with the compiler CuPy uses (no GPU needed);
+        # nnabla-converter + onnx: the tests make .nnp files with NNabla's own ONNX importer
+        "test": ["pytest", "hypothesis", "nvidia-cuda-nvrtc-cu12", "cupy-cuda12x<14",
+                 "nnabla-converter==1.39.0", "onnx"],
     },
+    entry_points={"console_scripts": ["bnfold=bnfold_gpu.cli:main"]},
+    # the CUDA sources, found by bnfold_gpu.backends.cupy_backend.kernel_dir() when installed
+    data_files=[("share/bnfold_gpu/kernels", ["kernels/bnfold.cu", "kernels/bnfold_math.cuh"])],
     license="Apache-2.0",
 )

@@ -21,11 +21,29 @@ def nnabla_converter_seconds(width: int, size: int) -> float:
         return time.perf_counter() - t
 
 
+def save_model(path: str, width: int, size: int) -> int:
+    """The demo's ResNet-50, unfolded, as an .nnp file with one network and an executor."""
+    from nnabla.utils.save import save
+    nn.clear_parameters()
+    x, y = build_resnet50(width, size)
+    with nn.parameter_scope("resnet50"):
+        save(path, {"networks": [{"name": "resnet50", "batch_size": 1, "outputs": {"y": y},
+                                  "names": {"x": x}}],
+                    "executors": [{"name": "runtime", "network": "resnet50", "data": ["x"],
+                                   "output": ["y"]}]})
+    print(f"saved ResNet-50 (width {width}, {size}x{size} input) to {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--save", metavar="PATH.nnp",
+                    help="also save the unfolded model as an .nnp file (for `bnfold`) and exit")
     args = ap.parse_args(argv)
+    if args.save:
+        return save_model(args.save, args.width, args.size)
 
     nn.clear_parameters()
     x, y = build_resnet50(args.width, args.size)

@@ -63,17 +63,18 @@ class _BN:
         return axis
 
 
-def plan(graph: Graph, inplace: bool = True) -> Plan:
-    """The plan for ``graph``. ``inplace=False`` sends every folded array to a new name."""
-    return _Planner(graph, inplace).run()
+def plan(graph: Graph, inplace: bool = True, reserved=()) -> Plan:
+    """The plan for ``graph``. ``inplace=False`` sends every folded array to a new name; new names
+    avoid every name of the graph and of ``reserved``."""
+    return _Planner(graph, inplace, reserved).run()
 
 
 class _Planner:
-    def __init__(self, graph: Graph, inplace: bool):
+    def __init__(self, graph: Graph, inplace: bool, reserved=()):
         self.g = graph
         self.inplace = inplace
         self.outputs = set(graph.outputs)
-        self.taken = graph.all_names()
+        self.taken = graph.all_names() | set(reserved)
         self.index = {f: i for i, f in enumerate(graph.functions)}
         self.used_layers = set()
         self.arrays: Dict[str, Tuple[tuple, np.dtype]] = {}

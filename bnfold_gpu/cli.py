@@ -1,0 +1,233 @@
+"""``bnfold``: fold the batch normalizations of .nnp files.
+
+  bnfold inspect IN.nnp [--json]
+  bnfold fold IN.nnp -o OUT.nnp [--backend auto|numpy|cupy] [--verify] [--tolerance T]
+              [--report REPORT.json] [--in-place] [--quiet]
+
+Exit status: 0 done; 1 --verify found outputs differing past the tolerance (nothing written);
+2 bad input (a one-line message on stderr; nothing written).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class Progress:
+    """A one-line progress bar on stderr for a terminal, plain lines otherwise; silent when quiet."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.done, self.quiet = max(1, total), 0, quiet
+        self.tty = sys.stderr.isatty()
+
+    def step(self, label: str):
+        self.done = min(self.total, self.done + 1)
+        if self.quiet:
+            return
+        if self.tty:
+            width = 24
+            filled = int(width * self.done / self.total)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {label[:50]:<50}")
+            sys.stderr.flush()
+        else:
+            sys.stderr.write(f"bnfold: {label}\n")
+
+    def close(self):
+        if self.tty and not self.quiet:
+            sys.stderr.write("\r" + " " * 80 + "\r")
+            sys.stderr.flush()
+
+
+def _table(rows):
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, r in enumerate(rows):
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fold_records(fp):
+    return {n.name: {
+        "training": n.training,
+        "folded": [{"bn": s.bn, "into": s.kind, "side": s.side, "weight": s.weight,
+                    "folded_weight": s.folded_weight, "folded_bias": s.folded_bias, "note": s.note}
+                   for s in fp.folds.get(n.name, [])],
+        "skipped": [{"bn": s.bn, "reason": s.reason} for s in (n.plan.skipped if n.plan else [])],
+    } for n in fp.networks}
+
+
+def _print_plan(fp, out=None):
+    out = out or sys.stdout
+    for n in fp.networks:
+        folds = fp.folds.get(n.name, [])
+        skipped = n.plan.skipped if n.plan else []
+        print(f"network {n.name}: {len(folds)} to fold, {len(skipped)} to keep"
+              + (" (training network)" if n.training else ""), file=out)
+        if folds:
+            print(_table([("BN", "into", "side", "weight")] +
+                         [(s.bn, s.kind, s.side, s.weight) for s in folds]), file=out)
+        if skipped:
+            print(_table([("BN kept", "reason")] + [(s.bn, s.reason) for s in skipped]), file=out)
+        print(file=out)
+
+
+def cmd_inspect(args):
+    from . import nnp as N
+    progress = Progress(2, quiet=args.json)
+    progress.step("loading")
+    f = N.read(args.input)
+    fp = N.plan_file(f)
+    progress.step("planned")
+    progress.close()
+    if args.json:
+        print(json.dumps({"input": args.input, "networks": _fold_records(fp)}, indent=2))
+    else:
+        _print_plan(fp)
+        print(f"{fp.n_folded} BN(s) would fold, {len(fp.skipped)} would stay")
+    return EXIT_OK
+
+
+def _failed(record, tolerance) -> bool:
+    return not record["max_rel"] <= tolerance   # NaN fails too
+
+
+def _same_file(a, b):
+    if os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def cmd_fold(args):
+    from . import nnp as N
+    if args.output is None and not args.in_place:
+        raise N.NnpError("give -o OUT.nnp, or --in-place to replace the input")
+    out_path = args.input if args.output is None else args.output
+    if os.path.exists(args.input) and _same_file(args.input, out_path) and not args.in_place:
+        raise N.NnpError(f"{out_path}: the output is the input; give --in-place to replace it")
+    if os.path.isdir(out_path):
+        raise N.NnpError(f"{out_path}: is a directory")
+    t0 = time.perf_counter()
+    f = N.read(args.input)
+    progress = Progress(4 + len(f.proto.network) * (2 if args.verify else 1), args.quiet)
+    progress.step(f"loaded {args.input}")
+    fp = N.plan_file(f, progress)
+    progress.step("folding")
+    backend, nbytes = N.fold_parameters(f, fp, args.backend)
+    N.rewrite_proto(f, fp)
+    progress.step("writing")
+    tmp = N.write_temp(N.serialize(f), out_path)
+    fold_seconds = time.perf_counter() - t0
+    records = []
+    try:
+        if args.verify:
+            original = N.read(args.input)
+            nets = [n.name for n in fp.networks if fp.folds.get(n.name) and not n.training]
+            for name in nets:
+                progress.step(f"verifying {name}")
+            records = N.verify(original, tmp, nets, seed=args.seed)
+        bad = [r for r in records if _failed(r, args.tolerance)]
+        if bad:
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    progress.step("done")
+    progress.close()
+    seconds = {"fold": fold_seconds, "verify": time.perf_counter() - t0 - fold_seconds}
+    if not args.quiet:
+        _print_summary(fp, nbytes, backend, seconds, records, args)
+    if args.report:
+        report = {"input": args.input, "output": None if bad else out_path, "backend": backend,
+                  "bytes_rescaled": nbytes, "seconds": seconds, "networks": _fold_records(fp),
+                  "verify": {"tolerance": args.tolerance, "outputs": records} if args.verify else None}
+        with open(args.report, "w") as fh:
+            json.dump(report, fh, indent=2)
+    if bad:
+        worst = max(bad, key=lambda r: r["max_rel"])
+        print(f"bnfold: verification failed: network '{worst['network']}' output '{worst['output']}' "
+              f"differs by {worst['max_rel']:.2e} (relative) > {args.tolerance:g}; "
+              f"{out_path} not written", file=sys.stderr)
+        return EXIT_MISMATCH
+    return EXIT_OK
+
+
+def _print_summary(fp, nbytes, backend, seconds, records, args):
+    rows = [("network", "folded", "kept")]
+    for n in fp.networks:
+        rows.append((n.name + (" (training)" if n.training else ""), len(fp.folds.get(n.name, [])),
+                     len(n.plan.skipped) if n.plan else 0))
+    print(_table(rows))
+    reasons = {}
+    for net, s in fp.skipped:
+        reasons.setdefault(s.reason, []).append(f"{net}:{s.bn}")
+    if reasons:
+        print()
+        print(_table([("kept because", "BNs")] +
+                     [(r, ", ".join(v[:3]) + (f" (+{len(v) - 3})" if len(v) > 3 else ""))
+                      for r, v in reasons.items()]))
+    print()
+    print(f"{fp.n_folded} BN(s) folded, {len(fp.skipped)} kept; {nbytes / 1e6:.1f} MB of weights "
+          f"rescaled on {backend}; read, folded and written in {seconds['fold']:.2f} s")
+    if args.verify:
+        print()
+        if records:
+            print(_table([("verify: network", "output", "max abs err", "max rel err")] +
+                         [(r["network"], r["output"], f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}")
+                          for r in records]))
+        else:
+            print("verify: no network to run (nothing folded, or only training networks)")
+        print(f"verified in {seconds['verify']:.2f} s (tolerance {args.tolerance:g} relative)")
+    if not any(_failed(r, args.tolerance) for r in records):
+        print(f"wrote {args.output or args.input}")
+
+
+def parser():
+    ap = argparse.ArgumentParser(prog="bnfold", description="Fold batch normalization in .nnp files.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ins = sub.add_parser("inspect", help="list what would fold and what would stay, with reasons")
+    ins.add_argument("input", metavar="IN.nnp")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    ins.set_defaults(run=cmd_inspect)
+    fo = sub.add_parser("fold", help="fold IN.nnp into OUT.nnp")
+    fo.add_argument("input", metavar="IN.nnp")
+    fo.add_argument("-o", "--output", metavar="OUT.nnp")
+    fo.add_argument("--backend", default="auto", choices=["auto", "numpy", "cupy"])
+    fo.add_argument("--verify", action="store_true",
+                    help="run original and folded networks on the same random inputs and compare")
+    fo.add_argument("--tolerance", type=float, default=1e-4,
+                    help="largest relative error --verify accepts (default 1e-4)")
+    fo.add_argument("--seed", type=int, default=0, help="seed of --verify's random inputs")
+    fo.add_argument("--report", metavar="REPORT.json", help="write what was done as JSON")
+    fo.add_argument("--in-place", action="store_true", help="replace IN.nnp (atomically)")
+    fo.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    fo.set_defaults(run=cmd_fold)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from .backends.common import FoldError
+    from .nnp import NnpError
+    try:
+        return args.run(args)
+    except (NnpError, FoldError) as e:
+        print(f"bnfold: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ValueError, RuntimeError) as e:   # e.g. an unusable backend
+        print(f"bnfold: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("bnfold: interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

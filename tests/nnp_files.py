@@ -1,0 +1,114 @@
+"""Small .nnp files for the CLI tests, made in the test: saved by nnabla.utils.save, laid out as
+Neural Network Console saves them, and converted from ONNX models by NNabla's own importer."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import nnabla as nn
+import nnabla.functions as F
+import nnabla.parametric_functions as PF
+from nnabla.utils.save import save
+
+from helpers import randomize_all
+
+
+def _net(x, batch_stat):
+    h = PF.convolution(x, 6, (3, 3), pad=(1, 1), with_bias=False, name="c1")
+    h = F.relu(PF.batch_normalization(h, batch_stat=batch_stat, name="bn1"))
+    h = PF.deconvolution(h, 6, (3, 3), pad=(1, 1), group=2, name="d1")
+    h = PF.batch_normalization(h, batch_stat=batch_stat, name="bn2")
+    h = PF.fused_batch_normalization(PF.convolution(h, 6, (1, 1), name="c2"), h,
+                                     batch_stat=batch_stat, name="bn3")
+    h = F.global_average_pooling(h)
+    return PF.affine(h, 5, name="fc")
+
+
+def console_like(path, parameter_format=".h5", seed=0):
+    """Main (training: batch_stat=True), MainValidation and MainRuntime sharing every parameter, an
+    executor on MainRuntime, as Neural Network Console lays a file out."""
+    nn.clear_parameters()
+    rng = np.random.RandomState(seed)
+    x = nn.Variable((2, 3, 8, 8))
+    y_train = _net(x, True)
+    randomize_all(rng)
+    xv = nn.Variable((2, 3, 8, 8))
+    y_val = _net(xv, False)
+    xr = nn.Variable((1, 3, 8, 8))
+    y_run = _net(xr, False)
+    contents = {
+        "networks": [
+            {"name": "Main", "batch_size": 2, "outputs": {"y": y_train}, "names": {"x": x}},
+            {"name": "MainValidation", "batch_size": 2, "outputs": {"y": y_val}, "names": {"x": xv}},
+            {"name": "MainRuntime", "batch_size": 1, "outputs": {"y": y_run}, "names": {"x": xr}},
+        ],
+        "executors": [{"name": "Runtime", "network": "MainRuntime", "data": ["x"], "output": ["y"]}],
+    }
+    save(str(path), contents, parameter_format=parameter_format)
+    nn.clear_parameters()
+    return path
+
+
+def single(path, parameter_format=".protobuf", seed=1):
+    nn.clear_parameters()
+    rng = np.random.RandomState(seed)
+    x = nn.Variable((2, 3, 8, 8))
+    y = _net(x, False)
+    randomize_all(rng)
+    save(str(path), {"networks": [{"name": "net", "batch_size": 2, "outputs": {"y": y},
+                                   "names": {"x": x}}],
+                     "executors": [{"name": "run", "network": "net", "data": ["x"],
+                                    "output": ["y"]}]}, parameter_format=parameter_format)
+    nn.clear_parameters()
+    return path
+
+
+def onnx_model(path, variant, seed=0):
+    """An ONNX model built with the onnx package: Conv->BN->Relu, then either ConvTranspose (groups
+    2, no bias)->BN, or GlobalAveragePool->Flatten->Gemm (imported as Reshape+BatchMatmul+Add2). Both
+    carry an unused initializer, which NNabla's importer keeps."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.RandomState(seed)
+
+    def init(name, arr):
+        return numpy_helper.from_array(arr.astype(np.float32), name)
+    c = 4
+    inits = [init("conv1_W", rng.randn(c, 3, 3, 3)), init("bn1_scale", rng.rand(c) + 0.5),
+             init("bn1_bias", rng.randn(c)), init("bn1_mean", rng.randn(c)),
+             init("bn1_var", rng.rand(c) + 0.5), init("unused_W", rng.randn(3, 2))]
+    nodes = [helper.make_node("Conv", ["x", "conv1_W"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "bn1_scale", "bn1_bias", "bn1_mean",
+                                                     "bn1_var"], ["b1"], epsilon=1e-3),
+             helper.make_node("Relu", ["b1"], ["r1"])]
+    if variant == "deconv":
+        inits += [init("deconv_W", rng.randn(c, 2, 3, 3)), init("bn2_scale", rng.rand(4) + 0.5),
+                  init("bn2_bias", rng.randn(4)), init("bn2_mean", rng.randn(4)),
+                  init("bn2_var", rng.rand(4) + 0.5)]
+        nodes += [helper.make_node("ConvTranspose", ["r1", "deconv_W"], ["d1"], group=2,
+                                   pads=[1, 1, 1, 1]),
+                  helper.make_node("BatchNormalization", ["d1", "bn2_scale", "bn2_bias", "bn2_mean",
+                                                          "bn2_var"], ["y"], epsilon=1e-5)]
+        out_shape = [2, 4, 8, 8]
+    else:
+        inits += [init("fc_W", rng.randn(c, 5)), init("fc_b", rng.randn(5))]
+        nodes += [helper.make_node("GlobalAveragePool", ["r1"], ["p"]),
+                  helper.make_node("Flatten", ["p"], ["f"]),
+                  helper.make_node("Gemm", ["f", "fc_W", "fc_b"], ["y"])]
+        out_shape = [2, 5]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def nnabla_cli(*args):
+    """NNabla's own converter (package nnabla-converter), as a user runs it."""
+    exe = Path(sys.executable).with_name("nnabla_cli")
+    r = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r

@@ -1,0 +1,259 @@
+"""``bnfold inspect`` and ``bnfold fold`` on .nnp files: saved by NNabla, laid out as Neural Network
+Console does, made by NNabla's ONNX importer, and broken in every way a user's file can be."""
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+nn = pytest.importorskip("nnabla", reason="nnabla is not installed (GPU machine)")
+from nnabla.utils.nnp_graph import NnpLoader  # noqa: E402
+
+from bnfold_gpu import cli, nnp as N  # noqa: E402
+import nnp_files  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+
+
+def run(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+def load_run(path, network, seed=0):
+    """Outputs of ``network`` in ``path`` on seeded random inputs, plus its function types."""
+    scope = {}
+    with nn.parameter_scope("", scope):
+        net = NnpLoader(str(path)).get_network(network)
+        rng = np.random.RandomState(seed)
+        for k in sorted(net.inputs):
+            net.inputs[k].d = rng.standard_normal(net.inputs[k].shape)
+        outs = {}
+        for k, y in sorted(net.outputs.items()):
+            y.forward()
+            outs[k] = y.d.copy()
+        types = []
+        for y in net.outputs.values():
+            y.visit(lambda f: types.append(f.info.type_name))
+    return outs, types
+
+
+def members(path):
+    with zipfile.ZipFile(path) as z:
+        return {m: z.read(m) for m in z.namelist()}
+
+
+@pytest.fixture
+def console_file(tmp_path):
+    return nnp_files.console_like(tmp_path / "model.nnp")
+
+
+def test_inspect_table_and_json(console_file, capsys):
+    assert run("inspect", console_file) == 0
+    out = capsys.readouterr().out
+    assert "network MainRuntime: 3 to fold, 0 to keep" in out
+    assert "network Main: 0 to fold, 3 to keep (training network)" in out
+    assert "batch_stat=True" in out
+    assert run("inspect", console_file, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    nets = info["networks"]
+    assert {f["bn"] for f in nets["MainRuntime"]["folded"]} == {"bn1/bn", "bn2/bn", "bn3/bn"}
+    assert all("batch_stat" in s["reason"] for s in nets["Main"]["skipped"])
+
+
+def test_fold_console_file_verified(console_file, tmp_path, capsys):
+    out = tmp_path / "folded.nnp"
+    report = tmp_path / "report.json"
+    before_file = console_file.read_bytes()
+    assert run("fold", console_file, "-o", out, "--verify", "--report", report) == 0
+    text = capsys.readouterr().out
+    assert "verify: network" in text and "MainRuntime" in text
+    assert console_file.read_bytes() == before_file          # input untouched
+    # runtime and validation networks: BN-free and equal to the original
+    for name in ("MainRuntime", "MainValidation"):
+        want, types0 = load_run(console_file, name)
+        got, types1 = load_run(out, name)
+        assert "BatchNormalization" in types0 and "BatchNormalization" not in types1
+        assert "FusedBatchNormalization" not in types1 and "Add2" in types1
+        for k in want:
+            assert np.abs(got[k] - want[k]).max() / np.abs(want[k]).max() < 1e-5
+    # the training network keeps its BNs and its original parameters
+    f0, f1 = N.read(str(console_file)), N.read(str(out))
+    main0 = next(n for n in f0.proto.network if n.name == "Main")
+    main1 = next(n for n in f1.proto.network if n.name == "Main")
+    assert [f.type for f in main0.function] == [f.type for f in main1.function]
+    for f in main1.function:
+        for name in f.input:
+            if name in f0.params:
+                assert np.array_equal(f1.params[name].value, f0.params[name].value), name
+                assert f1.params[name].need_grad == f0.params[name].need_grad
+    # executors kept; parameters of untouched layers keep their names
+    assert [e.name for e in f1.proto.executor] == ["Runtime"]
+    assert "fc/affine/W" in f1.params and f1.params["fc/affine/W"].need_grad
+    rep = json.loads(report.read_text())
+    assert rep["output"] == str(out) and rep["verify"]["outputs"]
+    assert all(r["max_rel"] < 1e-4 for r in rep["verify"]["outputs"])
+    assert len(rep["networks"]["MainRuntime"]["folded"]) == 3
+
+
+def test_folded_runtime_shares_folded_parameters(console_file, tmp_path):
+    out = tmp_path / "folded.nnp"
+    assert run("fold", console_file, "-o", out, "-q") == 0
+    f1 = N.read(str(out))
+    nets = {n.name: n for n in f1.proto.network}
+    w_run = [f.input[1] for f in nets["MainRuntime"].function if f.type == "Convolution"]
+    w_val = [f.input[1] for f in nets["MainValidation"].function if f.type == "Convolution"]
+    assert w_run == w_val and all(w.endswith("_folded") for w in w_run)   # computed once
+
+
+@pytest.mark.parametrize("fmt", [".h5", ".protobuf"])
+def test_fold_in_place_replaces_atomically(tmp_path, fmt, capsys):
+    path = nnp_files.single(tmp_path / "m.nnp", parameter_format=fmt)
+    want, _ = load_run(path, "net")
+    os.chmod(path, 0o640)
+    assert run("fold", path, "--in-place", "--verify", "-q") == 0
+    assert capsys.readouterr().out == ""
+    got, types = load_run(path, "net")
+    assert "BatchNormalization" not in types
+    assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]   # no temporary left
+
+
+def test_real_onnx_reference_file(tmp_path):
+    out = tmp_path / "bn.nnp"
+    assert run("fold", DATA / "sony_onnxref_batch_norm.nnp", "-o", out, "--verify", "-q") == 0
+    got, _ = load_run(out, "batch_norm_net")
+    np.testing.assert_allclose(got["out_data_1"],
+                               np.load(DATA / "sony_onnxref_batch_norm.nnabla_output.npy"),
+                               rtol=1e-6, atol=1e-6)
+
+
+# -- files made by NNabla's ONNX importer -----------------------------------------------------------
+@pytest.mark.parametrize("variant", ["deconv", "gemm"])
+def test_onnx_imported_files_fold_and_convert_back(tmp_path, variant):
+    pytest.importorskip("onnx", reason="the 'onnx' test extra is not installed")
+    model = nnp_files.onnx_model(tmp_path / "m.onnx", variant)
+    nnp_path = tmp_path / "m.nnp"
+    nnp_files.nnabla_cli("convert", model, nnp_path)
+    names = N.read(str(nnp_path)).network_names()
+    out = tmp_path / "folded.nnp"
+    assert run("fold", nnp_path, "-o", out, "--verify", "-q") == 0
+    for name in names:
+        want, types0 = load_run(nnp_path, name)
+        got, types1 = load_run(out, name)
+        assert types0.count("BatchNormalization") >= 1 and "BatchNormalization" not in types1
+        for k in want:
+            assert np.abs(got[k] - want[k]).max() / np.abs(want[k]).max() < 1e-5
+    f1 = N.read(str(out))
+    assert "unused_W" in f1.params                     # unused parameters are kept as they were
+    back = tmp_path / "back.onnx"
+    nnp_files.nnabla_cli("convert", out, back)
+    import onnx
+    ops = [n.op_type for n in onnx.load(str(back)).graph.node]
+    assert "BatchNormalization" not in ops and ("Conv" in ops)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def _bad(tmp_path, capsys, *argv):
+    out = tmp_path / "out.nnp"
+    out.write_bytes(b"previous output")
+    rc = run(*argv, "-o", out) if argv[0] == "fold" else run(*argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) >= 1 and err[-1].startswith("bnfold: ") and "Traceback" not in "\n".join(err)
+    assert out.read_bytes() == b"previous output"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out.nnp")]
+    return err[-1]
+
+
+def test_missing_file(tmp_path, capsys):
+    assert "no such file" in _bad(tmp_path, capsys, "fold", tmp_path / "nope.nnp")
+
+
+def test_not_a_zip(tmp_path, capsys):
+    p = tmp_path / "text.nnp"
+    p.write_text("this is not a model\n")
+    assert "not an .nnp file" in _bad(tmp_path, capsys, "fold", p)
+
+
+def test_truncated_zip(tmp_path, capsys):
+    good = nnp_files.single(tmp_path / "good.nnp")
+    p = tmp_path / "cut.nnp"
+    p.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert "not an .nnp file" in _bad(tmp_path, capsys, "fold", p)
+
+
+def test_zip_without_network(tmp_path, capsys):
+    p = tmp_path / "empty.nnp"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("nnp_version.txt", "0.1\n")
+    assert "no network definition" in _bad(tmp_path, capsys, "fold", p)
+
+
+def _edit_params(src, dst, edit):
+    f = N.read(str(src))
+    edit(f.params)
+    dst.write_bytes(N.serialize(f))
+    return dst
+
+
+def test_missing_parameter(tmp_path, capsys):
+    good = nnp_files.single(tmp_path / "good.nnp")
+    p = _edit_params(good, tmp_path / "p.nnp", lambda ps: ps.pop("c1/conv/W"))
+    assert "'c1/conv/W'" in _bad(tmp_path, capsys, "fold", p)
+
+
+def test_parameter_of_wrong_shape(tmp_path, capsys):
+    good = nnp_files.single(tmp_path / "good.nnp")
+
+    def edit(ps):
+        ps["d1/deconv/W"].value = ps["d1/deconv/W"].value[:2].copy()
+    p = _edit_params(good, tmp_path / "p.nnp", edit)
+    assert "shape" in _bad(tmp_path, capsys, "fold", p)
+
+
+@pytest.mark.parametrize("bad, word", [(-1.0, "negative"), (np.nan, "non-finite"),
+                                       (np.inf, "non-finite")])
+def test_bad_variance(tmp_path, capsys, bad, word):
+    good = nnp_files.single(tmp_path / "good.nnp")
+
+    def edit(ps):
+        ps["bn2/bn/var"].value = ps["bn2/bn/var"].value.copy()
+        ps["bn2/bn/var"].value.flat[1] = bad
+    p = _edit_params(good, tmp_path / "p.nnp", edit)
+    assert f"bn2/bn: variance has {word}" in _bad(tmp_path, capsys, "fold", p)
+
+
+def test_output_equal_to_input_needs_in_place(tmp_path, capsys):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    before = p.read_bytes()
+    assert run("fold", p, "-o", p) == 2
+    assert "--in-place" in capsys.readouterr().err
+    assert p.read_bytes() == before
+
+
+def test_unusable_backend_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    from bnfold_gpu.backends import cupy_backend
+    monkeypatch.setattr(cupy_backend, "unavailable_reason", lambda: "no CUDA device found")
+    p = nnp_files.single(tmp_path / "m.nnp")
+    assert "no CUDA device found" in _bad(tmp_path, capsys, "fold", p, "--backend", "cupy")
+
+
+def test_verify_failure_writes_nothing(tmp_path, capsys, monkeypatch):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    out = tmp_path / "o.nnp"
+    assert run("fold", p, "-o", out, "--verify", "--tolerance", "0") in (0, 1)
+    rc = run("fold", p, "-o", out, "--verify", "--tolerance", "-1")
+    assert rc == 1 and "verification failed" in capsys.readouterr().err
+    assert not [x for x in os.listdir(tmp_path) if x.startswith(".o.nnp")]
+
+
+def test_console_script_exit_status_and_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bnfold_gpu.cli", "fold", str(tmp_path / "x.nnp"),
+                        "-o", str(tmp_path / "y.nnp")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "no such file" in r.stderr
+    assert not (tmp_path / "y.nnp").exists()
