@@ -56,6 +56,22 @@ def _flatten(outputs):
                     f"not {type(outputs).__name__}")
 
 
+def prepare_arrays(graph: Graph, p: Plan, backend_name: str):
+    """(every variable by name, the new parameters, the backend's arrays by name): new parameters
+    are created for the plan's new arrays; arrays are zero-copy views of the parameters' data."""
+    variables = graph.variables_by_name()
+    new_vars = {}
+    for name in p.new_arrays:
+        shape, dtype = p.arrays[name]
+        src = variables[p.sources[name]]
+        new_vars[name] = nn.Variable.from_numpy_array(np.zeros(shape, dtype), need_grad=src.need_grad)
+    variables.update(new_vars)
+    written = set()
+    for s in p.folds:
+        written.update((s.folded_weight, s.folded_bias))
+    return variables, new_vars, _arrays_for(backend_name, {n: variables[n] for n in p.arrays}, written)
+
+
 def _arrays_for(backend_name: str, variables, written):
     """Zero-copy views of the parameters' data for the backend (read-write where the fold writes)."""
     if backend_name == "cupy":
@@ -91,19 +107,9 @@ def fold(outputs, backend: str = "auto", inplace: bool = True) -> FoldResult:
     graph = Graph(flat)
     p = _make_plan(graph, inplace)
     t1 = time.perf_counter()
-    variables = graph.variables_by_name()
-    new_vars = {}
-    for name in p.new_arrays:
-        shape, dtype = p.arrays[name]
-        src = variables[p.sources[name]]
-        new_vars[name] = nn.Variable.from_numpy_array(np.zeros(shape, dtype), need_grad=src.need_grad)
-    variables.update(new_vars)
-    written = set()
-    for s in p.folds:
-        written.update((s.folded_weight, s.folded_bias))
-    arrays = _arrays_for(be.name, {n: variables[n] for n in p.arrays}, written)
+    variables, new_vars, arrays = prepare_arrays(graph, p, be.name)
     t2 = time.perf_counter()
-    be.fold(p, arrays)
+    be.fold(p, arrays)   # checks everything first: raises with nothing written
     t3 = time.perf_counter()
     functions, flat_out = graph.functions, flat
     if not inplace and p.folds:

@@ -92,7 +92,7 @@ def _multiply(task):
     np.multiply(s4, k4, out=d4, casting="same_kind")
 
 
-def _run_balanced(tasks):
+def _run_balanced(tasks) -> None:
     """Run multiply tasks on every core: largest first, each to the least loaded worker (NumPy
     releases the GIL inside ufuncs, and one core cannot saturate memory bandwidth)."""
     workers = _pool()._max_workers
