@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+from .plan import format_table as _table
+
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -39,16 +41,6 @@ class Progress:
         if self.tty and not self.quiet:
             sys.stderr.write("\r" + " " * 80 + "\r")
             sys.stderr.flush()
-
-
-def _table(rows):
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for k, r in enumerate(rows):
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _fold_records(fp):

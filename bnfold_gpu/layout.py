@@ -76,14 +76,16 @@ def _kernel_size(shape: Sequence[int], first: int, last: int) -> int:
     return prod(shape[first:last]) if last > first else 1
 
 
+def _base_axis(args: dict, ndim: int) -> int:
+    base_axis = args.get("base_axis", 1)
+    return base_axis + ndim if base_axis < 0 else base_axis
+
+
 def output_channel_axis(kind: str, args: dict, out_ndim: int) -> int:
     """The axis of the layer's output that holds its output channels (Affine: the first output axis)."""
-    base_axis = args.get("base_axis", 1)
-    if base_axis < 0:
-        base_axis += out_ndim
     if args.get("channel_last", False):
         return out_ndim - 1
-    return base_axis
+    return _base_axis(args, out_ndim)
 
 
 def input_channel_axis(kind: str, args: dict, in_ndim: int) -> int:
@@ -96,9 +98,7 @@ def output_layout(kind: str, args: dict, weight_shape: Sequence[int], out_shape:
     w = tuple(weight_shape)
     ndim = len(out_shape)
     if kind == "Affine":
-        base_axis = args.get("base_axis", 1)
-        if base_axis < 0:
-            base_axis += ndim
+        base_axis = _base_axis(args, ndim)
         j = bn_axis - base_axis
         if not 0 <= j < len(w) - 1:
             raise LayoutError(f"BN axis {bn_axis} is a batch axis of the Affine output "
@@ -135,9 +135,7 @@ def input_layout(kind: str, args: dict, weight_shape: Sequence[int], in_shape: S
     w = tuple(weight_shape)
     ndim = len(in_shape)
     if kind == "Affine":
-        base_axis = args.get("base_axis", 1)
-        if base_axis < 0:
-            base_axis += ndim
+        base_axis = _base_axis(args, ndim)
         if bn_axis < base_axis:
             raise LayoutError(f"BN axis {bn_axis} is a batch axis of the Affine input "
                               f"(base_axis={base_axis})")

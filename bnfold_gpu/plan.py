@@ -94,11 +94,11 @@ class Plan:
         rows = [("BN", "into", "side", "weight", "note")]
         for s in self.folds:
             rows.append((s.bn, s.kind, s.side, "x".join(map(str, s.weight_shape)), s.note))
-        lines = _format(rows)
+        lines = [format_table(rows)]
         if self.skipped:
             lines.append("")
-            lines += _format([("BN left in the graph", "reason")] +
-                             [(s.bn, s.reason) for s in self.skipped])
+            lines.append(format_table([("BN left in the graph", "reason")] +
+                                      [(s.bn, s.reason) for s in self.skipped]))
         lines.append("")
         lines.append(f"{len(self.folds)} folded, {len(self.skipped)} left in the graph")
         return "\n".join(lines)
@@ -114,11 +114,12 @@ def _numel(shape) -> int:
     return n
 
 
-def _format(rows):
+def format_table(rows) -> str:
+    """Rows as aligned text columns, the first row a header underlined with dashes."""
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     out = []
     for k, r in enumerate(rows):
         out.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
         if k == 0:
             out.append("  ".join("-" * w for w in widths))
-    return out
+    return "\n".join(out)
