@@ -216,6 +216,10 @@ def main(argv=None) -> int:
     except (ValueError, RuntimeError) as e:   # e.g. an unusable backend
         print(f"bnfold: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:                      # e.g. the output's folder is missing or read-only
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"bnfold: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("bnfold: interrupted; nothing written", file=sys.stderr)
         return 130

@@ -257,3 +257,50 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
                         "-o", str(tmp_path / "y.nnp")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no such file" in r.stderr
     assert not (tmp_path / "y.nnp").exists()
+
+
+def test_fold_with_the_gpu_backend_emulated(tmp_path, host, monkeypatch):
+    """--backend cupy on host-resident parameters: the staged path, device emulated on the host."""
+    import fake_cupy
+    from bnfold_gpu.backends import cupy_backend
+    monkeypatch.setattr(cupy_backend, "cupy", fake_cupy.make(host))
+    monkeypatch.setattr(cupy_backend, "_MODULES", {})
+    monkeypatch.setattr(cupy_backend, "STAGING_BYTES", 32 << 10)   # several chunks
+    src = nnp_files.console_like(tmp_path / "m.nnp")
+    ref, out = tmp_path / "ref.nnp", tmp_path / "gpu.nnp"
+    report = tmp_path / "r.json"
+    assert run("fold", src, "-o", ref, "--backend", "numpy", "-q") == 0
+    assert run("fold", src, "-o", out, "--backend", "cupy", "--verify", "-q", "--report", report) == 0
+    assert json.loads(report.read_text())["backend"] == "cupy"
+    a, b = N.read(str(ref)), N.read(str(out))
+    assert list(a.params) == list(b.params)
+    for name in a.params:
+        assert np.array_equal(a.params[name].value, b.params[name].value), name
+
+
+def test_in_memory_fold_of_an_onnx_imported_graph(tmp_path):
+    """bnfold_gpu.fold on the graph NnpLoader builds from an ONNX-imported file: unscoped names,
+    a deconvolution without bias, an unused parameter registered as None."""
+    pytest.importorskip("onnx", reason="the 'onnx' test extra is not installed")
+    import bnfold_gpu
+    model = nnp_files.onnx_model(tmp_path / "m.onnx", "deconv")
+    path = tmp_path / "m.nnp"
+    nnp_files.nnabla_cli("convert", model, path)
+    nn.clear_parameters()
+    net = NnpLoader(str(path)).get_network("g")
+    x, y = net.inputs["x"], net.outputs["y"]
+    x.d = np.random.RandomState(0).standard_normal(x.shape)
+    y.forward()
+    want = y.d.copy()
+    res = bnfold_gpu.fold(y)
+    assert sorted(r.bn for r in res.folded) == ["bn1_mean", "bn2_mean"] and not res.skipped
+    assert set(res.parameters) == {"conv1_b", "deconv_b"}     # biases created, unscoped like the rest
+    res.outputs.forward()
+    assert np.abs(res.outputs.d - want).max() / np.abs(want).max() < 1e-5
+
+
+def test_output_folder_missing(tmp_path, capsys):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    assert run("fold", p, "-o", tmp_path / "no" / "such" / "dir" / "o.nnp") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bnfold: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1

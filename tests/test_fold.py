@@ -382,3 +382,31 @@ def test_fold_through_the_gpu_backend_emulated(rng, host, monkeypatch):
     res = assert_fold_exact(prepare(rng, y, x), backend="cupy")
     assert res.backend == "cupy" and len(res.folded) == 2
     assert [s.bn for s in res.skipped] == ["bn2/bn"] and "already absorbs" in res.skipped[0].reason
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["conv", "deconv"]), groups=st.integers(1, 3), seed=st.integers(0, 999))
+def test_random_channel_last_twins(kind, groups, seed):
+    rng = np.random.RandomState(seed)
+    w, values, ((w_cf, b_cf), (w_cl, b_cl)) = _twin_fold(rng, kind, groups, "output")
+    assert np.array_equal(np.moveaxis(w_cf, 1, -1), w_cl)
+    np.testing.assert_allclose(b_cl, b_cf, rtol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(groups=st.integers(1, 3), cin=st.integers(1, 3), cout=st.integers(1, 3), k=st.integers(1, 3),
+       s=st.integers(1, 2), d=st.integers(1, 2), depthwise=st.booleans(), with_bias=st.booleans(),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_random_bn_before_unpadded_conv(groups, cin, cout, k, s, d, depthwise, with_bias, seed):
+    nn.clear_parameters()
+    rng = np.random.RandomState(seed)
+    x = nn.Variable((2, cin * groups, 7, 7))
+    b = PF.batch_normalization(x, name="bn", **BN)
+    if depthwise:
+        y = PF.depthwise_convolution(b, (k, k), stride=(s, s), dilation=(d, d), multiplier=cout,
+                                     with_bias=with_bias, name="l")
+    else:
+        y = PF.convolution(b, cout * groups, (k, k), stride=(s, s), dilation=(d, d), group=groups,
+                           with_bias=with_bias, name="l")
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert [r.side for r in res.folded] == ["input"]
