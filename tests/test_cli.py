@@ -303,4 +303,5 @@ def test_output_folder_missing(tmp_path, capsys):
     p = nnp_files.single(tmp_path / "m.nnp")
     assert run("fold", p, "-o", tmp_path / "no" / "such" / "dir" / "o.nnp") == 2
     err = capsys.readouterr().err
-    assert err.startswith("bnfold: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("bnfold: ") and "does not exist" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1       # refused before any work
