@@ -24,7 +24,7 @@ class ndarray(np.ndarray):
     def data(self):
         return _Memory(self)
 
-    def get(self, stream=None, out=None):
+    def get(self, stream=None, out=None, blocking=True):
         if out is None:
             return np.array(self.view(np.ndarray))
         out[...] = self.view(np.ndarray).reshape(out.shape)

@@ -201,3 +201,21 @@ def test_pieces_cover_the_array_in_order():
             assert count == piece.size
             got[first:first + count] = [ch + piece.channel_of(e) for e in range(count)]
         assert list(got) == [layout.channel_of(e) for e in range(layout.size)]
+
+
+def test_staging_batches_fit_the_buffer_and_cover_every_weight():
+    from bnfold_gpu.backends.cupy_backend import _aligned, staging_batches
+    rng = np.random.RandomState(9)
+    plan = random_plan(rng, n_folds=12)
+    itemsize = {n: np.dtype(dt).itemsize for n, (shape, dt) in plan.arrays.items()}
+    bounds = np.cumsum([0] + [s.n_channels for s in plan.folds])
+    for budget in (512, 1000, 4096, 1 << 20):
+        covered = {s.weight: np.zeros(s.weight_layout.size, int) for s in plan.folds}
+        for batch in staging_batches(plan, itemsize, bounds, budget):
+            assert sum(_aligned(c * itemsize[s.weight]) for s, _, c, _, _ in batch) <= budget or \
+                len(batch) == 1
+            for spec, first, count, layout, c0 in batch:
+                covered[spec.weight][first:first + count] += 1
+                j = plan.folds.index(spec)
+                assert bounds[j] <= c0 and c0 + layout.n_channels <= bounds[j + 1]
+        assert all((c == 1).all() for c in covered.values())

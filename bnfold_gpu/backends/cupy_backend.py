@@ -206,48 +206,58 @@ def _fold_host(plan, host):
     _stream_weights(plan, host, ch, k, bounds)
 
 
-def _stream_weights(plan, host, ch, k, bounds):
-    budget = max(segments.CHUNK * 8, STAGING_BYTES)
-    chunks = []   # [(src host array, dst host array, first element, count, layout, channel offset)]
+_ALIGN = 256   # device offsets of staged pieces
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def staging_batches(plan, itemsize, bounds, budget):
+    """The weights cut into pieces (``segments.pieces``) and packed into batches that fit one staging
+    buffer of ``budget`` bytes: [[(spec, first element, count, layout, global channel offset)]]."""
+    batches, cur, used = [], [], 0
     for j, spec in enumerate(plan.folds):
-        item = host[spec.weight].dtype.itemsize
-        for first, count, layout, c0 in segments.pieces(spec.weight_layout, budget // item):
-            chunks.append((spec, first, count, layout, int(bounds[j]) + c0))
-    batches, cur, cur_bytes = [], [], 0
-    for c in chunks:
-        nbytes = c[2] * host[c[0].weight].dtype.itemsize
-        if cur and cur_bytes + nbytes > budget:
-            batches.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(c)
-        cur_bytes += nbytes
+        item = itemsize[spec.weight]
+        for first, count, layout, c0 in segments.pieces(spec.weight_layout, (budget - _ALIGN) // item):
+            size = _aligned(count * item)
+            if cur and used + size > budget:
+                batches.append(cur)
+                cur, used = [], 0
+            cur.append((spec, first, count, layout, int(bounds[j]) + c0))
+            used += size
     if cur:
         batches.append(cur)
-    buffers = [cupy.empty(budget, cupy.uint8) for _ in range(min(2, len(batches)))]
+    return batches
+
+
+def _stream_weights(plan, host, ch, k, bounds):
+    budget = max(segments.CHUNK * 8, STAGING_BYTES)
+    batches = staging_batches(plan, {n: a.dtype.itemsize for n, a in host.items()}, bounds, budget)
+    # a piece that cannot be cut below the budget (one very long row) gets a buffer its size
+    size = max([budget] + [sum(_aligned(c * host[s.weight].itemsize) for s, _, c, _, _ in b)
+                           for b in batches])
+    buffers = [cupy.empty(size, cupy.uint8) for _ in range(min(2, len(batches)))]
     streams = [cupy.cuda.Stream(non_blocking=True) for _ in buffers]
     pinned = _register([host[s.weight] for s in plan.folds] + [host[s.folded_weight] for s in plan.folds])
     try:
         for n, batch in enumerate(batches):
             buf, stream = buffers[n % 2], streams[n % 2]
-            with stream:
-                rows, at = [], 0
+            with stream:   # same stream: this buffer's previous download is done before the upload
+                staged, rows, at, blocks = [], [], 0, 0
                 for spec, first, count, layout, c0 in batch:
                     src = host[spec.weight].reshape(-1)[first:first + count]
-                    item = src.dtype.itemsize
-                    dev = buf[at:at + count * item]
+                    dev = buf[at:at + count * src.itemsize]
                     dev.set(src.view(np.uint8), stream=stream)
-                    rows.append((dev, count, layout, c0, src.dtype, spec, first))
-                    at += -(-count * item // 256) * 256
-                table = np.array([segments._array_row(_ptr(d), _ptr(d), layout, c0, dt, dt, 0)
-                                  for d, count, layout, c0, dt, _, _ in rows], segments.ARRAY_SEG)
-                blocks = 0
-                for row, (_, count, *_rest) in zip(table, rows):
-                    row["first_block"] = blocks
+                    rows.append(segments.array_row(_ptr(dev), _ptr(dev), layout, c0, src.dtype,
+                                                   src.dtype, blocks))
+                    staged.append((dev, spec, first, count))
+                    at += _aligned(count * src.itemsize)
                     blocks += -(-count // segments.CHUNK)
-                ch.weights(k, table, blocks)
-                for dev, count, layout, c0, dt, spec, first in rows:
+                ch.weights(k, np.array(rows, segments.ARRAY_SEG), blocks)
+                for dev, spec, first, count in staged:
                     dst = host[spec.folded_weight].reshape(-1)[first:first + count]
-                    dev.get(stream=stream, out=dst.view(np.uint8))
+                    dev.get(stream=stream, out=dst.view(np.uint8), blocking=False)
         for s in streams:
             s.synchronize()
     finally:

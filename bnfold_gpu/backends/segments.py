@@ -116,7 +116,7 @@ def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], chann
     weight_rows, total_blocks = [], 0
     for (k, s), offset in zip(folds, bounds[:-1]):
         if channels and s.side == OUTPUT_SIDE:
-            biases.append(_array_row(
+            biases.append(array_row(
                 pointer.get(s.bias, 0) if s.bias else 0, pointer[s.folded_bias], s.bias_layout,
                 offset, dtype[s.folded_bias], dtype[s.bias] if s.bias else dtype[s.folded_bias],
                 total_bias))
@@ -127,14 +127,14 @@ def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], chann
         src, dst = pointer[s.weight], pointer[s.folded_weight]
         w_dtype = dtype[s.folded_weight]
         for first, count, layout, ch in pieces(s.weight_layout, 1 << 62):
-            weight_rows.append(_array_row(src + first * item, dst + first * item, layout, offset + ch,
+            weight_rows.append(array_row(src + first * item, dst + first * item, layout, offset + ch,
                                       w_dtype, dtype[s.weight], total_blocks))
             total_blocks += -(-count // CHUNK)
     return Tables(channel_rows, bounds[-1], _table(biases), total_bias, _table(weight_rows), total_blocks,
                   np.asarray(bounds, np.int64))
 
 
-def _array_row(src, dst, layout: ChannelLayout, channel_offset, dst_dtype, src_dtype, first):
+def array_row(src, dst, layout: ChannelLayout, channel_offset, dst_dtype, src_dtype, first):
     row = np.zeros((), ARRAY_SEG)
     row["src"], row["dst"] = src, dst
     row["numel"] = layout.size
