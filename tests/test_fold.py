@@ -410,3 +410,22 @@ def test_random_bn_before_unpadded_conv(groups, cin, cout, k, s, d, depthwise, w
                            with_bias=with_bias, name="l")
     res = assert_fold_exact(prepare(rng, y, x))
     assert [r.side for r in res.folded] == ["input"]
+
+
+def test_inplace_false_on_every_kind_of_fold(rng):
+    """Output side, input side and fused BNs folded into a copy of the graph; the original graph
+    and its parameters are unchanged and still compute what they did."""
+    x = nn.Variable((2, 4, 6, 6))
+    z = nn.Variable((2, 5, 8, 8))
+    h = PF.batch_normalization(PF.deconvolution(x, 6, (3, 3), group=2, name="d"), name="bn1", **BN)
+    h = PF.convolution(PF.batch_normalization(F.relu(h), name="bn2", **BN), 5, (3, 3), name="c")
+    y = [PF.fused_batch_normalization(PF.convolution(F.relu(h), 5, (1, 1), pad=(1, 1), name="c2"), z,
+                                      name="bn3", **BN), F.sigmoid(h)]
+    prepare(rng, y, x, z)
+    before_params, before_out = snapshot(), forward_all(y)
+    res = assert_fold_exact(y, inplace=False)
+    assert len(res.folded) == 3 and bn_count(res.outputs) == 0 and bn_count(y) == 3
+    after = snapshot()
+    assert all(np.array_equal(after[k], v) for k, v in before_params.items())
+    for a, b in zip(forward_all(y), before_out):
+        assert np.array_equal(a, b)
