@@ -56,6 +56,21 @@ BNFOLD_HD I bnfold_channel(I e, I inner, I channels, I rows) {
   return group * channels + (e / inner) % channels;
 }
 
+// Division by a divisor fixed per segment, as a multiply-high and a shift (Granlund-Montgomery; the
+// host packs magic | shift << 32, see segments.py). Exact for dividends below 2^31, which the 32-bit
+// path guarantees; it spares the weight kernel two integer divisions per element.
+BNFOLD_HD bnfold_u32 bnfold_umulhi(bnfold_u32 a, bnfold_u32 b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return (bnfold_u32)(((bnfold_u64)a * b) >> 32);
+#endif
+}
+
+BNFOLD_HD bnfold_u32 bnfold_fastdiv(bnfold_u32 n, bnfold_u64 packed) {
+  return (bnfold_umulhi(n, (bnfold_u32)packed) + n) >> (bnfold_u32)(packed >> 32);
+}
+
 // ---- float16 <-> float32, by bits (round to nearest even), as NumPy converts -------------------
 BNFOLD_HD bnfold_u32 bnfold_f2u(float f) { union { float f; bnfold_u32 u; } v; v.f = f; return v.u; }
 BNFOLD_HD float bnfold_u2f(bnfold_u32 u) { union { float f; bnfold_u32 u; } v; v.u = u; return v.f; }
@@ -161,7 +176,16 @@ struct bnfold_channel_seg {   // one BN: its statistics and where its channels g
 struct bnfold_array_seg {     // one weight (or bias): where it is, its layout, its channels
   bnfold_u64 src, dst;                 // src 0: a created bias (reads as 0)
   bnfold_i64 numel, inner, channels, rows, channel_offset, dtype, src_dtype, first_block;
+  bnfold_u64 div_inner, div_channels, div_rows_channels;   // packed fast dividers (32-bit path)
 };
+
+// The channel of element e < 2^31 of a segment, with its fast dividers.
+BNFOLD_HD bnfold_u32 bnfold_channel_fast(const bnfold_array_seg& s, bnfold_u32 e) {
+  bnfold_u32 q = bnfold_fastdiv(e, s.div_inner);
+  bnfold_u32 group = bnfold_fastdiv(q, s.div_rows_channels);
+  bnfold_u32 c = q - bnfold_fastdiv(q, s.div_channels) * (bnfold_u32)s.channels;
+  return group * (bnfold_u32)s.channels + c;
+}
 
 // Binary search: the last segment whose start (field read by key) is <= value.
 template <typename Seg, typename Key>
@@ -208,11 +232,16 @@ BNFOLD_HD void bnfold_bias_stage(const bnfold_array_seg* segs, int n_segs, bnfol
   bnfold_store((void*)s.dst, (int)s.dtype, i, bnfold_output_bias(b, mean_d[c], scale_d[c], beta_d[c]));
 }
 
-// Weight element i of one segment.
-template <typename I>
-BNFOLD_HD void bnfold_weight_element(const bnfold_array_seg& s, I i, const double* scale_d,
-                                     const float* scale_f) {
-  bnfold_i64 c = s.channel_offset + (bnfold_i64)bnfold_channel<I>(i, (I)s.inner, (I)s.channels, (I)s.rows);
+// Weight element i of one segment: 32-bit index and fast dividers below 2^31 elements, 64-bit past.
+BNFOLD_HD void bnfold_weight_element32(const bnfold_array_seg& s, bnfold_u32 i, const double* scale_d,
+                                       const float* scale_f) {
+  bnfold_i64 c = s.channel_offset + (bnfold_i64)bnfold_channel_fast(s, i);
+  bnfold_rescale_element((const void*)s.src, (void*)s.dst, (int)s.dtype, i, scale_d[c], scale_f[c]);
+}
+
+BNFOLD_HD void bnfold_weight_element64(const bnfold_array_seg& s, bnfold_i64 i, const double* scale_d,
+                                       const float* scale_f) {
+  bnfold_i64 c = s.channel_offset + bnfold_channel<bnfold_i64>(i, s.inner, s.channels, s.rows);
   bnfold_rescale_element((const void*)s.src, (void*)s.dst, (int)s.dtype, i, scale_d[c], scale_f[c]);
 }
 
@@ -225,11 +254,11 @@ BNFOLD_HD void bnfold_weight_block(const bnfold_array_seg* segs, int n_segs, bnf
   const bnfold_array_seg& s = segs[bnfold_find_segment(segs, n_segs, block, K())];
   bnfold_i64 begin = (block - s.first_block) * BNFOLD_CHUNK;
   bnfold_i64 end = begin + BNFOLD_CHUNK < s.numel ? begin + BNFOLD_CHUNK : s.numel;
-  if (s.numel <= 0x7fffffffLL - BNFOLD_CHUNK) {  // i + BNFOLD_BLOCK cannot overflow int
-    for (int i = (int)begin + thread; i < (int)end; i += BNFOLD_BLOCK)
-      bnfold_weight_element<int>(s, i, scale_d, scale_f);
+  if (s.numel <= 0x7fffffffLL - BNFOLD_CHUNK) {  // i + BNFOLD_BLOCK stays below 2^31
+    for (bnfold_u32 i = (bnfold_u32)(begin + thread); i < (bnfold_u32)end; i += BNFOLD_BLOCK)
+      bnfold_weight_element32(s, i, scale_d, scale_f);
   } else {
     for (bnfold_i64 i = begin + thread; i < end; i += BNFOLD_BLOCK)
-      bnfold_weight_element<bnfold_i64>(s, i, scale_d, scale_f);
+      bnfold_weight_element64(s, i, scale_d, scale_f);
   }
 }

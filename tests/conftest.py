@@ -46,6 +46,8 @@ def host(tmp_path_factory):
     h.bnfold_host_channel64.argtypes = [i64] * 4
     h.bnfold_host_channel32.restype = ctypes.c_int
     h.bnfold_host_channel32.argtypes = [ctypes.c_int] * 4
+    h.bnfold_host_fastdiv.restype = ctypes.c_uint
+    h.bnfold_host_fastdiv.argtypes = [ctypes.c_uint, ctypes.c_ulonglong]
     h.bnfold_host_half_to_float.argtypes = [p, p, i64]
     h.bnfold_host_float_to_half.argtypes = [p, p, i64]
     h.bnfold_host_channels.argtypes = [p, ctypes.c_int, i64, p, p, p, p, p, p]

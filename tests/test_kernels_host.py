@@ -219,3 +219,14 @@ def test_staging_batches_fit_the_buffer_and_cover_every_weight():
                 j = plan.folds.index(spec)
                 assert bounds[j] <= c0 and c0 + layout.n_channels <= bounds[j + 1]
         assert all((c == 1).all() for c in covered.values())
+
+
+def test_fast_division_is_exact(host, rng):
+    divisors = [1, 2, 3, 5, 7, 9, 27, 64, 576, 1000, 4608, 65535, 65536, 65537, 1 << 20, 3 ** 19,
+                2 ** 31 - 1] + list(rng.randint(1, 2 ** 31 - 1, 40))
+    numerators = [0, 1, 2 ** 31 - 1, 2 ** 31 - 2, 2 ** 30] + list(rng.randint(0, 2 ** 31 - 1, 300))
+    for d in divisors:
+        packed = segments.fast_divider(int(d))
+        for n in numerators + [int(d) - 1, int(d), int(d) + 1]:
+            if 0 <= n < 2 ** 31:
+                assert host.bnfold_host_fastdiv(int(n), packed) == n // int(d), (n, d)

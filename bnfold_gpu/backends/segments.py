@@ -34,7 +34,20 @@ CHANNEL_SEG = np.dtype([
 ARRAY_SEG = np.dtype([
     ("src", "<u8"), ("dst", "<u8"), ("numel", "<i8"), ("inner", "<i8"), ("channels", "<i8"),
     ("rows", "<i8"), ("channel_offset", "<i8"), ("dtype", "<i8"), ("src_dtype", "<i8"),
-    ("first_block", "<i8")])
+    ("first_block", "<i8"), ("div_inner", "<u8"), ("div_channels", "<u8"),
+    ("div_rows_channels", "<u8")])
+
+
+def fast_divider(d: int) -> int:
+    """``magic | shift << 32`` such that ``(umulhi(n, magic) + n) >> shift == n // d`` for every
+    ``n < 2**31`` (the kernels' ``bnfold_fastdiv``); 0 where ``d`` does not fit the 32-bit path."""
+    if not 1 <= d < 2 ** 31:
+        return 0
+    shift = 0
+    while (1 << shift) < d:
+        shift += 1
+    magic = ((1 << 32) * ((1 << shift) - d)) // d + 1
+    return (magic & 0xFFFFFFFF) | (shift << 32)
 
 
 def dtype_code(dtype) -> int:
@@ -142,6 +155,9 @@ def array_row(src, dst, layout: ChannelLayout, channel_offset, dst_dtype, src_dt
     row["channel_offset"] = channel_offset
     row["dtype"], row["src_dtype"] = dtype_code(dst_dtype), dtype_code(src_dtype)
     row["first_block"] = first
+    row["div_inner"] = fast_divider(layout.inner)
+    row["div_channels"] = fast_divider(layout.channels)
+    row["div_rows_channels"] = fast_divider(layout.rows * layout.channels)
     return row
 
 

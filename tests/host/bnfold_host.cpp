@@ -12,6 +12,10 @@ int bnfold_host_channel32(int e, int inner, int channels, int rows) {
   return bnfold_channel<int>(e, inner, channels, rows);
 }
 
+unsigned int bnfold_host_fastdiv(unsigned int n, unsigned long long packed) {
+  return bnfold_fastdiv(n, packed);
+}
+
 void bnfold_host_half_to_float(const unsigned short* h, float* f, long long n) {
   for (long long i = 0; i < n; ++i) f[i] = bnfold_half_to_float(h[i]);
 }
