@@ -5,6 +5,7 @@ build the same tables over NumPy buffers and run the kernels' code on the CPU.
 The field order mirrors the structs in ``kernels/bnfold_math.cuh``.
 """
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -38,6 +39,7 @@ ARRAY_SEG = np.dtype([
     ("div_rows_channels", "<u8")])
 
 
+@lru_cache(maxsize=None)
 def fast_divider(d: int) -> int:
     """``magic | shift << 32`` such that ``(umulhi(n, magic) + n) >> shift == n // d`` for every
     ``n < 2**31`` (the kernels' ``bnfold_fastdiv``); 0 where ``d`` does not fit the 32-bit path."""
@@ -51,9 +53,12 @@ def fast_divider(d: int) -> int:
 
 
 def dtype_code(dtype) -> int:
+    code = DTYPE_CODES.get(dtype)   # already a NumPy dtype: no conversion
+    if code is not None:
+        return code
     try:
         return DTYPE_CODES[np.dtype(dtype)]
-    except KeyError:
+    except (KeyError, TypeError):
         raise TypeError(f"unsupported dtype {np.dtype(dtype)}: float16, float32 or float64") from None
 
 
@@ -107,59 +112,71 @@ def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], chann
           weights=True) -> Tables:
     """Tables for the folds of ``plan``, given each array's device address and dtype by name.
     ``channels=False`` leaves out the statistics and biases, ``weights=False`` the weights (their
-    arrays need not be in ``pointer`` then)."""
-    folds = list(enumerate(plan.folds))
+    arrays need not be in ``pointer`` then). Built column by column: thousands of layers cost
+    milliseconds, not several times the kernels' own time."""
+    folds = plan.folds
+    bounds = np.zeros(len(folds) + 1, np.int64)
+    np.cumsum([s.n_channels for s in folds], out=bounds[1:])
+    offsets = bounds[:-1]
     channel_rows = np.zeros(len(folds) if channels else 0, CHANNEL_SEG)
-    bounds = [0]
-    for j, (k, s) in enumerate(folds):
-        bounds.append(bounds[-1] + s.n_channels)
-        if not channels:
-            continue
-        row = channel_rows[j]
+    biases, weight_rows = np.zeros(0, ARRAY_SEG), np.zeros(0, ARRAY_SEG)
+    total_bias = total_blocks = 0
+    if channels and folds:
         for label in ("gamma", "beta", "mean", "var"):
-            key = getattr(s, label)
-            row[label] = 0 if key is None else pointer[key]
-            row[label + "_dtype"] = 1 if key is None else dtype_code(dtype[key])
-        row["eps"] = s.eps
-        row["n_channels"] = s.n_channels
-        row["channel_offset"] = bounds[-2]
-        row["fold"] = k
+            keys = [getattr(s, label) for s in folds]
+            channel_rows[label] = [0 if k is None else pointer[k] for k in keys]
+            channel_rows[label + "_dtype"] = [1 if k is None else dtype_code(dtype[k]) for k in keys]
+        channel_rows["eps"] = [s.eps for s in folds]
+        channel_rows["n_channels"] = [s.n_channels for s in folds]
+        channel_rows["channel_offset"] = offsets
+        channel_rows["fold"] = np.arange(len(folds))
+        out = [j for j, s in enumerate(folds) if s.side == OUTPUT_SIDE]
+        biases = _rows(
+            [folds[j].bias_layout for j in out],
+            src=[pointer[folds[j].bias] if folds[j].bias else 0 for j in out],
+            dst=[pointer[folds[j].folded_bias] for j in out],
+            channel_offset=offsets[out],
+            dtype=[dtype_code(dtype[folds[j].folded_bias]) for j in out],
+            src_dtype=[dtype_code(dtype[folds[j].bias or folds[j].folded_bias]) for j in out],
+            units=lambda numel: numel)
+        total_bias = int(biases["numel"].sum())
+    if weights and folds:
+        weight_rows = _rows(
+            [s.weight_layout for s in folds],
+            src=[pointer[s.weight] for s in folds], dst=[pointer[s.folded_weight] for s in folds],
+            channel_offset=offsets, dtype=[dtype_code(dtype[s.folded_weight]) for s in folds],
+            src_dtype=[dtype_code(dtype[s.weight]) for s in folds],
+            units=lambda numel: -(-numel // CHUNK))
+        last = weight_rows[-1]
+        total_blocks = int(last["first_block"]) + -(-int(last["numel"]) // CHUNK)
+    return Tables(channel_rows, int(bounds[-1]), biases, total_bias, weight_rows, total_blocks, bounds)
 
-    biases, total_bias = [], 0
-    weight_rows, total_blocks = [], 0
-    for (k, s), offset in zip(folds, bounds[:-1]):
-        if channels and s.side == OUTPUT_SIDE:
-            biases.append(array_row(
-                pointer.get(s.bias, 0) if s.bias else 0, pointer[s.folded_bias], s.bias_layout,
-                offset, dtype[s.folded_bias], dtype[s.bias] if s.bias else dtype[s.folded_bias],
-                total_bias))
-            total_bias += s.bias_layout.size
-        if not weights:
-            continue
-        item = np.dtype(dtype[s.weight]).itemsize
-        src, dst = pointer[s.weight], pointer[s.folded_weight]
-        w_dtype = dtype[s.folded_weight]
-        for first, count, layout, ch in pieces(s.weight_layout, 1 << 62):
-            weight_rows.append(array_row(src + first * item, dst + first * item, layout, offset + ch,
-                                      w_dtype, dtype[s.weight], total_blocks))
-            total_blocks += -(-count // CHUNK)
-    return Tables(channel_rows, bounds[-1], _table(biases), total_bias, _table(weight_rows), total_blocks,
-                  np.asarray(bounds, np.int64))
+
+def _rows(layouts, src, dst, channel_offset, dtype, src_dtype, units) -> np.ndarray:
+    """ARRAY_SEG rows, one per layout; ``first_block`` counts ``units(numel)`` of the rows before."""
+    rows = np.zeros(len(layouts), ARRAY_SEG)
+    if not layouts:
+        return rows
+    numel = np.array([lay.size for lay in layouts], np.int64)
+    rows["src"], rows["dst"] = src, dst
+    rows["numel"] = numel
+    rows["inner"] = [lay.inner for lay in layouts]
+    rows["channels"] = [lay.channels for lay in layouts]
+    rows["rows"] = [lay.rows for lay in layouts]
+    rows["channel_offset"] = channel_offset
+    rows["dtype"], rows["src_dtype"] = dtype, src_dtype
+    first = np.zeros(len(layouts), np.int64)
+    np.cumsum(units(numel)[:-1], out=first[1:])
+    rows["first_block"] = first
+    rows["div_inner"] = [fast_divider(lay.inner) for lay in layouts]
+    rows["div_channels"] = [fast_divider(lay.channels) for lay in layouts]
+    rows["div_rows_channels"] = [fast_divider(lay.rows * lay.channels) for lay in layouts]
+    return rows
 
 
 def array_row(src, dst, layout: ChannelLayout, channel_offset, dst_dtype, src_dtype, first):
-    row = np.zeros((), ARRAY_SEG)
-    row["src"], row["dst"] = src, dst
-    row["numel"] = layout.size
-    row["inner"], row["channels"], row["rows"] = layout.inner, layout.channels, layout.rows
-    row["channel_offset"] = channel_offset
-    row["dtype"], row["src_dtype"] = dtype_code(dst_dtype), dtype_code(src_dtype)
+    """One ARRAY_SEG row (the staged path builds its tables piece by piece)."""
+    row = _rows([layout], [src], [dst], [channel_offset], [dtype_code(dst_dtype)],
+                [dtype_code(src_dtype)], units=lambda numel: numel)[0]
     row["first_block"] = first
-    row["div_inner"] = fast_divider(layout.inner)
-    row["div_channels"] = fast_divider(layout.channels)
-    row["div_rows_channels"] = fast_divider(layout.rows * layout.channels)
     return row
-
-
-def _table(rows) -> np.ndarray:
-    return np.array(rows, ARRAY_SEG) if rows else np.zeros(0, ARRAY_SEG)
