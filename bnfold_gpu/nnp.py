@@ -294,13 +294,11 @@ def fold_parameters(nnp: NnpFile, fp: FilePlan, backend: str = "auto"):
                 nnp.params[name].value = value
                 arrays[name] = value
                 shapes[name] = (value.shape, value.dtype)
-    for spec in fp.unique:
-        w = arrays[spec.weight]
-        for name, shape in ((spec.folded_weight, spec.weight_shape),
-                            (spec.folded_bias, spec.bias_shape)):
+    for spec in fp.unique:   # new arrays take the dtype of what they replace (a new bias: the weight's)
+        for name, shape, like in ((spec.folded_weight, spec.weight_shape, spec.weight),
+                                  (spec.folded_bias, spec.bias_shape, spec.bias or spec.weight)):
             if name not in arrays:
-                src = spec.bias if (name == spec.folded_bias and spec.bias) else spec.weight
-                arrays[name] = np.empty(shape, arrays[src].dtype if src else w.dtype)
+                arrays[name] = np.empty(shape, arrays[like].dtype)
                 shapes[name] = (shape, arrays[name].dtype)
     plan = Plan(tuple(fp.unique), (), shapes)
     be.fold(plan, arrays)   # FoldError: nothing written yet

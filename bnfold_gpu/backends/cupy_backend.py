@@ -18,7 +18,7 @@ from typing import Mapping
 
 import numpy as np
 
-from . import segments
+from . import numpy_backend, segments
 from .common import FoldError, check_plan_arrays
 from ..plan import OUTPUT_SIDE, Plan
 
@@ -193,16 +193,13 @@ def _fold_host(plan, host):
     offset = ch.offset.get()
     bounds = ch.tables.channel_bounds
     ch.biases(k)
-    for j, spec in enumerate(plan.folds):
-        if spec.side != OUTPUT_SIDE:
+    for j, spec in enumerate(plan.folds):    # before the weights are rescaled: BN -> layer reads them
+        if spec.side == OUTPUT_SIDE:
+            host[spec.folded_bias][...] = small[spec.folded_bias].get()
+        else:
             b = host[spec.bias] if spec.bias else None
-            values = input_side_bias(spec, np.asarray(host[spec.weight]), b,
-                                     offset[bounds[j]:bounds[j + 1]], np)
-            small[spec.folded_bias][...] = cupy.asarray(
-                values.astype(np.float32) if host[spec.folded_bias].dtype == np.float16 else values
-            ).reshape(small[spec.folded_bias].shape)
-    for spec in plan.folds:
-        host[spec.folded_bias][...] = small[spec.folded_bias].get()
+            numpy_backend.store(host[spec.folded_bias], numpy_backend.folded_input_bias(
+                b, host[spec.weight], offset[bounds[j]:bounds[j + 1]], spec))
     _stream_weights(plan, host, ch, k, bounds)
 
 

@@ -58,7 +58,7 @@ def rescale(src, dst, scale, layout):
         _multiply(task)
 
 
-def _store(dst, values64):
+def store(dst, values64):
     """Write float64 results into ``dst``: float16 through float32, as the CUDA kernels round."""
     values = values64.reshape(dst.shape)
     dst[...] = values.astype(np.float32) if dst.dtype == np.float16 else values
@@ -166,7 +166,7 @@ def fold(plan: Plan, arrays: Mapping[str, np.ndarray]) -> None:
             new_bias = folded_output_bias(b, mean, scale, beta, spec.bias_layout)
         else:
             new_bias = folded_input_bias(b, w, offset, spec)  # reads w before it is rescaled
-        _store(fb, new_bias)
+        store(fb, new_bias)
         tasks += _rescale_tasks(w, fw, scale, spec.weight_layout, split_bytes=_SPLIT_BYTES)
     _run_balanced(tasks)
 
