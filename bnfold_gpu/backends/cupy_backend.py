@@ -254,11 +254,20 @@ def _stream_weights(plan, host, ch, k, bounds):
                 ch.weights(k, np.array(rows, segments.ARRAY_SEG), blocks)
                 for dev, spec, first, count in staged:
                     dst = host[spec.folded_weight].reshape(-1)[first:first + count]
-                    dev.get(stream=stream, out=dst.view(np.uint8), blocking=False)
+                    _download(dev, dst.view(np.uint8), stream)
         for s in streams:
             s.synchronize()
     finally:
         _unregister(pinned)
+
+
+def _download(dev, out, stream):
+    """Device -> host on ``stream`` without waiting for it (CuPy's ``blocking`` keyword; where a CuPy
+    lacks it the copy simply waits)."""
+    try:
+        dev.get(stream=stream, out=out, blocking=False)
+    except TypeError:
+        dev.get(stream=stream, out=out)
 
 
 def _register(arrays):
