@@ -419,9 +419,15 @@ def _fresh(declared, base, like, net):
 
 
 def _new_function(net, type_name, name, inputs, outputs):
+    """A function proto named ``name`` (made unique within ``net``), not yet placed in it."""
     from nnabla.utils import nnabla_pb2
+    taken = {g.name for g in net.function}
+    unique, k = name, 2
+    while unique in taken:
+        unique = f"{name}_{k}"
+        k += 1
     f = nnabla_pb2.Function()
-    f.name, f.type = name, type_name
+    f.name, f.type = unique, type_name
     f.input.extend(inputs)
     f.output.extend(outputs)
     return f
