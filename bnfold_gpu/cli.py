@@ -84,6 +84,13 @@ def cmd_inspect(args):
     return EXIT_OK
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
 def _failed(record, tolerance) -> bool:
     return not record["max_rel"] <= tolerance   # NaN fails too
 
@@ -171,7 +178,7 @@ def _print_summary(fp, nbytes, backend, seconds, records, args):
                      [(r, ", ".join(v[:3]) + (f" (+{len(v) - 3})" if len(v) > 3 else ""))
                       for r, v in reasons.items()]))
     print()
-    print(f"{fp.n_folded} BN(s) folded, {len(fp.skipped)} kept; {nbytes / 1e6:.1f} MB of weights "
+    print(f"{fp.n_folded} BN(s) folded, {len(fp.skipped)} kept; {_size(nbytes)} of weights "
           f"rescaled on {backend}; read, folded and written in {seconds['fold']:.2f} s")
     if args.verify:
         print()
