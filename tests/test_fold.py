@@ -429,3 +429,17 @@ def test_inplace_false_on_every_kind_of_fold(rng):
     assert all(np.array_equal(after[k], v) for k, v in before_params.items())
     for a, b in zip(forward_all(y), before_out):
         assert np.array_equal(a, b)
+
+
+def test_inplace_rescales_the_same_memory(rng):
+    """No second copy of the weights: the folded layer uses the very parameter, in the same memory."""
+    x = nn.Variable((2, 3, 6, 6))
+    y = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), name="bn", **BN)
+    prepare(rng, y, x)
+    w = nn.get_parameters(grad_only=False)["c/conv/W"]
+    address = w.data.get_data("r").ctypes.data
+    before = w.d.copy()
+    res = assert_fold_exact(y)
+    assert res.folded[0].folded_weight == "c/conv/W" and res.parameters == {}
+    assert w.data.get_data("r").ctypes.data == address and not np.array_equal(w.d, before)
+    assert res.outputs.parent.inputs[1] == w
