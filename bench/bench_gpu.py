@@ -103,6 +103,45 @@ def wall_time(fn, repeats):
     return statistics.median(times)
 
 
+def copy_seconds(buf, repeats):
+    """A device-to-device copy of ``buf`` (same bytes read and written as a fold), CUDA events."""
+    dst = cp.empty_like(buf)
+    return cuda_time(lambda: dst.data.copy_from_device(buf.data, buf.nbytes), repeats)
+
+
+def measure(gb, nbytes, args):
+    """One size: the whole fold call, the weight kernel alone, a device copy of the same bytes, and
+    (up to --numpy-max-gb) the NumPy path and the host-staged GPU path."""
+    plan = sized_plan(np.random.RandomState(0), nbytes)
+    arrays, buf = device_arrays(plan)
+    weight_bytes = buf.nbytes
+    copy_s = copy_seconds(buf, args.repeats)
+    fold_s = wall_time(lambda: cupy_backend.fold(plan, arrays), args.repeats)
+    # the weight kernel alone (tables built and uploaded once), timed with CUDA events
+    kernels = cupy_backend._kernels()
+    channels = cupy_backend._Channels(plan, arrays, kernels)
+    tables = segments.build(plan, {n: a.data.ptr for n, a in arrays.items()},
+                            {n: a.dtype for n, a in arrays.items()}, channels=False)
+    kernel_s = cuda_time(lambda: channels.weights(kernels, tables.weights, tables.total_blocks),
+                         args.repeats)
+    row = {"size_gb": gb, "weight_bytes": int(weight_bytes), "layers": len(plan.folds),
+           "fold_s": fold_s, "weight_kernel_s": kernel_s, "copy_s": copy_s,
+           "fold_gbps": 2 * weight_bytes / fold_s / 1e9,
+           "weight_kernel_gbps": 2 * weight_bytes / kernel_s / 1e9,
+           "copy_gbps": 2 * weight_bytes / copy_s / 1e9}
+    row["fold_over_copy_bandwidth"] = row["fold_gbps"] / row["copy_gbps"]
+    row["kernel_over_copy_bandwidth"] = row["weight_kernel_gbps"] / row["copy_gbps"]
+    if gb <= args.numpy_max_gb:
+        host = {k: v.get() for k, v in arrays.items()}
+        np_s = wall_time(lambda: numpy_backend.fold(plan, host), max(2, args.repeats // 3))
+        row["numpy_s"] = np_s
+        row["speedup_vs_numpy"] = np_s / fold_s
+        host_fold = wall_time(lambda: cupy_backend.fold(plan, host), 2)
+        row["host_staged_s"] = host_fold
+        row["host_staged_gbps"] = 2 * weight_bytes / host_fold / 1e9
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="bench/results/")
@@ -120,46 +159,15 @@ def main():
     for f in failures:
         print("  FAIL", f)
     rows = []
-    free = cp.cuda.runtime.memGetInfo()[0]
     for gb in (float(x) for x in args.sizes_gb.split(",")):
         nbytes = int(gb * 1e9)
+        free = cp.cuda.runtime.memGetInfo()[0]
         if 2.2 * nbytes > free:     # weights + a copy's destination
             print(f"{gb} GB: skipped, {free / 1e9:.0f} GB free on the device")
             rows.append({"size_gb": gb, "skipped": f"needs {2.2 * nbytes / 1e9:.0f} GB, "
                                                    f"{free / 1e9:.0f} GB free"})
             continue
-        rng = np.random.RandomState(0)
-        plan = sized_plan(rng, nbytes)
-        arrays, buf = device_arrays(plan)
-        weight_bytes = buf.nbytes
-        dst = cp.empty_like(buf)
-        copy_s = cuda_time(lambda: dst.data.copy_from_device(buf.data, buf.nbytes), args.repeats)
-        del dst
-        fold_s = wall_time(lambda: cupy_backend.fold(plan, arrays), args.repeats)
-        # the weight kernel alone (tables built and uploaded once), timed with CUDA events
-        kernels = cupy_backend._kernels()
-        channels = cupy_backend._Channels(plan, arrays, kernels)
-        tables = segments.build(plan, {n: a.data.ptr for n, a in arrays.items()},
-                                {n: a.dtype for n, a in arrays.items()}, channels=False)
-        kernel_s = cuda_time(lambda: channels.weights(kernels, tables.weights, tables.total_blocks),
-                             args.repeats)
-        row = {"size_gb": gb, "weight_bytes": int(weight_bytes), "layers": len(plan.folds),
-               "fold_s": fold_s, "weight_kernel_s": kernel_s, "copy_s": copy_s,
-               "fold_gbps": 2 * weight_bytes / fold_s / 1e9,
-               "weight_kernel_gbps": 2 * weight_bytes / kernel_s / 1e9,
-               "copy_gbps": 2 * weight_bytes / copy_s / 1e9}
-        row["fold_over_copy_bandwidth"] = row["fold_gbps"] / row["copy_gbps"]
-        row["kernel_over_copy_bandwidth"] = row["weight_kernel_gbps"] / row["copy_gbps"]
-        if gb <= args.numpy_max_gb:
-            host = {k: v.get() for k, v in arrays.items()}
-            np_s = wall_time(lambda: numpy_backend.fold(plan, host), max(2, args.repeats // 3))
-            row["numpy_s"] = np_s
-            row["speedup_vs_numpy"] = np_s / fold_s
-            host_fold = wall_time(lambda: cupy_backend.fold(plan, host), 2)
-            row["host_staged_s"] = host_fold
-            row["host_staged_gbps"] = 2 * weight_bytes / host_fold / 1e9
-        rows.append(row)
-        del arrays, buf
+        rows.append(measure(gb, nbytes, args))
         cp.get_default_memory_pool().free_all_blocks()
     result = {
         "benchmark": "gpu", "date": datetime.date.today().isoformat(),

@@ -1,6 +1,5 @@
 """Shared by the nnabla tests: random BN statistics far from identity, and fold-vs-original checks."""
 import numpy as np
-import nnabla as nn
 
 import bnfold_gpu
 from bnfold_gpu.graph import parameter_names

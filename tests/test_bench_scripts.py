@@ -4,8 +4,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 from bnfold_gpu.backends import cupy_backend
 
 ROOT = Path(__file__).resolve().parents[1]

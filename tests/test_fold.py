@@ -366,6 +366,13 @@ def test_channel_last_matches_channel_first_twin(rng, kind, groups, side):
         ch = (np.arange(w.shape[0])[:, None] // o_per_g) * i_per_g + np.arange(i_per_g)[None, :]
         expected = w * scale[ch][:, :, None, None]
     np.testing.assert_allclose(w_cf, expected, rtol=1e-6)
+    b = values[[n for n in values if n.endswith("/b")][0]].astype(np.float64)
+    if side == "output":
+        expected_b = (b - m) * scale + beta
+    else:                    # the BN's shift pushed through the weights: b + sum(w * shift[channel])
+        shift = beta - m * scale
+        expected_b = b + (w * shift[ch][:, :, None, None]).sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(b_cf, expected_b, rtol=1e-5, atol=1e-6)
 
 
 def test_fold_through_the_gpu_backend_emulated(rng, host, monkeypatch):
