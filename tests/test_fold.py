@@ -450,3 +450,19 @@ def test_inplace_rescales_the_same_memory(rng):
     assert res.folded[0].folded_weight == "c/conv/W" and res.parameters == {}
     assert w.data.get_data("r").ctypes.data == address and not np.array_equal(w.d, before)
     assert res.outputs.parent.inputs[1] == w
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=st.lists(st.integers(1, 4), min_size=2, max_size=4),
+       out=st.lists(st.integers(1, 4), min_size=1, max_size=2), with_bias=st.booleans(),
+       seed=st.integers(0, 2 ** 31 - 1), data=st.data())
+def test_random_bn_before_affine(shape, out, with_bias, seed, data):
+    nn.clear_parameters()
+    rng = np.random.RandomState(seed)
+    base_axis = data.draw(st.integers(1, len(shape) - 1))
+    axis = data.draw(st.integers(base_axis, len(shape) - 1))
+    x = nn.Variable(tuple(shape))
+    b = PF.batch_normalization(x, axes=[axis], name="bn", **BN)
+    y = PF.affine(b, tuple(out), base_axis=base_axis, with_bias=with_bias, name="fc")
+    res = assert_fold_exact(prepare(rng, y, x))
+    assert [(r.kind, r.side) for r in res.folded] == [("Affine", "input")]
