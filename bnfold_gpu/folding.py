@@ -115,9 +115,8 @@ def fold(outputs, backend: str = "auto", inplace: bool = True) -> FoldResult:
     if not inplace and p.folds:
         functions, flat_out = rewrite.clone(graph.functions, flat)
     rewrite.apply(p, functions, variables)
-    registered = graph._names
     for name, v in new_vars.items():
-        if variables[p.sources[name]] in registered:
+        if graph.is_registered(variables[p.sources[name]]):
             nn.parameter.set_parameter(name, v)
     t4 = time.perf_counter()
     return FoldResult(rebuild(flat_out), p.folds, p.skipped, be.name, p, new_vars,

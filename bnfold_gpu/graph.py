@@ -57,6 +57,10 @@ class Graph:
                 self._unnamed[var] = name
         return name
 
+    def is_registered(self, var: "nn.Variable") -> bool:
+        """Whether ``var`` is in the parameter registry (not merely named by this graph)."""
+        return var in self._names
+
     def all_names(self):
         return set(self._names.values()) | set(self._unnamed.values())
 

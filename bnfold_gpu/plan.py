@@ -3,6 +3,7 @@
 A backend needs nothing but a plan and a dict of arrays keyed by the names in it.
 """
 from dataclasses import dataclass, field
+from math import prod
 from typing import Optional, Tuple
 
 from .layout import ChannelLayout
@@ -87,7 +88,7 @@ class Plan:
         return names
 
     def bytes_rescaled(self) -> int:
-        return sum(self.arrays[s.folded_weight][1].itemsize * _numel(s.weight_shape)
+        return sum(self.arrays[s.folded_weight][1].itemsize * prod(s.weight_shape)
                    for s in self.folds if s.folded_weight in self.arrays)
 
     def table(self) -> str:
@@ -105,13 +106,6 @@ class Plan:
 
     def __str__(self) -> str:
         return self.table()
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def format_table(rows) -> str:
