@@ -3,18 +3,17 @@
 weight bytes. Writes a JSON under --out and prints a table."""
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import nnabla as nn
 from nnabla.experimental.graph_converters import BatchNormalizationFoldingModifier, GraphConverter
 
 import bnfold_gpu
+from _results import write_result
 from bnfold_gpu.backends import numpy_backend
 from bnfold_gpu.folding import _fast_nnabla_array_access, prepare_arrays
 from bnfold_gpu.graph import Graph
@@ -98,11 +97,7 @@ def main():
                      "nnabla": nn.__version__, "bnfold_gpu": bnfold_gpu.__version__},
         "repeats": args.repeats, "rows": rows,
     }
-    out = Path(args.out)
-    if args.out.endswith("/") or out.is_dir():
-        out.mkdir(parents=True, exist_ok=True)
-        out = out / f"cpu-{result['date']}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(result, args.out, f"cpu-{result['date']}.json")
     print(f"{result['device']}; numpy {np.__version__}, nnabla {nn.__version__}")
     print(f"{'model':32} {'MB':>6} {'converter':>10} {'fold':>8} {'speedup':>8} "
           f"{'rescale':>8} {'multiply':>9} {'fold/mul':>8}")

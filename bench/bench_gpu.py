@@ -5,7 +5,6 @@ kernel alone, each beside a device-to-device copy of the same bytes, and the Num
 machine. Writes a JSON under --out and prints a table."""
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -16,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bnfold_gpu._synthetic import LAYOUTS, fold_spec, make_arrays, random_plan, sized_plan  # noqa: E402
+from _results import write_result  # noqa: E402
+from bnfold_gpu._synthetic import in_place_cases, make_arrays, random_plan, sized_plan  # noqa: E402
 from bnfold_gpu.backends import cupy_backend, numpy_backend, segments  # noqa: E402
 from bnfold_gpu.plan import OUTPUT_SIDE, Plan  # noqa: E402
 
@@ -45,19 +45,16 @@ def check_correctness(seeds=30):
                 ok = ok and np.allclose(gb.astype(np.float64), wb.astype(np.float64), rtol=1e-3, atol=1e-3)
             if not ok:
                 failures.append(f"seed {seed}: {s.kind} {s.side} {g.dtype}")
-    for case in LAYOUTS:
-        for dtype in (np.float16, np.float32, np.float64):
-            spec, shapes = fold_spec(0, case, dtype, inplace=True)
-            plan = Plan((spec,), (), shapes)
-            host = make_arrays(plan, np, seed=1)
-            want = {k: v.copy() for k, v in host.items()}
-            numpy_backend.fold(plan, want)
-            dev = {k: cp.asarray(v) for k, v in host.items()}
-            cupy_backend.fold(plan, dev)
-            checked += 1
-            g = dev[spec.folded_weight].get()
-            if not np.array_equal(g.view(np.uint8), want[spec.folded_weight].view(np.uint8)):
-                failures.append(f"in place: {case[0]} {case[1]} {np.dtype(dtype)}")
+    for case, dtype, plan, host in in_place_cases():
+        spec = plan.folds[0]
+        want = {k: v.copy() for k, v in host.items()}
+        numpy_backend.fold(plan, want)
+        dev = {k: cp.asarray(v) for k, v in host.items()}
+        cupy_backend.fold(plan, dev)
+        checked += 1
+        g = dev[spec.folded_weight].get()
+        if not np.array_equal(g.view(np.uint8), want[spec.folded_weight].view(np.uint8)):
+            failures.append(f"in place: {case[0]} {case[1]} {np.dtype(dtype)}")
     return checked, failures
 
 
@@ -179,12 +176,8 @@ def main():
         "correctness": {"folds_checked": checked, "failures": failures},
         "rows": rows,
     }
-    out = Path(args.out)
-    if args.out.endswith("/") or out.is_dir():
-        out.mkdir(parents=True, exist_ok=True)
-        name = result["device"].replace(" ", "-").replace("/", "-")
-        out = out / f"gpu-{name}-{result['date']}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    name = result["device"].replace(" ", "-").replace("/", "-")
+    out = write_result(result, args.out, f"gpu-{name}-{result['date']}.json")
     print(f"{result['device']}, driver {result['driver']}, CuPy {cp.__version__}, NumPy {np.__version__}")
     print(f"{'GB':>5} {'layers':>6} {'fold ms':>9} {'fold GB/s':>10} {'kernel GB/s':>12} "
           f"{'copy GB/s':>10} {'fold/copy':>9} {'kernel/copy':>11} {'numpy ms':>9} {'speed-up':>9}")

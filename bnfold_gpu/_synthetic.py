@@ -106,3 +106,13 @@ def make_arrays(plan: Plan, xp=np, seed=0, poison=True):
         else:
             arrays[name] = rs.normal(0.0, 1.0, shape).astype(dtype)
     return arrays
+
+
+def in_place_cases(seed=1):
+    """(case, dtype, plan, arrays) for every layout of :data:`LAYOUTS` in float16, float32 and
+    float64, each a single fold into the layer's own arrays."""
+    for case in LAYOUTS:
+        for dtype in (np.float16, np.float32, np.float64):
+            spec, shapes = fold_spec(0, case, dtype, inplace=True)
+            plan = Plan((spec,), (), shapes)
+            yield case, dtype, plan, make_arrays(plan, np, seed=seed)

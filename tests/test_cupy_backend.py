@@ -5,7 +5,7 @@ runs where nnabla is absent."""
 import numpy as np
 import pytest
 
-from bnfold_gpu._synthetic import LAYOUTS, fold_spec, make_arrays, random_plan
+from bnfold_gpu._synthetic import LAYOUTS, fold_spec, in_place_cases, make_arrays, random_plan
 from bnfold_gpu.backends import FoldError, cupy_backend, numpy_backend
 from bnfold_gpu.plan import OUTPUT_SIDE, Plan
 
@@ -48,15 +48,15 @@ def test_device_fold_matches_numpy(cp, seed):
     _compare(plan, {k: v.get() for k, v in dev.items()}, want)
 
 
-@pytest.mark.parametrize("case", LAYOUTS, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_every_layout_and_dtype_in_place(cp, case, dtype):
-    spec, shapes = fold_spec(0, case, dtype, inplace=True)
-    plan = Plan((spec,), (), shapes)
-    host = make_arrays(plan, np, seed=1)
-    want = {k: v.copy() for k, v in host.items()}
+IN_PLACE = list(in_place_cases())
+
+
+@pytest.mark.parametrize("case, dtype, plan, arrays", IN_PLACE,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{np.dtype(d)}" for c, d, _, _ in IN_PLACE])
+def test_every_layout_and_dtype_in_place(cp, case, dtype, plan, arrays):
+    want = {k: v.copy() for k, v in arrays.items()}
     numpy_backend.fold(plan, want)
-    dev = {k: cp.asarray(v) for k, v in host.items()}
+    dev = {k: cp.asarray(v) for k, v in arrays.items()}
     cupy_backend.fold(plan, dev)
     _compare(plan, {k: v.get() for k, v in dev.items()}, want)
 
