@@ -41,8 +41,8 @@ def _nvrtc():
     """NVRTC, the compiler CuPy uses: from the nvidia-cuda-nvrtc wheel (test extra) or a toolkit."""
     dirs = []
     try:
-        import nvidia.cuda_nvrtc
-        dirs += [Path(p) / "lib" for p in nvidia.cuda_nvrtc.__path__]
+        import nvidia  # the wheels' namespace: cuda_nvrtc/lib (CUDA 12) or cu13/lib (CUDA 13)
+        dirs += [lib for p in nvidia.__path__ for lib in sorted(Path(p).glob("*/lib"))]
     except ImportError:
         pass
     dirs += [Path("/usr/local/cuda/lib64"), Path("/usr/local/cuda/lib")]
