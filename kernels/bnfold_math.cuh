@@ -40,6 +40,11 @@ typedef unsigned short bnfold_u16;
 // threads per block, and weight elements one block rescales (16 per thread keeps blocks few)
 #define BNFOLD_BLOCK 256
 #define BNFOLD_CHUNK (BNFOLD_BLOCK * 16)
+// weight elements a thread loads before it stores (a power of two up to 16; the GPU benchmark
+// compares values with -DBNFOLD_UNROLL=n)
+#ifndef BNFOLD_UNROLL
+#define BNFOLD_UNROLL 4
+#endif
 
 // dtype codes used in the segment tables
 enum { BNFOLD_F16 = 0, BNFOLD_F32 = 1, BNFOLD_F64 = 2 };
@@ -152,18 +157,18 @@ BNFOLD_HD double bnfold_output_bias(double bias, double mean, double scale, doub
   return BNFOLD_DADD(BNFOLD_DMUL(BNFOLD_DSUB(bias, mean), scale), beta);
 }
 
-// One weight element: w * scale, multiplied in float32 for float16/float32 weights, float64 for float64.
-BNFOLD_HD void bnfold_rescale_element(const void* src, void* dst, int dtype, bnfold_i64 i,
-                                      double scale_d, float scale_f) {
-  if (dtype == BNFOLD_F16) {
-    float w = bnfold_half_to_float(((const bnfold_u16*)src)[i]);
-    ((bnfold_u16*)dst)[i] = bnfold_float_to_half(BNFOLD_FMUL(w, scale_f));
-  } else if (dtype == BNFOLD_F32) {
-    ((float*)dst)[i] = BNFOLD_FMUL(((const float*)src)[i], scale_f);
-  } else {
-    ((double*)dst)[i] = BNFOLD_DMUL(((const double*)src)[i], scale_d);
-  }
-}
+// One weight element as the type its multiply runs in (float16 and float32 weights multiply in
+// float32, float64 in float64), and back.
+BNFOLD_HD float bnfold_get(const bnfold_u16* p, bnfold_i64 i) { return bnfold_half_to_float(p[i]); }
+BNFOLD_HD float bnfold_get(const float* p, bnfold_i64 i) { return p[i]; }
+BNFOLD_HD double bnfold_get(const double* p, bnfold_i64 i) { return p[i]; }
+BNFOLD_HD void bnfold_put(bnfold_u16* p, bnfold_i64 i, float v) { p[i] = bnfold_float_to_half(v); }
+BNFOLD_HD void bnfold_put(float* p, bnfold_i64 i, float v) { p[i] = v; }
+BNFOLD_HD void bnfold_put(double* p, bnfold_i64 i, double v) { p[i] = v; }
+BNFOLD_HD float bnfold_scale_of(float, const double*, const float* scale_f, bnfold_i64 c) { return scale_f[c]; }
+BNFOLD_HD double bnfold_scale_of(double, const double* scale_d, const float*, bnfold_i64 c) { return scale_d[c]; }
+BNFOLD_HD float bnfold_mul(float w, float s) { return BNFOLD_FMUL(w, s); }
+BNFOLD_HD double bnfold_mul(double w, double s) { return BNFOLD_DMUL(w, s); }
 
 // ---- segment tables (all fields 64-bit; bnfold_gpu/backends/segments.py packs them) ------------
 struct bnfold_channel_seg {   // one BN: its statistics and where its channels go
@@ -232,33 +237,68 @@ BNFOLD_HD void bnfold_bias_stage(const bnfold_array_seg* segs, int n_segs, bnfol
   bnfold_store((void*)s.dst, (int)s.dtype, i, bnfold_output_bias(b, mean_d[c], scale_d[c], beta_d[c]));
 }
 
-// Weight element i of one segment: 32-bit index and fast dividers below 2^31 elements, 64-bit past.
-BNFOLD_HD void bnfold_weight_element32(const bnfold_array_seg& s, bnfold_u32 i, const double* scale_d,
-                                       const float* scale_f) {
-  bnfold_i64 c = s.channel_offset + (bnfold_i64)bnfold_channel_fast(s, i);
-  bnfold_rescale_element((const void*)s.src, (void*)s.dst, (int)s.dtype, i, scale_d[c], scale_f[c]);
+// Channel of element i of a weight segment: 32-bit index and fast dividers below 2^31 elements,
+// 64-bit division past.
+struct bnfold_channel32 {
+  const bnfold_array_seg& s;
+  BNFOLD_HD bnfold_i64 operator()(bnfold_u32 i) const { return s.channel_offset + (bnfold_i64)bnfold_channel_fast(s, i); }
+};
+struct bnfold_channel64 {
+  const bnfold_array_seg& s;
+  BNFOLD_HD bnfold_i64 operator()(bnfold_i64 i) const {
+    return s.channel_offset + bnfold_channel<bnfold_i64>(i, s.inner, s.channels, s.rows);
+  }
+};
+
+// Elements [begin, end) of one weight segment, thread `thread` of the block taking every
+// BNFOLD_BLOCK-th. Each thread issues BNFOLD_UNROLL loads (weight and scale) before it stores
+// anything: folds may be in place (src == dst), so the compiler cannot move loads above earlier
+// stores by itself, and one load in flight per thread leaves HBM bandwidth unused.
+template <typename T, typename I, typename ChannelOf>
+BNFOLD_HD void bnfold_rescale_range(const bnfold_array_seg& s, I begin, I end, int thread,
+                                    const double* scale_d, const float* scale_f, ChannelOf channel_of) {
+  typedef decltype(bnfold_get((const T*)0, 0)) W;
+  const T* src = (const T*)s.src;
+  T* dst = (T*)s.dst;
+  for (I base = begin + (I)thread; base < end; base += (I)(BNFOLD_BLOCK * BNFOLD_UNROLL)) {
+    W w[BNFOLD_UNROLL], sc[BNFOLD_UNROLL];
+#pragma unroll
+    for (int u = 0; u < BNFOLD_UNROLL; ++u) {
+      I i = base + (I)(u * BNFOLD_BLOCK);
+      w[u] = 0;
+      sc[u] = 0;
+      if (i < end) {
+        w[u] = bnfold_get(src, i);
+        sc[u] = bnfold_scale_of(W(), scale_d, scale_f, channel_of(i));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < BNFOLD_UNROLL; ++u) {
+      I i = base + (I)(u * BNFOLD_BLOCK);
+      if (i < end) bnfold_put(dst, i, bnfold_mul(w[u], sc[u]));
+    }
+  }
 }
 
-BNFOLD_HD void bnfold_weight_element64(const bnfold_array_seg& s, bnfold_i64 i, const double* scale_d,
-                                       const float* scale_f) {
-  bnfold_i64 c = s.channel_offset + bnfold_channel<bnfold_i64>(i, s.inner, s.channels, s.rows);
-  bnfold_rescale_element((const void*)s.src, (void*)s.dst, (int)s.dtype, i, scale_d[c], scale_f[c]);
+template <typename T>
+BNFOLD_HD void bnfold_rescale_chunk(const bnfold_array_seg& s, bnfold_i64 begin, bnfold_i64 end,
+                                    int thread, const double* scale_d, const float* scale_f) {
+  if (s.numel <= 0x7fffffffLL - BNFOLD_CHUNK)  // every index (and index + BNFOLD_CHUNK) < 2^31
+    bnfold_rescale_range<T, bnfold_u32>(s, (bnfold_u32)begin, (bnfold_u32)end, thread, scale_d,
+                                        scale_f, bnfold_channel32{s});
+  else
+    bnfold_rescale_range<T, bnfold_i64>(s, begin, end, thread, scale_d, scale_f, bnfold_channel64{s});
 }
 
 // What thread `thread` of block `block` of the weight launch does: block b rescales chunk
-// (b - first_block) of the segment whose first_block <= b; 32-bit index math where the segment is
-// small enough, 64-bit past 2^31 elements.
+// (b - first_block) of the segment whose first_block <= b.
 BNFOLD_HD void bnfold_weight_block(const bnfold_array_seg* segs, int n_segs, bnfold_i64 block,
                                    int thread, const double* scale_d, const float* scale_f) {
   struct K { BNFOLD_HD bnfold_i64 operator()(const bnfold_array_seg& s) const { return s.first_block; } };
   const bnfold_array_seg& s = segs[bnfold_find_segment(segs, n_segs, block, K())];
   bnfold_i64 begin = (block - s.first_block) * BNFOLD_CHUNK;
   bnfold_i64 end = begin + BNFOLD_CHUNK < s.numel ? begin + BNFOLD_CHUNK : s.numel;
-  if (s.numel <= 0x7fffffffLL - BNFOLD_CHUNK) {  // i + BNFOLD_BLOCK stays below 2^31
-    for (bnfold_u32 i = (bnfold_u32)(begin + thread); i < (bnfold_u32)end; i += BNFOLD_BLOCK)
-      bnfold_weight_element32(s, i, scale_d, scale_f);
-  } else {
-    for (bnfold_i64 i = begin + thread; i < end; i += BNFOLD_BLOCK)
-      bnfold_weight_element64(s, i, scale_d, scale_f);
-  }
+  if (s.dtype == BNFOLD_F16) bnfold_rescale_chunk<bnfold_u16>(s, begin, end, thread, scale_d, scale_f);
+  else if (s.dtype == BNFOLD_F32) bnfold_rescale_chunk<float>(s, begin, end, thread, scale_d, scale_f);
+  else bnfold_rescale_chunk<double>(s, begin, end, thread, scale_d, scale_f);
 }

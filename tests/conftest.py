@@ -27,18 +27,18 @@ def clean_parameters():
         nn.clear_parameters()
 
 
-@pytest.fixture(scope="session")
-def host(tmp_path_factory):
-    """The kernels' per-element code compiled for the CPU (tests/host/bnfold_host.cpp), via ctypes."""
+def build_host(directory, defines=()):
+    """The kernels' per-element code compiled for the CPU (tests/host/bnfold_host.cpp), via ctypes;
+    ``defines`` are ``-D`` options (``BNFOLD_UNROLL=16``)."""
     import ctypes
     import shutil
     import subprocess
     cxx = shutil.which("g++") or shutil.which("c++")
     assert cxx, "a C++ compiler is needed to test the kernels' code on the host"
-    lib = tmp_path_factory.mktemp("host") / "libbnfold_host.so"
+    lib = Path(directory) / "libbnfold_host.so"
     src = Path(__file__).parent / "host" / "bnfold_host.cpp"
-    r = subprocess.run([cxx, "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(lib), str(src)],
-                       capture_output=True, text=True)
+    r = subprocess.run([cxx, "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(lib), str(src)]
+                       + ["-D" + d for d in defines], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     h = ctypes.CDLL(str(lib))
     i64, p = ctypes.c_longlong, ctypes.c_void_p
@@ -54,3 +54,8 @@ def host(tmp_path_factory):
     h.bnfold_host_biases.argtypes = [p, ctypes.c_int, i64, p, p, p]
     h.bnfold_host_weights.argtypes = [p, ctypes.c_int, i64, p, p]
     return h
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory):
+    return build_host(tmp_path_factory.mktemp("host"))

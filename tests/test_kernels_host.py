@@ -166,6 +166,22 @@ def test_host_kernels_match_numpy_backend_bit_for_bit(host, seed):
         assert np.array_equal(arrays[spec.weight], ref[spec.weight])  # sources untouched
 
 
+@pytest.mark.parametrize("unroll", [1, 2, 16])
+def test_every_unroll_matches_numpy_backend(tmp_path, unroll):
+    # the weight kernel's loads-before-stores batching, at the values the GPU benchmark compares
+    from conftest import build_host
+    lib = build_host(tmp_path, [f"BNFOLD_UNROLL={unroll}"])
+    for seed in range(3):
+        rng = np.random.RandomState(100 + seed)
+        plan, arrays = _random_plan(rng)
+        ref = {n: a.copy() for n, a in arrays.items()}
+        numpy_backend.fold(plan, ref)
+        _run_host(lib, plan, arrays)
+        for spec in plan.folds:
+            got, want = arrays[spec.folded_weight], ref[spec.folded_weight]
+            assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (unroll, spec.kind)
+
+
 def test_large_weights_span_many_blocks(host):
     inner = 3 * segments.CHUNK + 17
     case = ("Convolution", OUTPUT_SIDE, (1, 1, 64, inner), (64, inner), (64,))

@@ -62,15 +62,16 @@ def kernel_dir() -> Path:
 _MODULES = {}
 
 
-def _kernels():
-    """The compiled kernels for the current device (compiled once per device, cached by CuPy)."""
-    dev = cupy.cuda.runtime.getDevice()
-    if dev not in _MODULES:
+def _kernels(defines=()):
+    """The compiled kernels for the current device (compiled once per device, cached by CuPy);
+    ``defines`` (``("BNFOLD_UNROLL=8",)``) build a variant, as the GPU benchmark does."""
+    key = (cupy.cuda.runtime.getDevice(), tuple(defines))
+    if key not in _MODULES:
         d = kernel_dir()
         module = cupy.RawModule(code=(d / "bnfold.cu").read_text(),
-                                options=("-I" + str(d), "--std=c++14"))
-        _MODULES[dev] = {k: module.get_function(k) for k in KERNEL_NAMES}
-    return _MODULES[dev]
+                                options=("-I" + str(d), "--std=c++14") + tuple("-D" + x for x in defines))
+        _MODULES[key] = {k: module.get_function(k) for k in KERNEL_NAMES}
+    return _MODULES[key]
 
 
 def from_nnabla(var, writable: bool):
