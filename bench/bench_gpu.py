@@ -76,6 +76,15 @@ def device_arrays(plan, dtype=np.float32):
     return arrays, buf
 
 
+def weight_launch(plan, arrays):
+    """What the weight kernel needs for ``plan`` over device ``arrays``: the per-channel scales
+    (computed once) and the weight table."""
+    pointers = {n: a.data.ptr for n, a in arrays.items()}
+    dtypes = {n: a.dtype for n, a in arrays.items()}
+    channels = cupy_backend._Channels(plan, pointers, dtypes, cupy_backend._kernels())
+    return channels, segments.build(plan, pointers, dtypes, channels=False)
+
+
 def cuda_time(fn, repeats):
     start, stop = cp.cuda.Event(), cp.cuda.Event()
     fn()
@@ -118,16 +127,16 @@ def measure(gb, nbytes, args):
     fold_s = wall_time(lambda: cupy_backend.fold(plan, arrays), args.repeats)
     # the weight kernel alone (tables built and uploaded once), timed with CUDA events
     kernels = cupy_backend._kernels()
-    channels = cupy_backend._Channels(plan, arrays, kernels)
-    tables = segments.build(plan, {n: a.data.ptr for n, a in arrays.items()},
-                            {n: a.dtype for n, a in arrays.items()}, channels=False)
+    channels, tables = weight_launch(plan, arrays)
     kernel_s = cuda_time(lambda: channels.weights(kernels, tables.weights, tables.total_blocks),
                          args.repeats)
     row = {"size_gb": gb, "weight_bytes": int(weight_bytes), "layers": len(plan.folds),
            "fold_s": fold_s, "weight_kernel_s": kernel_s, "copy_s": copy_s,
            "fold_gbps": 2 * weight_bytes / fold_s / 1e9,
            "weight_kernel_gbps": 2 * weight_bytes / kernel_s / 1e9,
-           "copy_gbps": 2 * weight_bytes / copy_s / 1e9}
+           "copy_gbps": 2 * weight_bytes / copy_s / 1e9,
+           # what the call adds to the weight kernel (checks, tables, two small launches, one sync)
+           "overhead_us_per_layer": (fold_s - kernel_s) / len(plan.folds) * 1e6}
     row["fold_over_copy_bandwidth"] = row["fold_gbps"] / row["copy_gbps"]
     row["kernel_over_copy_bandwidth"] = row["weight_kernel_gbps"] / row["copy_gbps"]
     if gb <= args.numpy_max_gb:
@@ -150,9 +159,7 @@ def unroll_sweep(args):
         arrays, buf = device_arrays(plan, dtype)
         original = buf.copy()
         copy_s = copy_seconds(buf, args.repeats)
-        channels = cupy_backend._Channels(plan, arrays, cupy_backend._kernels())
-        tables = segments.build(plan, {n: a.data.ptr for n, a in arrays.items()},
-                                {n: a.dtype for n, a in arrays.items()}, channels=False)
+        channels, tables = weight_launch(plan, arrays)
         channels.weights(cupy_backend._kernels(), tables.weights, tables.total_blocks)
         reference = buf.copy()
         for unroll in (int(u) for u in args.unrolls.split(",")):
@@ -218,7 +225,8 @@ def main():
     out = write_result(result, args.out, f"gpu-{name}-{result['date']}.json")
     print(f"{result['device']}, driver {result['driver']}, CuPy {cp.__version__}, NumPy {np.__version__}")
     print(f"{'GB':>5} {'layers':>6} {'fold ms':>9} {'fold GB/s':>10} {'kernel GB/s':>12} "
-          f"{'copy GB/s':>10} {'fold/copy':>9} {'kernel/copy':>11} {'numpy ms':>9} {'speed-up':>9}")
+          f"{'copy GB/s':>10} {'fold/copy':>9} {'kernel/copy':>11} {'us/layer':>8} {'numpy ms':>9} "
+          f"{'speed-up':>9}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['size_gb']:5} skipped: {r['skipped']}")
@@ -226,6 +234,7 @@ def main():
         print(f"{r['size_gb']:5} {r['layers']:6} {r['fold_s'] * 1e3:9.2f} {r['fold_gbps']:10.0f} "
               f"{r['weight_kernel_gbps']:12.0f} {r['copy_gbps']:10.0f} "
               f"{r['fold_over_copy_bandwidth']:9.0%} {r['kernel_over_copy_bandwidth']:11.0%} "
+              f"{r['overhead_us_per_layer']:8.1f} "
               f"{r.get('numpy_s', float('nan')) * 1e3:9.1f} {r.get('speedup_vs_numpy', float('nan')):8.0f}x")
     print(f"weight kernel by BNFOLD_UNROLL, {args.unroll_gb} GB of weights:")
     print(f"{'dtype':>8} {'unroll':>6} {'kernel GB/s':>12} {'copy GB/s':>10} {'kernel/copy':>11} {'same':>5}")

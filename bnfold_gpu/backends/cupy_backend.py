@@ -100,9 +100,8 @@ def _grid(n, block=segments.BLOCK):
 class _Channels:
     """Per-channel scale/offset of every BN of the plan, on the device, checked."""
 
-    def __init__(self, plan: Plan, arrays, kernels):
-        t = segments.build(plan, {n: _ptr(a) for n, a in arrays.items()},
-                           {n: a.dtype for n, a in arrays.items()}, weights=False)
+    def __init__(self, plan: Plan, pointers, dtypes, kernels):
+        t = segments.build(plan, pointers, dtypes, weights=False)
         n = max(1, t.total_channels)
         self.tables = t
         self.scale_d = cupy.empty(n, cupy.float64)
@@ -155,17 +154,19 @@ def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
     if reason:
         raise RuntimeError(f"backend 'cupy' is not usable: {reason}")
     check_plan_arrays(plan, arrays)
-    for n, a in arrays.items():
-        segments.dtype_code(a.dtype)
+    dtypes = {n: a.dtype for n, a in arrays.items()}
+    for d in set(dtypes.values()):
+        segments.dtype_code(d)
     if all(isinstance(a, cupy.ndarray) for a in arrays.values()):
-        _fold_device(plan, arrays)
+        _fold_device(plan, arrays, dtypes)
     else:
         _fold_host(plan, arrays)
 
 
-def _fold_device(plan, arrays):
+def _fold_device(plan, arrays, dtypes):
     k = _kernels()
-    ch = _Channels(plan, arrays, k)
+    pointers = {n: _ptr(a) for n, a in arrays.items()}
+    ch = _Channels(plan, pointers, dtypes, k)
     bounds = ch.tables.channel_bounds
     for j, spec in enumerate(plan.folds):   # BN -> layer biases read the weights before rescaling
         if spec.side != OUTPUT_SIDE:
@@ -174,8 +175,7 @@ def _fold_device(plan, arrays):
                    input_side_bias(spec, arrays[spec.weight], b, ch.offset[bounds[j]:bounds[j + 1]],
                                    cupy))
     ch.biases(k)
-    t = segments.build(plan, {n: _ptr(a) for n, a in arrays.items()},
-                       {n: a.dtype for n, a in arrays.items()}, channels=False)
+    t = segments.build(plan, pointers, dtypes, channels=False)
     ch.weights(k, t.weights, t.total_blocks)
     cupy.cuda.get_current_stream().synchronize()
 
@@ -190,7 +190,8 @@ def _fold_host(plan, host):
         for key in (spec.gamma, spec.beta, spec.mean, spec.var, spec.bias, spec.folded_bias):
             if key is not None and key not in small:
                 small[key] = cupy.asarray(np.ascontiguousarray(host[key]))
-    ch = _Channels(plan, small, k)           # raises before anything is written
+    ch = _Channels(plan, {n: _ptr(a) for n, a in small.items()}, {n: a.dtype for n, a in small.items()},
+                   k)                        # raises before anything is written
     offset = ch.offset.get()
     bounds = ch.tables.channel_bounds
     ch.biases(k)
