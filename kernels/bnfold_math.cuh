@@ -20,7 +20,23 @@
 #define BNFOLD_DADD(a, b) __dadd_rn((a), (b))
 #define BNFOLD_DSUB(a, b) __dsub_rn((a), (b))
 #define BNFOLD_DDIV(a, b) __ddiv_rn((a), (b))
-#define BNFOLD_FMUL(a, b) __fmul_rn((a), (b))
+// float32 work in PTX: CuPy compiles every kernel with -ftz=true, which would flush subnormal
+// float32 inputs and results to zero (NumPy keeps them); these spell the IEEE operations.
+__device__ __forceinline__ float BNFOLD_FMUL(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float BNFOLD_D2F(double a) {
+  float r;
+  asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(a));
+  return r;
+}
+__device__ __forceinline__ double BNFOLD_F2D(float a) {
+  double r;
+  asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(a));
+  return r;
+}
 #else
 #include <cmath>
 using std::isfinite;
@@ -30,6 +46,8 @@ using std::sqrt;
 #define BNFOLD_DSUB(a, b) ((a) - (b))
 #define BNFOLD_DDIV(a, b) ((a) / (b))
 #define BNFOLD_FMUL(a, b) ((a) * (b))
+#define BNFOLD_D2F(a) ((float)(a))
+#define BNFOLD_F2D(a) ((double)(a))
 #endif
 
 typedef long long bnfold_i64;
@@ -84,8 +102,8 @@ BNFOLD_HD float bnfold_half_to_float(bnfold_u16 h) {
   bnfold_u32 sign = (bnfold_u32)(h & 0x8000u) << 16;
   bnfold_u32 exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
   if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in float
-    float v = (float)mant * 5.9604644775390625e-8f;
-    return sign ? -v : v;
+    float v = BNFOLD_FMUL((float)mant, 5.9604644775390625e-8f);
+    return bnfold_u2f(bnfold_f2u(v) | sign);
   }
   if (exp == 31) return bnfold_u2f(sign | 0x7f800000u | (mant << 13));
   return bnfold_u2f(sign | ((exp + 112u) << 23) | (mant << 13));
@@ -123,15 +141,15 @@ BNFOLD_HD bnfold_u16 bnfold_float_to_half(float value) {
 }
 
 BNFOLD_HD double bnfold_load(const void* p, int dtype, bnfold_i64 i) {
-  if (dtype == BNFOLD_F16) return (double)bnfold_half_to_float(((const bnfold_u16*)p)[i]);
-  if (dtype == BNFOLD_F32) return (double)((const float*)p)[i];
+  if (dtype == BNFOLD_F16) return BNFOLD_F2D(bnfold_half_to_float(((const bnfold_u16*)p)[i]));
+  if (dtype == BNFOLD_F32) return BNFOLD_F2D(((const float*)p)[i]);
   return ((const double*)p)[i];
 }
 
 // Stores a float64 result: float32 directly, float16 through float32 (as the NumPy backend does).
 BNFOLD_HD void bnfold_store(void* p, int dtype, bnfold_i64 i, double v) {
-  if (dtype == BNFOLD_F16) ((bnfold_u16*)p)[i] = bnfold_float_to_half((float)v);
-  else if (dtype == BNFOLD_F32) ((float*)p)[i] = (float)v;
+  if (dtype == BNFOLD_F16) ((bnfold_u16*)p)[i] = bnfold_float_to_half(BNFOLD_D2F(v));
+  else if (dtype == BNFOLD_F32) ((float*)p)[i] = BNFOLD_D2F(v);
   else ((double*)p)[i] = v;
 }
 
@@ -217,7 +235,7 @@ BNFOLD_HD int bnfold_channel_stage(const bnfold_channel_seg* segs, int n_segs, b
   double sc, off;
   int status = bnfold_scale_offset(gamma, beta, mean, var, s.eps, &sc, &off);
   scale_d[c] = sc;
-  scale_f[c] = (float)sc;
+  scale_f[c] = BNFOLD_D2F(sc);
   offset[c] = off;
   mean_d[c] = mean;
   beta_d[c] = beta;

@@ -121,3 +121,23 @@ def test_launches_do_not_grow_with_layers(cp):
         del cp.launches[:]
         cupy_backend.fold(plan, dev)
         assert cp.launches == ["bnfold_channels", "bnfold_biases", "bnfold_weights"]
+
+
+@pytest.mark.parametrize("dtype, tiny", [(np.float32, 1e-39), (np.float16, 1e-6)])
+def test_subnormal_values_are_kept(cp, dtype, tiny):
+    """CuPy compiles with -ftz=true; the kernels must still keep subnormal weights, scales and
+    products as the NumPy backend does, not flush them to zero."""
+    spec, shapes = fold_spec(0, LAYOUTS[0], dtype, stat_dtype=np.float32)
+    plan = Plan((spec,), (), shapes)
+    host = make_arrays(plan, np, seed=5)
+    rs = np.random.RandomState(5)
+    host[spec.weight][...] = (rs.standard_normal(spec.weight_shape) * tiny).astype(dtype)
+    host[spec.gamma].flat[:3] = np.float32(3e-39)          # subnormal float32 scales
+    host[spec.beta].flat[:3] = np.float32(1e-41)
+    want = {k: v.copy() for k, v in host.items()}
+    numpy_backend.fold(plan, want)
+    out = want[spec.folded_weight]
+    assert ((out != 0) & (np.abs(out) < np.finfo(dtype).tiny)).any()   # the case is really subnormal
+    dev = {k: cp.asarray(v) for k, v in host.items()}
+    cupy_backend.fold(plan, dev)
+    _compare(plan, {k: v.get() for k, v in dev.items()}, want)

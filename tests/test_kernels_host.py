@@ -29,12 +29,18 @@ def test_kernels_compile_with_nvcc(tmp_path, source, arch):
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     assert Path(nvcc).exists(), "nvcc (the CUDA toolkit) is needed to check that the kernels build"
     out = tmp_path / (source.stem + ".ptx")
-    r = subprocess.run([nvcc, f"-arch={arch}", "-ptx", "-Werror=all-warnings", str(source),
-                        "-o", str(out)], capture_output=True, text=True)
+    r = subprocess.run([nvcc, f"-arch={arch}", "-ptx", "-Werror=all-warnings", "-ftz=true",
+                        str(source), "-o", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    ptx = out.read_text()
+    _check_ptx(out.read_text())
+
+
+def _check_ptx(ptx):
     for name in ("bnfold_channels", "bnfold_biases", "bnfold_weights"):
         assert f".entry {name}" in ptx
+    # CuPy compiles with -ftz=true; a flushing instruction would zero subnormal float32 values that
+    # the NumPy backend keeps
+    assert ".ftz" not in ptx, [line for line in ptx.splitlines() if ".ftz" in line][:5]
 
 
 def _nvrtc():
@@ -52,23 +58,33 @@ def _nvrtc():
     return None
 
 
-@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
-def test_kernels_compile_with_nvrtc(source):
+def test_kernels_compile_with_nvrtc_as_cupy_does():
+    """The very source and options CuPy gets (header pasted in, -ftz=true appended last), through
+    NVRTC, for sm_80 and sm_90."""
+    from bnfold_gpu.backends.cupy_backend import kernel_source
     nvrtc = _nvrtc()
     assert nvrtc is not None, "libnvrtc (the CUDA toolkit) is needed to check the kernels for CuPy"
-    prog = ctypes.c_void_p()
-    code = source.read_bytes()
-    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), code, source.name.encode(), 0, None,
-                                    None) == 0
-    opts = [b"--gpu-architecture=compute_80", b"-I" + str(KERNELS).encode(), b"--std=c++14"]
-    arr = (ctypes.c_char_p * len(opts))(*opts)
-    rc = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)
-    size = ctypes.c_size_t()
-    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    nvrtc.nvrtcGetProgramLog(prog, log)
-    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-    assert rc == 0, log.value.decode()
+    code = kernel_source().encode()
+    for arch in (b"compute_80", b"compute_90"):
+        prog = ctypes.c_void_p()
+        assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), code, b"bnfold.cu", 0, None, None) == 0
+        opts = [b"--gpu-architecture=" + arch, b"--std=c++14", b"-ftz=true"]
+        arr = (ctypes.c_char_p * len(opts))(*opts)
+        rc = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)
+        size = ctypes.c_size_t()
+        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        ptx = b""
+        if rc == 0:
+            nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size))
+            buf = ctypes.create_string_buffer(size.value)
+            nvrtc.nvrtcGetPTX(prog, buf)
+            ptx = buf.value
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+        assert rc == 0, log.value.decode()
+        assert not log.value.strip(), log.value.decode()   # no warnings either
+        _check_ptx(ptx.decode())
 
 
 def _ptr(a):

@@ -59,6 +59,19 @@ def kernel_dir() -> Path:
     raise FileNotFoundError("bnfold_gpu's CUDA sources (kernels/bnfold.cu) are not installed")
 
 
+def kernel_source() -> str:
+    """``kernels/bnfold.cu`` with ``bnfold_math.cuh`` pasted in place of its ``#include``: CuPy keys
+    its on-disk kernel cache by the source text alone, so a header changed on its own would
+    otherwise load a stale kernel."""
+    d = kernel_dir()
+    header = "".join(line for line in (d / "bnfold_math.cuh").read_text().splitlines(True)
+                     if line.strip() != "#pragma once")
+    source = (d / "bnfold.cu").read_text()
+    include = '#include "bnfold_math.cuh"'
+    assert include in source, "kernels/bnfold.cu no longer includes bnfold_math.cuh"
+    return source.replace(include, header)
+
+
 _MODULES = {}
 
 
@@ -67,9 +80,8 @@ def _kernels(defines=()):
     ``defines`` (``("BNFOLD_UNROLL=8",)``) build a variant, as the GPU benchmark does."""
     key = (cupy.cuda.runtime.getDevice(), tuple(defines))
     if key not in _MODULES:
-        d = kernel_dir()
-        module = cupy.RawModule(code=(d / "bnfold.cu").read_text(),
-                                options=("-I" + str(d), "--std=c++14") + tuple("-D" + x for x in defines))
+        module = cupy.RawModule(code=kernel_source(),
+                                options=("--std=c++14",) + tuple("-D" + x for x in defines))
         _MODULES[key] = {k: module.get_function(k) for k in KERNEL_NAMES}
     return _MODULES[key]
 
