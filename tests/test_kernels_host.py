@@ -136,7 +136,8 @@ def test_float_to_half_rounds_like_numpy(host, rng):
     f = np.concatenate([special, rand, ulps]).astype(np.float32)
     out = np.empty(f.size, np.uint16)
     host.bnfold_host_float_to_half(_ptr(f), _ptr(out), f.size)
-    want = f.astype(np.float16)
+    with np.errstate(over="ignore"):   # overflow to inf is one of the cases
+        want = f.astype(np.float16)
     nan = np.isnan(want)
     assert np.array_equal(out[~nan], want[~nan].view(np.uint16))
     assert np.isnan(out[nan].view(np.float16)).all()
