@@ -24,6 +24,10 @@ class ndarray(np.ndarray):
     def data(self):
         return _Memory(self)
 
+    @property
+    def device(self):
+        return types.SimpleNamespace(id=getattr(self, "fake_device", 0))
+
     def get(self, stream=None, out=None, blocking=True):
         if out is None:
             return np.array(self.view(np.ndarray))
@@ -37,6 +41,20 @@ class ndarray(np.ndarray):
 class _Event:
     def record(self, stream=None):
         self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
+class _Device:
+    def __init__(self, device=None):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
     def synchronize(self):
         pass
@@ -81,7 +99,7 @@ def make(host_lib):
     cp.cuda = types.SimpleNamespace(
         runtime=runtime, Stream=_Stream, get_current_stream=lambda: _Stream(), Event=_Event,
         get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3,
-        Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None))
+        Device=_Device)
 
     def ptr(a):
         return ctypes.c_void_p(a.ctypes.data)

@@ -87,6 +87,18 @@ def test_bad_variance_on_device_changes_nothing(cp):
         assert np.array_equal(v.get(), host[k], equal_nan=True), k
 
 
+def test_arrays_on_two_gpus_are_refused(cp):
+    if not hasattr(cp, "launches"):
+        pytest.skip("places arrays on a second device of the emulated device only")
+    plan = random_plan(np.random.RandomState(13), n_folds=3, dtype=np.float32)
+    host = make_arrays(plan, np, seed=6, poison=False)
+    dev = {k: cp.asarray(v) for k, v in host.items()}
+    dev[plan.folds[2].weight].fake_device = 1
+    with pytest.raises(FoldError, match=r"several GPUs \(0, 1\)"):
+        cupy_backend.fold(plan, dev)
+    assert cp.launches == [] and all(np.array_equal(v, host[k]) for k, v in dev.items())
+
+
 def test_index_past_2_to_the_31(cp):
     """2^31 + 3 float16 weights in one layer: elements beyond 2^31 get their own channel's scale."""
     free, _ = cp.cuda.runtime.memGetInfo()

@@ -170,7 +170,12 @@ def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
     for d in set(dtypes.values()):
         segments.dtype_code(d)
     if all(isinstance(a, cupy.ndarray) for a in arrays.values()):
-        _fold_device(plan, arrays, dtypes)
+        devices = {a.device.id for a in arrays.values()}
+        if len(devices) > 1:
+            raise FoldError(f"the arrays live on several GPUs ({', '.join(map(str, sorted(devices)))}); "
+                            f"a plan folds on one")
+        with cupy.cuda.Device(devices.pop() if devices else None):
+            _fold_device(plan, arrays, dtypes)
     else:
         _fold_host(plan, arrays)
 
