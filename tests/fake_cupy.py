@@ -46,22 +46,10 @@ class _Event:
         pass
 
 
-class _Device:
-    def __init__(self, device=None):
-        pass
+class _Context:
+    """A device or a stream: usable in ``with``, nothing to wait for."""
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def synchronize(self):
-        pass
-
-
-class _Stream:
-    def __init__(self, non_blocking=False):
+    def __init__(self, *args, **kwargs):
         pass
 
     def __enter__(self):
@@ -97,9 +85,9 @@ def make(host_lib):
         getDeviceProperties=lambda i: {"name": b"host emulation"}, driverGetVersion=lambda: 0,
         runtimeGetVersion=lambda: 0)
     cp.cuda = types.SimpleNamespace(
-        runtime=runtime, Stream=_Stream, get_current_stream=lambda: _Stream(), Event=_Event,
+        runtime=runtime, Stream=_Context, get_current_stream=_Context, Event=_Event,
         get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3,
-        Device=_Device)
+        Device=_Context)
 
     def ptr(a):
         return ctypes.c_void_p(a.ctypes.data)
