@@ -2,9 +2,9 @@
 backend on random plans (every layout and dtype), then fold times for models of 0.1, 1, 4 and 16 GB of
 float32 weights (as many as fit): the whole ``fold`` call (host-side tables included) and the weight
 kernel alone, each beside a device-to-device copy of the same bytes, and the NumPy path on the same
-machine; then the weight kernel built with each BNFOLD_UNROLL (loads a thread issues before it stores)
-for float32 and float16 weights, checked against the default build. Writes a JSON under --out and
-prints tables."""
+machine; then the weight kernel built with other BNFOLD_PER_THREAD (elements per thread) and
+BNFOLD_UNROLL (loads a thread issues before it stores) for float32 and float16 weights, each checked
+against the default build. Writes a JSON under --out and prints tables."""
 import argparse
 import datetime
 import os
@@ -76,13 +76,14 @@ def device_arrays(plan, dtype=np.float32):
     return arrays, buf
 
 
-def weight_launch(plan, arrays):
+def weight_launch(plan, arrays, chunk=segments.CHUNK, channels=None):
     """What the weight kernel needs for ``plan`` over device ``arrays``: the per-channel scales
-    (computed once) and the weight table."""
+    (computed unless given) and the weight table for blocks of ``chunk`` elements."""
     pointers = {n: a.data.ptr for n, a in arrays.items()}
     dtypes = {n: a.dtype for n, a in arrays.items()}
-    channels = cupy_backend._Channels(plan, pointers, dtypes, cupy_backend._kernels())
-    return channels, segments.build(plan, pointers, dtypes, channels=False)
+    if channels is None:
+        channels = cupy_backend._Channels(plan, pointers, dtypes, cupy_backend._kernels())
+    return channels, segments.build(plan, pointers, dtypes, channels=False, chunk=chunk)
 
 
 def cuda_time(fn, repeats):
@@ -150,26 +151,29 @@ def measure(gb, nbytes, args):
     return row
 
 
-def unroll_sweep(args):
-    """The weight kernel built with each BNFOLD_UNROLL, float32 and float16 weights of --unroll-gb:
-    GB/s beside a device copy of the same bytes, and whether it writes what the default build does."""
+def build_sweep(args):
+    """The weight kernel built with each BNFOLD_PER_THREAD x BNFOLD_UNROLL of --builds, float32 and
+    float16 weights of --sweep-gb: GB/s beside a device copy of the same bytes, and whether it
+    writes what the default build does."""
     rows = []
     for dtype in (np.float32, np.float16):
-        plan = sized_plan(np.random.RandomState(1), int(args.unroll_gb * 1e9), dtype)
+        plan = sized_plan(np.random.RandomState(1), int(args.sweep_gb * 1e9), dtype)
         arrays, buf = device_arrays(plan, dtype)
         original = buf.copy()
         copy_s = copy_seconds(buf, args.repeats)
         channels, tables = weight_launch(plan, arrays)
         channels.weights(cupy_backend._kernels(), tables.weights, tables.total_blocks)
         reference = buf.copy()
-        for unroll in (int(u) for u in args.unrolls.split(",")):
-            kernels = cupy_backend._kernels((f"BNFOLD_UNROLL={unroll}",))
+        for build in args.builds.split(","):
+            per_thread, unroll = (int(x) for x in build.split("x"))
+            kernels = cupy_backend._kernels((f"BNFOLD_PER_THREAD={per_thread}", f"BNFOLD_UNROLL={unroll}"))
+            _, t = weight_launch(plan, arrays, chunk=segments.BLOCK * per_thread, channels=channels)
             buf[...] = original
-            channels.weights(kernels, tables.weights, tables.total_blocks)
+            channels.weights(kernels, t.weights, t.total_blocks)
             same = bool((buf.view(cp.uint8) == reference.view(cp.uint8)).all())
-            kernel_s = cuda_time(lambda: channels.weights(kernels, tables.weights, tables.total_blocks),
-                                 args.repeats)
-            rows.append({"dtype": np.dtype(dtype).name, "unroll": unroll, "weight_bytes": int(buf.nbytes),
+            kernel_s = cuda_time(lambda: channels.weights(kernels, t.weights, t.total_blocks), args.repeats)
+            rows.append({"dtype": np.dtype(dtype).name, "per_thread": per_thread, "unroll": unroll,
+                         "weight_bytes": int(buf.nbytes),
                          "weight_kernel_gbps": 2 * buf.nbytes / kernel_s / 1e9,
                          "copy_gbps": 2 * buf.nbytes / copy_s / 1e9,
                          "kernel_over_copy_bandwidth": copy_s / kernel_s,
@@ -186,8 +190,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--numpy-max-gb", type=float, default=1.0,
                     help="time the NumPy path up to this size (it is slow)")
-    ap.add_argument("--unrolls", default="1,2,4,8,16", help="BNFOLD_UNROLL values to compare")
-    ap.add_argument("--unroll-gb", type=float, default=1.0, help="weights for that comparison")
+    ap.add_argument("--builds", default="16x1,16x2,16x4,16x8,16x16,4x4,64x4,64x8",
+                    help="weight-kernel builds to compare: BNFOLD_PER_THREAD x BNFOLD_UNROLL")
+    ap.add_argument("--sweep-gb", type=float, default=1.0, help="weights for that comparison")
     args = ap.parse_args()
     reason = cupy_backend.unavailable_reason()
     if reason:
@@ -208,8 +213,8 @@ def main():
             continue
         rows.append(measure(gb, nbytes, args))
         cp.get_default_memory_pool().free_all_blocks()
-    sweep = unroll_sweep(args)
-    failures += [f"BNFOLD_UNROLL={r['unroll']} ({r['dtype']}) differs from the default build"
+    sweep = build_sweep(args)
+    failures += [f"build {r['per_thread']}x{r['unroll']} ({r['dtype']}) differs from the default build"
                  for r in sweep if not r["matches_default_build"]]
     result = {
         "benchmark": "gpu", "date": datetime.date.today().isoformat(),
@@ -219,7 +224,7 @@ def main():
                      "cupy": cp.__version__},
         "host_cpus": os.cpu_count(), "repeats": args.repeats,
         "correctness": {"folds_checked": checked, "failures": failures},
-        "rows": rows, "unroll_sweep": sweep,
+        "rows": rows, "build_sweep": sweep,
     }
     name = result["device"].replace(" ", "-").replace("/", "-")
     out = write_result(result, args.out, f"gpu-{name}-{result['date']}.json")
@@ -236,10 +241,11 @@ def main():
               f"{r['fold_over_copy_bandwidth']:9.0%} {r['kernel_over_copy_bandwidth']:11.0%} "
               f"{r['overhead_us_per_layer']:8.1f} "
               f"{r.get('numpy_s', float('nan')) * 1e3:9.1f} {r.get('speedup_vs_numpy', float('nan')):8.0f}x")
-    print(f"weight kernel by BNFOLD_UNROLL, {args.unroll_gb} GB of weights:")
-    print(f"{'dtype':>8} {'unroll':>6} {'kernel GB/s':>12} {'copy GB/s':>10} {'kernel/copy':>11} {'same':>5}")
+    print(f"weight kernel by build (elements per thread x loads before stores), {args.sweep_gb} GB:")
+    print(f"{'dtype':>8} {'build':>6} {'kernel GB/s':>12} {'copy GB/s':>10} {'kernel/copy':>11} {'same':>5}")
     for r in sweep:
-        print(f"{r['dtype']:>8} {r['unroll']:6} {r['weight_kernel_gbps']:12.0f} {r['copy_gbps']:10.0f} "
+        build = f"{r['per_thread']}x{r['unroll']}"
+        print(f"{r['dtype']:>8} {build:>6} {r['weight_kernel_gbps']:12.0f} {r['copy_gbps']:10.0f} "
               f"{r['kernel_over_copy_bandwidth']:11.0%} {str(r['matches_default_build']):>5}")
     print(f"written to {out}")
     return 1 if failures else 0

@@ -55,13 +55,20 @@ typedef unsigned long long bnfold_u64;
 typedef unsigned int bnfold_u32;
 typedef unsigned short bnfold_u16;
 
-// threads per block, and weight elements one block rescales (16 per thread keeps blocks few)
+// Threads per block; weight elements per thread of a block (a block looks its layer up once, so
+// more elements per block spend less on the lookup; the host tables count blocks of BNFOLD_CHUNK,
+// see segments.py); weight elements a thread loads before it stores. The GPU benchmark compares
+// builds with -DBNFOLD_PER_THREAD=n -DBNFOLD_UNROLL=m.
 #define BNFOLD_BLOCK 256
-#define BNFOLD_CHUNK (BNFOLD_BLOCK * 16)
-// weight elements a thread loads before it stores (a power of two up to 16; the GPU benchmark
-// compares values with -DBNFOLD_UNROLL=n)
+#ifndef BNFOLD_PER_THREAD
+#define BNFOLD_PER_THREAD 16
+#endif
+#define BNFOLD_CHUNK (BNFOLD_BLOCK * BNFOLD_PER_THREAD)
 #ifndef BNFOLD_UNROLL
 #define BNFOLD_UNROLL 4
+#endif
+#if BNFOLD_UNROLL > BNFOLD_PER_THREAD
+#error "BNFOLD_UNROLL exceeds BNFOLD_PER_THREAD"
 #endif
 
 // dtype codes used in the segment tables

@@ -62,8 +62,9 @@ class _Context:
         pass
 
 
-def make(host_lib):
-    """A module-like object exposing what the GPU backend uses of CuPy."""
+def make(host_lib, build=None):
+    """A module-like object exposing what the GPU backend uses of CuPy. ``build(defines)`` compiles
+    the host kernels with ``-D`` options, for modules built with them (default: ``host_lib`` for all)."""
     cp = types.SimpleNamespace()
     cp.ndarray = ndarray
     for name in ("float16", "float32", "float64", "int32", "int64", "uint8", "nan"):
@@ -92,30 +93,34 @@ def make(host_lib):
     def ptr(a):
         return ctypes.c_void_p(a.ctypes.data)
 
-    def channels(grid, block, args):
-        seg, n, total, sd, sf, off, mean, beta, status = args
-        host_lib.bnfold_host_channels(ptr(seg), int(n), int(total), ptr(sd), ptr(sf), ptr(off),
-                                      ptr(mean), ptr(beta), ptr(status))
+    def kernels(lib):
+        def channels(grid, block, args):
+            seg, n, total, sd, sf, off, mean, beta, status = args
+            lib.bnfold_host_channels(ptr(seg), int(n), int(total), ptr(sd), ptr(sf), ptr(off),
+                                     ptr(mean), ptr(beta), ptr(status))
 
-    def biases(grid, block, args):
-        seg, n, total, sd, mean, beta = args
-        host_lib.bnfold_host_biases(ptr(seg), int(n), int(total), ptr(sd), ptr(mean), ptr(beta))
+        def biases(grid, block, args):
+            seg, n, total, sd, mean, beta = args
+            lib.bnfold_host_biases(ptr(seg), int(n), int(total), ptr(sd), ptr(mean), ptr(beta))
 
-    def weights(grid, block, args):
-        seg, n, sd, sf = args
-        host_lib.bnfold_host_weights(ptr(seg), int(n), int(grid[0]), ptr(sd), ptr(sf))
+        def weights(grid, block, args):
+            seg, n, sd, sf = args
+            lib.bnfold_host_weights(ptr(seg), int(n), int(grid[0]), ptr(sd), ptr(sf))
 
-    kernels = {"bnfold_channels": channels, "bnfold_biases": biases, "bnfold_weights": weights}
+        return {"bnfold_channels": channels, "bnfold_biases": biases, "bnfold_weights": weights}
 
     class RawModule:
         def __init__(self, code, options=()):
             assert "bnfold_weights" in code and '#include "' not in code   # one self-contained source
+            defines = [o[2:] for o in options if o.startswith("-D")]
+            assert build or not defines, "this emulated device has no builds with -D options"
+            self.kernels = kernels(build(defines) if defines else host_lib)
 
         def get_function(self, name):
             def launch(grid, block, args):
                 assert block == (256,) and all(g >= 1 for g in grid)
                 cp.launches.append(name)
-                kernels[name](grid, block, args)
+                self.kernels[name](grid, block, args)
             return launch
 
     cp.RawModule = RawModule

@@ -11,7 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_gpu_runs_on_the_emulated_device(host, monkeypatch, tmp_path, capsys):
     import fake_cupy
-    fake = fake_cupy.make(host)
+    from conftest import build_host
+
+    def build(defines):   # the kernels' host code built as the benchmark's -D options ask
+        d = tmp_path / "_".join(defines)
+        d.mkdir()
+        return build_host(d, defines)
+
+    fake = fake_cupy.make(host, build)
     monkeypatch.setattr(cupy_backend, "cupy", fake)
     monkeypatch.setattr(cupy_backend, "_MODULES", {})
     sys.path.insert(0, str(ROOT / "bench"))
@@ -22,8 +29,8 @@ def test_bench_gpu_runs_on_the_emulated_device(host, monkeypatch, tmp_path, caps
     monkeypatch.setattr(bench_gpu, "cp", fake)
     monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--out", str(tmp_path) + "/",
                                       "--sizes-gb", "0.002,0.004,100", "--repeats", "2",
-                                      "--numpy-max-gb", "0.003", "--unroll-gb", "0.001",
-                                      "--unrolls", "1,4"])
+                                      "--numpy-max-gb", "0.003", "--sweep-gb", "0.01",
+                                      "--builds", "4x4,64x8"])
     assert bench_gpu.main() == 0
     out = capsys.readouterr().out
     assert "0 failures" in out and "skipped" in out
@@ -32,7 +39,7 @@ def test_bench_gpu_runs_on_the_emulated_device(host, monkeypatch, tmp_path, caps
     assert result["correctness"]["failures"] == [] and result["correctness"]["folds_checked"] > 30
     assert rows[0]["fold_gbps"] > 0 and "speedup_vs_numpy" in rows[0]
     assert "speedup_vs_numpy" not in rows[1] and "skipped" in rows[2]
-    sweep = result["unroll_sweep"]
-    assert [(r["dtype"], r["unroll"]) for r in sweep] == [("float32", 1), ("float32", 4),
-                                                          ("float16", 1), ("float16", 4)]
+    sweep = result["build_sweep"]
+    assert [(r["dtype"], r["per_thread"], r["unroll"]) for r in sweep] == [
+        ("float32", 4, 4), ("float32", 64, 8), ("float16", 4, 4), ("float16", 64, 8)]
     assert all(r["matches_default_build"] and r["weight_kernel_gbps"] > 0 for r in sweep)

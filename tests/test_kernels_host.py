@@ -149,9 +149,9 @@ def _random_plan(rng, dtype=None):
     return plan, make_arrays(plan, np, seed=int(rng.randint(1 << 30)))
 
 
-def _run_host(host, plan, arrays):
+def _run_host(host, plan, arrays, chunk=segments.CHUNK):
     t = segments.build(plan, {n: _ptr(a) for n, a in arrays.items()},
-                       {n: a.dtype for n, a in arrays.items()})
+                       {n: a.dtype for n, a in arrays.items()}, chunk=chunk)
     n = t.total_channels
     scale_d, offset, mean_d, beta_d = (np.full(n, np.nan) for _ in range(4))
     scale_f = np.full(n, np.nan, np.float32)
@@ -183,17 +183,17 @@ def test_host_kernels_match_numpy_backend_bit_for_bit(host, seed):
         assert np.array_equal(arrays[spec.weight], ref[spec.weight])  # sources untouched
 
 
-@pytest.mark.parametrize("unroll", [1, 2, 16])
-def test_every_unroll_matches_numpy_backend(tmp_path, unroll):
-    # the weight kernel's loads-before-stores batching, at the values the GPU benchmark compares
+@pytest.mark.parametrize("per_thread, unroll", [(16, 1), (16, 2), (16, 16), (1, 1), (64, 8)])
+def test_every_build_matches_numpy_backend(tmp_path, per_thread, unroll):
+    # the weight kernel at the BNFOLD_PER_THREAD / BNFOLD_UNROLL values the GPU benchmark compares
     from conftest import build_host
-    lib = build_host(tmp_path, [f"BNFOLD_UNROLL={unroll}"])
+    lib = build_host(tmp_path, [f"BNFOLD_PER_THREAD={per_thread}", f"BNFOLD_UNROLL={unroll}"])
     for seed in range(3):
         rng = np.random.RandomState(100 + seed)
         plan, arrays = _random_plan(rng)
         ref = {n: a.copy() for n, a in arrays.items()}
         numpy_backend.fold(plan, ref)
-        _run_host(lib, plan, arrays)
+        _run_host(lib, plan, arrays, chunk=segments.BLOCK * per_thread)
         for spec in plan.folds:
             got, want = arrays[spec.folded_weight], ref[spec.folded_weight]
             assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (unroll, spec.kind)

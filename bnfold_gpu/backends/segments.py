@@ -14,7 +14,8 @@ from ..layout import ChannelLayout
 from ..plan import OUTPUT_SIDE, Plan
 
 BLOCK = 256                 # BNFOLD_BLOCK
-CHUNK = BLOCK * 16          # BNFOLD_CHUNK: weight elements per block
+PER_THREAD = 16             # BNFOLD_PER_THREAD
+CHUNK = BLOCK * PER_THREAD  # BNFOLD_CHUNK: weight elements per block
 
 DTYPE_CODES = {np.dtype(np.float16): 0, np.dtype(np.float32): 1, np.dtype(np.float64): 2}
 
@@ -109,11 +110,11 @@ def pieces(layout: ChannelLayout, numel_limit: int) -> List[Tuple[int, int, Chan
 
 
 def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], channels=True,
-          weights=True) -> Tables:
+          weights=True, chunk=CHUNK) -> Tables:
     """Tables for the folds of ``plan``, given each array's device address and dtype by name.
     ``channels=False`` leaves out the statistics and biases, ``weights=False`` the weights (their
-    arrays need not be in ``pointer`` then). Built column by column: thousands of layers cost
-    milliseconds, not several times the kernels' own time."""
+    arrays need not be in ``pointer`` then); ``chunk`` is the kernels' BNFOLD_CHUNK. Built column by
+    column: thousands of layers cost milliseconds, not several times the kernels' own time."""
     folds = plan.folds
     bounds = np.zeros(len(folds) + 1, np.int64)
     np.cumsum([s.n_channels for s in folds], out=bounds[1:])
@@ -146,9 +147,9 @@ def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], chann
             src=[pointer[s.weight] for s in folds], dst=[pointer[s.folded_weight] for s in folds],
             channel_offset=offsets, dtype=[dtype_code(dtype[s.folded_weight]) for s in folds],
             src_dtype=[dtype_code(dtype[s.weight]) for s in folds],
-            units=lambda numel: -(-numel // CHUNK))
+            units=lambda numel: -(-numel // chunk))
         last = weight_rows[-1]
-        total_blocks = int(last["first_block"]) + -(-int(last["numel"]) // CHUNK)
+        total_blocks = int(last["first_block"]) + -(-int(last["numel"]) // chunk)
     return Tables(channel_rows, int(bounds[-1]), biases, total_bias, weight_rows, total_blocks, bounds)
 
 
