@@ -74,6 +74,7 @@ def make(host_lib, build=None):
     cp.zeros = lambda shape, dtype=np.float32: np.zeros(shape, dtype).view(ndarray)
     cp.full = lambda shape, value, dtype=np.float32: np.full(shape, value, dtype).view(ndarray)
     cp.empty_like = lambda a: np.empty_like(a).view(ndarray)
+    cp.ascontiguousarray = lambda a: np.ascontiguousarray(a).view(ndarray)
     cp.launches = []
     cp.__version__ = "emulated"
     rs = np.random.RandomState(0)

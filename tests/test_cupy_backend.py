@@ -87,6 +87,25 @@ def test_bad_variance_on_device_changes_nothing(cp):
         assert np.array_equal(v.get(), host[k], equal_nan=True), k
 
 
+def test_strided_statistics_are_read_correctly(cp):
+    # e.g. one (channels, 4) array holding every statistic, passed as column views
+    rng = np.random.RandomState(14)
+    plan = random_plan(rng, n_folds=4, dtype=np.float32)
+    host = make_arrays(plan, np, seed=7)
+    want = {k: v.copy() for k, v in host.items()}
+    numpy_backend.fold(plan, want)
+    dev = {k: cp.asarray(v) for k, v in host.items()}
+    for spec in plan.folds:
+        for key in (spec.gamma, spec.beta, spec.mean, spec.var):
+            if key:
+                wide = cp.zeros((host[key].size, 3), host[key].dtype)
+                wide[:, 1] = dev[key].reshape(-1)
+                dev[key] = wide[:, 1]
+                assert not dev[key].flags.c_contiguous
+    cupy_backend.fold(plan, dev)
+    _compare(plan, {k: v.get() for k, v in dev.items()}, want)
+
+
 def test_arrays_on_two_gpus_are_refused(cp):
     if not hasattr(cp, "launches"):
         pytest.skip("places arrays on a second device of the emulated device only")

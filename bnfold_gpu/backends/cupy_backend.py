@@ -182,6 +182,7 @@ def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
 
 def _fold_device(plan, arrays, dtypes):
     k = _kernels()
+    arrays = _contiguous_statistics(plan, arrays)
     pointers = {n: _ptr(a) for n, a in arrays.items()}
     ch = _Channels(plan, pointers, dtypes, k)
     bounds = ch.tables.channel_bounds
@@ -195,6 +196,16 @@ def _fold_device(plan, arrays, dtypes):
     t = segments.build(plan, pointers, dtypes, channels=False)
     ch.weights(k, t.weights, t.total_blocks)
     cupy.cuda.get_current_stream().synchronize()
+
+
+def _contiguous_statistics(plan, arrays):
+    """The kernels read statistics by address: strided views (which the NumPy backend accepts) are
+    replaced by contiguous copies; they are only read, so the caller's arrays are unaffected."""
+    names = {key for spec in plan.folds for key in (spec.gamma, spec.beta, spec.mean, spec.var) if key}
+    strided = [key for key in names if not arrays[key].flags.c_contiguous]
+    if not strided:
+        return arrays
+    return {**arrays, **{key: cupy.ascontiguousarray(arrays[key]) for key in strided}}
 
 
 def _fold_host(plan, host):
