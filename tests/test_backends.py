@@ -56,3 +56,16 @@ def test_numpy_backend_rejects_wrong_shapes():
     arrays[plan.folds[1].mean] = np.zeros(3, np.float32)
     with pytest.raises(FoldError, match=f"{plan.folds[1].bn}: mean"):
         numpy_backend.fold(plan, arrays)
+
+
+def test_folded_weight_of_another_dtype_is_refused():
+    # the weight kernel reads and writes one dtype; neither backend converts silently
+    rng = np.random.RandomState(8)
+    plan = random_plan(rng, n_folds=2, dtype=np.float32)
+    arrays = make_arrays(plan, np)
+    spec = plan.folds[1]
+    arrays[spec.folded_weight] = arrays[spec.folded_weight].astype(np.float16)
+    before = {k: v.copy() for k, v in arrays.items()}
+    with pytest.raises(FoldError, match=f"{spec.bn}: folded weight .* is float16, its source .* float32"):
+        numpy_backend.fold(plan, arrays)
+    assert all(np.array_equal(arrays[k], before[k], equal_nan=True) for k in arrays)

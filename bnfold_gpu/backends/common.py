@@ -7,7 +7,8 @@ class FoldError(ValueError):
 
 
 def check_plan_arrays(plan, arrays) -> None:
-    """Every array a fold reads or writes is present, C-contiguous and of the planned size."""
+    """Every array a fold reads or writes is present, of the planned size, C-contiguous (weights and
+    biases), and a folded weight has its source's dtype."""
     for spec in plan.folds:
         n = spec.n_channels
         for label in ("beta", "gamma", "mean", "var"):
@@ -27,6 +28,10 @@ def check_plan_arrays(plan, arrays) -> None:
                 raise FoldError(f"{spec.bn}: '{key}' has shape {tuple(a.shape)}, expected {shape}")
             if not a.flags.c_contiguous:
                 raise FoldError(f"{spec.bn}: '{key}' is not C-contiguous")
+        if arrays[spec.folded_weight].dtype != arrays[spec.weight].dtype:
+            raise FoldError(f"{spec.bn}: folded weight '{spec.folded_weight}' is "
+                            f"{arrays[spec.folded_weight].dtype}, its source "
+                            f"'{spec.weight}' {arrays[spec.weight].dtype}")
         if spec.weight_layout.size != prod(spec.weight_shape):
             raise FoldError(f"{spec.bn}: layout {spec.weight_layout} does not cover weight "
                             f"{spec.weight_shape}")
