@@ -63,6 +63,15 @@ def dtype_code(dtype) -> int:
         raise TypeError(f"unsupported dtype {np.dtype(dtype)}: float16, float32 or float64") from None
 
 
+_F32 = np.dtype(np.float32)
+
+
+def _codes(dtypes) -> list:
+    """``dtype_code`` of each dtype, converting each distinct dtype once."""
+    known = {}
+    return [known[d] if d in known else known.setdefault(d, dtype_code(d)) for d in dtypes]
+
+
 @dataclass
 class Tables:
     channels: np.ndarray        # CHANNEL_SEG, one per fold
@@ -126,9 +135,9 @@ def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], chann
         for label in ("gamma", "beta", "mean", "var"):
             keys = [getattr(s, label) for s in folds]
             channel_rows[label] = [0 if k is None else pointer[k] for k in keys]
-            channel_rows[label + "_dtype"] = [1 if k is None else dtype_code(dtype[k]) for k in keys]
+            channel_rows[label + "_dtype"] = _codes([dtype[k] if k else _F32 for k in keys])
         channel_rows["eps"] = [s.eps for s in folds]
-        channel_rows["n_channels"] = [s.n_channels for s in folds]
+        channel_rows["n_channels"] = np.diff(bounds)
         channel_rows["channel_offset"] = offsets
         channel_rows["fold"] = np.arange(len(folds))
         out = [j for j, s in enumerate(folds) if s.side == OUTPUT_SIDE]
@@ -137,16 +146,16 @@ def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], chann
             src=[pointer[folds[j].bias] if folds[j].bias else 0 for j in out],
             dst=[pointer[folds[j].folded_bias] for j in out],
             channel_offset=offsets[out],
-            dtype=[dtype_code(dtype[folds[j].folded_bias]) for j in out],
-            src_dtype=[dtype_code(dtype[folds[j].bias or folds[j].folded_bias]) for j in out],
+            dtype=_codes([dtype[folds[j].folded_bias] for j in out]),
+            src_dtype=_codes([dtype[folds[j].bias or folds[j].folded_bias] for j in out]),
             units=lambda numel: numel)
         total_bias = int(biases["numel"].sum())
     if weights and folds:
         weight_rows = _rows(
             [s.weight_layout for s in folds],
             src=[pointer[s.weight] for s in folds], dst=[pointer[s.folded_weight] for s in folds],
-            channel_offset=offsets, dtype=[dtype_code(dtype[s.folded_weight]) for s in folds],
-            src_dtype=[dtype_code(dtype[s.weight]) for s in folds],
+            channel_offset=offsets, dtype=_codes([dtype[s.folded_weight] for s in folds]),
+            src_dtype=_codes([dtype[s.weight] for s in folds]),
             units=lambda numel: -(-numel // chunk))
         last = weight_rows[-1]
         total_blocks = int(last["first_block"]) + -(-int(last["numel"]) // chunk)
