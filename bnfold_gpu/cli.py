@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from .backends import get_backend
 from .plan import format_table as _table
 
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
@@ -115,6 +116,7 @@ def cmd_fold(args):
         raise N.NnpError(f"{out_path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise N.NnpError(f"{out_path}: folder {folder} is not writable")
+    get_backend(args.backend)   # an unusable backend is said before a large file is read
     t0 = time.perf_counter()
     f = N.read(args.input)
     progress = Progress(4 + len(f.proto.network) * (2 if args.verify else 1), args.quiet)

@@ -240,6 +240,10 @@ def test_unusable_backend_is_a_clear_error(tmp_path, capsys, monkeypatch):
     from bnfold_gpu.backends import cupy_backend
     monkeypatch.setattr(cupy_backend, "unavailable_reason", lambda: "no CUDA device found")
     p = nnp_files.single(tmp_path / "m.nnp")
+    out = tmp_path / "out.nnp"
+    assert run("fold", p, "-o", out, "--backend", "cupy") == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device found" in err and "loaded" not in err   # said before the file is read
     assert "no CUDA device found" in _bad(tmp_path, capsys, "fold", p, "--backend", "cupy")
 
 
