@@ -122,6 +122,7 @@ def cmd_fold(args):
     progress = Progress(4 + len(f.proto.network) * (2 if args.verify else 1), args.quiet)
     progress.step(f"loaded {args.input}")
     fp = N.plan_file(f, progress)
+    original = (args.input, N.structure(f.proto))   # before the rewrite, for --verify
     progress.step("folding")
     backend, nbytes = N.fold_parameters(f, fp, args.backend)
     N.rewrite_proto(f, fp)
@@ -131,11 +132,10 @@ def cmd_fold(args):
     records = []
     try:
         if args.verify:
-            original = N.read(args.input)
             nets = [n.name for n in fp.networks if fp.folds.get(n.name) and not n.training]
             for name in nets:
                 progress.step(f"verifying {name}")
-            records = N.verify(original, tmp, nets, seed=args.seed)
+            records = N.verify(original, (tmp, f.proto), nets, seed=args.seed)
         bad = [r for r in records if _failed(r, args.tolerance)]
         if bad:
             os.unlink(tmp)

@@ -14,7 +14,7 @@ import numpy as np
 
 from .backends import get_backend
 from .backends.common import FoldError
-from .graph import BN_TYPES, Graph
+from .graph import BN_TYPES, Graph, parameter_names
 from .plan import OUTPUT_SIDE, FoldSpec, Plan, Skip
 from .planner import plan as make_plan
 
@@ -183,28 +183,46 @@ def _is_training(net) -> bool:
     return False
 
 
-def build_networks(nnp: NnpFile, names=None):
-    """(loader scope) -> {network name: (graph outputs, NnpNetwork)} built by NNabla's NnpLoader in
-    a private parameter scope."""
+def structure(proto):
+    """A copy of the network definition without parameter values: networks, executors and the rest,
+    every field but ``parameter``. Small, whatever the model's size."""
+    from nnabla.utils import nnabla_pb2
+    out = nnabla_pb2.NNablaProtoBuf()
+    for fd, value in proto.ListFields():
+        if fd.name == "parameter":
+            continue
+        if fd.label == fd.LABEL_REPEATED:
+            getattr(out, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(out, fd.name).CopyFrom(value)
+        else:
+            setattr(out, fd.name, value)
+    return out
+
+
+def build_networks(path: str, proto, names=None):
+    """(loader scope) -> {network name: (graph outputs, NnpNetwork)} built by NNabla's NnpLoader from
+    the file ``path`` in a private parameter scope; ``proto`` (its network definition, parameter
+    values not needed) names each network's outputs."""
     import nnabla as nn
     from nnabla.utils.nnp_graph import NnpLoader
     nets = {}
     scope = OrderedDict()
     with nn.parameter_scope("", scope):
         try:
-            loader = NnpLoader(nnp.path)
+            loader = NnpLoader(path)
         except Exception as e:  # NNabla's own loader, on a file our checks passed
-            raise NnpError(f"{nnp.path}: NNabla cannot load it: {_one_line(e)}") from None
-        for net in nnp.proto.network:
+            raise NnpError(f"{path}: NNabla cannot load it: {_one_line(e)}") from None
+        for net in proto.network:
             if names is not None and net.name not in names:
                 continue
             try:
                 built = loader.get_network(net.name)
             except Exception as e:
-                raise NnpError(f"{nnp.path}: network '{net.name}' does not build: {_one_line(e)}") \
+                raise NnpError(f"{path}: network '{net.name}' does not build: {_one_line(e)}") \
                     from None
             outputs = list(built.outputs.values())
-            for ex in nnp.proto.executor:
+            for ex in proto.executor:
                 if ex.network_name == net.name:
                     for ov in ex.output_variable:
                         v = built.variables.get(ov.variable_name)
@@ -214,6 +232,27 @@ def build_networks(nnp: NnpFile, names=None):
     return scope, nets
 
 
+def _build_structure(nnp: NnpFile, directory: str):
+    """``build_networks`` over the file's networks loaded without their parameter values, which are
+    then given the values ``read`` already parsed: NNabla's loader is spared parsing every weight a
+    second time."""
+    from google.protobuf import text_format
+    path = os.path.join(directory, "structure.nnp")
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("network.nntxt", text_format.MessageToString(structure(nnp.proto)))
+    try:
+        scope, built = build_networks(path, nnp.proto)
+    except NnpError as e:   # name the user's file, not the scratch copy
+        raise NnpError(str(e).replace(path, nnp.path, 1)) from None
+    for v, name in parameter_names(scope).items():
+        param = nnp.params.get(name)
+        if param is None or param.value.size != v.size:
+            raise NnpError(f"{nnp.path}: parameter '{name}' of shape {tuple(v.shape)} has no value "
+                           f"of that size in the file")
+        v.d = param.value.reshape(v.shape)
+    return scope, built
+
+
 def plan_file(nnp: NnpFile, progress=None) -> FilePlan:
     """Plan every network of the file and settle the folded parameters' names across networks."""
     import nnabla as nn
@@ -221,7 +260,8 @@ def plan_file(nnp: NnpFile, progress=None) -> FilePlan:
     for net in nnp.proto.network:
         all_names.update(v.name for v in net.variable)
     uses = {net.name: _uses(net) for net in nnp.proto.network}
-    scope, built = build_networks(nnp)
+    with tempfile.TemporaryDirectory() as scratch:
+        scope, built = _build_structure(nnp, scratch)
     fp = FilePlan([])
     seen: Dict[tuple, FoldSpec] = {}
     with nn.parameter_scope("", scope):
@@ -507,14 +547,14 @@ def write_temp(data: bytes, target: str) -> str:
 
 
 # -- verifying ------------------------------------------------------------------------------------
-def verify(original: NnpFile, folded_path: str, networks, seed: int = 0):
+def verify(original, folded, networks, seed: int = 0):
     """Run each network of ``networks`` from both files on the same seeded random inputs; one record
-    per output with max abs / max relative error."""
+    per output with max abs / max relative error. ``original`` and ``folded``: (path, network
+    definition, as ``structure`` gives it)."""
     import nnabla as nn
     runs = []
-    for path in (original.path, folded_path):
-        nnp = original if path == original.path else read(path)
-        scope, built = build_networks(nnp, set(networks))
+    for path, proto in (original, folded):
+        scope, built = build_networks(path, proto, set(networks))
         results = {}
         with nn.parameter_scope("", scope):
             for name in networks:
@@ -545,4 +585,4 @@ def verify(original: NnpFile, folded_path: str, networks, seed: int = 0):
 
 
 __all__ = ["NnpError", "NnpFile", "read", "plan_file", "fold_parameters", "rewrite_proto",
-           "serialize", "write_temp", "verify", "FoldError", "Skip"]
+           "serialize", "structure", "write_temp", "verify", "FoldError", "Skip"]
