@@ -246,10 +246,10 @@ def _build_structure(nnp: NnpFile, directory: str):
         raise NnpError(str(e).replace(path, nnp.path, 1)) from None
     for v, name in parameter_names(scope).items():
         param = nnp.params.get(name)
-        if param is None or param.value.size != v.size:
-            raise NnpError(f"{nnp.path}: parameter '{name}' of shape {tuple(v.shape)} has no value "
-                           f"of that size in the file")
-        v.d = param.value.reshape(v.shape)
+        if param is not None and param.value.size == v.size:
+            v.d = param.value.reshape(v.shape)
+        else:   # declared, used by no function (read() checked those): planning never reads it
+            v.data.zero()
     return scope, built
 
 

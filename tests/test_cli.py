@@ -207,6 +207,18 @@ def test_missing_parameter(tmp_path, capsys):
     assert "'c1/conv/W'" in _bad(tmp_path, capsys, "fold", p)
 
 
+def test_declared_parameter_without_value_that_no_function_uses(tmp_path):
+    # no value in the file for a parameter nothing reads: the file still folds and verifies
+    good = nnp_files.single(tmp_path / "good.nnp")
+    f = N.read(str(good))
+    v = f.proto.network[0].variable.add()
+    v.name, v.type = "spare/W", "Parameter"
+    v.shape.dim.extend([3, 4])
+    p = tmp_path / "spare.nnp"
+    p.write_bytes(N.serialize(f))
+    assert run("fold", p, "-o", tmp_path / "out.nnp", "--verify", "-q") == 0
+
+
 def test_parameter_of_wrong_shape(tmp_path, capsys):
     good = nnp_files.single(tmp_path / "good.nnp")
 
