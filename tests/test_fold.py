@@ -6,7 +6,6 @@ import pytest
 nn = pytest.importorskip("nnabla", reason="nnabla is not installed (GPU machine)")
 import nnabla.functions as F
 import nnabla.parametric_functions as PF
-import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 import bnfold_gpu
@@ -389,6 +388,40 @@ def test_fold_through_the_gpu_backend_emulated(rng, host, monkeypatch):
     res = assert_fold_exact(prepare(rng, y, x), backend="cupy")
     assert res.backend == "cupy" and len(res.folded) == 2
     assert [s.bn for s in res.skipped] == ["bn2/bn"] and "already absorbs" in res.skipped[0].reason
+
+
+def test_fold_of_parameters_in_a_cuda_context_emulated(rng, host, monkeypatch):
+    """Parameters in NNabla's CUDA context are reached through nnabla.utils.dlpack.to_dlpack(data,
+    ctx=ctx) and cupy.from_dlpack, and rescaled where they are (the device path). Emulated: the
+    context reports cuDNN, to_dlpack exports the host array (after checking how it is called), and
+    the fake CuPy wraps it without a copy."""
+    import fake_cupy
+    import nnabla.utils.dlpack
+    from bnfold_gpu.backends import cupy_backend
+    fake = fake_cupy.make(host)
+    fake.from_dlpack = lambda capsule: np.from_dlpack(capsule).view(fake_cupy.ndarray)
+    monkeypatch.setattr(cupy_backend, "cupy", fake)
+    monkeypatch.setattr(cupy_backend, "_MODULES", {})
+    cuda_ctx = nn.Context(["cudnn:float", "cuda:float", "cpu:float"], "CudaCachedArray", "0")
+    monkeypatch.setattr(nn, "get_current_context", lambda: cuda_ctx)
+    exported = []
+
+    def to_dlpack(a, dtype=None, ctx=None):
+        assert isinstance(a, nn.NdArray) and dtype is None and ctx is cuda_ctx
+        view = a.get_data("rw")   # supports __dlpack__, shares the parameter's memory
+        exported.append(view.ctypes.data)
+        return view
+
+    monkeypatch.setattr(nnabla.utils.dlpack, "to_dlpack", to_dlpack)
+    monkeypatch.setattr(cupy_backend, "_fold_host", lambda *a: pytest.fail("took the staged path"))
+    x = nn.Variable((2, 3, 6, 6))
+    y = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), name="bn", **BN)
+    prepared = prepare(rng, y, x)
+    w = nn.get_parameters()["c/conv/W"]
+    w_memory = w.data.get_data("r").ctypes.data
+    res = assert_fold_exact(prepared, backend="cupy")
+    assert res.backend == "cupy" and len(res.folded) == 1
+    assert w_memory in exported   # the weight itself was handed over, and rescaled in place
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
