@@ -12,6 +12,7 @@ class _Memory:
     def __init__(self, array):
         self.ptr = array.ctypes.data
         self.array = array
+        self.device_id = getattr(array, "fake_device", 0)
 
     def copy_from_device(self, src, nbytes):
         ctypes.memmove(self.ptr, src.ptr, nbytes)
@@ -24,9 +25,6 @@ class ndarray(np.ndarray):
     def data(self):
         return _Memory(self)
 
-    @property
-    def device(self):
-        return types.SimpleNamespace(id=getattr(self, "fake_device", 0))
 
     def get(self, stream=None, out=None, blocking=True):
         if out is None:

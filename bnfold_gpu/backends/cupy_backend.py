@@ -166,24 +166,28 @@ def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
     if reason:
         raise RuntimeError(f"backend 'cupy' is not usable: {reason}")
     check_plan_arrays(plan, arrays)
-    dtypes = {n: a.dtype for n, a in arrays.items()}
+    dtypes, pointers, devices = {}, {}, set()
+    for n, a in arrays.items():     # one pass: a model may hold thousands of layers
+        dtypes[n] = a.dtype
+        if isinstance(a, cupy.ndarray):
+            memory = a.data
+            pointers[n] = memory.ptr
+            devices.add(memory.device_id)
     for d in set(dtypes.values()):
         segments.dtype_code(d)
-    if all(isinstance(a, cupy.ndarray) for a in arrays.values()):
-        devices = {a.device.id for a in arrays.values()}
+    if len(pointers) == len(arrays):
         if len(devices) > 1:
             raise FoldError(f"the arrays live on several GPUs ({', '.join(map(str, sorted(devices)))}); "
                             f"a plan folds on one")
         with cupy.cuda.Device(devices.pop() if devices else None):
-            _fold_device(plan, arrays, dtypes)
+            _fold_device(plan, arrays, dtypes, pointers)
     else:
         _fold_host(plan, arrays)
 
 
-def _fold_device(plan, arrays, dtypes):
+def _fold_device(plan, arrays, dtypes, pointers):
     k = _kernels()
-    arrays = _contiguous_statistics(plan, arrays)
-    pointers = {n: _ptr(a) for n, a in arrays.items()}
+    arrays, pointers = _contiguous_statistics(plan, arrays, pointers)
     ch = _Channels(plan, pointers, dtypes, k)
     bounds = ch.tables.channel_bounds
     for j, spec in enumerate(plan.folds):   # BN -> layer biases read the weights before rescaling
@@ -198,14 +202,16 @@ def _fold_device(plan, arrays, dtypes):
     cupy.cuda.get_current_stream().synchronize()
 
 
-def _contiguous_statistics(plan, arrays):
+def _contiguous_statistics(plan, arrays, pointers):
     """The kernels read statistics by address: strided views (which the NumPy backend accepts) are
-    replaced by contiguous copies; they are only read, so the caller's arrays are unaffected."""
+    replaced by contiguous copies; they are only read, so the caller's arrays are unaffected.
+    Returns the arrays and their pointers, updated."""
     names = {key for spec in plan.folds for key in (spec.gamma, spec.beta, spec.mean, spec.var) if key}
-    strided = [key for key in names if not arrays[key].flags.c_contiguous]
-    if not strided:
-        return arrays
-    return {**arrays, **{key: cupy.ascontiguousarray(arrays[key]) for key in strided}}
+    copies = {key: cupy.ascontiguousarray(arrays[key]) for key in names
+              if not arrays[key].flags.c_contiguous}
+    if not copies:
+        return arrays, pointers
+    return {**arrays, **copies}, {**pointers, **{key: _ptr(a) for key, a in copies.items()}}
 
 
 def _fold_host(plan, host):
