@@ -145,9 +145,14 @@ def measure(gb, nbytes, args):
         np_s = wall_time(lambda: numpy_backend.fold(plan, host), max(2, args.repeats // 3))
         row["numpy_s"] = np_s
         row["speedup_vs_numpy"] = np_s / fold_s
-        host_fold = wall_time(lambda: cupy_backend.fold(plan, host), 2)
-        row["host_staged_s"] = host_fold
-        row["host_staged_gbps"] = 2 * weight_bytes / host_fold / 1e9
+        for key, pin in (("host_staged", True), ("host_staged_pageable", False)):
+            cupy_backend.PIN_HOST = pin   # page-locked host weights (the default) or not
+            try:
+                seconds = wall_time(lambda: cupy_backend.fold(plan, host), 2)
+            finally:
+                cupy_backend.PIN_HOST = True
+            row[key + "_s"] = seconds
+            row[key + "_gbps"] = 2 * weight_bytes / seconds / 1e9
     return row
 
 
@@ -241,6 +246,13 @@ def main():
               f"{r['fold_over_copy_bandwidth']:9.0%} {r['kernel_over_copy_bandwidth']:11.0%} "
               f"{r['overhead_us_per_layer']:8.1f} "
               f"{r.get('numpy_s', float('nan')) * 1e3:9.1f} {r.get('speedup_vs_numpy', float('nan')):8.0f}x")
+    staged = [r for r in rows if "host_staged_s" in r]
+    if staged:
+        print("host-resident weights, streamed through the device (GB/s, bytes read + written):")
+        print(f"{'GB':>5} {'page-locked':>12} {'pageable':>9} {'NumPy':>7}")
+        for r in staged:
+            print(f"{r['size_gb']:5} {r['host_staged_gbps']:12.1f} {r['host_staged_pageable_gbps']:9.1f} "
+                  f"{2 * r['weight_bytes'] / r['numpy_s'] / 1e9:7.1f}")
     print(f"weight kernel by build (elements per thread x loads before stores), {args.sweep_gb} GB:")
     print(f"{'dtype':>8} {'build':>6} {'kernel GB/s':>12} {'copy GB/s':>10} {'kernel/copy':>11} {'same':>5}")
     for r in sweep:

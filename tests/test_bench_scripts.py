@@ -38,6 +38,8 @@ def test_bench_gpu_runs_on_the_emulated_device(host, monkeypatch, tmp_path, caps
     rows = result["rows"]
     assert result["correctness"]["failures"] == [] and result["correctness"]["folds_checked"] > 30
     assert rows[0]["fold_gbps"] > 0 and "speedup_vs_numpy" in rows[0]
+    assert rows[0]["host_staged_gbps"] > 0 and rows[0]["host_staged_pageable_gbps"] > 0
+    assert "page-locked" in out
     assert "speedup_vs_numpy" not in rows[1] and "skipped" in rows[2]
     sweep = result["build_sweep"]
     assert [(r["dtype"], r["per_thread"], r["unroll"]) for r in sweep] == [

@@ -75,6 +75,18 @@ def test_host_arrays_stream_through_small_staging(cp, monkeypatch):
     _compare(plan, host, want)
 
 
+def test_host_arrays_stream_without_page_locking(cp, monkeypatch):
+    monkeypatch.setattr(cupy_backend, "PIN_HOST", False)
+    monkeypatch.setattr(cupy_backend, "STAGING_BYTES", 64 << 10)
+    monkeypatch.setattr(cupy_backend, "_register", lambda arrays: pytest.fail("page-locked"))
+    plan = random_plan(np.random.RandomState(15), n_folds=6)
+    host = make_arrays(plan, np, seed=8)
+    want = {k: v.copy() for k, v in host.items()}
+    numpy_backend.fold(plan, want)
+    cupy_backend.fold(plan, host)
+    _compare(plan, host, want)
+
+
 def test_bad_variance_on_device_changes_nothing(cp):
     rng = np.random.RandomState(12)
     plan = random_plan(rng, n_folds=5, dtype=np.float32)

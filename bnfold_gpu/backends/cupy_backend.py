@@ -35,6 +35,9 @@ KERNEL_NAMES = ("bnfold_channels", "bnfold_biases", "bnfold_weights")
 # Host-resident folds stage at most this many bytes of weights on the device per chunk (two chunks
 # in flight); BNFOLD_STAGING_BYTES overrides it.
 STAGING_BYTES = int(os.environ.get("BNFOLD_STAGING_BYTES", 256 << 20))
+# They page-lock the host weights for the time of the fold, so that copies run asynchronously;
+# BNFOLD_PIN_HOST=0 leaves them pageable (no page-locking cost, copies wait for the host).
+PIN_HOST = os.environ.get("BNFOLD_PIN_HOST", "1") != "0"
 
 
 def unavailable_reason():
@@ -272,7 +275,8 @@ def _stream_weights(plan, host, ch, k, bounds):
                            for b in batches])
     buffers = [cupy.empty(size, cupy.uint8) for _ in range(min(2, len(batches)))]
     streams = [cupy.cuda.Stream(non_blocking=True) for _ in buffers]
-    pinned = _register([host[s.weight] for s in plan.folds] + [host[s.folded_weight] for s in plan.folds])
+    weights = [host[s.weight] for s in plan.folds] + [host[s.folded_weight] for s in plan.folds]
+    pinned = _register(weights) if PIN_HOST else []
     try:
         for n, batch in enumerate(batches):
             buf, stream = buffers[n % 2], streams[n % 2]
