@@ -122,7 +122,7 @@ def cmd_fold(args):
     progress = Progress(4 + len(f.proto.network) * (2 if args.verify else 1), args.quiet)
     progress.step(f"loaded {args.input}")
     fp = N.plan_file(f, progress)
-    original = (args.input, N.structure(f.proto))   # before the rewrite, for --verify
+    original = (args.input, N.structure(f.proto)) if args.verify else None   # before the rewrite
     progress.step("folding")
     backend, nbytes = N.fold_parameters(f, fp, args.backend)
     N.rewrite_proto(f, fp)

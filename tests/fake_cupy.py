@@ -25,7 +25,6 @@ class ndarray(np.ndarray):
     def data(self):
         return _Memory(self)
 
-
     def get(self, stream=None, out=None, blocking=True):
         if out is None:
             return np.array(self.view(np.ndarray))
