@@ -82,7 +82,8 @@ def weight_launch(plan, arrays, chunk=segments.CHUNK, channels=None):
     pointers = {n: a.data.ptr for n, a in arrays.items()}
     dtypes = {n: a.dtype for n, a in arrays.items()}
     if channels is None:
-        channels = cupy_backend._Channels(plan, pointers, dtypes, cupy_backend._kernels())
+        channels = cupy_backend._Channels(plan, segments.build(plan, pointers, dtypes, weights=False),
+                                          cupy_backend._kernels())
     return channels, segments.build(plan, pointers, dtypes, channels=False, chunk=chunk)
 
 

@@ -6,12 +6,15 @@ class FoldError(ValueError):
     """A fold that cannot be done exactly as planned; nothing was changed."""
 
 
-def check_plan_arrays(plan, arrays) -> None:
+def check_plan_arrays(plan, arrays) -> list:
     """Every array a fold reads or writes is present, of the planned size, C-contiguous (weights and
-    biases), and a folded weight has its source's dtype. (One pass, no helper calls per array: the
-    GPU backend runs this over thousands of layers on every call.)"""
+    biases), and a folded weight has its source's dtype. Returns the names of the statistics that are
+    strided (allowed: a backend that reads them by address copies them first). One pass, no helper
+    calls per array: the GPU backend runs this over thousands of layers on every call."""
+    strided = []
     for spec in plan.folds:
-        n = spec.weight_layout.n_channels
+        layout = spec.weight_layout
+        n = layout.groups * layout.channels
         for label, key in (("beta", spec.beta), ("gamma", spec.gamma), ("mean", spec.mean),
                            ("var", spec.var)):
             if key is None:
@@ -22,11 +25,16 @@ def check_plan_arrays(plan, arrays) -> None:
             if a.size != n:
                 raise FoldError(f"{spec.bn}: {label} '{key}' has {a.size} values for {n} channels "
                                 f"of {spec.kind} weight {spec.weight_shape}")
+            if not a.flags.c_contiguous:
+                strided.append(key)
         w_size, b_size = prod(spec.weight_shape), prod(spec.bias_shape)
-        for key, shape, size in ((spec.weight, spec.weight_shape, w_size),
-                                 (spec.folded_weight, spec.weight_shape, w_size),
-                                 (spec.bias, spec.bias_shape, b_size),
-                                 (spec.folded_bias, spec.bias_shape, b_size)):
+        # an array rescaled in place is both source and destination: checked once
+        keys = [(spec.weight, spec.weight_shape, w_size), (spec.bias, spec.bias_shape, b_size)]
+        if spec.folded_weight != spec.weight:
+            keys.append((spec.folded_weight, spec.weight_shape, w_size))
+        if spec.folded_bias != spec.bias:
+            keys.append((spec.folded_bias, spec.bias_shape, b_size))
+        for key, shape, size in keys:
             if key is None:
                 continue
             a = arrays.get(key)
@@ -40,9 +48,9 @@ def check_plan_arrays(plan, arrays) -> None:
         if fw.dtype != w.dtype:
             raise FoldError(f"{spec.bn}: folded weight '{spec.folded_weight}' is {fw.dtype}, its "
                             f"source '{spec.weight}' {w.dtype}")
-        if spec.weight_layout.size != w_size:
-            raise FoldError(f"{spec.bn}: layout {spec.weight_layout} does not cover weight "
-                            f"{spec.weight_shape}")
+        if layout.size != w_size:
+            raise FoldError(f"{spec.bn}: layout {layout} does not cover weight {spec.weight_shape}")
+    return strided
 
 
 def _missing(spec, key):

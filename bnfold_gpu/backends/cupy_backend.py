@@ -115,8 +115,7 @@ def _grid(n, block=segments.BLOCK):
 class _Channels:
     """Per-channel scale/offset of every BN of the plan, on the device, checked."""
 
-    def __init__(self, plan: Plan, pointers, dtypes, kernels):
-        t = segments.build(plan, pointers, dtypes, weights=False)
+    def __init__(self, plan: Plan, t: segments.Tables, kernels):
         n = max(1, t.total_channels)
         self.tables = t
         self.scale_d = cupy.empty(n, cupy.float64)
@@ -168,7 +167,7 @@ def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(f"backend 'cupy' is not usable: {reason}")
-    check_plan_arrays(plan, arrays)
+    strided = check_plan_arrays(plan, arrays)
     dtypes, pointers, devices = {}, {}, set()
     for n, a in arrays.items():     # one pass: a model may hold thousands of layers
         dtypes[n] = a.dtype
@@ -183,16 +182,18 @@ def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
             raise FoldError(f"the arrays live on several GPUs ({', '.join(map(str, sorted(devices)))}); "
                             f"a plan folds on one")
         with cupy.cuda.Device(devices.pop() if devices else None):
-            _fold_device(plan, arrays, dtypes, pointers)
+            _fold_device(plan, arrays, dtypes, pointers, strided)
     else:
         _fold_host(plan, arrays)
 
 
-def _fold_device(plan, arrays, dtypes, pointers):
+def _fold_device(plan, arrays, dtypes, pointers, strided):
     k = _kernels()
-    arrays, pointers = _contiguous_statistics(plan, arrays, pointers)
-    ch = _Channels(plan, pointers, dtypes, k)
-    bounds = ch.tables.channel_bounds
+    if strided:
+        arrays, pointers = _contiguous_statistics(arrays, pointers, strided)
+    t = segments.build(plan, pointers, dtypes)
+    ch = _Channels(plan, t, k)
+    bounds = t.channel_bounds
     for j, spec in enumerate(plan.folds):   # BN -> layer biases read the weights before rescaling
         if spec.side != OUTPUT_SIDE:
             b = arrays[spec.bias] if spec.bias else None
@@ -200,20 +201,15 @@ def _fold_device(plan, arrays, dtypes, pointers):
                    input_side_bias(spec, arrays[spec.weight], b, ch.offset[bounds[j]:bounds[j + 1]],
                                    cupy))
     ch.biases(k)
-    t = segments.build(plan, pointers, dtypes, channels=False)
     ch.weights(k, t.weights, t.total_blocks)
     cupy.cuda.get_current_stream().synchronize()
 
 
-def _contiguous_statistics(plan, arrays, pointers):
-    """The kernels read statistics by address: strided views (which the NumPy backend accepts) are
-    replaced by contiguous copies; they are only read, so the caller's arrays are unaffected.
+def _contiguous_statistics(arrays, pointers, strided):
+    """The kernels read statistics by address: the ``strided`` ones (views the NumPy backend accepts)
+    are replaced by contiguous copies; they are only read, so the caller's arrays are unaffected.
     Returns the arrays and their pointers, updated."""
-    names = {key for spec in plan.folds for key in (spec.gamma, spec.beta, spec.mean, spec.var) if key}
-    copies = {key: cupy.ascontiguousarray(arrays[key]) for key in names
-              if not arrays[key].flags.c_contiguous}
-    if not copies:
-        return arrays, pointers
+    copies = {key: cupy.ascontiguousarray(arrays[key]) for key in strided}
     return {**arrays, **copies}, {**pointers, **{key: _ptr(a) for key, a in copies.items()}}
 
 
@@ -227,10 +223,11 @@ def _fold_host(plan, host):
         for key in (spec.gamma, spec.beta, spec.mean, spec.var, spec.bias, spec.folded_bias):
             if key is not None and key not in small:
                 small[key] = cupy.asarray(np.ascontiguousarray(host[key]))
-    ch = _Channels(plan, {n: _ptr(a) for n, a in small.items()}, {n: a.dtype for n, a in small.items()},
-                   k)                        # raises before anything is written
+    tables = segments.build(plan, {n: _ptr(a) for n, a in small.items()},
+                            {n: a.dtype for n, a in small.items()}, weights=False)
+    ch = _Channels(plan, tables, k)          # raises before anything is written
     offset = ch.offset.get()
-    bounds = ch.tables.channel_bounds
+    bounds = tables.channel_bounds
     ch.biases(k)
     for j, spec in enumerate(plan.folds):    # before the weights are rescaled: BN -> layer reads them
         if spec.side == OUTPUT_SIDE:

@@ -85,11 +85,13 @@ class Tables:
 
 def status_message(plan: Plan, status) -> str:
     """The FoldError message for the first fold whose status bits are set."""
-    for k, bits in enumerate(np.asarray(status)):
-        for bit, text in STATUS_BITS:
-            if int(bits) & bit:
-                return f"{plan.folds[k].bn}: {text}"
-    return ""
+    bad = np.flatnonzero(np.asarray(status))
+    if not bad.size:
+        return ""
+    k = int(bad[0])
+    bits = int(status[k])
+    text = next((text for bit, text in STATUS_BITS if bits & bit), f"status bits {bits:#x}")
+    return f"{plan.folds[k].bn}: {text}"
 
 
 def pieces(layout: ChannelLayout, numel_limit: int) -> List[Tuple[int, int, ChannelLayout, int]]:
@@ -167,20 +169,19 @@ def _rows(layouts, src, dst, channel_offset, dtype, src_dtype, units) -> np.ndar
     rows = np.zeros(len(layouts), ARRAY_SEG)
     if not layouts:
         return rows
-    numel = np.array([lay.size for lay in layouts], np.int64)
+    shape = np.array([lay.shape4 for lay in layouts], np.int64)   # groups, rows, channels, inner
+    numel = shape.prod(axis=1)
     rows["src"], rows["dst"] = src, dst
     rows["numel"] = numel
-    rows["inner"] = [lay.inner for lay in layouts]
-    rows["channels"] = [lay.channels for lay in layouts]
-    rows["rows"] = [lay.rows for lay in layouts]
+    rows["rows"], rows["channels"], rows["inner"] = shape[:, 1], shape[:, 2], shape[:, 3]
     rows["channel_offset"] = channel_offset
     rows["dtype"], rows["src_dtype"] = dtype, src_dtype
     first = np.zeros(len(layouts), np.int64)
     np.cumsum(units(numel)[:-1], out=first[1:])
     rows["first_block"] = first
-    rows["div_inner"] = [fast_divider(lay.inner) for lay in layouts]
-    rows["div_channels"] = [fast_divider(lay.channels) for lay in layouts]
-    rows["div_rows_channels"] = [fast_divider(lay.rows * lay.channels) for lay in layouts]
+    for field, divisors in (("div_inner", shape[:, 3]), ("div_channels", shape[:, 2]),
+                            ("div_rows_channels", shape[:, 1] * shape[:, 2])):
+        rows[field] = [fast_divider(d) for d in divisors.tolist()]
     return rows
 
 
