@@ -127,7 +127,8 @@ def cmd_fold(args):
     backend, nbytes = N.fold_parameters(f, fp, args.backend)
     N.rewrite_proto(f, fp)
     progress.step("writing")
-    tmp = N.write_temp(N.serialize(f), out_path)
+    tmp = N.write_temp(f, out_path)
+    f.params.clear()   # written; --verify loads both files, so hold no third copy of the weights
     fold_seconds = time.perf_counter() - t0
     records = []
     try:

@@ -14,7 +14,7 @@ import numpy as np
 
 from .backends import get_backend
 from .backends.common import FoldError
-from .graph import BN_TYPES, Graph, parameter_names
+from .graph import BN_TYPES, Graph
 from .plan import OUTPUT_SIDE, FoldSpec, Plan, Skip
 from .planner import plan as make_plan
 
@@ -33,7 +33,7 @@ class Param:
 class NnpFile:
     path: str
     members: List[zipfile.ZipInfo]
-    raw: Dict[str, bytes]
+    raw: Dict[str, bytes]              # members written back as read (not the network, parameters)
     network_member: str
     proto: object                      # nnabla_pb2.NNablaProtoBuf of the network definition
     param_member: Optional[str]        # 'parameter.h5' / 'parameter.protobuf', None if in the nntxt
@@ -88,6 +88,8 @@ def read(path: str) -> NnpFile:
                 raise NnpError(f"{path}: {name} does not parse: {_one_line(e)}") from None
             for p in pb.parameter:
                 params[p.variable_name] = Param(_proto_value(p), p.need_grad)
+    for name in (nets[0], param_member):   # rewritten on output: their bytes need not stay in memory
+        raw.pop(name, None)
     nnp = NnpFile(path, members, raw, nets[0], proto, param_member, params)
     _check_parameters(nnp)
     return nnp
@@ -233,9 +235,9 @@ def build_networks(path: str, proto, names=None):
 
 
 def _build_structure(nnp: NnpFile, directory: str):
-    """``build_networks`` over the file's networks loaded without their parameter values, which are
-    then given the values ``read`` already parsed: NNabla's loader is spared parsing every weight a
-    second time."""
+    """``build_networks`` over the file's networks loaded without their parameter values: planning
+    needs only shapes (and the dtypes ``read`` found), so NNabla neither parses every weight a second
+    time nor holds a copy of them."""
     from google.protobuf import text_format
     path = os.path.join(directory, "structure.nnp")
     with zipfile.ZipFile(path, "w") as z:
@@ -244,12 +246,6 @@ def _build_structure(nnp: NnpFile, directory: str):
         scope, built = build_networks(path, nnp.proto)
     except NnpError as e:   # name the user's file, not the scratch copy
         raise NnpError(str(e).replace(path, nnp.path, 1)) from None
-    for v, name in parameter_names(scope).items():
-        param = nnp.params.get(name)
-        if param is not None and param.value.size == v.size:
-            v.d = param.value.reshape(v.shape)
-        else:   # declared, used by no function (read() checked those): planning never reads it
-            v.data.zero()
     return scope, built
 
 
@@ -260,6 +256,7 @@ def plan_file(nnp: NnpFile, progress=None) -> FilePlan:
     for net in nnp.proto.network:
         all_names.update(v.name for v in net.variable)
     uses = {net.name: _uses(net) for net in nnp.proto.network}
+    dtypes = {name: p.value.dtype for name, p in nnp.params.items()}
     with tempfile.TemporaryDirectory() as scratch:
         scope, built = _build_structure(nnp, scratch)
     fp = FilePlan([])
@@ -273,7 +270,7 @@ def plan_file(nnp: NnpFile, progress=None) -> FilePlan:
             if not outputs:
                 fp.networks.append(NetworkPlan(net.name, None, training, "no outputs"))
                 continue
-            p = make_plan(Graph(outputs), inplace=True, reserved=all_names)
+            p = make_plan(Graph(outputs), inplace=True, reserved=all_names, dtypes=dtypes)
             fp.networks.append(NetworkPlan(net.name, p, training))
             final = []
             for spec in p.folds:
@@ -474,28 +471,26 @@ def _new_function(net, type_name, name, inputs, outputs):
 
 
 # -- writing --------------------------------------------------------------------------------------
-def serialize(nnp: NnpFile) -> bytes:
-    """The file's bytes: every member as read, the network definition and parameters replaced."""
+def serialize(nnp: NnpFile, out) -> None:
+    """Write the file to the binary file object ``out``: every member as read, the network definition
+    and parameters replaced. The archive is written as it is made; only the parameter member is
+    assembled in memory first (HDF5 needs a seekable file)."""
     from google.protobuf import text_format
     from nnabla.utils import nnabla_pb2
     proto = nnabla_pb2.NNablaProtoBuf()
     proto.CopyFrom(nnp.proto)
     del proto.parameter[:]
-    in_nntxt = nnp.param_member is None
-    if in_nntxt:
+    if nnp.param_member is None:
         _params_to_proto(nnp.params, proto)
-    out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         for m in nnp.members:
             name = m.filename
             if name == nnp.network_member:
-                data = text_format.MessageToString(proto).encode()
+                z.writestr(m, text_format.MessageToString(proto))
             elif name == nnp.param_member:
-                data = _params_bytes(nnp.params, name)
+                z.writestr(m, _params_bytes(nnp.params, name))
             else:
-                data = nnp.raw[name]
-            z.writestr(m, data)
-    return out.getvalue()
+                z.writestr(m, nnp.raw[name])
 
 
 def _params_to_proto(params, proto):
@@ -507,7 +502,8 @@ def _params_to_proto(params, proto):
         q.need_grad = p.need_grad
 
 
-def _params_bytes(params, member) -> bytes:
+def _params_bytes(params, member):
+    """The parameter member's content (bytes, or a memoryview of an in-memory HDF5 file)."""
     if member.endswith(".h5"):
         import h5py
         buf = io.BytesIO()
@@ -516,22 +512,22 @@ def _params_bytes(params, member) -> bytes:
                 hd[name] = p.value
                 hd[name].attrs["need_grad"] = p.need_grad
                 hd[name].attrs["index"] = i
-        return buf.getvalue()
+        return buf.getbuffer()
     from nnabla.utils import nnabla_pb2
     proto = nnabla_pb2.NNablaProtoBuf()
     _params_to_proto(params, proto)
     return proto.SerializeToString()
 
 
-def write_temp(data: bytes, target: str) -> str:
-    """Write ``data`` to a new temporary file beside ``target``; returns its path. ``os.replace`` it
+def write_temp(nnp: NnpFile, target: str) -> str:
+    """Write ``nnp`` to a new temporary file beside ``target``; returns its path. ``os.replace`` it
     onto ``target`` once it is known good (same directory: the rename is atomic)."""
     directory = os.path.dirname(os.path.abspath(target)) or "."
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp.nnp",
                                dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            serialize(nnp, f)
             f.flush()
             os.fsync(f.fileno())
         if os.path.exists(target):      # keep the replaced file's permissions

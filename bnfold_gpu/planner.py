@@ -63,15 +63,17 @@ class _BN:
         return axis
 
 
-def plan(graph: Graph, inplace: bool = True, reserved=()) -> Plan:
+def plan(graph: Graph, inplace: bool = True, reserved=(), dtypes=None) -> Plan:
     """The plan for ``graph``. ``inplace=False`` sends every folded array to a new name; new names
-    avoid every name of the graph and of ``reserved``."""
-    return _Planner(graph, inplace, reserved).run()
+    avoid every name of the graph and of ``reserved``. ``dtypes`` (name -> dtype) gives the arrays'
+    dtypes where the graph's parameters hold no data; otherwise they are read from the parameters."""
+    return _Planner(graph, inplace, reserved, dtypes).run()
 
 
 class _Planner:
-    def __init__(self, graph: Graph, inplace: bool, reserved=()):
+    def __init__(self, graph: Graph, inplace: bool, reserved=(), dtypes=None):
         self.g = graph
+        self.dtypes = dtypes or {}
         self.inplace = inplace
         self.outputs = set(graph.outputs)
         self.taken = graph.all_names() | set(reserved)
@@ -79,6 +81,10 @@ class _Planner:
         self.used_layers = set()
         self.arrays: Dict[str, Tuple[tuple, np.dtype]] = {}
         self.sources: Dict[str, str] = {}
+
+    def _dtype(self, name: str, var) -> np.dtype:
+        dtype = self.dtypes.get(name)
+        return np.dtype(var.data.dtype) if dtype is None else np.dtype(dtype)
 
     def run(self) -> Plan:
         bns: List[Tuple[int, object]] = [(i, f) for i, f in enumerate(self.g.functions)
@@ -202,19 +208,19 @@ class _Planner:
             notes.append("bias created")
         else:
             folded_b = self._new_name(b_name + "_folded") if copy_b else b_name
-        dtype = np.dtype(w.data.dtype)
+        dtype = self._dtype(w_name, w)
         self.arrays[w_name] = (tuple(w.shape), dtype)
         self.arrays[folded_w] = (tuple(w.shape), dtype)
         if b is not None:
-            self.arrays[b_name] = (tuple(b.shape), np.dtype(b.data.dtype))
-        self.arrays[folded_b] = (tuple(bias_shape), np.dtype(b.data.dtype) if b is not None else dtype)
+            self.arrays[b_name] = (tuple(b.shape), self._dtype(b_name, b))
+        self.arrays[folded_b] = (tuple(bias_shape), self.arrays[b_name][1] if b is not None else dtype)
         if folded_w != w_name:
             self.sources[folded_w] = w_name
         if folded_b != b_name:
             self.sources[folded_b] = b_name if b is not None else w_name
         p = {label: g.name(v, label) for label, v in bn.params.items()}
         for label, v in bn.params.items():
-            self.arrays[p[label]] = (tuple(v.shape), np.dtype(v.data.dtype))
+            self.arrays[p[label]] = (tuple(v.shape), self._dtype(p[label], v))
         self.used_layers.add(layer)
         return FoldSpec(
             bn=bn.name, kind=kind, side=side, bn_type=bn.type, weight=w_name, bias=b_name,

@@ -197,7 +197,8 @@ def test_zip_without_network(tmp_path, capsys):
 def _edit_params(src, dst, edit):
     f = N.read(str(src))
     edit(f.params)
-    dst.write_bytes(N.serialize(f))
+    with open(dst, "wb") as fh:
+        N.serialize(f, fh)
     return dst
 
 
@@ -215,7 +216,8 @@ def test_declared_parameter_without_value_that_no_function_uses(tmp_path):
     v.name, v.type = "spare/W", "Parameter"
     v.shape.dim.extend([3, 4])
     p = tmp_path / "spare.nnp"
-    p.write_bytes(N.serialize(f))
+    with open(p, "wb") as fh:
+        N.serialize(f, fh)
     assert run("fold", p, "-o", tmp_path / "out.nnp", "--verify", "-q") == 0
 
 
@@ -226,6 +228,25 @@ def test_parameter_of_wrong_shape(tmp_path, capsys):
         ps["d1/deconv/W"].value = ps["d1/deconv/W"].value[:2].copy()
     p = _edit_params(good, tmp_path / "p.nnp", edit)
     assert "shape" in _bad(tmp_path, capsys, "fold", p)
+
+
+def test_float16_parameters_fold_as_float16(tmp_path):
+    # planning reads dtypes from the file, not from NNabla's (data-less) parameters
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+
+    def edit(ps):
+        for p in ps.values():
+            p.value = p.value.astype(np.float16)
+    p = _edit_params(good, tmp_path / "half.nnp", edit)
+    out = tmp_path / "out.nnp"
+    assert run("fold", p, "-o", out, "--verify", "--tolerance", "1e-2", "-q") == 0
+    folded = N.read(str(out))
+    assert {v.value.dtype for v in folded.params.values()} == {np.dtype(np.float16)}
+    assert "d1/deconv/b" in folded.params and "bn2/bn/mean" not in _used_parameters(folded)
+
+
+def _used_parameters(f):
+    return {name for net in f.proto.network for fn in net.function for name in fn.input}
 
 
 @pytest.mark.parametrize("bad, word", [(-1.0, "negative"), (np.nan, "non-finite"),
