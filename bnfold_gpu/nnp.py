@@ -2,8 +2,9 @@
 removed, layers pointed at folded parameters), so executors, other networks, untouched parameters'
 names and need_grad flags stay exactly as they were.
 """
-import io
+import copy
 import os
+import shutil
 import tempfile
 import zipfile
 from collections import OrderedDict
@@ -17,6 +18,9 @@ from .backends.common import FoldError
 from .graph import BN_TYPES, Graph
 from .plan import OUTPUT_SIDE, FoldSpec, Plan, Skip
 from .planner import plan as make_plan
+
+
+_COPY_CHUNK = 16 << 20   # bytes per read when a member is copied between a scratch file and the archive
 
 
 class NnpError(ValueError):
@@ -57,7 +61,8 @@ def read(path: str) -> NnpFile:
     try:
         with zipfile.ZipFile(path) as z:
             members = z.infolist()
-            raw = {m.filename: z.read(m.filename) for m in members}
+            raw = {m.filename: z.read(m.filename) for m in members if not _is_h5_params(m.filename)}
+            h5 = {m.filename: _read_h5(path, z, m) for m in members if _is_h5_params(m.filename)}
     except (zipfile.BadZipFile, EOFError, OSError, zipfile.LargeZipFile) as e:
         raise NnpError(f"{path}: not an .nnp file (not a readable zip archive: {e})") from None
     nets = [m.filename for m in members if m.filename.endswith((".nntxt", ".prototxt"))]
@@ -76,9 +81,9 @@ def read(path: str) -> NnpFile:
     param_member = None
     for m in members:
         name = m.filename
-        if name.endswith(".h5") and name.startswith("parameter"):
+        if _is_h5_params(name):
             param_member = name
-            params.update(_read_h5(path, raw[name]))
+            params.update(h5[name])
         elif name.endswith(".protobuf") and name.startswith("parameter"):
             param_member = name
             pb = nnabla_pb2.NNablaProtoBuf()
@@ -103,19 +108,29 @@ def _proto_value(p) -> np.ndarray:
     return data.reshape(shape)
 
 
-def _read_h5(path, data: bytes):
+def _is_h5_params(name: str) -> bool:
+    return name.startswith("parameter") and name.endswith(".h5")
+
+
+def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo):
+    """[(name, Param)] of an HDF5 parameter member. HDF5 reads at random places, so the member is
+    copied to a scratch file first: disk, not a second copy of the weights in memory."""
     import h5py
     out = []
-    try:
-        with h5py.File(io.BytesIO(data), "r") as hd:
-            keys = []
-            hd.visit(lambda k: keys.append((hd[k].attrs.get("index", 0), k))
-                     if isinstance(hd[k], h5py.Dataset) else None)
-            for _, k in sorted(keys):
-                ds = hd[k]
-                out.append((k, Param(np.array(ds[...]), bool(ds.attrs.get("need_grad", False)))))
-    except OSError as e:
-        raise NnpError(f"{path}: parameter file does not parse: {_one_line(e)}") from None
+    with tempfile.TemporaryDirectory(prefix="bnfold-") as scratch:
+        local = os.path.join(scratch, "parameter.h5")
+        with z.open(member) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, _COPY_CHUNK)
+        try:
+            with h5py.File(local, "r") as hd:
+                keys = []
+                hd.visit(lambda k: keys.append((hd[k].attrs.get("index", 0), k))
+                         if isinstance(hd[k], h5py.Dataset) else None)
+                for _, k in sorted(keys):
+                    ds = hd[k]
+                    out.append((k, Param(ds[...], bool(ds.attrs.get("need_grad", False)))))
+        except OSError as e:
+            raise NnpError(f"{path}: parameter file does not parse: {_one_line(e)}") from None
     return out
 
 
@@ -471,10 +486,10 @@ def _new_function(net, type_name, name, inputs, outputs):
 
 
 # -- writing --------------------------------------------------------------------------------------
-def serialize(nnp: NnpFile, out) -> None:
+def serialize(nnp: NnpFile, out, scratch: Optional[str] = None) -> None:
     """Write the file to the binary file object ``out``: every member as read, the network definition
-    and parameters replaced. The archive is written as it is made; only the parameter member is
-    assembled in memory first (HDF5 needs a seekable file)."""
+    and parameters replaced. HDF5 parameters are written to a scratch file in the folder ``scratch``
+    (default: the system's) and copied into the archive, so the weights are never held twice."""
     from google.protobuf import text_format
     from nnabla.utils import nnabla_pb2
     proto = nnabla_pb2.NNablaProtoBuf()
@@ -487,8 +502,12 @@ def serialize(nnp: NnpFile, out) -> None:
             name = m.filename
             if name == nnp.network_member:
                 z.writestr(m, text_format.MessageToString(proto))
+            elif name == nnp.param_member and _is_h5_params(name):
+                _write_h5_member(nnp.params, z, m, scratch)
             elif name == nnp.param_member:
-                z.writestr(m, _params_bytes(nnp.params, name))
+                pb = nnabla_pb2.NNablaProtoBuf()
+                _params_to_proto(nnp.params, pb)
+                z.writestr(m, pb.SerializeToString())
             else:
                 z.writestr(m, nnp.raw[name])
 
@@ -502,21 +521,19 @@ def _params_to_proto(params, proto):
         q.need_grad = p.need_grad
 
 
-def _params_bytes(params, member):
-    """The parameter member's content (bytes, or a memoryview of an in-memory HDF5 file)."""
-    if member.endswith(".h5"):
-        import h5py
-        buf = io.BytesIO()
-        with h5py.File(buf, "w") as hd:
+def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, scratch):
+    import h5py
+    with tempfile.TemporaryDirectory(prefix=".bnfold-", dir=scratch) as d:
+        local = os.path.join(d, "parameter.h5")
+        with h5py.File(local, "w") as hd:
             for i, (name, p) in enumerate(params.items()):
                 hd[name] = p.value
                 hd[name].attrs["need_grad"] = p.need_grad
                 hd[name].attrs["index"] = i
-        return buf.getbuffer()
-    from nnabla.utils import nnabla_pb2
-    proto = nnabla_pb2.NNablaProtoBuf()
-    _params_to_proto(params, proto)
-    return proto.SerializeToString()
+        info = copy.copy(member)
+        info.file_size = os.path.getsize(local)   # sizes the member's header (zip64 or not)
+        with open(local, "rb") as src, z.open(info, "w") as dst:
+            shutil.copyfileobj(src, dst, _COPY_CHUNK)
 
 
 def write_temp(nnp: NnpFile, target: str) -> str:
@@ -527,7 +544,7 @@ def write_temp(nnp: NnpFile, target: str) -> str:
                                dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            serialize(nnp, f)
+            serialize(nnp, f, scratch=directory)
             f.flush()
             os.fsync(f.fileno())
         if os.path.exists(target):      # keep the replaced file's permissions

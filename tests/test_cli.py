@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -121,6 +122,15 @@ def test_fold_in_place_replaces_atomically(tmp_path, fmt, capsys):
     assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
     assert os.stat(path).st_mode & 0o777 == 0o640
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]   # no temporary left
+
+
+def test_parameters_are_read_through_a_scratch_file_that_is_removed(tmp_path, monkeypatch):
+    path = nnp_files.single(tmp_path / "m.nnp", parameter_format=".h5")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    f = N.read(str(path))
+    assert f.params["c1/conv/W"].value.shape == (6, 3, 3, 3) and not list(scratch.iterdir())
 
 
 def test_real_onnx_reference_file(tmp_path):
