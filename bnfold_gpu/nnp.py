@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
@@ -63,8 +64,8 @@ def read(path: str) -> NnpFile:
             members = z.infolist()
             raw = {m.filename: z.read(m.filename) for m in members if not _is_h5_params(m.filename)}
             h5 = {m.filename: _read_h5(path, z, m) for m in members if _is_h5_params(m.filename)}
-    except (zipfile.BadZipFile, EOFError, OSError, zipfile.LargeZipFile) as e:
-        raise NnpError(f"{path}: not an .nnp file (not a readable zip archive: {e})") from None
+    except _ZIP_ERRORS as e:
+        raise _not_a_zip(path, e) from None
     nets = [m.filename for m in members if m.filename.endswith((".nntxt", ".prototxt"))]
     if not nets:
         raise NnpError(f"{path}: no network definition (.nntxt or .prototxt) in the archive")
@@ -108,8 +109,20 @@ def _proto_value(p) -> np.ndarray:
     return data.reshape(shape)
 
 
+def _no_scratch(path, folder, e) -> NnpError:
+    return NnpError(f"{path}: cannot copy the parameters to a scratch file in {folder} "
+                    f"({e.strerror or _one_line(e)}); set TMPDIR to a folder with room")
+
+
 def _is_h5_params(name: str) -> bool:
     return name.startswith("parameter") and name.endswith(".h5")
+
+
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error)
+
+
+def _not_a_zip(path, e) -> NnpError:
+    return NnpError(f"{path}: not an .nnp file (not a readable zip archive: {_one_line(e)})")
 
 
 def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo):
@@ -117,10 +130,24 @@ def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo):
     copied to a scratch file first: disk, not a second copy of the weights in memory."""
     import h5py
     out = []
-    with tempfile.TemporaryDirectory(prefix="bnfold-") as scratch:
+    try:
+        scratch_dir = tempfile.TemporaryDirectory(prefix="bnfold-")
+    except OSError as e:
+        raise _no_scratch(path, tempfile.gettempdir(), e) from None
+    with scratch_dir as scratch:
         local = os.path.join(scratch, "parameter.h5")
         with z.open(member) as src, open(local, "wb") as dst:
-            shutil.copyfileobj(src, dst, _COPY_CHUNK)
+            while True:
+                try:
+                    chunk = src.read(_COPY_CHUNK)
+                except _ZIP_ERRORS as e:
+                    raise _not_a_zip(path, e) from None
+                if not chunk:
+                    break
+                try:
+                    dst.write(chunk)
+                except OSError as e:
+                    raise _no_scratch(path, scratch, e) from None
         try:
             with h5py.File(local, "r") as hd:
                 keys = []

@@ -197,6 +197,29 @@ def test_truncated_zip(tmp_path, capsys):
     assert "not an .nnp file" in _bad(tmp_path, capsys, "fold", p)
 
 
+def test_corrupt_compressed_parameters(tmp_path, capsys):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    p = tmp_path / "corrupt.nnp"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as dst:
+        for m in src.infolist():
+            dst.writestr(m.filename, src.read(m))
+    data = bytearray(p.read_bytes())
+    with zipfile.ZipFile(p) as z:
+        m = z.getinfo("parameter.h5")
+        start = m.header_offset + 30 + len(m.filename.encode()) + len(m.extra)
+    for k in range(start + 100, start + m.compress_size - 100, 97):
+        data[k] ^= 0x5A
+    p.write_bytes(bytes(data))
+    assert "not a readable zip archive" in _bad(tmp_path, capsys, "fold", p)
+
+
+def test_no_room_for_the_scratch_file(tmp_path, capsys, monkeypatch):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    msg = _bad(tmp_path, capsys, "fold", good)
+    assert "scratch file" in msg and "TMPDIR" in msg
+
+
 def test_zip_without_network(tmp_path, capsys):
     p = tmp_path / "empty.nnp"
     with zipfile.ZipFile(p, "w") as z:
