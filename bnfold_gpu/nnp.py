@@ -79,13 +79,13 @@ def read(path: str) -> NnpFile:
     params: "OrderedDict[str, Param]" = OrderedDict()
     for p in proto.parameter:
         params[p.variable_name] = Param(_proto_value(p), p.need_grad)
-    param_member = None
+    param_member = None   # several parameter members are merged into the last one on output
     for m in members:
         name = m.filename
         if _is_h5_params(name):
             param_member = name
             params.update(h5[name])
-        elif name.endswith(".protobuf") and name.startswith("parameter"):
+        elif _is_params(name):
             param_member = name
             pb = nnabla_pb2.NNablaProtoBuf()
             try:
@@ -116,6 +116,10 @@ def _no_scratch(path, folder, e) -> NnpError:
 
 def _is_h5_params(name: str) -> bool:
     return name.startswith("parameter") and name.endswith(".h5")
+
+
+def _is_params(name: str) -> bool:
+    return name.startswith("parameter") and name.endswith((".h5", ".protobuf"))
 
 
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error)
@@ -535,6 +539,8 @@ def serialize(nnp: NnpFile, out, scratch: Optional[str] = None) -> None:
                 pb = nnabla_pb2.NNablaProtoBuf()
                 _params_to_proto(nnp.params, pb)
                 z.writestr(m, pb.SerializeToString())
+            elif _is_params(name):
+                continue   # its parameters are in param_member, which holds them all
             else:
                 z.writestr(m, nnp.raw[name])
 

@@ -197,6 +197,24 @@ def test_truncated_zip(tmp_path, capsys):
     assert "not an .nnp file" in _bad(tmp_path, capsys, "fold", p)
 
 
+def test_two_parameter_members_fold_into_one(tmp_path):
+    # NNabla loads every parameter member; left in the output, a stale one could override the fold
+    h5 = nnp_files.single(tmp_path / "h5.nnp", parameter_format=".h5")
+    pb = nnp_files.single(tmp_path / "pb.nnp", parameter_format=".protobuf")
+    both = tmp_path / "both.nnp"
+    with zipfile.ZipFile(h5) as a, zipfile.ZipFile(pb) as b, zipfile.ZipFile(both, "w") as z:
+        for m in a.infolist():
+            z.writestr(m, a.read(m))
+        z.writestr("parameter.protobuf", b.read("parameter.protobuf"))
+    want, _ = load_run(h5, "net")
+    out = tmp_path / "out.nnp"
+    assert run("fold", both, "-o", out, "--verify", "-q") == 0
+    assert [m for m in members(out) if m.startswith("parameter")] == ["parameter.protobuf"]
+    got, types = load_run(out, "net")
+    assert "BatchNormalization" not in types
+    assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
+
+
 def test_corrupt_compressed_parameters(tmp_path, capsys):
     good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
     p = tmp_path / "corrupt.nnp"
