@@ -5,6 +5,7 @@ names and need_grad flags stay exactly as they were.
 import copy
 import os
 import shutil
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -529,7 +530,7 @@ def serialize(nnp: NnpFile, out, scratch: Optional[str] = None) -> None:
     if nnp.param_member is None:
         _params_to_proto(nnp.params, proto)
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
-        for m in nnp.members:
+        for m in map(_new_entry, nnp.members):
             name = m.filename
             if name == nnp.network_member:
                 z.writestr(m, text_format.MessageToString(proto))
@@ -554,7 +555,26 @@ def _params_to_proto(params, proto):
         q.need_grad = p.need_grad
 
 
+def _new_entry(member: zipfile.ZipInfo) -> zipfile.ZipInfo:
+    """A copy of ``member`` to write anew: its name, date, compression and other extra fields, without
+    the zip64 sizes of the file it was read from (the writer adds its own where the new size needs them,
+    and two in one header confuse other zip tools)."""
+    info = copy.copy(member)
+    extra, kept = member.extra, b""
+    while len(extra) >= 4:
+        tag, size = struct.unpack("<HH", extra[:4])
+        if tag != _ZIP64_EXTRA:
+            kept += extra[:4 + size]
+        extra = extra[4 + size:]
+    info.extra = kept
+    return info
+
+
+_ZIP64_EXTRA = 0x0001
+
+
 def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, scratch):
+    """The parameters as the HDF5 ``member`` (an entry of ``_new_entry``) of ``z``."""
     import h5py
     with tempfile.TemporaryDirectory(prefix=".bnfold-", dir=scratch) as d:
         local = os.path.join(d, "parameter.h5")
@@ -563,9 +583,8 @@ def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, scratc
                 hd[name] = p.value
                 hd[name].attrs["need_grad"] = p.need_grad
                 hd[name].attrs["index"] = i
-        info = copy.copy(member)
-        info.file_size = os.path.getsize(local)   # sizes the member's header (zip64 or not)
-        with open(local, "rb") as src, z.open(info, "w") as dst:
+        member.file_size = os.path.getsize(local)   # sizes the member's header (zip64 or not)
+        with open(local, "rb") as src, z.open(member, "w") as dst:
             shutil.copyfileobj(src, dst, _COPY_CHUNK)
 
 

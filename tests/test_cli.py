@@ -2,6 +2,7 @@
 Console does, made by NNabla's ONNX importer, and broken in every way a user's file can be."""
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -213,6 +214,14 @@ def test_two_parameter_members_fold_into_one(tmp_path):
     got, types = load_run(out, "net")
     assert "BatchNormalization" not in types
     assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
+
+
+def test_members_are_written_without_the_zip64_sizes_they_were_read_with():
+    timestamp = struct.pack("<HHBI", 0x5455, 5, 1, 1700000000)
+    zip64 = struct.pack("<HHQQ", 0x0001, 16, 5 << 30, 5 << 30)
+    m = zipfile.ZipInfo("parameter.h5")
+    m.extra = zip64 + timestamp
+    assert N._new_entry(m).extra == timestamp and m.extra == zip64 + timestamp
 
 
 def test_corrupt_compressed_parameters(tmp_path, capsys):
