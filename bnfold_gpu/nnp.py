@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from . import protobuf_params
 from .backends import get_backend
 from .backends.common import FoldError
 from .graph import BN_TYPES, Graph
@@ -53,7 +54,6 @@ class NnpFile:
 def read(path: str) -> NnpFile:
     """Parse ``path``; NnpError with a one-line reason if it is not a usable .nnp file."""
     from google.protobuf import text_format
-    from google.protobuf.message import DecodeError
     from nnabla.utils import nnabla_pb2
 
     if not os.path.exists(path):
@@ -63,8 +63,9 @@ def read(path: str) -> NnpFile:
     try:
         with zipfile.ZipFile(path) as z:
             members = z.infolist()
-            raw = {m.filename: z.read(m.filename) for m in members if not _is_h5_params(m.filename)}
-            h5 = {m.filename: _read_h5(path, z, m) for m in members if _is_h5_params(m.filename)}
+            raw = {m.filename: z.read(m.filename) for m in members if not _is_params(m.filename)}
+            stored = {m.filename: _read_h5(path, z, m) if _is_h5_params(m.filename)
+                      else _read_protobuf(path, z, m) for m in members if _is_params(m.filename)}
     except _ZIP_ERRORS as e:
         raise _not_a_zip(path, e) from None
     nets = [m.filename for m in members if m.filename.endswith((".nntxt", ".prototxt"))]
@@ -81,22 +82,10 @@ def read(path: str) -> NnpFile:
     for p in proto.parameter:
         params[p.variable_name] = Param(_proto_value(p), p.need_grad)
     param_member = None   # several parameter members are merged into the last one on output
-    for m in members:
-        name = m.filename
-        if _is_h5_params(name):
-            param_member = name
-            params.update(h5[name])
-        elif _is_params(name):
-            param_member = name
-            pb = nnabla_pb2.NNablaProtoBuf()
-            try:
-                pb.MergeFromString(raw[name])
-            except DecodeError as e:
-                raise NnpError(f"{path}: {name} does not parse: {_one_line(e)}") from None
-            for p in pb.parameter:
-                params[p.variable_name] = Param(_proto_value(p), p.need_grad)
-    for name in (nets[0], param_member):   # rewritten on output: their bytes need not stay in memory
-        raw.pop(name, None)
+    for name, entries in stored.items():
+        param_member = name
+        params.update(entries)
+    del raw[nets[0]]      # rewritten on output: its bytes need not stay in memory
     nnp = NnpFile(path, members, raw, nets[0], proto, param_member, params)
     _check_parameters(nnp)
     return nnp
@@ -128,6 +117,16 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib
 
 def _not_a_zip(path, e) -> NnpError:
     return NnpError(f"{path}: not an .nnp file (not a readable zip archive: {_one_line(e)})")
+
+
+def _read_protobuf(path, z: zipfile.ZipFile, member: zipfile.ZipInfo):
+    """[(name, Param)] of a protobuf parameter member, read a parameter at a time."""
+    try:
+        with z.open(member) as stream:
+            return [(name, Param(value, need_grad))
+                    for name, value, need_grad in protobuf_params.read(stream)]
+    except protobuf_params.ProtobufError as e:
+        raise NnpError(f"{path}: {member.filename} does not parse: {e}") from None
 
 
 def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo):
@@ -537,9 +536,10 @@ def serialize(nnp: NnpFile, out, scratch: Optional[str] = None) -> None:
             elif name == nnp.param_member and _is_h5_params(name):
                 _write_h5_member(nnp.params, z, m, scratch)
             elif name == nnp.param_member:
-                pb = nnabla_pb2.NNablaProtoBuf()
-                _params_to_proto(nnp.params, pb)
-                z.writestr(m, pb.SerializeToString())
+                entries = [(n, p.value, p.need_grad) for n, p in nnp.params.items()]
+                m.file_size = protobuf_params.size(entries)   # sizes the header (zip64 or not)
+                with z.open(m, "w") as dst:
+                    protobuf_params.write(dst, entries)
             elif _is_params(name):
                 continue   # its parameters are in param_member, which holds them all
             else:

@@ -1,0 +1,155 @@
+"""The ``parameter.protobuf`` member of an .nnp file, read and written a parameter at a time, with the
+values as NumPy arrays.
+
+The member is an ``NNablaProtoBuf`` holding ``parameter`` entries. Going through the protobuf library's
+message would turn every weight into a Python float (seconds and gigabytes for a large model); here
+only each parameter's small fields (name, shape, need_grad) go through the library, and its ``data``
+(``repeated float``, packed in proto3) is read and written as little-endian float32 bytes. Field
+numbers come from NNabla's own message descriptors.
+"""
+import io
+from typing import BinaryIO, Iterable, Iterator, List, Tuple
+
+import numpy as np
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_F32 = np.dtype("<f4")
+
+
+class ProtobufError(ValueError):
+    """The bytes are not a valid parameter message."""
+
+
+def _schema():
+    """(nnabla_pb2, field number of NNablaProtoBuf.parameter, field number of Parameter.data)."""
+    from nnabla.utils import nnabla_pb2
+    return (nnabla_pb2, nnabla_pb2.NNablaProtoBuf.DESCRIPTOR.fields_by_name["parameter"].number,
+            nnabla_pb2.Parameter.DESCRIPTOR.fields_by_name["data"].number)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key(field: int, wire: int) -> bytes:
+    return _varint(field << 3 | wire)
+
+
+def _read_varint(stream: BinaryIO, at_start=False):
+    """The next varint of ``stream``; None at the end of the stream where ``at_start``."""
+    value = shift = 0
+    while True:
+        b = stream.read(1)
+        if not b:
+            if at_start and shift == 0:
+                return None
+            raise ProtobufError("truncated varint")
+        value |= (b[0] & 0x7F) << shift
+        if b[0] < 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ProtobufError("varint longer than 10 bytes")
+
+
+def _skip(stream: BinaryIO, wire: int) -> None:
+    if wire == _VARINT:
+        _read_varint(stream)
+        return
+    if wire == _LEN:
+        n = _read_varint(stream)
+    elif wire in (_I64, _I32):
+        n = 8 if wire == _I64 else 4
+    else:
+        raise ProtobufError(f"unsupported wire type {wire}")
+    if len(stream.read(n)) != n:
+        raise ProtobufError("truncated field")
+
+
+def read(stream: BinaryIO) -> Iterator[Tuple[str, np.ndarray, bool]]:
+    """(name, float32 values in the parameter's shape, need_grad) for each parameter of the
+    ``NNablaProtoBuf`` in ``stream``, in order; its other fields are skipped."""
+    schema = _schema()
+    top = schema[1]
+    while True:
+        key = _read_varint(stream, at_start=True)
+        if key is None:
+            return
+        if key >> 3 != top or key & 7 != _LEN:
+            _skip(stream, key & 7)
+            continue
+        n = _read_varint(stream)
+        body = stream.read(n)
+        if len(body) != n:
+            raise ProtobufError("truncated parameter")
+        yield _parameter(body, schema)
+
+
+def _parameter(body: bytes, schema):
+    pb2, _, data_field = schema
+    view = memoryview(body)
+    stream = io.BytesIO(body)
+    pieces: List[np.ndarray] = []
+    rest = bytearray()   # every field but the values, for the protobuf library to parse
+    while stream.tell() < len(body):
+        start = stream.tell()
+        key = _read_varint(stream)
+        field, wire = key >> 3, key & 7
+        if field == data_field and wire == _LEN:     # packed, as proto3 writes it
+            n = _read_varint(stream)
+            at = stream.tell()
+            if n % 4 or at + n > len(body):
+                raise ProtobufError("packed float data of a bad length")
+            pieces.append(np.frombuffer(view[at:at + n], _F32))
+            stream.seek(at + n)
+        elif field == data_field and wire == _I32:   # one value, unpacked (parsers must accept it)
+            raw = stream.read(4)
+            if len(raw) != 4:
+                raise ProtobufError("truncated float")
+            pieces.append(np.frombuffer(raw, _F32))
+        else:
+            _skip(stream, wire)
+            rest += view[start:stream.tell()]
+    p = pb2.Parameter.FromString(bytes(rest))
+    if not pieces:
+        values = np.zeros(0, np.float32)
+    else:   # own memory (aligned, writable, not a view of the message), native byte order
+        values = np.concatenate(pieces) if len(pieces) > 1 else pieces[0].copy()
+        values = values.astype(np.float32, copy=False)
+    shape = tuple(p.shape.dim)
+    if values.size != int(np.prod(shape)):
+        raise ProtobufError(f"parameter '{p.variable_name}' holds {values.size} values for shape "
+                            f"{shape}")
+    return p.variable_name, values.reshape(shape), p.need_grad
+
+
+def _head(name: str, values: np.ndarray, need_grad: bool, schema) -> bytes:
+    """A parameter's bytes up to its values (which follow as little-endian float32)."""
+    pb2, top, data_field = schema
+    p = pb2.Parameter(variable_name=name, need_grad=need_grad)
+    p.shape.dim.extend(values.shape)
+    small = p.SerializeToString()
+    nbytes = 4 * values.size
+    data = _key(data_field, _LEN) + _varint(nbytes) if nbytes else b""
+    return _key(top, _LEN) + _varint(len(small) + len(data) + nbytes) + small + data
+
+
+def size(params: Iterable[Tuple[str, np.ndarray, bool]]) -> int:
+    """The bytes :func:`write` writes for ``params``."""
+    schema = _schema()
+    return sum(len(_head(n, v, g, schema)) + 4 * v.size for n, v, g in params)
+
+
+def write(out: BinaryIO, params: Iterable[Tuple[str, np.ndarray, bool]]) -> None:
+    """Write ``params`` (name, values, need_grad) to ``out`` as an ``NNablaProtoBuf`` that NNabla and
+    :func:`read` load, values as float32; one parameter's values are converted at a time."""
+    schema = _schema()
+    for name, values, need_grad in params:
+        out.write(_head(name, values, need_grad, schema))
+        if values.size:
+            out.write(memoryview(np.ascontiguousarray(values, _F32).reshape(-1)).cast("B"))

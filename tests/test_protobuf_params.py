@@ -1,0 +1,89 @@
+"""``protobuf_params``: parameter.protobuf members read and written without the protobuf library's
+per-value conversion, checked against that library both ways."""
+import io
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nnabla", reason="nnabla is not installed (GPU machine)")
+from nnabla.utils import nnabla_pb2  # noqa: E402
+
+from bnfold_gpu import protobuf_params as P  # noqa: E402
+
+
+def _params(rng):
+    special = np.array([np.inf, -np.inf, np.nan, 1e-45, -0.0, 3.4e38], np.float32)
+    return [
+        ("conv/W", rng.standard_normal((4, 3, 3, 3)).astype(np.float32), True),
+        ("bn/mean", np.concatenate([special, rng.standard_normal(10).astype(np.float32)]), False),
+        ("half/W", rng.standard_normal((5, 2)).astype(np.float16), True),
+        ("scalar", np.array(2.5, np.float32), False),
+        ("empty", np.zeros((0, 3), np.float32), False),
+        ("naïve/ä", rng.standard_normal(7).astype(np.float32), True),
+    ]
+
+
+def _library_message(params):
+    pb = nnabla_pb2.NNablaProtoBuf()
+    pb.network.add().name = "net"      # another field, which reading skips
+    for name, values, need_grad in params:
+        q = pb.parameter.add()
+        q.variable_name, q.need_grad = name, need_grad
+        q.shape.dim.extend(values.shape)
+        q.data.extend(np.asarray(values, np.float32).reshape(-1).tolist())
+    return pb
+
+
+def _same(got, want):
+    assert [(n, v.shape, g) for n, v, g in got] == [(n, v.shape, g) for n, v, g in want]
+    for (_, a, _), (_, b, _) in zip(got, want):
+        assert a.dtype == np.float32
+        assert np.array_equal(a.view(np.uint32), np.asarray(b, np.float32).view(np.uint32))
+
+
+def test_written_bytes_parse_with_the_protobuf_library(rng):
+    params = _params(rng)
+    out = io.BytesIO()
+    P.write(out, params)
+    assert len(out.getvalue()) == P.size(params)
+    pb = nnabla_pb2.NNablaProtoBuf.FromString(out.getvalue())
+    got = [(q.variable_name, np.array(q.data, np.float32).reshape(tuple(q.shape.dim)), q.need_grad)
+           for q in pb.parameter]
+    _same(got, params)
+
+
+def test_reads_what_the_protobuf_library_writes(rng):
+    params = _params(rng)
+    data = _library_message(params).SerializeToString()
+    got = list(P.read(io.BytesIO(data)))
+    _same(got, params)
+    assert all(v.flags.writeable and v.flags.aligned and v.flags.c_contiguous for _, v, _ in got)
+
+
+def test_reads_unpacked_and_split_values():
+    values = np.array([1.5, -2.25, 3.0, 7.0], np.float32)
+    p = nnabla_pb2.Parameter(variable_name="w", need_grad=True)
+    p.shape.dim.extend([2, 2])
+    body = p.SerializeToString()
+    body += b"".join(P._key(100, 5) + v.tobytes() for v in values[:2])            # unpacked
+    body += P._key(100, 2) + P._varint(8) + values[2:].tobytes()                    # packed
+    msg = P._key(200, 2) + P._varint(len(body)) + body
+    (name, got, need_grad), = P.read(io.BytesIO(msg))
+    assert name == "w" and need_grad and np.array_equal(got, values.reshape(2, 2))
+
+
+@pytest.mark.parametrize("cut", [1, 7, -5, -1])
+def test_truncated_message(rng, cut):
+    data = _library_message(_params(rng)[:1]).SerializeToString()
+    with pytest.raises(P.ProtobufError):
+        list(P.read(io.BytesIO(data[:cut])))
+
+
+def test_values_that_do_not_fill_the_shape():
+    p = nnabla_pb2.NNablaProtoBuf()
+    q = p.parameter.add()
+    q.variable_name = "w"
+    q.shape.dim.extend([2, 3])
+    q.data.extend([1.0, 2.0])
+    with pytest.raises(P.ProtobufError, match="holds 2 values for shape"):
+        list(P.read(io.BytesIO(p.SerializeToString())))
