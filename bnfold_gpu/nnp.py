@@ -161,7 +161,7 @@ def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo):
                     ds = hd[k]
                     out.append((k, Param(ds[...], bool(ds.attrs.get("need_grad", False)))))
         except OSError as e:
-            raise NnpError(f"{path}: parameter file does not parse: {_one_line(e)}") from None
+            raise NnpError(f"{path}: {member.filename} does not parse: {_one_line(e)}") from None
     return out
 
 

@@ -240,6 +240,18 @@ def test_corrupt_compressed_parameters(tmp_path, capsys):
     assert "not a readable zip archive" in _bad(tmp_path, capsys, "fold", p)
 
 
+@pytest.mark.parametrize("fmt", [".h5", ".protobuf"])
+def test_parameter_member_that_does_not_parse(tmp_path, capsys, fmt):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=fmt)
+    p = tmp_path / "garbage.nnp"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(p, "w") as dst:
+        for m in src.infolist():
+            data = src.read(m)
+            dst.writestr(m, data[:len(data) // 2] if m.filename.startswith("parameter") else data)
+    assert f"parameter{fmt} does not parse" in _bad(tmp_path, capsys, "fold", p)
+    assert f"parameter{fmt} does not parse" in _bad(tmp_path, capsys, "inspect", p)
+
+
 def test_no_room_for_the_scratch_file(tmp_path, capsys, monkeypatch):
     good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
