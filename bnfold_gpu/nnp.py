@@ -248,24 +248,34 @@ def structure(proto):
     return out
 
 
-def build_networks(path: str, proto, names=None):
-    """(loader scope) -> {network name: (graph outputs, NnpNetwork)} built by NNabla's NnpLoader from
-    the file ``path`` in a private parameter scope; ``proto`` (its network definition, parameter
-    values not needed) names each network's outputs."""
+def build_networks(path: str, proto, names=None, parsed=False):
+    """(loader scope) -> {network name: (graph outputs, NnpNetwork)} built by NNabla in a private
+    parameter scope, for the networks of ``proto`` (its network definition; every network, or those
+    in ``names``), which name each network's outputs. NNabla loads the file ``path``; with ``parsed``
+    it builds from ``proto`` itself, without parameter values (``path`` then only names the file in
+    errors)."""
     import nnabla as nn
-    from nnabla.utils.nnp_graph import NnpLoader
+    from nnabla.core.graph_def import ProtoGraph
+    from nnabla.utils.nnp_graph import NnpLoader, NnpNetwork
     nets = {}
     scope = OrderedDict()
     with nn.parameter_scope("", scope):
         try:
-            loader = NnpLoader(path)
+            if parsed:   # what NnpLoader does after parsing the file
+                graph = ProtoGraph.from_proto(structure(proto), param_scope=scope,
+                                              rng=np.random.RandomState(1223))
+
+                def get_network(name):
+                    return NnpNetwork(graph.networks[name], batch_size=None, callback=None)
+            else:
+                get_network = NnpLoader(path).get_network
         except Exception as e:  # NNabla's own loader, on a file our checks passed
             raise NnpError(f"{path}: NNabla cannot load it: {_one_line(e)}") from None
         for net in proto.network:
             if names is not None and net.name not in names:
                 continue
             try:
-                built = loader.get_network(net.name)
+                built = get_network(net.name)
             except Exception as e:
                 raise NnpError(f"{path}: network '{net.name}' does not build: {_one_line(e)}") \
                     from None
@@ -280,21 +290,6 @@ def build_networks(path: str, proto, names=None):
     return scope, nets
 
 
-def _build_structure(nnp: NnpFile, directory: str):
-    """``build_networks`` over the file's networks loaded without their parameter values: planning
-    needs only shapes (and the dtypes ``read`` found), so NNabla neither parses every weight a second
-    time nor holds a copy of them."""
-    from google.protobuf import text_format
-    path = os.path.join(directory, "structure.nnp")
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr("network.nntxt", text_format.MessageToString(structure(nnp.proto)))
-    try:
-        scope, built = build_networks(path, nnp.proto)
-    except NnpError as e:   # name the user's file, not the scratch copy
-        raise NnpError(str(e).replace(path, nnp.path, 1)) from None
-    return scope, built
-
-
 def plan_file(nnp: NnpFile, progress=None) -> FilePlan:
     """Plan every network of the file and settle the folded parameters' names across networks."""
     import nnabla as nn
@@ -303,8 +298,9 @@ def plan_file(nnp: NnpFile, progress=None) -> FilePlan:
         all_names.update(v.name for v in net.variable)
     uses = {net.name: _uses(net) for net in nnp.proto.network}
     dtypes = {name: p.value.dtype for name, p in nnp.params.items()}
-    with tempfile.TemporaryDirectory() as scratch:
-        scope, built = _build_structure(nnp, scratch)
+    # planning needs shapes (and the dtypes read() found), not values: NNabla neither parses every
+    # weight a second time nor holds a copy of them
+    scope, built = build_networks(nnp.path, nnp.proto, parsed=True)
     fp = FilePlan([])
     seen: Dict[tuple, FoldSpec] = {}
     with nn.parameter_scope("", scope):

@@ -293,6 +293,17 @@ def test_declared_parameter_without_value_that_no_function_uses(tmp_path):
     assert run("fold", p, "-o", tmp_path / "out.nnp", "--verify", "-q") == 0
 
 
+def test_network_that_nnabla_cannot_build(tmp_path, capsys):
+    good = nnp_files.single(tmp_path / "good.nnp")
+    f = N.read(str(good))
+    f.proto.network[0].function[0].type = "NoSuchFunction"
+    p = tmp_path / "unknown.nnp"
+    with open(p, "wb") as fh:
+        N.serialize(f, fh)
+    msg = _bad(tmp_path, capsys, "fold", p)
+    assert msg.startswith(f"bnfold: {p}: NNabla cannot load it: ") and "NoSuchFunction" in msg
+
+
 def test_parameter_of_wrong_shape(tmp_path, capsys):
     good = nnp_files.single(tmp_path / "good.nnp")
 
