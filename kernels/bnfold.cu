@@ -1,5 +1,6 @@
-// The fold as three launches, whatever the number of layers (tables of per-layer segments, in the
-// spirit of multi-tensor apply): per-channel scale/offset, output-side biases, and weights.
+// The fold as four launches, whatever the number of layers (tables of per-layer segments, in the
+// spirit of multi-tensor apply): per-channel scale/offset, output-side biases, BN -> layer biases,
+// and weights.
 // The per-element code is in bnfold_math.cuh, which the host tests also compile.
 #include "bnfold_math.cuh"
 
@@ -26,4 +27,18 @@ extern "C" __global__ void __launch_bounds__(BNFOLD_BLOCK)
 bnfold_weights(const bnfold_array_seg* segs, int n_segs, const double* scale_d,
                const float* scale_f) {
   bnfold_weight_block(segs, n_segs, (bnfold_i64)blockIdx.x, (int)threadIdx.x, scale_d, scale_f);
+}
+
+extern "C" __global__ void __launch_bounds__(BNFOLD_BLOCK)
+bnfold_input_biases(const bnfold_input_seg* segs, int n_segs, const double* offset) {
+  __shared__ double sums[BNFOLD_BLOCK];
+  const bnfold_input_seg& s = segs[bnfold_input_segment(segs, n_segs, (bnfold_i64)blockIdx.x)];
+  bnfold_i64 o = (bnfold_i64)blockIdx.x - s.first_block;
+  sums[threadIdx.x] = bnfold_input_partial(s, o, (int)threadIdx.x, offset);
+  __syncthreads();
+  for (int half = BNFOLD_BLOCK / 2; half > 0; half /= 2) {
+    bnfold_tree_step(sums, (int)threadIdx.x, half);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) bnfold_input_store(s, o, sums[0]);
 }

@@ -209,6 +209,15 @@ struct bnfold_array_seg {     // one weight (or bias): where it is, its layout, 
   bnfold_u64 div_inner, div_channels, div_rows_channels;   // packed fast dividers (32-bit path)
 };
 
+struct bnfold_input_seg {     // one BN -> layer fold: the layer's bias takes sum(weight * offset)
+  bnfold_u64 weight, bias, dst;        // bias 0: the layer had none
+  bnfold_i64 weight_dtype, bias_dtype, dst_dtype;
+  bnfold_i64 inner, channels, rows, channel_offset;   // the weight's layout over input channels
+  // output o sums the weight elements o * out_stride + j * term_stride, j < terms
+  bnfold_i64 outputs, out_stride, terms, term_stride;
+  bnfold_i64 first_block;              // block of this fold's output 0 (one block per output)
+};
+
 // The channel of element e < 2^31 of a segment, with its fast dividers.
 BNFOLD_HD bnfold_u32 bnfold_channel_fast(const bnfold_array_seg& s, bnfold_u32 e) {
   bnfold_u32 q = bnfold_fastdiv(e, s.div_inner);
@@ -326,4 +335,35 @@ BNFOLD_HD void bnfold_weight_block(const bnfold_array_seg* segs, int n_segs, bnf
   if (s.dtype == BNFOLD_F16) bnfold_rescale_chunk<bnfold_u16>(s, begin, end, thread, scale_d, scale_f);
   else if (s.dtype == BNFOLD_F32) bnfold_rescale_chunk<float>(s, begin, end, thread, scale_d, scale_f);
   else bnfold_rescale_chunk<double>(s, begin, end, thread, scale_d, scale_f);
+}
+
+// ---- BN -> layer biases: one block per output, a sum over that output's weights ------------------
+// bias[o] + sum_j weight[e] * offset[channel(e)] in float64. Thread t adds the terms t, t + BLOCK, ...
+// in order; the block then adds the threads' sums pairwise (bnfold_tree_step), the same order on
+// the device and in the host tests.
+BNFOLD_HD int bnfold_input_segment(const bnfold_input_seg* segs, int n_segs, bnfold_i64 block) {
+  struct K { BNFOLD_HD bnfold_i64 operator()(const bnfold_input_seg& s) const { return s.first_block; } };
+  return bnfold_find_segment(segs, n_segs, block, K());
+}
+
+BNFOLD_HD double bnfold_input_partial(const bnfold_input_seg& s, bnfold_i64 o, int thread,
+                                      const double* offset) {
+  double sum = 0.0;
+  for (bnfold_i64 j = thread; j < s.terms; j += BNFOLD_BLOCK) {
+    bnfold_i64 e = o * s.out_stride + j * s.term_stride;
+    bnfold_i64 c = s.channel_offset + bnfold_channel<bnfold_i64>(e, s.inner, s.channels, s.rows);
+    sum = BNFOLD_DADD(sum, BNFOLD_DMUL(bnfold_load((const void*)s.weight, (int)s.weight_dtype, e),
+                                       offset[c]));
+  }
+  return sum;
+}
+
+// One step of the block's pairwise sum: the first `half` threads add the next `half` sums.
+BNFOLD_HD void bnfold_tree_step(double* sums, int thread, int half) {
+  if (thread < half) sums[thread] = BNFOLD_DADD(sums[thread], sums[thread + half]);
+}
+
+BNFOLD_HD void bnfold_input_store(const bnfold_input_seg& s, bnfold_i64 o, double sum) {
+  double b = s.bias ? bnfold_load((const void*)s.bias, (int)s.bias_dtype, o) : 0.0;
+  bnfold_store((void*)s.dst, (int)s.dst_dtype, o, BNFOLD_DADD(b, sum));
 }

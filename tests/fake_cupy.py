@@ -101,11 +101,16 @@ def make(host_lib, build=None):
             seg, n, total, sd, mean, beta = args
             lib.bnfold_host_biases(ptr(seg), int(n), int(total), ptr(sd), ptr(mean), ptr(beta))
 
+        def input_biases(grid, block, args):
+            seg, n, offset = args
+            lib.bnfold_host_input_biases(ptr(seg), int(n), int(grid[0]), ptr(offset))
+
         def weights(grid, block, args):
             seg, n, sd, sf = args
             lib.bnfold_host_weights(ptr(seg), int(n), int(grid[0]), ptr(sd), ptr(sf))
 
-        return {"bnfold_channels": channels, "bnfold_biases": biases, "bnfold_weights": weights}
+        return {"bnfold_channels": channels, "bnfold_biases": biases,
+                "bnfold_input_biases": input_biases, "bnfold_weights": weights}
 
     class RawModule:
         def __init__(self, code, options=()):

@@ -7,7 +7,7 @@ import pytest
 
 from bnfold_gpu._synthetic import LAYOUTS, fold_spec, in_place_cases, make_arrays, random_plan
 from bnfold_gpu.backends import FoldError, cupy_backend, numpy_backend
-from bnfold_gpu.plan import OUTPUT_SIDE, Plan
+from bnfold_gpu.plan import INPUT_SIDE, OUTPUT_SIDE, Plan
 
 
 @pytest.fixture(params=["emulated", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -44,6 +44,24 @@ def test_device_fold_matches_numpy(cp, seed):
     want = {k: v.copy() for k, v in host.items()}
     numpy_backend.fold(plan, want)
     dev = {k: cp.asarray(v) for k, v in host.items()}   # outputs poisoned with NaN
+    cupy_backend.fold(plan, dev)
+    _compare(plan, {k: v.get() for k, v in dev.items()}, want)
+
+
+# BN -> layer biases whose sums are longer than a block (256 threads) and not a multiple of it
+LONG_SUMS = (("Convolution", INPUT_SIDE, (1, 5, 70, 9), (5, 70, 3, 3), (5,)),     # rows of 630
+             ("Affine", INPUT_SIDE, (1, 1, 600, 3), (600, 3), (3,)))              # columns of 600
+
+
+@pytest.mark.parametrize("case", LONG_SUMS, ids=[c[0] for c in LONG_SUMS])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_input_side_biases_summed_over_many_threads(cp, case, dtype):
+    spec, shapes = fold_spec(0, case, dtype, inplace=True)
+    plan = Plan((spec,), (), shapes)
+    host = make_arrays(plan, np, seed=5)
+    want = {k: v.copy() for k, v in host.items()}
+    numpy_backend.fold(plan, want)
+    dev = {k: cp.asarray(v) for k, v in host.items()}
     cupy_backend.fold(plan, dev)
     _compare(plan, {k: v.get() for k, v in dev.items()}, want)
 
@@ -158,12 +176,16 @@ def test_launches_do_not_grow_with_layers(cp):
         pytest.skip("counts launches of the emulated device only")
     rng = np.random.RandomState(21)
     output_cases = tuple(c for c in LAYOUTS if c[1] == OUTPUT_SIDE)
+    input_cases = tuple(c for c in LAYOUTS if c[1] == INPUT_SIDE)
     for n in (1, 40):
         plan = random_plan(rng, n_folds=n, cases=output_cases)
+        inputs = random_plan(rng, n_folds=n, cases=input_cases, first=n)   # BN -> layer folds
+        plan = Plan(plan.folds + inputs.folds, (), {**plan.arrays, **inputs.arrays})
         dev = {k: cp.asarray(v) for k, v in make_arrays(plan, np).items()}
         del cp.launches[:]
         cupy_backend.fold(plan, dev)
-        assert cp.launches == ["bnfold_channels", "bnfold_biases", "bnfold_weights"]
+        assert cp.launches == ["bnfold_channels", "bnfold_biases", "bnfold_input_biases",
+                               "bnfold_weights"]
 
 
 @pytest.mark.parametrize("dtype, tiny", [(np.float32, 1e-39), (np.float16, 1e-6)])

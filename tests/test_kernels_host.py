@@ -161,6 +161,9 @@ def _run_host(host, plan, arrays, chunk=segments.CHUNK):
     if t.total_bias:
         host.bnfold_host_biases(_ptr(t.biases), len(t.biases), t.total_bias, _ptr(scale_d),
                                 _ptr(mean_d), _ptr(beta_d))
+    if t.total_input_blocks:
+        host.bnfold_host_input_biases(_ptr(t.inputs), len(t.inputs), t.total_input_blocks,
+                                      _ptr(offset))
     host.bnfold_host_weights(_ptr(t.weights), len(t.weights), t.total_blocks, _ptr(scale_d),
                              _ptr(scale_f))
     return status, offset
@@ -177,9 +180,13 @@ def test_host_kernels_match_numpy_backend_bit_for_bit(host, seed):
     for spec in plan.folds:
         got, want = arrays[spec.folded_weight], ref[spec.folded_weight]
         assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (spec.kind, spec.side, got.dtype)
+        got, want = arrays[spec.folded_bias], ref[spec.folded_bias]
         if spec.side == OUTPUT_SIDE:
-            got, want = arrays[spec.folded_bias], ref[spec.folded_bias]
             assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (spec.kind, got.dtype)
+        else:   # a sum, reduced in another order than NumPy's: float64 rounding, then the dtype's
+            tol = 1e-3 if got.dtype == np.float16 else 1e-6
+            np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=tol,
+                                       atol=tol, err_msg=f"{spec.kind} {got.dtype}")
         assert np.array_equal(arrays[spec.weight], ref[spec.weight])  # sources untouched
 
 

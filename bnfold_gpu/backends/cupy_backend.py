@@ -1,6 +1,6 @@
 """The GPU backend: the plan applied by the CUDA kernels in ``kernels/`` through CuPy.
 
-- ``fold(plan, arrays)`` with CuPy arrays rescales device-resident parameters in place, in three
+- ``fold(plan, arrays)`` with CuPy arrays rescales device-resident parameters in place, in four
   launches whatever the number of layers (``segments`` packs the plan into tables).
 - ``fold(plan, arrays)`` with NumPy arrays streams the weights through the device in bounded chunks,
   uploads overlapped with compute and downloads on two streams, so a model larger than GPU memory
@@ -31,7 +31,7 @@ except ImportError as _e:  # the module imports without CuPy; unavailable_reason
     cupy = None
     _IMPORT_ERROR = str(_e)
 
-KERNEL_NAMES = ("bnfold_channels", "bnfold_biases", "bnfold_weights")
+KERNEL_NAMES = ("bnfold_channels", "bnfold_biases", "bnfold_input_biases", "bnfold_weights")
 # Host-resident folds stage at most this many bytes of weights on the device per chunk (two chunks
 # in flight); BNFOLD_STAGING_BYTES overrides it.
 STAGING_BYTES = int(os.environ.get("BNFOLD_STAGING_BYTES", 256 << 20))
@@ -142,23 +142,19 @@ class _Channels:
                                      (seg, np.int32(len(t.biases)), np.int64(t.total_bias),
                                       self.scale_d, self.mean_d, self.beta_d))
 
+    def input_biases(self, kernels):
+        """BN -> layer biases; before the weights are rescaled, as they read them."""
+        t = self.tables
+        if t.total_input_blocks:
+            seg = _upload(t.inputs)
+            kernels["bnfold_input_biases"]((int(t.total_input_blocks),), (segments.BLOCK,),
+                                           (seg, np.int32(len(t.inputs)), self.offset))
+
     def weights(self, kernels, table, blocks):
         if blocks:
             seg = _upload(table)
             kernels["bnfold_weights"]((int(blocks),), (segments.BLOCK,),
                                       (seg, np.int32(len(table)), self.scale_d, self.scale_f))
-
-
-def input_side_bias(spec, w, b, offset, xp):
-    """BN -> layer bias ``b + sum(w * offset[channel])`` over every weight axis but the outputs (float64)."""
-    g, r, c, i = spec.weight_layout.shape4
-    prod = w.astype(xp.float64).reshape(g, r, c, i) * offset.reshape(g, 1, c, 1)
-    delta = prod.reshape(spec.weight_shape).sum(axis=spec.bias_reduce_axes).reshape(spec.bias_shape)
-    return delta if b is None else delta + b.astype(xp.float64).reshape(spec.bias_shape)
-
-
-def _store(dst, values64):
-    dst[...] = (values64.astype(cupy.float32) if dst.dtype == np.float16 else values64).reshape(dst.shape)
 
 
 def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
@@ -193,14 +189,8 @@ def _fold_device(plan, arrays, dtypes, pointers, strided):
         arrays, pointers = _contiguous_statistics(arrays, pointers, strided)
     t = segments.build(plan, pointers, dtypes)
     ch = _Channels(plan, t, k)
-    bounds = t.channel_bounds
-    for j, spec in enumerate(plan.folds):   # BN -> layer biases read the weights before rescaling
-        if spec.side != OUTPUT_SIDE:
-            b = arrays[spec.bias] if spec.bias else None
-            _store(arrays[spec.folded_bias],
-                   input_side_bias(spec, arrays[spec.weight], b, ch.offset[bounds[j]:bounds[j + 1]],
-                                   cupy))
     ch.biases(k)
+    ch.input_biases(k)    # same stream: done before the weights it reads are rescaled
     ch.weights(k, t.weights, t.total_blocks)
     cupy.cuda.get_current_stream().synchronize()
 

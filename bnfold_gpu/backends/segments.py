@@ -1,5 +1,5 @@
 """Segment tables for the CUDA kernels: the plan flattened into a few small arrays of 64-bit fields, so
-that the whole fold runs in three launches whatever the number of layers. NumPy only: the host tests
+that the whole fold runs in four launches whatever the number of layers. NumPy only: the host tests
 build the same tables over NumPy buffers and run the kernels' code on the CPU.
 
 The field order mirrors the structs in ``kernels/bnfold_math.cuh``.
@@ -38,6 +38,13 @@ ARRAY_SEG = np.dtype([
     ("rows", "<i8"), ("channel_offset", "<i8"), ("dtype", "<i8"), ("src_dtype", "<i8"),
     ("first_block", "<i8"), ("div_inner", "<u8"), ("div_channels", "<u8"),
     ("div_rows_channels", "<u8")])
+
+INPUT_SEG = np.dtype([
+    ("weight", "<u8"), ("bias", "<u8"), ("dst", "<u8"),
+    ("weight_dtype", "<i8"), ("bias_dtype", "<i8"), ("dst_dtype", "<i8"),
+    ("inner", "<i8"), ("channels", "<i8"), ("rows", "<i8"), ("channel_offset", "<i8"),
+    ("outputs", "<i8"), ("out_stride", "<i8"), ("terms", "<i8"), ("term_stride", "<i8"),
+    ("first_block", "<i8")])
 
 
 @lru_cache(maxsize=None)
@@ -78,6 +85,8 @@ class Tables:
     total_channels: int
     biases: np.ndarray          # ARRAY_SEG, output-side biases; first_block = first global element
     total_bias: int
+    inputs: np.ndarray          # INPUT_SEG, BN -> layer folds; one block per output of each
+    total_input_blocks: int
     weights: np.ndarray         # ARRAY_SEG, one per weight piece; first_block = first block
     total_blocks: int
     channel_bounds: np.ndarray  # fold k owns channels [bounds[k], bounds[k + 1])
@@ -123,8 +132,9 @@ def pieces(layout: ChannelLayout, numel_limit: int) -> List[Tuple[int, int, Chan
 def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], channels=True,
           weights=True, chunk=CHUNK) -> Tables:
     """Tables for the folds of ``plan``, given each array's device address and dtype by name.
-    ``channels=False`` leaves out the statistics and biases, ``weights=False`` the weights (their
-    arrays need not be in ``pointer`` then); ``chunk`` is the kernels' BNFOLD_CHUNK. Built column by
+    ``channels=False`` leaves out the statistics and biases, ``weights=False`` the weights and the
+    BN -> layer biases, which read them (their arrays need not be in ``pointer`` then); ``chunk`` is
+    the kernels' BNFOLD_CHUNK. Built column by
     column: thousands of layers cost milliseconds, not several times the kernels' own time."""
     folds = plan.folds
     bounds = np.zeros(len(folds) + 1, np.int64)
@@ -132,7 +142,8 @@ def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], chann
     offsets = bounds[:-1]
     channel_rows = np.zeros(len(folds) if channels else 0, CHANNEL_SEG)
     biases, weight_rows = np.zeros(0, ARRAY_SEG), np.zeros(0, ARRAY_SEG)
-    total_bias = total_blocks = 0
+    inputs = np.zeros(0, INPUT_SEG)
+    total_bias = total_blocks = total_input_blocks = 0
     if channels and folds:
         for label in ("gamma", "beta", "mean", "var"):
             keys = [getattr(s, label) for s in folds]
@@ -152,6 +163,10 @@ def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], chann
             src_dtype=_codes([dtype[folds[j].bias or folds[j].folded_bias] for j in out]),
             units=lambda numel: numel)
         total_bias = int(biases["numel"].sum())
+        if weights:   # BN -> layer biases read the weights
+            inputs = _input_rows([(j, s) for j, s in enumerate(folds) if s.side != OUTPUT_SIDE],
+                                 pointer, dtype, offsets)
+            total_input_blocks = int(inputs["outputs"].sum())
     if weights and folds:
         weight_rows = _rows(
             [s.weight_layout for s in folds],
@@ -161,7 +176,38 @@ def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], chann
             units=lambda numel: -(-numel // chunk))
         last = weight_rows[-1]
         total_blocks = int(last["first_block"]) + -(-int(last["numel"]) // chunk)
-    return Tables(channel_rows, int(bounds[-1]), biases, total_bias, weight_rows, total_blocks, bounds)
+    return Tables(channel_rows, int(bounds[-1]), biases, total_bias, inputs, total_input_blocks,
+                  weight_rows, total_blocks, bounds)
+
+
+def input_terms(spec) -> Tuple[int, int, int, int]:
+    """(outputs, out_stride, terms, term_stride) of a BN -> layer bias: output o sums the weight
+    elements ``o * out_stride + j * term_stride`` for ``j < terms``."""
+    shape, axes = spec.weight_shape, tuple(spec.bias_reduce_axes)
+    per_first = int(np.prod(shape[1:]))
+    if axes == tuple(range(1, len(shape))):   # convolutions: an output's weights are one row
+        return shape[0], per_first, per_first, 1
+    if axes == (0,):                          # Affine: an output's weights are one column
+        return per_first, 1, shape[0], per_first
+    raise ValueError(f"{spec.bn}: a bias summed over weight axes {axes} has no table row")
+
+
+def _input_rows(folds, pointer, dtype, offsets) -> np.ndarray:
+    rows = np.zeros(len(folds), INPUT_SEG)
+    for row, (j, s) in zip(rows, folds):
+        layout = s.weight_layout
+        outputs, out_stride, terms, term_stride = input_terms(s)
+        row["weight"], row["weight_dtype"] = pointer[s.weight], dtype_code(dtype[s.weight])
+        if s.bias:
+            row["bias"], row["bias_dtype"] = pointer[s.bias], dtype_code(dtype[s.bias])
+        row["dst"], row["dst_dtype"] = pointer[s.folded_bias], dtype_code(dtype[s.folded_bias])
+        row["inner"], row["channels"], row["rows"] = layout.inner, layout.channels, layout.rows
+        row["channel_offset"] = offsets[j]
+        row["outputs"], row["out_stride"] = outputs, out_stride
+        row["terms"], row["term_stride"] = terms, term_stride
+    if len(rows):
+        np.cumsum(rows["outputs"][:-1], out=rows["first_block"][1:])
+    return rows
 
 
 def _rows(layouts, src, dst, channel_offset, dtype, src_dtype, units) -> np.ndarray:
