@@ -224,6 +224,24 @@ def test_members_are_written_without_the_zip64_sizes_they_were_read_with():
     assert N._new_entry(m).extra == timestamp and m.extra == zip64 + timestamp
 
 
+def test_parameters_inside_the_network_definition(tmp_path):
+    good = nnp_files.single(tmp_path / "good.nnp")
+    f = N.read(str(good))
+    f.members = [m for m in f.members if not m.filename.startswith("parameter")]
+    f.param_member = None        # serialize() writes them into network.nntxt
+    p = tmp_path / "inline.nnp"
+    with open(p, "wb") as fh:
+        N.serialize(f, fh)
+    assert list(members(p)) == ["nnp_version.txt", "network.nntxt"]
+    want, _ = load_run(p, "net")
+    out = tmp_path / "out.nnp"
+    assert run("fold", p, "-o", out, "--verify", "-q") == 0
+    assert list(members(out)) == ["nnp_version.txt", "network.nntxt"]
+    got, types = load_run(out, "net")
+    assert "BatchNormalization" not in types
+    assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
+
+
 def test_corrupt_compressed_parameters(tmp_path, capsys):
     good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
     p = tmp_path / "corrupt.nnp"
