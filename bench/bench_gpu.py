@@ -137,7 +137,7 @@ def measure(gb, nbytes, args):
            "fold_gbps": 2 * weight_bytes / fold_s / 1e9,
            "weight_kernel_gbps": 2 * weight_bytes / kernel_s / 1e9,
            "copy_gbps": 2 * weight_bytes / copy_s / 1e9,
-           # what the call adds to the weight kernel (checks, tables, two small launches, one sync)
+           # what the call adds to the weight kernel (checks, tables, the small launches, one sync)
            "overhead_us_per_layer": (fold_s - kernel_s) / len(plan.folds) * 1e6}
     row["fold_over_copy_bandwidth"] = row["fold_gbps"] / row["copy_gbps"]
     row["kernel_over_copy_bandwidth"] = row["weight_kernel_gbps"] / row["copy_gbps"]
