@@ -134,8 +134,8 @@ def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], chann
     """Tables for the folds of ``plan``, given each array's device address and dtype by name.
     ``channels=False`` leaves out the statistics and biases, ``weights=False`` the weights and the
     BN -> layer biases, which read them (their arrays need not be in ``pointer`` then); ``chunk`` is
-    the kernels' BNFOLD_CHUNK. Built column by
-    column: thousands of layers cost milliseconds, not several times the kernels' own time."""
+    the kernels' BNFOLD_CHUNK. Built column by column: thousands of layers cost milliseconds, not
+    several times the kernels' own time."""
     folds = plan.folds
     bounds = np.zeros(len(folds) + 1, np.int64)
     np.cumsum([s.n_channels for s in folds], out=bounds[1:])
