@@ -119,7 +119,8 @@ def cmd_fold(args):
     get_backend(args.backend)   # an unusable backend is said before a large file is read
     t0 = time.perf_counter()
     f = N.read(args.input)
-    progress = Progress(4 + len(f.proto.network) * (2 if args.verify else 1), args.quiet)
+    n_nets = len(f.proto.network)
+    progress = Progress(4 + n_nets + (2 + 2 * n_nets if args.verify else 0), args.quiet)
     progress.step(f"loaded {args.input}")
     fp = N.plan_file(f, progress)
     original = (args.input, N.structure(f.proto)) if args.verify else None   # before the rewrite
@@ -134,9 +135,7 @@ def cmd_fold(args):
     try:
         if args.verify:
             nets = [n.name for n in fp.networks if fp.folds.get(n.name) and not n.training]
-            for name in nets:
-                progress.step(f"verifying {name}")
-            records = N.verify(original, (tmp, f.proto), nets, seed=args.seed)
+            records = N.verify(original, (tmp, f.proto), nets, seed=args.seed, progress=progress)
         bad = [r for r in records if _failed(r, args.tolerance)]
         if bad:
             os.unlink(tmp)

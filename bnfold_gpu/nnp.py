@@ -608,17 +608,22 @@ def write_temp(nnp: NnpFile, target: str) -> str:
 
 
 # -- verifying ------------------------------------------------------------------------------------
-def verify(original, folded, networks, seed: int = 0):
+def verify(original, folded, networks, seed: int = 0, progress=None):
     """Run each network of ``networks`` from both files on the same seeded random inputs; one record
     per output with max abs / max relative error. ``original`` and ``folded``: (path, network
-    definition, as ``structure`` gives it)."""
+    definition, as ``structure`` gives it). ``progress.step(label)`` is called as each file is loaded
+    and each network run."""
     import nnabla as nn
     runs = []
-    for path, proto in (original, folded):
+    for which, (path, proto) in (("original", original), ("folded", folded)):
+        if progress:
+            progress.step(f"verify: loading the {which} file")
         scope, built = build_networks(path, proto, set(networks))
         results = {}
         with nn.parameter_scope("", scope):
             for name in networks:
+                if progress:
+                    progress.step(f"verify: running {which} {name}")
                 outputs, net = built[name]
                 rng = np.random.RandomState(seed)
                 for key in sorted(net.inputs):

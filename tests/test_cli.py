@@ -101,6 +101,16 @@ def test_fold_console_file_verified(console_file, tmp_path, capsys):
     assert len(rep["networks"]["MainRuntime"]["folded"]) == 3
 
 
+def test_progress_names_each_stage_in_order(tmp_path, capsys):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    assert run("fold", p, "-o", tmp_path / "o.nnp", "--verify") == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("bnfold: ")]
+    assert lines == ["bnfold: " + x for x in (
+        f"loaded {p}", "planning net", "folding", "writing", "verify: loading the original file",
+        "verify: running original net", "verify: loading the folded file",
+        "verify: running folded net", "done")]
+
+
 def test_folded_runtime_shares_folded_parameters(console_file, tmp_path):
     out = tmp_path / "folded.nnp"
     assert run("fold", console_file, "-o", out, "-q") == 0
