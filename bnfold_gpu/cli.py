@@ -72,10 +72,10 @@ def _print_plan(fp, out=None):
 def cmd_inspect(args):
     from . import nnp as N
     progress = Progress(2, quiet=args.json)
-    progress.step("loading")
+    progress.step(f"reading {args.input}")
     f = N.read(args.input)
+    progress.step("planning")
     fp = N.plan_file(f)
-    progress.step("planned")
     progress.close()
     if args.json:
         print(json.dumps({"input": args.input, "networks": _fold_records(fp)}, indent=2))
@@ -118,10 +118,11 @@ def cmd_fold(args):
         raise N.NnpError(f"{out_path}: folder {folder} is not writable")
     get_backend(args.backend)   # an unusable backend is said before a large file is read
     t0 = time.perf_counter()
+    progress = Progress(5, args.quiet)   # each step names the stage that starts
+    progress.step(f"reading {args.input}")
     f = N.read(args.input)
     n_nets = len(f.proto.network)
-    progress = Progress(4 + n_nets + (2 + 2 * n_nets if args.verify else 0), args.quiet)
-    progress.step(f"loaded {args.input}")
+    progress.total += n_nets + (2 + 2 * n_nets if args.verify else 0)
     fp = N.plan_file(f, progress)
     original = (args.input, N.structure(f.proto)) if args.verify else None   # before the rewrite
     progress.step("folding")

@@ -106,7 +106,7 @@ def test_progress_names_each_stage_in_order(tmp_path, capsys):
     assert run("fold", p, "-o", tmp_path / "o.nnp", "--verify") == 0
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("bnfold: ")]
     assert lines == ["bnfold: " + x for x in (
-        f"loaded {p}", "planning net", "folding", "writing", "verify: loading the original file",
+        f"reading {p}", "planning net", "folding", "writing", "verify: loading the original file",
         "verify: running original net", "verify: loading the folded file",
         "verify: running folded net", "done")]
 
@@ -387,7 +387,7 @@ def test_unusable_backend_is_a_clear_error(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out.nnp"
     assert run("fold", p, "-o", out, "--backend", "cupy") == 2
     err = capsys.readouterr().err
-    assert "no CUDA device found" in err and "loaded" not in err   # said before the file is read
+    assert "no CUDA device found" in err and "reading" not in err   # said before the file is read
     assert "no CUDA device found" in _bad(tmp_path, capsys, "fold", p, "--backend", "cupy")
 
 
