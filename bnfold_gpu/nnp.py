@@ -551,6 +551,9 @@ def _params_to_proto(params, proto):
         q.need_grad = p.need_grad
 
 
+_ZIP64_EXTRA = 0x0001   # the extra field holding a zip entry's 64-bit sizes
+
+
 def _new_entry(member: zipfile.ZipInfo) -> zipfile.ZipInfo:
     """A copy of ``member`` to write anew: its name, date, compression and other extra fields, without
     the zip64 sizes of the file it was read from (the writer adds its own where the new size needs them,
@@ -564,9 +567,6 @@ def _new_entry(member: zipfile.ZipInfo) -> zipfile.ZipInfo:
         extra = extra[4 + size:]
     info.extra = kept
     return info
-
-
-_ZIP64_EXTRA = 0x0001
 
 
 def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, scratch):

@@ -14,7 +14,7 @@ def check_plan_arrays(plan, arrays) -> list:
     strided = []
     for spec in plan.folds:
         layout = spec.weight_layout
-        n = layout.groups * layout.channels
+        n = layout.n_channels
         for label, key in (("beta", spec.beta), ("gamma", spec.gamma), ("mean", spec.mean),
                            ("var", spec.var)):
             if key is None:
