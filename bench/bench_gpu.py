@@ -77,14 +77,17 @@ def device_arrays(plan, dtype=np.float32):
 
 
 def weight_launch(plan, arrays, chunk=segments.CHUNK, channels=None):
-    """What the weight kernel needs for ``plan`` over device ``arrays``: the per-channel scales
-    (computed unless given) and the weight table for blocks of ``chunk`` elements."""
+    """The per-channel scales of ``plan`` over device ``arrays`` (computed unless given) and a
+    function that launches the weight kernel (``kernels``: a build) over its table for blocks of
+    ``chunk`` elements, uploaded once."""
     pointers = {n: a.data.ptr for n, a in arrays.items()}
     dtypes = {n: a.dtype for n, a in arrays.items()}
     if channels is None:
         channels = cupy_backend._Channels(plan, segments.build(plan, pointers, dtypes, weights=False),
                                           cupy_backend._kernels())
-    return channels, segments.build(plan, pointers, dtypes, channels=False, chunk=chunk)
+    t = segments.build(plan, pointers, dtypes, channels=False, chunk=chunk)
+    seg = cupy_backend._upload(t.weights)
+    return channels, lambda kernels: channels.weights(seg, len(t.weights), t.total_blocks, kernels)
 
 
 def cuda_time(fn, repeats):
@@ -129,9 +132,8 @@ def measure(gb, nbytes, args):
     fold_s = wall_time(lambda: cupy_backend.fold(plan, arrays), args.repeats)
     # the weight kernel alone (tables built and uploaded once), timed with CUDA events
     kernels = cupy_backend._kernels()
-    channels, tables = weight_launch(plan, arrays)
-    kernel_s = cuda_time(lambda: channels.weights(kernels, tables.weights, tables.total_blocks),
-                         args.repeats)
+    _, launch = weight_launch(plan, arrays)
+    kernel_s = cuda_time(lambda: launch(kernels), args.repeats)
     row = {"size_gb": gb, "weight_bytes": int(weight_bytes), "layers": len(plan.folds),
            "fold_s": fold_s, "weight_kernel_s": kernel_s, "copy_s": copy_s,
            "fold_gbps": 2 * weight_bytes / fold_s / 1e9,
@@ -167,17 +169,17 @@ def build_sweep(args):
         arrays, buf = device_arrays(plan, dtype)
         original = buf.copy()
         copy_s = copy_seconds(buf, args.repeats)
-        channels, tables = weight_launch(plan, arrays)
-        channels.weights(cupy_backend._kernels(), tables.weights, tables.total_blocks)
+        channels, launch = weight_launch(plan, arrays)
+        launch(cupy_backend._kernels())
         reference = buf.copy()
         for build in args.builds.split(","):
             per_thread, unroll = (int(x) for x in build.split("x"))
             kernels = cupy_backend._kernels((f"BNFOLD_PER_THREAD={per_thread}", f"BNFOLD_UNROLL={unroll}"))
-            _, t = weight_launch(plan, arrays, chunk=segments.BLOCK * per_thread, channels=channels)
+            _, launch = weight_launch(plan, arrays, chunk=segments.BLOCK * per_thread, channels=channels)
             buf[...] = original
-            channels.weights(kernels, t.weights, t.total_blocks)
+            launch(kernels)
             same = bool((buf.view(cp.uint8) == reference.view(cp.uint8)).all())
-            kernel_s = cuda_time(lambda: channels.weights(kernels, t.weights, t.total_blocks), args.repeats)
+            kernel_s = cuda_time(lambda: launch(kernels), args.repeats)
             rows.append({"dtype": np.dtype(dtype).name, "per_thread": per_thread, "unroll": unroll,
                          "weight_bytes": int(buf.nbytes),
                          "weight_kernel_gbps": 2 * buf.nbytes / kernel_s / 1e9,

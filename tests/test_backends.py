@@ -69,3 +69,28 @@ def test_folded_weight_of_another_dtype_is_refused():
     with pytest.raises(FoldError, match=f"{spec.bn}: folded weight .* is float16, its source .* float32"):
         numpy_backend.fold(plan, arrays)
     assert all(np.array_equal(arrays[k], before[k], equal_nan=True) for k in arrays)
+
+
+def test_numpy_backend_writes_nothing_when_a_later_bias_runs_out_of_memory(monkeypatch):
+    # the new biases are all computed before the first is stored: a MemoryError on a later fold's
+    # float64 temporaries leaves the earlier folds' arrays as they were
+    plan = random_plan(np.random.RandomState(9), n_folds=5, dtype=np.float32)
+    arrays = make_arrays(plan, np, poison=False)
+    before = {k: v.copy() for k, v in arrays.items()}
+    calls = []
+    real = {"out": numpy_backend.folded_output_bias, "in": numpy_backend.folded_input_bias}
+
+    def failing(side):
+        def compute(*args):
+            calls.append(side)
+            if len(calls) == 4:
+                raise MemoryError("no room for the float64 temporaries")
+            return real[side](*args)
+        return compute
+
+    monkeypatch.setattr(numpy_backend, "folded_output_bias", failing("out"))
+    monkeypatch.setattr(numpy_backend, "folded_input_bias", failing("in"))
+    with pytest.raises(MemoryError):
+        numpy_backend.fold(plan, arrays)
+    assert len(calls) == 4
+    assert all(np.array_equal(arrays[k], before[k]) for k in arrays)

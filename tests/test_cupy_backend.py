@@ -206,3 +206,47 @@ def test_subnormal_values_are_kept(cp, dtype, tiny):
     dev = {k: cp.asarray(v) for k, v in host.items()}
     cupy_backend.fold(plan, dev)
     _compare(plan, {k: v.get() for k, v in dev.items()}, want)
+
+
+class _NoRoom(MemoryError):
+    pass
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_failed_allocation_writes_nothing(cp, monkeypatch, where):
+    """Out of device memory: every allocation of the fold (tables, staging buffers) comes before its
+    first write, so the caller's arrays are left as they were."""
+    if not hasattr(cp, "launches"):
+        pytest.skip("injects allocation failures into the emulated device only")
+    monkeypatch.setattr(cupy_backend, "STAGING_BYTES", 64 << 10)
+    rng = np.random.RandomState(17)
+    output_cases = tuple(c for c in LAYOUTS if c[1] == OUTPUT_SIDE)
+    a = random_plan(rng, n_folds=4, cases=output_cases)
+    b = random_plan(rng, n_folds=4, cases=tuple(c for c in LAYOUTS if c[1] == INPUT_SIDE), first=4)
+    plan = Plan(a.folds + b.folds, (), {**a.arrays, **b.arrays})
+    host = make_arrays(plan, np, seed=2, poison=False)
+    arrays = host if where == "host" else {k: cp.asarray(v) for k, v in host.items()}
+    before = {k: np.array(v) for k, v in host.items()}
+    allocations = {"n": 0}
+    empty, asarray = cp.empty, cp.asarray
+
+    def counted(real):
+        def allocate(*args, **kwargs):
+            allocations["n"] += 1
+            if allocations["n"] == allocations.get("fail"):
+                raise _NoRoom("out of device memory")
+            return real(*args, **kwargs)
+        return allocate
+
+    monkeypatch.setattr(cp, "empty", counted(empty))
+    monkeypatch.setattr(cp, "asarray", counted(asarray))
+    cupy_backend.fold(plan, {k: v.copy() for k, v in arrays.items()})   # counts the allocations
+    total, allocations["n"] = allocations["n"], 0
+    assert total > 3
+    for fail in range(1, total + 1):
+        allocations.update(n=0, fail=fail)
+        copies = {k: v.copy() for k, v in arrays.items()}
+        with pytest.raises(_NoRoom):
+            cupy_backend.fold(plan, copies)
+        for k, v in copies.items():
+            assert np.array_equal(np.array(v), before[k]), (fail, k)

@@ -113,48 +113,54 @@ def _grid(n, block=segments.BLOCK):
 
 
 class _Channels:
-    """Per-channel scale/offset of every BN of the plan, on the device, checked."""
+    """Per-channel scale/offset of every BN of the plan, on the device, checked. Every table of the
+    plan is uploaded first, so that an allocation that fails does so before anything is written."""
 
     def __init__(self, plan: Plan, t: segments.Tables, kernels):
         n = max(1, t.total_channels)
-        self.tables = t
+        self.tables, self.kernels = t, kernels
         self.scale_d = cupy.empty(n, cupy.float64)
         self.scale_f = cupy.empty(n, cupy.float32)
         self.offset = cupy.empty(n, cupy.float64)
         self.mean_d = cupy.empty(n, cupy.float64)
         self.beta_d = cupy.empty(n, cupy.float64)
         status = cupy.zeros(max(1, len(plan.folds)), cupy.int32)
-        self._seg = _upload(t.channels)
+        seg = _upload(t.channels)
+        self._biases = _upload(t.biases) if t.total_bias else None
+        self._inputs = _upload(t.inputs) if t.total_input_blocks else None
+        self._weights = _upload(t.weights) if t.total_blocks else None
         if t.total_channels:
             kernels["bnfold_channels"](
                 _grid(t.total_channels), (segments.BLOCK,),
-                (self._seg, np.int32(len(t.channels)), np.int64(t.total_channels), self.scale_d,
+                (seg, np.int32(len(t.channels)), np.int64(t.total_channels), self.scale_d,
                  self.scale_f, self.offset, self.mean_d, self.beta_d, status))
         message = segments.status_message(plan, status.get())
         if message:
             raise FoldError(message)
 
-    def biases(self, kernels):
+    def biases(self):
         t = self.tables
-        if t.total_bias:
-            seg = _upload(t.biases)
-            kernels["bnfold_biases"](_grid(t.total_bias), (segments.BLOCK,),
-                                     (seg, np.int32(len(t.biases)), np.int64(t.total_bias),
-                                      self.scale_d, self.mean_d, self.beta_d))
+        if self._biases is not None:
+            self.kernels["bnfold_biases"](_grid(t.total_bias), (segments.BLOCK,),
+                                          (self._biases, np.int32(len(t.biases)),
+                                           np.int64(t.total_bias), self.scale_d, self.mean_d,
+                                           self.beta_d))
 
-    def input_biases(self, kernels):
+    def input_biases(self):
         """BN -> layer biases; before the weights are rescaled, as they read them."""
         t = self.tables
-        if t.total_input_blocks:
-            seg = _upload(t.inputs)
-            kernels["bnfold_input_biases"]((int(t.total_input_blocks),), (segments.BLOCK,),
-                                           (seg, np.int32(len(t.inputs)), self.offset))
+        if self._inputs is not None:
+            self.kernels["bnfold_input_biases"]((int(t.total_input_blocks),), (segments.BLOCK,),
+                                                (self._inputs, np.int32(len(t.inputs)), self.offset))
 
-    def weights(self, kernels, table, blocks):
+    def weights(self, seg=None, n_segs=None, blocks=None, kernels=None):
+        """The plan's weights, or those of another table (uploaded; its rows and blocks): a staged
+        batch, or the GPU benchmark's builds (``kernels``)."""
+        if seg is None:
+            seg, n_segs, blocks = self._weights, len(self.tables.weights), self.tables.total_blocks
         if blocks:
-            seg = _upload(table)
-            kernels["bnfold_weights"]((int(blocks),), (segments.BLOCK,),
-                                      (seg, np.int32(len(table)), self.scale_d, self.scale_f))
+            (kernels or self.kernels)["bnfold_weights"](
+                (int(blocks),), (segments.BLOCK,), (seg, np.int32(n_segs), self.scale_d, self.scale_f))
 
 
 def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
@@ -188,10 +194,10 @@ def _fold_device(plan, arrays, dtypes, pointers, strided):
     if strided:
         arrays, pointers = _contiguous_statistics(arrays, pointers, strided)
     t = segments.build(plan, pointers, dtypes)
-    ch = _Channels(plan, t, k)
-    ch.biases(k)
-    ch.input_biases(k)    # same stream: done before the weights it reads are rescaled
-    ch.weights(k, t.weights, t.total_blocks)
+    ch = _Channels(plan, t, k)   # allocates and checks: raises with nothing written
+    ch.biases()
+    ch.input_biases()    # same stream: done before the weights it reads are rescaled
+    ch.weights()
     cupy.cuda.get_current_stream().synchronize()
 
 
@@ -206,7 +212,8 @@ def _contiguous_statistics(arrays, pointers, strided):
 def _fold_host(plan, host):
     """Host arrays: statistics and biases (small) are uploaded whole; weights stream through two
     device buffers of ``STAGING_BYTES`` on two streams, so one chunk's upload overlaps the previous
-    chunk's kernel and download."""
+    chunk's kernel and download. Every device allocation and every new bias is made before the
+    first host array is written."""
     k = _kernels()
     small = {}
     for spec in plan.folds:
@@ -216,17 +223,26 @@ def _fold_host(plan, host):
     tables = segments.build(plan, {n: _ptr(a) for n, a in small.items()},
                             {n: a.dtype for n, a in small.items()}, weights=False)
     ch = _Channels(plan, tables, k)          # raises before anything is written
-    offset = ch.offset.get()
     bounds = tables.channel_bounds
-    ch.biases(k)
-    for j, spec in enumerate(plan.folds):    # before the weights are rescaled: BN -> layer reads them
+    staging = _Staging(plan, host, bounds)
+    ch.biases()
+    offset = ch.offset.get()
+    new_biases = []                          # before the weights are rescaled: BN -> layer reads them
+    for j, spec in enumerate(plan.folds):
         if spec.side == OUTPUT_SIDE:
-            host[spec.folded_bias][...] = small[spec.folded_bias].get()
+            new_biases.append(small[spec.folded_bias].get())
         else:
             b = host[spec.bias] if spec.bias else None
-            numpy_backend.store(host[spec.folded_bias], numpy_backend.folded_input_bias(
+            new_biases.append(numpy_backend.folded_input_bias(
                 b, host[spec.weight], offset[bounds[j]:bounds[j + 1]], spec))
-    _stream_weights(plan, host, ch, k, bounds)
+    weights = [host[s.weight] for s in plan.folds] + [host[s.folded_weight] for s in plan.folds]
+    pinned = _register(weights) if PIN_HOST else []
+    try:
+        for spec, values in zip(plan.folds, new_biases):   # the first writes
+            numpy_backend.store(host[spec.folded_bias], values)
+        staging.run(host, ch)
+    finally:
+        _unregister(pinned)
 
 
 _ALIGN = 256   # device offsets of staged pieces
@@ -254,38 +270,48 @@ def staging_batches(plan, itemsize, bounds, budget):
     return batches
 
 
-def _stream_weights(plan, host, ch, k, bounds):
-    budget = max(segments.CHUNK * 8, STAGING_BYTES)
-    batches = staging_batches(plan, {n: a.dtype.itemsize for n, a in host.items()}, bounds, budget)
-    # a piece that cannot be cut below the budget (one very long row) gets a buffer its size
-    size = max([budget] + [sum(_aligned(c * host[s.weight].itemsize) for s, _, c, _, _ in b)
-                           for b in batches])
-    buffers = [cupy.empty(size, cupy.uint8) for _ in range(min(2, len(batches)))]
-    streams = [cupy.cuda.Stream(non_blocking=True) for _ in buffers]
-    weights = [host[s.weight] for s in plan.folds] + [host[s.folded_weight] for s in plan.folds]
-    pinned = _register(weights) if PIN_HOST else []
-    try:
+class _Staging:
+    """Two device buffers, their streams, and the weight table of every batch they will hold,
+    allocated (and the table uploaded) before the fold writes anything."""
+
+    def __init__(self, plan, host, bounds):
+        budget = max(segments.CHUNK * 8, STAGING_BYTES)
+        batches = staging_batches(plan, {n: a.dtype.itemsize for n, a in host.items()}, bounds,
+                                  budget)
+        # a piece that cannot be cut below the budget (one very long row) gets a buffer its size
+        size = max([budget] + [sum(_aligned(c * host[s.weight].itemsize) for s, _, c, _, _ in b)
+                               for b in batches])
+        self.buffers = [cupy.empty(size, cupy.uint8) for _ in range(min(2, len(batches)))]
+        self.streams = [cupy.cuda.Stream(non_blocking=True) for _ in self.buffers]
+        rows, self.launches = [], []   # per batch: (first row, rows, blocks, staged pieces)
         for n, batch in enumerate(batches):
-            buf, stream = buffers[n % 2], streams[n % 2]
+            buf, at, blocks, staged = self.buffers[n % 2], 0, 0, []
+            for spec, first, count, layout, c0 in batch:
+                dtype = host[spec.weight].dtype
+                dev = buf[at:at + count * dtype.itemsize]
+                rows.append(segments.array_row(_ptr(dev), _ptr(dev), layout, c0, dtype, dtype,
+                                               blocks))
+                staged.append((dev, spec, first, count))
+                at += _aligned(count * dtype.itemsize)
+                blocks += -(-count // segments.CHUNK)
+            self.launches.append((len(rows) - len(batch), len(batch), blocks, staged))
+        self.table = _upload(np.array(rows, segments.ARRAY_SEG))
+        cupy.cuda.get_current_stream().synchronize()   # the streams below do not wait for it
+
+    def run(self, host, ch):
+        """Upload, rescale, download each batch; returns when every weight is back on the host."""
+        for n, (row0, n_rows, blocks, staged) in enumerate(self.launches):
+            stream = self.streams[n % 2]
             with stream:   # same stream: this buffer's previous download is done before the upload
-                staged, rows, at, blocks = [], [], 0, 0
-                for spec, first, count, layout, c0 in batch:
+                for dev, spec, first, count in staged:
                     src = host[spec.weight].reshape(-1)[first:first + count]
-                    dev = buf[at:at + count * src.itemsize]
                     dev.set(src.view(np.uint8), stream=stream)
-                    rows.append(segments.array_row(_ptr(dev), _ptr(dev), layout, c0, src.dtype,
-                                                   src.dtype, blocks))
-                    staged.append((dev, spec, first, count))
-                    at += _aligned(count * src.itemsize)
-                    blocks += -(-count // segments.CHUNK)
-                ch.weights(k, np.array(rows, segments.ARRAY_SEG), blocks)
+                ch.weights(self.table[row0 * segments.ARRAY_SEG.itemsize:], n_rows, blocks)
                 for dev, spec, first, count in staged:
                     dst = host[spec.folded_weight].reshape(-1)[first:first + count]
                     _download(dev, dst.view(np.uint8), stream)
-        for s in streams:
+        for s in self.streams:
             s.synchronize()
-    finally:
-        _unregister(pinned)
 
 
 def _download(dev, out, stream):

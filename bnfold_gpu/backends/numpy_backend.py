@@ -155,19 +155,21 @@ def _check_stats(plan, cat, bounds):
 
 def fold(plan: Plan, arrays: Mapping[str, np.ndarray]) -> None:
     """Apply every fold of ``plan`` to ``arrays`` (name -> contiguous ndarray, the plan's new arrays
-    included). Everything is checked before the first array is written."""
+    included). Everything is checked, and every new bias computed, before the first array is
+    written."""
     check_plan_arrays(plan, arrays)
     maps = channel_maps(plan, arrays)
-    tasks = []
+    new_biases, tasks = [], []   # all computed (and allocated) before the first write
     for spec, (scale, offset, mean, beta) in zip(plan.folds, maps):
         w, b = arrays[spec.weight], (arrays[spec.bias] if spec.bias else None)
-        fw, fb = arrays[spec.folded_weight], arrays[spec.folded_bias]
         if spec.side == OUTPUT_SIDE:
-            new_bias = folded_output_bias(b, mean, scale, beta, spec.bias_layout)
+            new_biases.append(folded_output_bias(b, mean, scale, beta, spec.bias_layout))
         else:
-            new_bias = folded_input_bias(b, w, offset, spec)  # reads w before it is rescaled
-        store(fb, new_bias)
-        tasks += _rescale_tasks(w, fw, scale, spec.weight_layout, split_bytes=_SPLIT_BYTES)
+            new_biases.append(folded_input_bias(b, w, offset, spec))  # reads w before it is rescaled
+        tasks += _rescale_tasks(w, arrays[spec.folded_weight], scale, spec.weight_layout,
+                                split_bytes=_SPLIT_BYTES)
+    for spec, values in zip(plan.folds, new_biases):
+        store(arrays[spec.folded_bias], values)
     _run_balanced(tasks)
 
 
