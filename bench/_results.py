@@ -11,3 +11,12 @@ def write_result(result: dict, out: str, default_name: str) -> Path:
         path = path / default_name
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def readme_path(path: Path) -> str:
+    """``path`` as the README links it: relative to the project root when inside it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(path)

@@ -13,7 +13,8 @@ import nnabla as nn
 from nnabla.experimental.graph_converters import BatchNormalizationFoldingModifier, GraphConverter
 
 import bnfold_gpu
-from _results import write_result
+from _results import readme_path, write_result
+from tables import markdown
 from bnfold_gpu.backends import numpy_backend
 from bnfold_gpu.folding import _fast_nnabla_imports, prepare_arrays
 from bnfold_gpu.graph import Graph
@@ -108,7 +109,8 @@ def main():
               f"{r['fold_total_s'] * 1e3:6.1f}ms {r['speedup_vs_converter_warm']:7.1f}x "
               f"{r['rescale_s'] * 1e3:6.1f}ms {r['numpy_multiply_s'] * 1e3:7.1f}ms "
               f"{r['fold_total_over_multiply']:7.2f}x")
-    print(f"written to {out}")
+    print(f"written to {out}\n\nFor the README:\n")
+    print(markdown(result, readme_path(out)))
 
 
 if __name__ == "__main__":

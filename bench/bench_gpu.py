@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _results import write_result  # noqa: E402
+from _results import readme_path, write_result  # noqa: E402
+from tables import markdown  # noqa: E402
 from bnfold_gpu._synthetic import in_place_cases, make_arrays, random_plan, sized_plan  # noqa: E402
 from bnfold_gpu.backends import cupy_backend, numpy_backend, segments  # noqa: E402
 from bnfold_gpu.plan import OUTPUT_SIDE, Plan  # noqa: E402
@@ -262,7 +263,8 @@ def main():
         build = f"{r['per_thread']}x{r['unroll']}"
         print(f"{r['dtype']:>8} {build:>6} {r['weight_kernel_gbps']:12.0f} {r['copy_gbps']:10.0f} "
               f"{r['kernel_over_copy_bandwidth']:11.0%} {str(r['matches_default_build']):>5}")
-    print(f"written to {out}")
+    print(f"written to {out}\n\nFor the README:\n")
+    print(markdown(result, readme_path(out)))
     return 1 if failures else 0
 
 

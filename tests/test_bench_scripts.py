@@ -1,5 +1,5 @@
-"""The GPU benchmark script runs end to end (on the emulated device), so a session lent a GPU spends
-its time measuring, not debugging the script."""
+"""The GPU benchmark script runs end to end (on the emulated device), so that a run on a GPU goes to
+measuring, not to debugging the script; the README's benchmark tables are the committed results."""
 import json
 import sys
 from pathlib import Path
@@ -7,6 +7,9 @@ from pathlib import Path
 from bnfold_gpu.backends import cupy_backend
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import tables  # noqa: E402
+sys.path.pop(0)
 
 
 def test_bench_gpu_runs_on_the_emulated_device(host, monkeypatch, tmp_path, capsys):
@@ -45,3 +48,23 @@ def test_bench_gpu_runs_on_the_emulated_device(host, monkeypatch, tmp_path, caps
     assert [(r["dtype"], r["per_thread"], r["unroll"]) for r in sweep] == [
         ("float32", 4, 4), ("float32", 64, 8), ("float16", 4, 4), ("float16", 64, 8)]
     assert all(r["matches_default_build"] and r["weight_kernel_gbps"] > 0 for r in sweep)
+    printed = out[out.index("For the README:"):]
+    table = tables.gpu_markdown(result)
+    assert table in printed and tables.gpu_sweep_markdown(result) in printed
+    assert len(table.splitlines()) == 2 + 3 and "| 100 GB | skipped: needs 220 GB" in table
+
+
+def test_readme_shows_the_newest_committed_results():
+    """The README's tables are rendered from the newest JSON under bench/results/ (bench/tables.py);
+    until a GPU result is committed, the README says the kernels have not run on real hardware."""
+    readme = (ROOT / "README.md").read_text()
+    results = ROOT / "bench" / "results"
+    cpu = tables.newest("cpu", results)
+    assert tables.markdown(json.loads(cpu.read_text()), f"bench/results/{cpu.name}") in readme
+    gpu = tables.newest("gpu", results)
+    if gpu is None:
+        assert "not yet run on real hardware" in readme
+    else:
+        result = json.loads(gpu.read_text())
+        assert tables.markdown(result, f"bench/results/{gpu.name}") in readme
+        assert "not yet run on real hardware" not in readme and not result["correctness"]["failures"]
