@@ -9,6 +9,8 @@ Exit status: 0 done; 1 --verify found outputs differing past the tolerance (noth
 """
 import argparse
 import json
+import logging
+import math
 import os
 import sys
 import time
@@ -102,6 +104,30 @@ def _same_file(a, b):
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _check_writable(path, error):
+    """Raises ``error`` unless a file can be written at ``path``: checked before any work, so that
+    nothing is written when the end of the run could not be."""
+    if os.path.isdir(path):
+        raise error(f"{path}: is a directory")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise error(f"{path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise error(f"{path}: folder {folder} is not writable")
+
+
+def _write_json(path, value):
+    """``path`` holds all of ``value`` or is left as it was."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(value, fh, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def cmd_fold(args):
     from . import nnp as N
     if args.output is None and not args.in_place:
@@ -109,13 +135,12 @@ def cmd_fold(args):
     out_path = args.input if args.output is None else args.output
     if os.path.exists(args.input) and _same_file(args.input, out_path) and not args.in_place:
         raise N.NnpError(f"{out_path}: the output is the input; give --in-place to replace it")
-    if os.path.isdir(out_path):
-        raise N.NnpError(f"{out_path}: is a directory")
-    folder = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(folder):
-        raise N.NnpError(f"{out_path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise N.NnpError(f"{out_path}: folder {folder} is not writable")
+    _check_writable(out_path, N.NnpError)
+    if args.report:
+        _check_writable(args.report, N.NnpError)
+        for path in {args.input, out_path}:
+            if os.path.exists(path) and _same_file(path, args.report):
+                raise N.NnpError(f"{args.report}: the report would overwrite {path}")
     get_backend(args.backend)   # an unusable backend is said before a large file is read
     t0 = time.perf_counter()
     progress = Progress(5, args.quiet)   # each step names the stage that starts
@@ -138,6 +163,12 @@ def cmd_fold(args):
             nets = [n.name for n in fp.networks if fp.folds.get(n.name) and not n.training]
             records = N.verify(original, (tmp, f.proto), nets, seed=args.seed, progress=progress)
         bad = [r for r in records if _failed(r, args.tolerance)]
+        seconds = {"fold": fold_seconds, "verify": time.perf_counter() - t0 - fold_seconds}
+        if args.report:   # before the output is in place: a report that cannot be written stops both
+            _write_json(args.report, {
+                "input": args.input, "output": None if bad else out_path, "backend": backend,
+                "bytes_rescaled": nbytes, "seconds": seconds, "networks": _fold_records(fp),
+                "verify": {"tolerance": args.tolerance, "outputs": records} if args.verify else None})
         if bad:
             os.unlink(tmp)
         else:
@@ -148,15 +179,8 @@ def cmd_fold(args):
         raise
     progress.step("done")
     progress.close()
-    seconds = {"fold": fold_seconds, "verify": time.perf_counter() - t0 - fold_seconds}
     if not args.quiet:
         _print_summary(fp, nbytes, backend, seconds, records, args)
-    if args.report:
-        report = {"input": args.input, "output": None if bad else out_path, "backend": backend,
-                  "bytes_rescaled": nbytes, "seconds": seconds, "networks": _fold_records(fp),
-                  "verify": {"tolerance": args.tolerance, "outputs": records} if args.verify else None}
-        with open(args.report, "w") as fh:
-            json.dump(report, fh, indent=2)
     if bad:
         worst = max(bad, key=lambda r: r["max_rel"])
         print(f"bnfold: verification failed: network '{worst['network']}' output '{worst['output']}' "
@@ -196,6 +220,13 @@ def _print_summary(fp, nbytes, backend, seconds, records, args):
         print(f"wrote {args.output or args.input}")
 
 
+def _tolerance(text: str) -> float:
+    value = float(text)   # argparse turns a ValueError into a usage error
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text}: a tolerance is a finite number >= 0")
+    return value
+
+
 def parser():
     ap = argparse.ArgumentParser(prog="bnfold", description="Fold batch normalization in .nnp files.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -209,7 +240,7 @@ def parser():
     fo.add_argument("--backend", default="auto", choices=["auto", "numpy", "cupy"])
     fo.add_argument("--verify", action="store_true",
                     help="run original and folded networks on the same random inputs and compare")
-    fo.add_argument("--tolerance", type=float, default=1e-4,
+    fo.add_argument("--tolerance", type=_tolerance, default=1e-4,
                     help="largest relative error --verify accepts (default 1e-4)")
     fo.add_argument("--seed", type=int, default=0, help="seed of --verify's random inputs")
     fo.add_argument("--report", metavar="REPORT.json", help="write what was done as JSON")
@@ -221,6 +252,11 @@ def parser():
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    # NNabla logs each extension it initializes at INFO level when imported; a command line prints
+    # only its own progress (NNabla's warnings and errors still show)
+    nnabla_log = logging.getLogger("nnabla")
+    if nnabla_log.level == logging.NOTSET:
+        nnabla_log.setLevel(logging.WARNING)
     from .backends.common import FoldError
     from .nnp import NnpError
     try:

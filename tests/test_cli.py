@@ -392,18 +392,62 @@ def test_unusable_backend_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
 
 def test_verify_failure_writes_nothing(tmp_path, capsys, monkeypatch):
+    from bnfold_gpu import nnp
     p = nnp_files.single(tmp_path / "m.nnp")
     out = tmp_path / "o.nnp"
+    report = tmp_path / "r.json"
     assert run("fold", p, "-o", out, "--verify", "--tolerance", "0") in (0, 1)
-    rc = run("fold", p, "-o", out, "--verify", "--tolerance", "-1")
+    out.unlink(missing_ok=True)
+    real = nnp.verify
+
+    def off_by_much(*args, **kwargs):   # the real comparison, its errors made large
+        return [{**r, "max_rel": r["max_rel"] + 1.0} for r in real(*args, **kwargs)]
+
+    monkeypatch.setattr(nnp, "verify", off_by_much)
+    rc = run("fold", p, "-o", out, "--verify", "--report", report)
     assert rc == 1 and "verification failed" in capsys.readouterr().err
-    assert not [x for x in os.listdir(tmp_path) if x.startswith(".o.nnp")]
+    assert not out.exists() and not [x for x in os.listdir(tmp_path) if x.startswith(".o.nnp")]
+    assert json.loads(report.read_text())["output"] is None
+
+
+@pytest.mark.parametrize("tolerance", ["-1", "nan", "inf", "x"])
+def test_bad_tolerance_is_a_usage_error(tmp_path, capsys, tolerance):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    with pytest.raises(SystemExit) as e:
+        run("fold", p, "-o", tmp_path / "o.nnp", "--verify", "--tolerance", tolerance)
+    assert e.value.code == 2 and "--tolerance" in capsys.readouterr().err
+    assert not (tmp_path / "o.nnp").exists()
+
+
+def test_report_that_cannot_be_written_stops_before_any_work(tmp_path, capsys):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    assert "does not exist" in _bad(tmp_path, capsys, "fold", p, "--report", tmp_path / "no" / "r.json")
+    assert "is a directory" in _bad(tmp_path, capsys, "fold", p, "--report", tmp_path)
+    before = p.read_bytes()
+    assert "would overwrite" in _bad(tmp_path, capsys, "fold", p, "--report", p)
+    assert p.read_bytes() == before
+
+
+def test_report_failing_late_leaves_no_output(tmp_path, capsys, monkeypatch):
+    p = nnp_files.single(tmp_path / "m.nnp")
+
+    def disk_full(path, value):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(cli, "_write_json", disk_full)
+    assert "No space left" in _bad(tmp_path, capsys, "fold", p, "--report", tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_console_script_exit_status_and_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bnfold_gpu.cli", "fold", str(tmp_path / "x.nnp"),
                         "-o", str(tmp_path / "y.nnp")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no such file" in r.stderr
+    p = nnp_files.single(tmp_path / "m.nnp")
+    r = subprocess.run([sys.executable, "-m", "bnfold_gpu.cli", "inspect", str(p)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "3 BN(s) would fold" in r.stdout
+    assert "INFO" not in r.stderr and "bnfold: reading" in r.stderr   # NNabla's import-time lines not
     assert not (tmp_path / "y.nnp").exists()
 
 
