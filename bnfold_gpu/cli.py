@@ -22,14 +22,45 @@ EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
 
 
 class Progress:
-    """A one-line progress bar on stderr for a terminal, plain lines otherwise; silent when quiet."""
+    """A one-line progress bar on stderr for a terminal, plain lines otherwise; silent when quiet.
+    ``step`` starts a stage; within one, ``expect``/``extend``/``advance`` count bytes, shown as a
+    percentage (on a terminal at most every ``TTY_EVERY`` seconds, in plain lines every
+    ``LINE_EVERY``)."""
+    TTY_EVERY, LINE_EVERY = 0.1, 5.0
 
     def __init__(self, total: int, quiet: bool):
         self.total, self.done, self.quiet = max(1, total), 0, quiet
         self.tty = sys.stderr.isatty()
+        self.label = ""
+        self.expect(0)
 
     def step(self, label: str):
         self.done = min(self.total, self.done + 1)
+        self.label = label
+        self.expect(0)
+        self._draw(label)
+
+    def expect(self, nbytes: int):
+        """The current stage will count ``nbytes``."""
+        self.bytes_total, self.bytes_done, self._next = nbytes, 0, 0
+        self._shown = time.monotonic()
+
+    def extend(self, nbytes: int):
+        """The current stage will count ``nbytes`` more than expected."""
+        self.bytes_total += nbytes
+
+    def advance(self, nbytes: int):
+        self.bytes_done += nbytes
+        if self.quiet or self.bytes_done < self._next or not self.bytes_total:
+            return
+        self._next = self.bytes_done + self.bytes_total // 100   # cheap until the next percent
+        now = time.monotonic()
+        if now - self._shown >= (self.TTY_EVERY if self.tty else self.LINE_EVERY):
+            self._shown = now
+            percent = min(100, 100 * self.bytes_done // self.bytes_total)
+            self._draw(f"{self.label}: {percent}%" if not self.tty else f"{percent:3d}% {self.label}")
+
+    def _draw(self, label: str):
         if self.quiet:
             return
         if self.tty:
@@ -75,7 +106,7 @@ def cmd_inspect(args):
     from . import nnp as N
     progress = Progress(2, quiet=args.json)
     progress.step(f"reading {args.input}")
-    f = N.read(args.input)
+    f = N.read(args.input, progress)
     progress.step("planning")
     fp = N.plan_file(f)
     progress.close()
@@ -145,7 +176,7 @@ def cmd_fold(args):
     t0 = time.perf_counter()
     progress = Progress(5, args.quiet)   # each step names the stage that starts
     progress.step(f"reading {args.input}")
-    f = N.read(args.input)
+    f = N.read(args.input, progress)
     n_nets = len(f.proto.network)
     progress.total += n_nets + (2 + 2 * n_nets if args.verify else 0)
     fp = N.plan_file(f, progress)
@@ -154,7 +185,7 @@ def cmd_fold(args):
     backend, nbytes = N.fold_parameters(f, fp, args.backend)
     N.rewrite_proto(f, fp)
     progress.step("writing")
-    tmp = N.write_temp(f, out_path)
+    tmp = N.write_temp(f, out_path, progress)
     f.params.clear()   # written; --verify loads both files, so hold no third copy of the weights
     fold_seconds = time.perf_counter() - t0
     records = []

@@ -26,6 +26,36 @@ from .planner import plan as make_plan
 _COPY_CHUNK = 16 << 20   # bytes per read when a member is copied between a scratch file and the archive
 
 
+class _Silent:
+    """The progress of a caller that shows none."""
+
+    def expect(self, nbytes):
+        pass
+
+    def extend(self, nbytes):
+        pass
+
+    def advance(self, nbytes):
+        pass
+
+
+class _Counted:
+    """A binary file object whose reads and writes advance ``progress`` by their bytes."""
+
+    def __init__(self, f, progress):
+        self.f, self.progress = f, progress
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.progress.advance(len(data))
+        return data
+
+    def write(self, data):
+        n = self.f.write(data)
+        self.progress.advance(memoryview(data).nbytes)
+        return n
+
+
 class NnpError(ValueError):
     """A file that cannot be read, folded or written as asked; the message is one line."""
 
@@ -51,8 +81,9 @@ class NnpFile:
 
 
 # -- reading --------------------------------------------------------------------------------------
-def read(path: str) -> NnpFile:
-    """Parse ``path``; NnpError with a one-line reason if it is not a usable .nnp file."""
+def read(path: str, progress=None) -> NnpFile:
+    """Parse ``path``; NnpError with a one-line reason if it is not a usable .nnp file.
+    ``progress.advance`` counts the parameter bytes read (``expect``: their total)."""
     from google.protobuf import text_format
     from nnabla.utils import nnabla_pb2
 
@@ -60,12 +91,15 @@ def read(path: str) -> NnpFile:
         raise NnpError(f"{path}: no such file")
     if os.path.isdir(path):
         raise NnpError(f"{path}: is a directory, not an .nnp file")
+    progress = progress or _Silent()
     try:
         with zipfile.ZipFile(path) as z:
             members = z.infolist()
             raw = {m.filename: z.read(m.filename) for m in members if not _is_params(m.filename)}
-            stored = {m.filename: _read_h5(path, z, m) if _is_h5_params(m.filename)
-                      else _read_protobuf(path, z, m) for m in members if _is_params(m.filename)}
+            progress.expect(sum(m.file_size for m in members if _is_params(m.filename)))
+            stored = {m.filename: _read_h5(path, z, m, progress) if _is_h5_params(m.filename)
+                      else _read_protobuf(path, z, m, progress)
+                      for m in members if _is_params(m.filename)}
     except _ZIP_ERRORS as e:
         raise _not_a_zip(path, e) from None
     nets = [m.filename for m in members if m.filename.endswith((".nntxt", ".prototxt"))]
@@ -119,17 +153,17 @@ def _not_a_zip(path, e) -> NnpError:
     return NnpError(f"{path}: not an .nnp file (not a readable zip archive: {_one_line(e)})")
 
 
-def _read_protobuf(path, z: zipfile.ZipFile, member: zipfile.ZipInfo):
+def _read_protobuf(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress):
     """[(name, Param)] of a protobuf parameter member, read a parameter at a time."""
     try:
         with z.open(member) as stream:
             return [(name, Param(value, need_grad))
-                    for name, value, need_grad in protobuf_params.read(stream)]
+                    for name, value, need_grad in protobuf_params.read(_Counted(stream, progress))]
     except protobuf_params.ProtobufError as e:
         raise NnpError(f"{path}: {member.filename} does not parse: {e}") from None
 
 
-def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo):
+def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress):
     """[(name, Param)] of an HDF5 parameter member. HDF5 reads at random places, so the member is
     copied to a scratch file first: disk, not a second copy of the weights in memory."""
     import h5py
@@ -140,7 +174,8 @@ def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo):
         raise _no_scratch(path, tempfile.gettempdir(), e) from None
     with scratch_dir as scratch:
         local = os.path.join(scratch, "parameter.h5")
-        with z.open(member) as src, open(local, "wb") as dst:
+        with z.open(member) as stream, open(local, "wb") as dst:
+            src = _Counted(stream, progress)
             while True:
                 try:
                     chunk = src.read(_COPY_CHUNK)
@@ -513,10 +548,12 @@ def _new_function(net, type_name, name, inputs, outputs):
 
 
 # -- writing --------------------------------------------------------------------------------------
-def serialize(nnp: NnpFile, out, scratch: Optional[str] = None) -> None:
+def serialize(nnp: NnpFile, out, scratch: Optional[str] = None, progress=None) -> None:
     """Write the file to the binary file object ``out``: every member as read, the network definition
     and parameters replaced. HDF5 parameters are written to a scratch file in the folder ``scratch``
-    (default: the system's) and copied into the archive, so the weights are never held twice."""
+    (default: the system's) and copied into the archive, so the weights are never held twice.
+    ``progress.advance`` counts the parameter bytes written."""
+    progress = progress or _Silent()
     from google.protobuf import text_format
     from nnabla.utils import nnabla_pb2
     proto = nnabla_pb2.NNablaProtoBuf()
@@ -530,12 +567,13 @@ def serialize(nnp: NnpFile, out, scratch: Optional[str] = None) -> None:
             if name == nnp.network_member:
                 z.writestr(m, text_format.MessageToString(proto))
             elif name == nnp.param_member and _is_h5_params(name):
-                _write_h5_member(nnp.params, z, m, scratch)
+                _write_h5_member(nnp.params, z, m, scratch, progress)
             elif name == nnp.param_member:
                 entries = [(n, p.value, p.need_grad) for n, p in nnp.params.items()]
                 m.file_size = protobuf_params.size(entries)   # sizes the header (zip64 or not)
+                progress.expect(m.file_size)
                 with z.open(m, "w") as dst:
-                    protobuf_params.write(dst, entries)
+                    protobuf_params.write(_Counted(dst, progress), entries)
             elif _is_params(name):
                 continue   # its parameters are in param_member, which holds them all
             else:
@@ -569,9 +607,11 @@ def _new_entry(member: zipfile.ZipInfo) -> zipfile.ZipInfo:
     return info
 
 
-def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, scratch):
-    """The parameters as the HDF5 ``member`` (an entry of ``_new_entry``) of ``z``."""
+def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, scratch, progress):
+    """The parameters as the HDF5 ``member`` (an entry of ``_new_entry``) of ``z``; ``progress``
+    counts the values written to the scratch file, then the bytes copied into the archive."""
     import h5py
+    progress.expect(sum(p.value.nbytes for p in params.values()))
     with tempfile.TemporaryDirectory(prefix=".bnfold-", dir=scratch) as d:
         local = os.path.join(d, "parameter.h5")
         with h5py.File(local, "w") as hd:
@@ -579,12 +619,14 @@ def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, scratc
                 hd[name] = p.value
                 hd[name].attrs["need_grad"] = p.need_grad
                 hd[name].attrs["index"] = i
+                progress.advance(p.value.nbytes)
         member.file_size = os.path.getsize(local)   # sizes the member's header (zip64 or not)
+        progress.extend(member.file_size)
         with open(local, "rb") as src, z.open(member, "w") as dst:
-            shutil.copyfileobj(src, dst, _COPY_CHUNK)
+            shutil.copyfileobj(src, _Counted(dst, progress), _COPY_CHUNK)
 
 
-def write_temp(nnp: NnpFile, target: str) -> str:
+def write_temp(nnp: NnpFile, target: str, progress=None) -> str:
     """Write ``nnp`` to a new temporary file beside ``target``; returns its path. ``os.replace`` it
     onto ``target`` once it is known good (same directory: the rename is atomic)."""
     directory = os.path.dirname(os.path.abspath(target)) or "."
@@ -592,7 +634,7 @@ def write_temp(nnp: NnpFile, target: str) -> str:
                                dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            serialize(nnp, f, scratch=directory)
+            serialize(nnp, f, scratch=directory, progress=progress)
             f.flush()
             os.fsync(f.fileno())
         if os.path.exists(target):      # keep the replaced file's permissions

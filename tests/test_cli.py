@@ -111,6 +111,22 @@ def test_progress_names_each_stage_in_order(tmp_path, capsys):
         "verify: running folded net", "done")]
 
 
+@pytest.mark.parametrize("fmt", [".h5", ".protobuf"])
+def test_progress_counts_the_parameter_bytes(tmp_path, capsys, monkeypatch, fmt):
+    monkeypatch.setattr(cli.Progress, "LINE_EVERY", 0.0)   # a line at every percent
+    p = nnp_files.single(tmp_path / "m.nnp", parameter_format=fmt)
+    assert run("fold", p, "-o", tmp_path / "o.nnp") == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("bnfold: ")]
+    for stage in (f"reading {p}", "writing"):
+        percents = [int(x.rsplit(" ", 1)[1].rstrip("%")) for x in lines
+                    if x.startswith(f"bnfold: {stage}: ")]
+        assert percents, (stage, lines)
+        assert percents == sorted(percents) and percents[-1] >= 90 and percents[-1] <= 100
+    stages = [x for x in lines if not x.endswith("%")]
+    assert stages == ["bnfold: " + x for x in (f"reading {p}", "planning net", "folding", "writing",
+                                               "done")]
+
+
 def test_folded_runtime_shares_folded_parameters(console_file, tmp_path):
     out = tmp_path / "folded.nnp"
     assert run("fold", console_file, "-o", out, "-q") == 0
