@@ -94,3 +94,32 @@ def test_numpy_backend_writes_nothing_when_a_later_bias_runs_out_of_memory(monke
         numpy_backend.fold(plan, arrays)
     assert len(calls) == 4
     assert all(np.array_equal(arrays[k], before[k]) for k in arrays)
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("missing weight", "array 'f1/W' is missing"),
+    ("missing mean", "array 'f1/mean' is missing"),
+    ("short weight", "'f1/W' has 7 elements, expected shape"),
+    ("strided weight", "'f1/W' is not C-contiguous"),
+    ("short var", "var 'f1/var' has 2 values for"),
+])
+def test_array_faults_are_named_before_anything_is_written(fault, message):
+    plan = random_plan(np.random.RandomState(10), n_folds=3, dtype=np.float32)
+    arrays = make_arrays(plan, np, poison=False)
+    spec = plan.folds[1]
+    if fault == "missing weight":
+        del arrays[spec.weight]
+    elif fault == "missing mean":
+        del arrays[spec.mean]
+    elif fault == "short weight":
+        arrays[spec.weight] = arrays[spec.weight].reshape(-1)[:7].copy()
+    elif fault == "strided weight":
+        w = arrays[spec.weight]
+        arrays[spec.weight] = np.repeat(w[..., None], 2, axis=-1)[..., 0]
+        assert not arrays[spec.weight].flags.c_contiguous
+    else:
+        arrays[spec.var] = arrays[spec.var].reshape(-1)[:2].copy()
+    before = {k: v.copy() for k, v in arrays.items()}
+    with pytest.raises(FoldError, match=f"^{spec.bn}: {message}"):
+        numpy_backend.fold(plan, arrays)
+    assert all(np.array_equal(arrays[k], before[k]) for k in arrays)

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from bnfold_gpu.backends import cupy_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +70,18 @@ def test_readme_shows_the_newest_committed_results():
         result = json.loads(gpu.read_text())
         assert tables.markdown(result, f"bench/results/{gpu.name}") in readme
         assert "not yet run on real hardware" not in readme and not result["correctness"]["failures"]
+
+
+def test_call_overhead_runs_without_a_gpu(capsys):
+    pytest.importorskip("cupy")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import call_overhead
+    finally:
+        sys.path.pop(0)
+    before = cupy_backend.cupy
+    rows = call_overhead.main(["--sizes-gb", "0.05", "--repeats", "2"])
+    assert cupy_backend.cupy is before                     # the stand-ins are put back
+    assert [r[0] for r in rows] == ["0.05 GB of float32 weights", "every layout, random dtypes"]
+    assert all(r[1] > 1 and r[2]["call"] > r[2]["checks"] > 0 for r in rows)
+    assert "microseconds per layer" in capsys.readouterr().out

@@ -6,51 +6,66 @@ class FoldError(ValueError):
     """A fold that cannot be done exactly as planned; nothing was changed."""
 
 
-def check_plan_arrays(plan, arrays) -> list:
+def array_facts(arrays) -> dict:
+    """name -> (size, C-contiguous, dtype) of every array, each read once."""
+    return {n: (a.size, a.flags.c_contiguous, a.dtype) for n, a in arrays.items()}
+
+
+def check_plan_arrays(plan, arrays, facts=None) -> list:
     """Every array a fold reads or writes is present, of the planned size, C-contiguous (weights and
-    biases), and a folded weight has its source's dtype. Returns the names of the statistics that are
-    strided (allowed: a backend that reads them by address copies them first). One pass, no helper
-    calls per array: the GPU backend runs this over thousands of layers on every call."""
+    biases), and a folded weight has its source's dtype. ``facts`` are :func:`array_facts` (a backend
+    that has them already passes them). Returns the names of the statistics that are strided
+    (allowed: a backend that reads them by address copies them first). The GPU backend runs this over
+    thousands of layers on every call: a dict lookup per array, messages built only on failure."""
+    if facts is None:
+        facts = array_facts(arrays)
     strided = []
     for spec in plan.folds:
         layout = spec.weight_layout
-        n = layout.n_channels
-        for label, key in (("beta", spec.beta), ("gamma", spec.gamma), ("mean", spec.mean),
-                           ("var", spec.var)):
+        n = layout.groups * layout.channels
+        for key in (spec.beta, spec.gamma, spec.mean, spec.var):
             if key is None:
                 continue
-            a = arrays.get(key)
-            if a is None:
-                _missing(spec, key)
-            if a.size != n:
-                raise FoldError(f"{spec.bn}: {label} '{key}' has {a.size} values for {n} channels "
-                                f"of {spec.kind} weight {spec.weight_shape}")
-            if not a.flags.c_contiguous:
+            f = facts.get(key)
+            if f is None or f[0] != n:
+                _bad_statistic(spec, key, f, n)
+            if not f[1]:
                 strided.append(key)
         w_size, b_size = prod(spec.weight_shape), prod(spec.bias_shape)
-        # an array rescaled in place is both source and destination: checked once
-        keys = [(spec.weight, spec.weight_shape, w_size), (spec.bias, spec.bias_shape, b_size)]
-        if spec.folded_weight != spec.weight:
-            keys.append((spec.folded_weight, spec.weight_shape, w_size))
+        w = _fact(spec, spec.weight, w_size, spec.weight_shape, facts)
+        _fact(spec, spec.bias, b_size, spec.bias_shape, facts)
+        if spec.folded_weight != spec.weight:   # an array rescaled in place is checked once
+            if _fact(spec, spec.folded_weight, w_size, spec.weight_shape, facts)[2] != w[2]:
+                raise FoldError(f"{spec.bn}: folded weight '{spec.folded_weight}' is "
+                                f"{facts[spec.folded_weight][2]}, its source '{spec.weight}' {w[2]}")
         if spec.folded_bias != spec.bias:
-            keys.append((spec.folded_bias, spec.bias_shape, b_size))
-        for key, shape, size in keys:
-            if key is None:
-                continue
-            a = arrays.get(key)
-            if a is None:
-                _missing(spec, key)
-            if a.size != size:
-                raise FoldError(f"{spec.bn}: '{key}' has shape {tuple(a.shape)}, expected {shape}")
-            if not a.flags.c_contiguous:
-                raise FoldError(f"{spec.bn}: '{key}' is not C-contiguous")
-        w, fw = arrays[spec.weight], arrays[spec.folded_weight]
-        if fw.dtype != w.dtype:
-            raise FoldError(f"{spec.bn}: folded weight '{spec.folded_weight}' is {fw.dtype}, its "
-                            f"source '{spec.weight}' {w.dtype}")
+            _fact(spec, spec.folded_bias, b_size, spec.bias_shape, facts)
         if layout.size != w_size:
             raise FoldError(f"{spec.bn}: layout {layout} does not cover weight {spec.weight_shape}")
     return strided
+
+
+def _fact(spec, key, size, shape, facts):
+    """The facts of a weight or bias ``key`` (None: no array), checked: present, ``size`` elements
+    (``shape``), C-contiguous."""
+    if key is None:
+        return None
+    f = facts.get(key)
+    if f is None:
+        _missing(spec, key)
+    if f[0] != size:
+        raise FoldError(f"{spec.bn}: '{key}' has {f[0]} elements, expected shape {shape}")
+    if not f[1]:
+        raise FoldError(f"{spec.bn}: '{key}' is not C-contiguous")
+    return f
+
+
+def _bad_statistic(spec, key, f, n):
+    if f is None:
+        _missing(spec, key)
+    label = next(x for x in ("beta", "gamma", "mean", "var") if getattr(spec, x) == key)
+    raise FoldError(f"{spec.bn}: {label} '{key}' has {f[0]} values for {n} channels "
+                    f"of {spec.kind} weight {spec.weight_shape}")
 
 
 def _missing(spec, key):

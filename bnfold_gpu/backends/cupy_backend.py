@@ -169,14 +169,9 @@ def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(f"backend 'cupy' is not usable: {reason}")
-    strided = check_plan_arrays(plan, arrays)
-    dtypes, pointers, devices = {}, {}, set()
-    for n, a in arrays.items():     # one pass: a model may hold thousands of layers
-        dtypes[n] = a.dtype
-        if isinstance(a, cupy.ndarray):
-            memory = a.data
-            pointers[n] = memory.ptr
-            devices.add(memory.device_id)
+    facts, pointers, devices = _facts(arrays)
+    strided = check_plan_arrays(plan, arrays, facts)
+    dtypes = {n: f[2] for n, f in facts.items()}
     for d in set(dtypes.values()):
         segments.dtype_code(d)
     if len(pointers) == len(arrays):
@@ -187,6 +182,26 @@ def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
             _fold_device(plan, arrays, dtypes, pointers, strided)
     else:
         _fold_host(plan, arrays)
+
+
+def _facts(arrays):
+    """(``common.array_facts``, device pointers, device ids) in one pass over the arrays: a model may
+    hold thousands of layers, and this runs on every call."""
+    facts, pointers, devices = {}, {}, set()
+    ndarray = cupy.ndarray
+    for n, a in arrays.items():
+        if isinstance(a, ndarray):
+            memory = a.data
+            pointers[n] = memory.ptr
+            devices.add(memory.device_id)
+            try:
+                contiguous = a._c_contiguous   # CuPy's own flag: a.flags builds an object per call
+            except AttributeError:
+                contiguous = a.flags.c_contiguous
+            facts[n] = (a.size, contiguous, a.dtype)
+        else:
+            facts[n] = (a.size, a.flags.c_contiguous, a.dtype)
+    return facts, pointers, devices
 
 
 def _fold_device(plan, arrays, dtypes, pointers, strided):
