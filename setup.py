@@ -6,7 +6,11 @@ setup(
     description="Exact batch-normalization folding for NNabla graphs and .nnp files, on GPU or CPU",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["bnfold_gpu", "bnfold_gpu.*"]),
+    # the CUDA sources in kernels/ are installed inside the package, as bnfold_gpu/_kernels/, where
+    # bnfold_gpu.backends.cupy_backend.kernel_dir() finds them however the package was installed
+    packages=find_packages(include=["bnfold_gpu", "bnfold_gpu.*"]) + ["bnfold_gpu._kernels"],
+    package_dir={"bnfold_gpu._kernels": "kernels"},
+    package_data={"bnfold_gpu._kernels": ["*.cu", "*.cuh"]},
     python_requires=">=3.8,<3.11",
     install_requires=["nnabla==1.39.0", "numpy~=1.26.0"],
     extras_require={
@@ -17,7 +21,5 @@ setup(
                  "nnabla-converter==1.39.0", "onnx"],
     },
     entry_points={"console_scripts": ["bnfold=bnfold_gpu.cli:main"]},
-    # the CUDA sources, found by bnfold_gpu.backends.cupy_backend.kernel_dir() when installed
-    data_files=[("share/bnfold_gpu/kernels", ["kernels/bnfold.cu", "kernels/bnfold_math.cuh"])],
     license="Apache-2.0",
 )

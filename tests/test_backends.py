@@ -123,3 +123,23 @@ def test_array_faults_are_named_before_anything_is_written(fault, message):
     with pytest.raises(FoldError, match=f"^{spec.bn}: {message}"):
         numpy_backend.fold(plan, arrays)
     assert all(np.array_equal(arrays[k], before[k]) for k in arrays)
+
+
+def test_installed_package_carries_the_kernel_sources(tmp_path):
+    """setup.py installs kernels/ as bnfold_gpu/_kernels/, and the backend finds it there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    lib = tmp_path / "lib"
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)],
+                       cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for name in ("bnfold.cu", "bnfold_math.cuh"):
+        assert (lib / "bnfold_gpu" / "_kernels" / name).read_bytes() == (root / "kernels" / name).read_bytes()
+    r = subprocess.run([sys.executable, "-c", "from bnfold_gpu.backends import cupy_backend as c; "
+                        "print(c.kernel_dir()); print(len(c.kernel_source()))"],
+                       cwd=tmp_path, env={"PYTHONPATH": str(lib), "PATH": ""}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    where, size = r.stdout.split()
+    assert Path(where) == lib / "bnfold_gpu" / "_kernels" and int(size) > 1000

@@ -12,7 +12,6 @@ Results equal the NumPy backend bit for bit, except for BN -> layer biases, whos
 another order (within float64 rounding).
 """
 import os
-import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -54,9 +53,10 @@ def unavailable_reason():
 
 
 def kernel_dir() -> Path:
-    """``kernels/`` beside the package (source tree), or where ``setup.py`` installs it."""
-    for cand in (Path(__file__).resolve().parents[2] / "kernels",
-                 Path(sys.prefix) / "share" / "bnfold_gpu" / "kernels"):
+    """``kernels/`` beside the package (source tree), or ``bnfold_gpu/_kernels/``, where ``setup.py``
+    installs it."""
+    here = Path(__file__).resolve().parents[1]
+    for cand in (here.parent / "kernels", here / "_kernels"):
         if (cand / "bnfold.cu").exists():
             return cand
     raise FileNotFoundError("bnfold_gpu's CUDA sources (kernels/bnfold.cu) are not installed")
