@@ -259,7 +259,9 @@ def _tolerance(text: str) -> float:
 
 
 def parser():
+    from . import __version__
     ap = argparse.ArgumentParser(prog="bnfold", description="Fold batch normalization in .nnp files.")
+    ap.add_argument("--version", action="version", version=f"bnfold {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="list what would fold and what would stay, with reasons")
     ins.add_argument("input", metavar="IN.nnp")

@@ -513,3 +513,10 @@ def test_output_folder_missing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("bnfold: ") and "does not exist" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1       # refused before any work
+
+
+def test_version(capsys):
+    import bnfold_gpu
+    with pytest.raises(SystemExit) as e:
+        run("--version")
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"bnfold {bnfold_gpu.__version__}"
