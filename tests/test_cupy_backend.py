@@ -250,3 +250,18 @@ def test_failed_allocation_writes_nothing(cp, monkeypatch, where):
             cupy_backend.fold(plan, copies)
         for k, v in copies.items():
             assert np.array_equal(np.array(v), before[k]), (fail, k)
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_empty_plan_launches_nothing(cp, where):
+    """A model with no BN to fold (or all kept): the call does nothing and raises nothing."""
+    plan = Plan((), (), {})
+    cupy_backend.fold(plan, {})
+    w = np.arange(6, dtype=np.float32)
+    other = {"unrelated": cp.asarray(w) if where == "device" else w.copy()}
+    if hasattr(cp, "launches"):
+        del cp.launches[:]
+    cupy_backend.fold(plan, other)
+    assert np.array_equal(np.array(other["unrelated"].get() if where == "device" else other["unrelated"]), w)
+    if hasattr(cp, "launches"):
+        assert cp.launches == []
