@@ -265,3 +265,14 @@ def test_empty_plan_launches_nothing(cp, where):
     assert np.array_equal(np.array(other["unrelated"].get() if where == "device" else other["unrelated"]), w)
     if hasattr(cp, "launches"):
         assert cp.launches == []
+
+
+def test_arrays_partly_on_the_host_are_refused(cp):
+    plan = random_plan(np.random.RandomState(19), n_folds=3, dtype=np.float32)
+    host = make_arrays(plan, np, seed=9, poison=False)
+    mixed = {k: cp.asarray(v) for k, v in host.items()}
+    mixed[plan.folds[1].weight] = host[plan.folds[1].weight].copy()
+    with pytest.raises(FoldError, match=f"partly on the host \\('{plan.folds[1].weight}'\\)"):
+        cupy_backend.fold(plan, mixed)
+    assert all(np.array_equal(np.array(v.get() if hasattr(v, "get") else v), host[k])
+               for k, v in mixed.items())

@@ -174,6 +174,10 @@ def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
     dtypes = {n: f[2] for n, f in facts.items()}
     for d in set(dtypes.values()):
         segments.dtype_code(d)
+    if 0 < len(pointers) < len(arrays):
+        on_host = next(n for n in arrays if n not in pointers)
+        raise FoldError(f"the arrays are partly on the GPU ('{next(iter(pointers))}') and partly on "
+                        f"the host ('{on_host}'); give all of them as CuPy arrays, or all as NumPy")
     if len(pointers) == len(arrays):
         if len(devices) > 1:
             raise FoldError(f"the arrays live on several GPUs ({', '.join(map(str, sorted(devices)))}); "
