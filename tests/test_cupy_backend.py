@@ -276,3 +276,17 @@ def test_arrays_partly_on_the_host_are_refused(cp):
         cupy_backend.fold(plan, mixed)
     assert all(np.array_equal(np.array(v.get() if hasattr(v, "get") else v), host[k])
                for k, v in mixed.items())
+
+
+def test_only_large_weights_are_page_locked(cp, monkeypatch):
+    if not hasattr(cp, "launches"):
+        pytest.skip("watches the emulated device's page-locking calls")
+    locked, unlocked = [], []
+    monkeypatch.setattr(cp.cuda.runtime, "hostRegister", lambda p, n, flags: locked.append((p, n)))
+    monkeypatch.setattr(cp.cuda.runtime, "hostUnregister", unlocked.append)
+    big = np.ones(cupy_backend.PIN_MIN_BYTES // 4, np.float32)
+    small, empty = np.ones(1000, np.float32), np.ones(0, np.float32)
+    pinned = cupy_backend._register([small, big, empty, big])   # in place: the same array twice
+    assert locked == [(big.ctypes.data, big.nbytes)] and pinned == [big.ctypes.data]
+    cupy_backend._unregister(pinned)
+    assert unlocked == [big.ctypes.data]

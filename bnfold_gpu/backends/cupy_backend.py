@@ -37,6 +37,9 @@ STAGING_BYTES = int(os.environ.get("BNFOLD_STAGING_BYTES", 256 << 20))
 # They page-lock the host weights for the time of the fold, so that copies run asynchronously;
 # BNFOLD_PIN_HOST=0 leaves them pageable (no page-locking cost, copies wait for the host).
 PIN_HOST = os.environ.get("BNFOLD_PIN_HOST", "1") != "0"
+# Only weights of at least this many bytes are page-locked: locking costs tens of microseconds a call,
+# more than a small weight's copy gains from it.
+PIN_MIN_BYTES = 1 << 20
 
 
 def unavailable_reason():
@@ -347,7 +350,7 @@ def _register(arrays):
     done, seen = [], set()
     for a in arrays:
         p = a.ctypes.data
-        if p in seen or a.nbytes == 0:
+        if p in seen or a.nbytes < PIN_MIN_BYTES:
             continue
         seen.add(p)
         try:
