@@ -37,8 +37,8 @@ STAGING_BYTES = int(os.environ.get("BNFOLD_STAGING_BYTES", 256 << 20))
 # They page-lock the host weights for the time of the fold, so that copies run asynchronously;
 # BNFOLD_PIN_HOST=0 leaves them pageable (no page-locking cost, copies wait for the host).
 PIN_HOST = os.environ.get("BNFOLD_PIN_HOST", "1") != "0"
-# Only weights of at least this many bytes are page-locked: locking costs tens of microseconds a call,
-# more than a small weight's copy gains from it.
+# Only weights of at least this many bytes are page-locked: locking has a fixed cost per call (a
+# system call, page-table work), which a small weight's copy does not earn back.
 PIN_MIN_BYTES = 1 << 20
 
 
