@@ -5,6 +5,7 @@ runs where nnabla is absent."""
 import numpy as np
 import pytest
 
+from compare import assert_same_fold
 from bnfold_gpu._synthetic import LAYOUTS, fold_spec, in_place_cases, make_arrays, random_plan
 from bnfold_gpu.backends import FoldError, cupy_backend, numpy_backend
 from bnfold_gpu.plan import INPUT_SIDE, OUTPUT_SIDE, Plan
@@ -24,18 +25,6 @@ def cp(request, monkeypatch):
     return fake
 
 
-def _compare(plan, got, want):
-    for spec in plan.folds:
-        g, w = got[spec.folded_weight], want[spec.folded_weight]
-        assert np.array_equal(g.view(np.uint8), w.view(np.uint8)), (spec.kind, spec.side, g.dtype)
-        g, w = got[spec.folded_bias], want[spec.folded_bias]
-        if spec.side == OUTPUT_SIDE:
-            assert np.array_equal(g.view(np.uint8), w.view(np.uint8)), (spec.kind, g.dtype)
-        else:   # a sum reduced in another order
-            tol = 1e-3 if g.dtype == np.float16 else 1e-6
-            np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=tol, atol=tol)
-
-
 @pytest.mark.parametrize("seed", range(20))
 def test_device_fold_matches_numpy(cp, seed):
     rng = np.random.RandomState(seed)
@@ -45,7 +34,7 @@ def test_device_fold_matches_numpy(cp, seed):
     numpy_backend.fold(plan, want)
     dev = {k: cp.asarray(v) for k, v in host.items()}   # outputs poisoned with NaN
     cupy_backend.fold(plan, dev)
-    _compare(plan, {k: v.get() for k, v in dev.items()}, want)
+    assert_same_fold(plan, {k: v.get() for k, v in dev.items()}, want)
 
 
 # BN -> layer biases whose sums are longer than a block (256 threads) and not a multiple of it
@@ -63,7 +52,7 @@ def test_input_side_biases_summed_over_many_threads(cp, case, dtype):
     numpy_backend.fold(plan, want)
     dev = {k: cp.asarray(v) for k, v in host.items()}
     cupy_backend.fold(plan, dev)
-    _compare(plan, {k: v.get() for k, v in dev.items()}, want)
+    assert_same_fold(plan, {k: v.get() for k, v in dev.items()}, want)
 
 
 IN_PLACE = list(in_place_cases())
@@ -76,7 +65,7 @@ def test_every_layout_and_dtype_in_place(cp, case, dtype, plan, arrays):
     numpy_backend.fold(plan, want)
     dev = {k: cp.asarray(v) for k, v in arrays.items()}
     cupy_backend.fold(plan, dev)
-    _compare(plan, {k: v.get() for k, v in dev.items()}, want)
+    assert_same_fold(plan, {k: v.get() for k, v in dev.items()}, want)
 
 
 def test_host_arrays_stream_through_small_staging(cp, monkeypatch):
@@ -90,7 +79,7 @@ def test_host_arrays_stream_through_small_staging(cp, monkeypatch):
     want = {k: v.copy() for k, v in host.items()}
     numpy_backend.fold(plan, want)
     cupy_backend.fold(plan, host)
-    _compare(plan, host, want)
+    assert_same_fold(plan, host, want)
 
 
 def test_host_arrays_stream_without_page_locking(cp, monkeypatch):
@@ -102,7 +91,7 @@ def test_host_arrays_stream_without_page_locking(cp, monkeypatch):
     want = {k: v.copy() for k, v in host.items()}
     numpy_backend.fold(plan, want)
     cupy_backend.fold(plan, host)
-    _compare(plan, host, want)
+    assert_same_fold(plan, host, want)
 
 
 def test_bad_variance_on_device_changes_nothing(cp):
@@ -133,7 +122,7 @@ def test_strided_statistics_are_read_correctly(cp):
                 dev[key] = wide[:, 1]
                 assert not dev[key].flags.c_contiguous
     cupy_backend.fold(plan, dev)
-    _compare(plan, {k: v.get() for k, v in dev.items()}, want)
+    assert_same_fold(plan, {k: v.get() for k, v in dev.items()}, want)
 
 
 def test_arrays_on_two_gpus_are_refused(cp):
@@ -205,7 +194,7 @@ def test_subnormal_values_are_kept(cp, dtype, tiny):
     assert ((out != 0) & (np.abs(out) < np.finfo(dtype).tiny)).any()   # the case is really subnormal
     dev = {k: cp.asarray(v) for k, v in host.items()}
     cupy_backend.fold(plan, dev)
-    _compare(plan, {k: v.get() for k, v in dev.items()}, want)
+    assert_same_fold(plan, {k: v.get() for k, v in dev.items()}, want)
 
 
 class _NoRoom(MemoryError):
