@@ -85,3 +85,19 @@ def test_call_overhead_runs_without_a_gpu(capsys):
     assert [r[0] for r in rows] == ["0.05 GB of float32 weights", "every layout, random dtypes"]
     assert all(r[1] > 1 and r[2]["call"] > r[2]["checks"] > 0 for r in rows)
     assert "microseconds per layer" in capsys.readouterr().out
+
+
+def test_gpu_check_stops_where_no_gpu_answers(tmp_path):
+    """bench/gpu_check.sh runs every GPU step in one go; without a device it says so and stops."""
+    import os
+    import subprocess
+    stub = tmp_path / "bin" / "nvidia-smi"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed: no driver' >&2\nexit 9\n")
+    stub.chmod(0o755)
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
+                       env={**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "no usable GPU here: nothing else run" in r.stdout
+    assert "no driver" in (tmp_path / "out" / "gpu-versions.log").read_text()
