@@ -2,9 +2,9 @@
 # Every check meant for a GPU machine, in one run (NumPy and CuPy only, no nnabla needed):
 #   1. the device, driver and library versions;
 #   2. the GPU tests (pytest -m gpu): CuPy results against the NumPy backend, every layout and dtype;
-#   3. a few of them again under compute-sanitizer memcheck (out-of-bounds or misaligned accesses),
-#      where compute-sanitizer is installed;
-#   4. the GPU benchmark (bench/bench_gpu.py), which writes its JSON and prints the README's tables.
+#   3. the GPU benchmark (bench/bench_gpu.py), which writes its JSON and prints the README's tables;
+#   4. a few of the tests again under compute-sanitizer memcheck (out-of-bounds or misaligned
+#      accesses), where compute-sanitizer is installed.
 # Logs and the JSON go to the folder given as the first argument (default: bench/results/).
 # Exit status: 0 when every step passed, else the number of steps that failed.
 #
@@ -64,7 +64,7 @@ if [ "$failed" != 0 ]; then
     exit 1
 fi
 step tests gpu_tests tests
-step memcheck memcheck
 step bench python3 bench/bench_gpu.py --out "$out/" "$@"
+step memcheck memcheck   # last: the slowest, and the results above are written if time runs out
 echo "== $failed step(s) failed; logs and results in $out/"
 exit "$failed"
