@@ -101,11 +101,19 @@ BNFOLD_HD bnfold_u32 bnfold_fastdiv(bnfold_u32 n, bnfold_u64 packed) {
   return (bnfold_umulhi(n, (bnfold_u32)packed) + n) >> (bnfold_u32)(packed >> 32);
 }
 
-// ---- float16 <-> float32, by bits (round to nearest even), as NumPy converts -------------------
+// ---- float16 <-> float32 (round to nearest even), as NumPy converts ----------------------------
 BNFOLD_HD bnfold_u32 bnfold_f2u(float f) { union { float f; bnfold_u32 u; } v; v.f = f; return v.u; }
 BNFOLD_HD float bnfold_u2f(bnfold_u32 u) { union { float f; bnfold_u32 u; } v; v.u = u; return v.f; }
 
+// On the device these are the hardware conversions, which are IEEE (exact one way, round to nearest
+// even the other) and so give NumPy's bits for every value but NaN payloads; the bit-level code below
+// spells NumPy's algorithm for the host, where the tests hold it against NumPy on every bit pattern.
 BNFOLD_HD float bnfold_half_to_float(bnfold_u16 h) {
+#if defined(__CUDA_ARCH__)
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+#else
   bnfold_u32 sign = (bnfold_u32)(h & 0x8000u) << 16;
   bnfold_u32 exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
   if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in float
@@ -114,9 +122,15 @@ BNFOLD_HD float bnfold_half_to_float(bnfold_u16 h) {
   }
   if (exp == 31) return bnfold_u2f(sign | 0x7f800000u | (mant << 13));
   return bnfold_u2f(sign | ((exp + 112u) << 23) | (mant << 13));
+#endif
 }
 
 BNFOLD_HD bnfold_u16 bnfold_float_to_half(float value) {
+#if defined(__CUDA_ARCH__)
+  bnfold_u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(value));
+  return h;
+#else
   bnfold_u32 f = bnfold_f2u(value);
   bnfold_u16 h_sgn = (bnfold_u16)((f & 0x80000000u) >> 16);
   bnfold_u32 f_exp = f & 0x7f800000u, f_sig;
@@ -145,6 +159,7 @@ BNFOLD_HD bnfold_u16 bnfold_float_to_half(float value) {
   bnfold_u16 h_sig = (bnfold_u16)(f_sig >> 13);
   h_sig = (bnfold_u16)(h_sig + h_exp);
   return (bnfold_u16)(h_sgn + h_sig);
+#endif
 }
 
 BNFOLD_HD double bnfold_load(const void* p, int dtype, bnfold_i64 i) {
@@ -329,7 +344,9 @@ BNFOLD_HD void bnfold_rescale_chunk(const bnfold_array_seg& s, bnfold_i64 begin,
 BNFOLD_HD void bnfold_weight_block(const bnfold_array_seg* segs, int n_segs, bnfold_i64 block,
                                    int thread, const double* scale_d, const float* scale_f) {
   struct K { BNFOLD_HD bnfold_i64 operator()(const bnfold_array_seg& s) const { return s.first_block; } };
-  const bnfold_array_seg& s = segs[bnfold_find_segment(segs, n_segs, block, K())];
+  // a copy, not a reference: the loop stores weights, which the compiler cannot prove do not alias
+  // the table, so fields read through a reference would be loaded again for every element
+  const bnfold_array_seg s = segs[bnfold_find_segment(segs, n_segs, block, K())];
   bnfold_i64 begin = (block - s.first_block) * BNFOLD_CHUNK;
   bnfold_i64 end = begin + BNFOLD_CHUNK < s.numel ? begin + BNFOLD_CHUNK : s.numel;
   if (s.dtype == BNFOLD_F16) bnfold_rescale_chunk<bnfold_u16>(s, begin, end, thread, scale_d, scale_f);

@@ -279,3 +279,30 @@ def test_only_large_weights_are_page_locked(cp, monkeypatch):
     assert locked == [(big.ctypes.data, big.nbytes)] and pinned == [big.ctypes.data]
     cupy_backend._unregister(pinned)
     assert unlocked == [big.ctypes.data]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply")   # the NaN patterns
+def test_every_float16_bit_pattern_folds_as_numpy(cp):
+    """Every float16 (subnormals, infinities, NaNs) through the fold: scale 1 exactly on one channel
+    (converted there and back), another scale on the other. The device converts with the hardware's
+    IEEE conversions, the host tests with NumPy's bit algorithm: both give NumPy's bits, NaN payloads
+    aside (a NaN stays a NaN)."""
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    case = ("Convolution", OUTPUT_SIDE, (1, 1, 2, 1 << 16), (2, 1 << 16), (2,))
+    spec, shapes = fold_spec(0, case, np.float16, with_bias=False, inplace=True, eps=0.25,
+                             stat_dtype=np.float64)
+    plan = Plan((spec,), (), shapes)
+    host = make_arrays(plan, np, seed=3)
+    host[spec.weight][...] = patterns
+    host[spec.gamma][...] = np.array([1.0, 0.3]).reshape(host[spec.gamma].shape)
+    host[spec.var][...] = np.array([0.75, 1.3]).reshape(host[spec.var].shape)   # var + eps = 1.0
+    want = {k: v.copy() for k, v in host.items()}
+    numpy_backend.fold(plan, want)
+    dev = {k: cp.asarray(v) for k, v in host.items()}
+    cupy_backend.fold(plan, dev)
+    got, ref = dev[spec.weight].get(), want[spec.weight]
+    nan = np.isnan(ref)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint16), ref[~nan].view(np.uint16))
+    same = ~np.isnan(patterns)   # scale 1: every value but NaN comes back as it was
+    assert np.array_equal(got[0][same].view(np.uint16), patterns[same].view(np.uint16))
