@@ -292,6 +292,13 @@ struct bnfold_channel32 {
   const bnfold_array_seg& s;
   BNFOLD_HD bnfold_i64 operator()(bnfold_u32 i) const { return s.channel_offset + (bnfold_i64)bnfold_channel_fast(s, i); }
 };
+// One group of one row (a layer -> BN weight, the usual case): the channel is e / inner, one divider.
+struct bnfold_channel32_rows1 {
+  const bnfold_array_seg& s;
+  BNFOLD_HD bnfold_i64 operator()(bnfold_u32 i) const {
+    return s.channel_offset + (bnfold_i64)bnfold_fastdiv(i, s.div_inner);
+  }
+};
 struct bnfold_channel64 {
   const bnfold_array_seg& s;
   BNFOLD_HD bnfold_i64 operator()(bnfold_i64 i) const {
@@ -332,10 +339,14 @@ BNFOLD_HD void bnfold_rescale_range(const bnfold_array_seg& s, I begin, I end, i
 template <typename T>
 BNFOLD_HD void bnfold_rescale_chunk(const bnfold_array_seg& s, bnfold_i64 begin, bnfold_i64 end,
                                     int thread, const double* scale_d, const float* scale_f) {
-  if (s.numel <= 0x7fffffffLL - BNFOLD_CHUNK)  // every index (and index + BNFOLD_CHUNK) < 2^31
-    bnfold_rescale_range<T, bnfold_u32>(s, (bnfold_u32)begin, (bnfold_u32)end, thread, scale_d,
-                                        scale_f, bnfold_channel32{s});
-  else
+  if (s.numel <= 0x7fffffffLL - BNFOLD_CHUNK) {  // every index (and index + BNFOLD_CHUNK) < 2^31
+    if (s.numel == s.channels * s.inner)          // groups * rows == 1
+      bnfold_rescale_range<T, bnfold_u32>(s, (bnfold_u32)begin, (bnfold_u32)end, thread, scale_d,
+                                          scale_f, bnfold_channel32_rows1{s});
+    else
+      bnfold_rescale_range<T, bnfold_u32>(s, (bnfold_u32)begin, (bnfold_u32)end, thread, scale_d,
+                                          scale_f, bnfold_channel32{s});
+  } else
     bnfold_rescale_range<T, bnfold_i64>(s, begin, end, thread, scale_d, scale_f, bnfold_channel64{s});
 }
 
