@@ -134,9 +134,9 @@ class _Planner:
             raise _Reject(f"the layer before it is {kind}, which has no weight to fold into")
         if layer in self.used_layers:
             raise _Reject(f"the {kind} before it already absorbs another BN")
-        refs = len(bn.x.function_references)
-        if refs > 1:
-            raise _Reject(f"the {kind}'s output also feeds {refs - 1} other function(s)")
+        uses = _uses(bn.x)
+        if uses > 1:
+            raise _Reject(f"the {kind}'s output also feeds {uses - 1} other function input(s)")
         if bn.x in self.outputs:
             raise _Reject(f"the {kind}'s output is also a graph output")
         args = layer.info.args
@@ -157,8 +157,8 @@ class _Planner:
         if bn.out in self.outputs:
             raise _Reject("its output is a graph output")
         refs = bn.out.function_references
-        if len(refs) != 1:
-            raise _Reject(f"its output feeds {len(refs)} functions, not one layer")
+        if len(refs) != 1 or _uses(bn.out) != 1:
+            raise _Reject(f"its output feeds {_uses(bn.out)} function inputs, not one layer's")
         layer = refs[0]
         kind = layer.info.type_name
         if kind not in FOLDABLE_FROM:
@@ -237,6 +237,13 @@ class _Planner:
             k += 1
         self.taken.add(name)
         return name
+
+
+def _uses(var) -> int:
+    """How many function inputs read ``var``: a function that takes it twice (a FusedBatchNormalization
+    whose residual is its own input, ``x * x``) counts twice, where ``function_references`` lists it
+    once."""
+    return sum(1 for f in var.function_references for v in f.inputs if v == var)
 
 
 def _prefix(weight_name: str) -> str:

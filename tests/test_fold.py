@@ -152,6 +152,16 @@ def test_forked_layer_output_is_left(rng):
     assert res.folded == () and "also feeds" in res.skipped[0].reason
 
 
+@pytest.mark.parametrize("inplace", [True, False])
+def test_fused_bn_whose_residual_is_the_layer_output_is_left(rng, inplace):
+    # relu(BN(h) + h): one function reads h twice, so h is forked although only one function uses it
+    x = nn.Variable((2, 3, 6, 6))
+    h = PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c")
+    y = PF.fused_batch_normalization(h, h, name="bn", **BN)
+    res = assert_fold_exact(prepare(rng, y, x), inplace=inplace)
+    assert res.folded == () and "also feeds 1 other function input" in res.skipped[0].reason
+
+
 def test_layer_output_that_is_a_graph_output(rng):
     x = nn.Variable((2, 3, 6, 6))
     h = PF.convolution(x, 4, (3, 3), name="c")
