@@ -191,7 +191,10 @@ def cmd_fold(args):
     records = []
     try:
         if args.verify:
-            nets = [n.name for n in fp.networks if fp.folds.get(n.name) and not n.training]
+            # every network that can run, folded or not: one that folds nothing may still read a
+            # parameter that another network's fold rewrote
+            nets = [n.name for n in fp.networks if n.plan is not None and not n.training] \
+                if fp.n_folded else []
             records = N.verify(original, (tmp, f.proto), nets, seed=args.seed, progress=progress)
         bad = [r for r in records if _failed(r, args.tolerance)]
         seconds = {"fold": fold_seconds, "verify": time.perf_counter() - t0 - fold_seconds}

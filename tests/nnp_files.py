@@ -63,6 +63,27 @@ def single(path, parameter_format=".protobuf", seed=1):
     return path
 
 
+def shared_backbone(path, seed=2):
+    """Network "classifier" (conv -> BN -> ReLU -> affine) and network "features" (the same conv,
+    its raw output): the conv's weight is read by a network that folds and by one that does not."""
+    nn.clear_parameters()
+    rng = np.random.RandomState(seed)
+
+    def conv(x):
+        return PF.convolution(x, 5, (3, 3), pad=(1, 1), name="backbone")
+    x = nn.Variable((2, 3, 8, 8))
+    y = PF.affine(F.relu(PF.batch_normalization(conv(x), batch_stat=False, name="bn")), 4, name="fc")
+    xf = nn.Variable((2, 3, 8, 8))
+    yf = conv(xf)
+    randomize_all(rng)
+    save(str(path), {"networks": [
+        {"name": "classifier", "batch_size": 2, "outputs": {"y": y}, "names": {"x": x}},
+        {"name": "features", "batch_size": 2, "outputs": {"f": yf}, "names": {"x": xf}}],
+        "executors": [{"name": "run", "network": "classifier", "data": ["x"], "output": ["y"]}]})
+    nn.clear_parameters()
+    return path
+
+
 def onnx_model(path, variant, seed=0):
     """An ONNX model built with the onnx package: Conv->BN->Relu, then either ConvTranspose (groups
     2, no bias)->BN, or GlobalAveragePool->Flatten->Gemm (imported as Reshape+BatchMatmul+Add2). Both

@@ -426,6 +426,27 @@ def test_verify_failure_writes_nothing(tmp_path, capsys, monkeypatch):
     assert json.loads(report.read_text())["output"] is None
 
 
+def test_verify_runs_the_networks_that_fold_nothing(tmp_path, capsys, monkeypatch):
+    # "features" folds nothing but reads the conv weight that "classifier" folds: it must get a
+    # folded copy, and --verify must run it too, since it is where a wrong in-place fold would show
+    p = nnp_files.shared_backbone(tmp_path / "m.nnp")
+    out, report = tmp_path / "o.nnp", tmp_path / "r.json"
+    assert run("fold", p, "-o", out, "--verify", "--report", report) == 0
+    rep = json.loads(report.read_text())
+    assert rep["networks"]["features"]["folded"] == [] and rep["networks"]["classifier"]["folded"]
+    assert {r["network"] for r in rep["verify"]["outputs"]} == {"classifier", "features"}
+    for name in ("classifier", "features"):
+        want, _ = load_run(p, name)
+        got, _ = load_run(out, name)
+        for k in want:
+            assert np.abs(got[k] - want[k]).max() / np.abs(want[k]).max() < 1e-5
+    out.unlink()
+    # the same file with the shared weight rescaled in place: --verify says so, nothing is written
+    monkeypatch.setattr(N, "_settle_names", lambda spec, *args: spec)
+    assert run("fold", p, "-o", out, "--verify") == 1
+    assert "features" in capsys.readouterr().out and not out.exists()
+
+
 @pytest.mark.parametrize("tolerance", ["-1", "nan", "inf", "x"])
 def test_bad_tolerance_is_a_usage_error(tmp_path, capsys, tolerance):
     p = nnp_files.single(tmp_path / "m.nnp")
