@@ -1,0 +1,126 @@
+"""fold() on random compositions of layers, BNs, activations, residual adds, forks, tied weights and
+extra graph outputs: whatever it folds, the folded graph computes what the original did, and every BN
+is either folded or kept with a reason. The single-pattern tests (test_fold.py) say what must fold;
+these say that no combination of patterns folds wrongly."""
+import numpy as np
+import pytest
+
+nn = pytest.importorskip("nnabla", reason="nnabla is not installed (GPU machine)")
+import nnabla.functions as F
+import nnabla.parametric_functions as PF
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import bnfold_gpu
+from helpers import bn_count, feed, forward_all, randomize_all, rel_err
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def random_graph(rng, base_axis=1):
+    """A random graph from one input of (2,)*base_axis + (C, 7, 7); returns (input, outputs)."""
+    x = nn.Variable((2,) * base_axis + (int(rng.randint(1, 5)), 7, 7))
+    axis = base_axis
+    made = [x]
+    extra_outputs = []
+    convs = {}                          # (in, out, k, groups) -> name, to tie weights
+    for i in range(int(rng.randint(2, 9))):
+        h = made[rng.randint(len(made))] if rng.rand() < 0.4 else made[-1]
+        c = h.shape[axis]
+        r = rng.rand()
+        name = f"l{i}"
+        if r < 0.3:
+            g = int(rng.choice(_divisors(c)))
+            out, k = g * int(rng.randint(1, 4)), int(rng.randint(1, 4))
+            pad = int(rng.randint(0, 2))
+            key = (c, out, k, g)
+            if key in convs and rng.rand() < 0.3:
+                name = convs[key]       # the same parameters: a tied weight
+            convs.setdefault(key, name)
+            h = PF.convolution(h, out, (k, k), pad=(pad, pad), group=g, base_axis=base_axis,
+                               with_bias=rng.rand() < 0.5, name=name)
+        elif r < 0.42:
+            g = int(rng.choice(_divisors(c)))
+            h = PF.deconvolution(h, g * int(rng.randint(1, 3)), (2, 2), group=g, base_axis=base_axis,
+                                 with_bias=rng.rand() < 0.5, name=name)
+            h = h[..., ::2, ::2] if h.shape[-1] > 12 else h
+        elif r < 0.5:
+            h = PF.depthwise_convolution(h, (3, 3), pad=(1, 1), multiplier=int(rng.randint(1, 3)),
+                                         base_axis=base_axis, with_bias=rng.rand() < 0.5, name=name)
+        elif r < 0.68:
+            h = PF.batch_normalization(h, axes=[axis], batch_stat=False, no_scale=rng.rand() < 0.2,
+                                       no_bias=rng.rand() < 0.2, name=name)
+        elif r < 0.78:
+            z = [None, h, made[rng.randint(len(made))]][rng.randint(3)]   # z = h: relu(BN(h) + h)
+            z = z if z is None or z.shape == h.shape else None
+            h = PF.fused_batch_normalization(h, z, axes=[axis], batch_stat=False, name=name)
+        elif r < 0.86:
+            h = F.relu(h)
+        elif r < 0.94:
+            other = made[rng.randint(len(made))]
+            if other.shape == h.shape:
+                h = h + other
+        elif h is not x:
+            extra_outputs.append(h)     # an intermediate result is also a graph output
+            continue
+        made.append(h)
+    y = made[-1]
+    if rng.rand() < 0.6:
+        y = PF.affine(y, int(rng.randint(1, 5)), base_axis=base_axis, with_bias=rng.rand() < 0.5,
+                      name="fc")
+        if rng.rand() < 0.6:
+            y = PF.batch_normalization(y, axes=[base_axis], batch_stat=False, name="fc_bn")
+    outputs = [o for o in [y] + extra_outputs[:2] if o is not x]
+    return x, outputs or [F.relu(x)]
+
+
+def check_random_fold(seed, base_axis=1, backend="numpy"):
+    nn.clear_parameters()
+    rng = np.random.RandomState(seed)
+    x, outputs = random_graph(rng, base_axis)
+    randomize_all(rng)
+    feed(rng, x)
+    before = forward_all(outputs)
+    n_bn = bn_count(outputs)
+    res = bnfold_gpu.fold(outputs, inplace=rng.rand() < 0.7, backend=backend)
+    after = forward_all(res.outputs)
+    for a, b in zip(after, before):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-4, (seed, rel_err(a, b))
+    assert len(res.folded) + len(res.skipped) == n_bn
+    assert bn_count(res.outputs) == len(res.skipped)
+    assert all(s.reason for s in res.skipped)
+    return res
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), base_axis=st.sampled_from([1, 1, 2]))
+def test_random_graphs_fold_exactly(seed, base_axis):
+    check_random_fold(seed, base_axis)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2 ** 31 - 1))
+def test_random_graphs_through_the_gpu_backend_emulated(host, monkeypatch, seed):
+    import fake_cupy
+    from bnfold_gpu.backends import cupy_backend
+    monkeypatch.setattr(cupy_backend, "cupy", fake_cupy.make(host))
+    monkeypatch.setattr(cupy_backend, "_MODULES", {})
+    assert check_random_fold(seed, backend="cupy").backend == "cupy"
+
+
+def test_the_generator_makes_every_kind_of_fold_and_skip():
+    """The random graphs above reach every fold kind and side and the main reasons to keep a BN
+    (so a generator that drifted into trivial graphs would show here)."""
+    kinds, reasons, fused = set(), [], 0
+    for seed in range(120):
+        res = check_random_fold(seed)
+        kinds.update((r.kind, r.side) for r in res.folded)
+        fused += sum(r.bn_type == "FusedBatchNormalization" for r in res.folded)
+        reasons += [r.reason for r in res.skipped]
+    assert {("Convolution", "output"), ("Convolution", "input"), ("Deconvolution", "output"),
+            ("DepthwiseConvolution", "output"), ("Affine", "output"), ("Affine", "input")} <= kinds
+    assert fused > 0
+    for why in ("also feeds", "graph output", "no layer before it", "has no weight to fold into",
+                "zero-pads"):
+        assert any(why in r for r in reasons), why
