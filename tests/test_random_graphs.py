@@ -18,11 +18,13 @@ def _divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def random_graph(rng, base_axis=1):
-    """A random graph from one input of (2,)*base_axis + (C, 7, 7); returns (input, outputs)."""
+def random_graph(rng, base_axis=1, made=None):
+    """A random graph from one input of (2,)*base_axis + (C, 7, 7); returns (input, outputs).
+    ``made`` (a list) receives every variable made on the way."""
     x = nn.Variable((2,) * base_axis + (int(rng.randint(1, 5)), 7, 7))
     axis = base_axis
-    made = [x]
+    made = [] if made is None else made
+    made.append(x)
     extra_outputs = []
     convs = {}                          # (in, out, k, groups) -> name, to tie weights
     for i in range(int(rng.randint(2, 9))):
@@ -124,3 +126,33 @@ def test_the_generator_makes_every_kind_of_fold_and_skip():
     for why in ("also feeds", "graph output", "no layer before it", "has no weight to fold into",
                 "zero-pads"):
         assert any(why in r for r in reasons), why
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_graphs_in_a_file_fold_and_verify(tmp_path, seed):
+    """The same random graphs saved as .nnp, twice over the same parameters: network "a" whole and
+    network "b" ending at an intermediate result (so some of "a"'s folded weights are also read
+    where they must not change). ``bnfold fold --verify`` runs both against the original."""
+    import json
+    from nnabla.utils.save import save
+    from bnfold_gpu import cli
+    nn.clear_parameters()
+    x, outputs = random_graph(np.random.RandomState(seed))
+    randomize_all(np.random.RandomState(seed + 1))
+    made = []
+    x_b, _ = random_graph(np.random.RandomState(seed), made=made)   # reuses "a"'s parameters
+    rng = np.random.RandomState(seed + 2)
+    middle = [v for v in made if v.parent is not None]
+    networks = [{"name": "a", "batch_size": 2, "outputs": {f"y{i}": y for i, y in enumerate(outputs)},
+                 "names": {"x": x}}]
+    if middle:
+        networks.append({"name": "b", "batch_size": 2, "names": {"x": x_b},
+                         "outputs": {"m": middle[rng.randint(len(middle))]}})
+    path, out, report = tmp_path / "m.nnp", tmp_path / "o.nnp", tmp_path / "r.json"
+    save(str(path), {"networks": networks}, parameter_format=[".h5", ".protobuf"][seed % 2])
+    nn.clear_parameters()
+    argv = ["fold", path, "-o", out, "--verify", "--report", report, "--quiet"]
+    assert cli.main([str(a) for a in argv]) == 0
+    rep = json.loads(report.read_text())
+    if any(n["folded"] for n in rep["networks"].values()):
+        assert {r["network"] for r in rep["verify"]["outputs"]} == {n["name"] for n in networks}
