@@ -195,10 +195,12 @@ class _Planner:
         w_name = g.name(w, "weight")
         b_name = None if b is None else g.name(b, "bias")
         notes = []
+        # read elsewhere (another function, the same one twice, or the caller, as a graph output):
+        # that reader must keep seeing the original values
         shared = [label for label, v in (("weight", w), ("bias", b))
-                  if v is not None and len(v.function_references) > 1]
+                  if v is not None and (_uses(v) > 1 or v in self.outputs)]
         if shared:
-            notes.append(f"{' and '.join(shared)} shared with other layers: folded into a copy")
+            notes.append(f"{' and '.join(shared)} shared (also read elsewhere): folded into a copy")
         copy_w = not self.inplace or "weight" in shared
         copy_b = not self.inplace or "bias" in shared
         prefix = _prefix(w_name)

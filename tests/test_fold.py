@@ -170,6 +170,19 @@ def test_layer_output_that_is_a_graph_output(rng):
     assert res.folded == () and "graph output" in res.skipped[0].reason
 
 
+@pytest.mark.parametrize("inplace", [True, False])
+def test_weight_that_is_also_a_graph_output_is_not_rescaled(rng, inplace):
+    x = nn.Variable((2, 3, 6, 6))
+    y = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), name="bn", **BN)
+    prepare(rng, y, x)
+    w = nn.get_parameters()["c/conv/W"]
+    w_before, y_before = w.d.copy(), forward_all(y)[0]
+    res = bnfold_gpu.fold([y, w], inplace=inplace)   # the caller reads the weight itself
+    assert rel_err(forward_all(res.outputs[0])[0], y_before) < 1e-5
+    assert np.array_equal(w.d, w_before) and res.folded[0].folded_weight != "c/conv/W"
+    assert "weight shared" in res.folded[0].note
+
+
 def test_tied_weights_fold_into_copies(rng):
     x = nn.Variable((2, 3, 6, 6))
     w = nn.parameter.get_parameter_or_create("shared/W", (4, 3, 3, 3))
