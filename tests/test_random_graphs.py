@@ -48,8 +48,15 @@ def random_graph(rng, base_axis=1, made=None):
                                  with_bias=rng.rand() < 0.5, name=name)
             h = h[..., ::2, ::2] if h.shape[-1] > 12 else h
         elif r < 0.5:
-            h = PF.depthwise_convolution(h, (3, 3), pad=(1, 1), multiplier=int(rng.randint(1, 3)),
-                                         base_axis=base_axis, with_bias=rng.rand() < 0.5, name=name)
+            pad = int(rng.randint(0, 2))
+            if rng.rand() < 0.7:
+                h = PF.depthwise_convolution(h, (3, 3), pad=(pad, pad), base_axis=base_axis,
+                                             multiplier=int(rng.randint(1, 3)),
+                                             with_bias=rng.rand() < 0.5, name=name)
+            elif c % 2 == 0 and h.shape[-1] < 10:
+                h = PF.depthwise_deconvolution(h, (2, 2), divisor=int(rng.choice([1, 2])),
+                                               base_axis=base_axis, with_bias=rng.rand() < 0.5,
+                                               name=name)
         elif r < 0.68:
             h = PF.batch_normalization(h, axes=[axis], batch_stat=False, no_scale=rng.rand() < 0.2,
                                        no_bias=rng.rand() < 0.2, name=name)
@@ -121,7 +128,8 @@ def test_the_generator_makes_every_kind_of_fold_and_skip():
         fused += sum(r.bn_type == "FusedBatchNormalization" for r in res.folded)
         reasons += [r.reason for r in res.skipped]
     assert {("Convolution", "output"), ("Convolution", "input"), ("Deconvolution", "output"),
-            ("DepthwiseConvolution", "output"), ("Affine", "output"), ("Affine", "input")} <= kinds
+            ("DepthwiseConvolution", "output"), ("DepthwiseConvolution", "input"),
+            ("DepthwiseDeconvolution", "output"), ("Affine", "output"), ("Affine", "input")} <= kinds
     assert fused > 0
     for why in ("also feeds", "graph output", "no layer before it", "has no weight to fold into",
                 "zero-pads"):
