@@ -286,13 +286,18 @@ def parser():
     return ap
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    # NNabla logs each extension it initializes at INFO level when imported; a command line prints
-    # only its own progress (NNabla's warnings and errors still show)
+def quiet_nnabla_info() -> None:
+    """Hide NNabla's INFO lines (each extension it initializes when imported, each file it saves):
+    a command line prints only its own progress. Its warnings and errors still show; a level the
+    caller set is kept. Call before nnabla is imported."""
     nnabla_log = logging.getLogger("nnabla")
     if nnabla_log.level == logging.NOTSET:
         nnabla_log.setLevel(logging.WARNING)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    quiet_nnabla_info()
     from .backends.common import FoldError
     from .nnp import NnpError
     try:

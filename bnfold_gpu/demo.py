@@ -3,16 +3,17 @@ import argparse
 import time
 
 import numpy as np
-import nnabla as nn
 
 import bnfold_gpu
-from .models import build_resnet50
+from .cli import quiet_nnabla_info
 
 
 def nnabla_converter_seconds(width: int, size: int) -> float:
     """Time NNabla's own BatchNormalizationFoldingModifier on a fresh twin of the model."""
+    import nnabla as nn
     from nnabla.experimental.graph_converters import (BatchNormalizationFoldingModifier,
                                                       GraphConverter)
+    from .models import build_resnet50
     nn.clear_parameters()
     _, y = build_resnet50(width, size)
     with nn.parameter_scope("resnet50"):
@@ -23,7 +24,9 @@ def nnabla_converter_seconds(width: int, size: int) -> float:
 
 def save_model(path: str, width: int, size: int) -> int:
     """The demo's ResNet-50, unfolded, as an .nnp file with one network and an executor."""
+    import nnabla as nn
     from nnabla.utils.save import save
+    from .models import build_resnet50
     nn.clear_parameters()
     x, y = build_resnet50(width, size)
     with nn.parameter_scope("resnet50"):
@@ -43,6 +46,9 @@ def main(argv=None) -> int:
     ap.add_argument("--save", metavar="PATH.nnp",
                     help="also save the unfolded model as an .nnp file (for `bnfold`) and exit")
     args = ap.parse_args(argv)
+    quiet_nnabla_info()
+    import nnabla as nn
+    from .models import build_resnet50
     if args.save:
         return save_model(args.save, args.width, args.size)
 

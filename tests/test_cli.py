@@ -488,6 +488,15 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
     assert not (tmp_path / "y.nnp").exists()
 
 
+def test_demo_saves_a_file_that_folds_without_nnabla_info_lines(tmp_path):
+    p = tmp_path / "r.nnp"
+    r = subprocess.run([sys.executable, "-m", "bnfold_gpu.demo", "--save", str(p), "--width", "8",
+                        "--size", "16"], capture_output=True, text=True)
+    assert r.returncode == 0 and "saved ResNet-50 (width 8" in r.stdout
+    assert "INFO" not in r.stdout + r.stderr
+    assert run("fold", p, "-o", tmp_path / "f.nnp", "--verify", "-q") == 0
+
+
 def test_fold_with_the_gpu_backend_emulated(tmp_path, host, monkeypatch):
     """--backend cupy on host-resident parameters: the staged path, device emulated on the host."""
     import fake_cupy
