@@ -105,6 +105,9 @@ def read(path: str, progress=None) -> NnpFile:
     nets = [m.filename for m in members if m.filename.endswith((".nntxt", ".prototxt"))]
     if not nets:
         raise NnpError(f"{path}: no network definition (.nntxt or .prototxt) in the archive")
+    if len(nets) > 1:   # NNabla would merge them; the networks of all must be planned together
+        raise NnpError(f"{path}: {len(nets)} network definitions ({', '.join(nets)}); bnfold reads "
+                       f"files with one, as NNabla and Neural Network Console save them")
     proto = nnabla_pb2.NNablaProtoBuf()
     try:
         text_format.Merge(raw[nets[0]].decode("utf-8"), proto)
@@ -138,12 +141,15 @@ def _no_scratch(path, folder, e) -> NnpError:
                     f"({e.strerror or _one_line(e)}); set TMPDIR to a folder with room")
 
 
+# NNabla's loader reads every .h5 and .protobuf member of an .nnp as parameters, whatever its name
+# (later members overriding earlier ones), so this does too: one left in the output unread could
+# override the folded values.
 def _is_h5_params(name: str) -> bool:
-    return name.startswith("parameter") and name.endswith(".h5")
+    return name.endswith(".h5")
 
 
 def _is_params(name: str) -> bool:
-    return name.startswith("parameter") and name.endswith((".h5", ".protobuf"))
+    return name.endswith((".h5", ".protobuf"))
 
 
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error)

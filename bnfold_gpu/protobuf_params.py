@@ -73,7 +73,9 @@ def _skip(stream: BinaryIO, wire: int) -> None:
 
 def read(stream: BinaryIO) -> Iterator[Tuple[str, np.ndarray, bool]]:
     """(name, float32 values in the parameter's shape, need_grad) for each parameter of the
-    ``NNablaProtoBuf`` in ``stream``, in order; its other fields are skipped."""
+    ``NNablaProtoBuf`` in ``stream``, in order. Any other field (a network, an executor) is a
+    ProtobufError: NNabla writes parameter members with nothing else, and one rewritten from these
+    parameters alone would lose it."""
     schema = _schema()
     top = schema[1]
     while True:
@@ -81,8 +83,9 @@ def read(stream: BinaryIO) -> Iterator[Tuple[str, np.ndarray, bool]]:
         if key is None:
             return
         if key >> 3 != top or key & 7 != _LEN:
-            _skip(stream, key & 7)
-            continue
+            field = schema[0].NNablaProtoBuf.DESCRIPTOR.fields_by_number.get(key >> 3)
+            label = field.name if field is not None else f"field {key >> 3}"
+            raise ProtobufError(f"it holds {label!r} entries besides parameters")
         n = _read_varint(stream)
         body = stream.read(n)
         if len(body) != n:

@@ -242,6 +242,52 @@ def test_two_parameter_members_fold_into_one(tmp_path):
     assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
 
 
+@pytest.mark.parametrize("fmt", [".h5", ".protobuf"])
+def test_parameter_member_of_any_name(tmp_path, fmt):
+    # NNabla's loader takes every .h5 / .protobuf member for parameters, whatever its name
+    src = nnp_files.single(tmp_path / "src.nnp", parameter_format=fmt)
+    p = tmp_path / "renamed.nnp"
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(p, "w") as z:
+        for m in a.infolist():
+            z.writestr("weights" + fmt if m.filename.startswith("parameter") else m.filename,
+                       a.read(m))
+    want, _ = load_run(p, "net")
+    out = tmp_path / "out.nnp"
+    assert run("fold", p, "-o", out, "--verify", "-q") == 0
+    assert sorted(members(out)) == ["network.nntxt", "nnp_version.txt", "weights" + fmt]
+    got, types = load_run(out, "net")
+    assert "BatchNormalization" not in types
+    assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
+
+
+def test_two_network_definitions_are_refused(tmp_path, capsys):
+    # NNabla merges them; planning one and copying the other would fold weights it still reads raw
+    src = nnp_files.single(tmp_path / "src.nnp")
+    p = tmp_path / "two.nnp"
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(p, "w") as z:
+        for m in a.infolist():
+            z.writestr(m, a.read(m))
+        z.writestr("extra.nntxt", a.read("network.nntxt"))
+    msg = _bad(tmp_path, capsys, "fold", p)
+    assert "2 network definitions (network.nntxt, extra.nntxt)" in msg
+
+
+def test_parameter_member_holding_a_network_is_refused(tmp_path, capsys):
+    from nnabla.utils import nnabla_pb2
+    src = nnp_files.single(tmp_path / "src.nnp", parameter_format=".protobuf")
+    p = tmp_path / "mixed.nnp"
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(p, "w") as z:
+        for m in a.infolist():
+            data = a.read(m)
+            if m.filename == "parameter.protobuf":
+                extra = nnabla_pb2.NNablaProtoBuf()
+                extra.network.add().name = "hidden"
+                data += extra.SerializeToString()   # concatenated messages merge
+            z.writestr(m, data)
+    msg = _bad(tmp_path, capsys, "fold", p)
+    assert "parameter.protobuf does not parse: it holds 'network' entries besides parameters" in msg
+
+
 def test_members_are_written_without_the_zip64_sizes_they_were_read_with():
     timestamp = struct.pack("<HHBI", 0x5455, 5, 1, 1700000000)
     zip64 = struct.pack("<HHQQ", 0x0001, 16, 5 << 30, 5 << 30)

@@ -25,7 +25,6 @@ def _params(rng):
 
 def _library_message(params):
     pb = nnabla_pb2.NNablaProtoBuf()
-    pb.network.add().name = "net"      # another field, which reading skips
     for name, values, need_grad in params:
         q = pb.parameter.add()
         q.variable_name, q.need_grad = name, need_grad
@@ -86,4 +85,16 @@ def test_values_that_do_not_fill_the_shape():
     q.shape.dim.extend([2, 3])
     q.data.extend([1.0, 2.0])
     with pytest.raises(P.ProtobufError, match="holds 2 values for shape"):
+        list(P.read(io.BytesIO(p.SerializeToString())))
+
+
+def test_fields_besides_parameters_are_refused(rng):
+    # a member rewritten from its parameters alone would lose them
+    p = nnabla_pb2.NNablaProtoBuf()
+    q = p.parameter.add()
+    q.variable_name = "w"
+    q.shape.dim.extend([2])
+    q.data.extend(rng.standard_normal(2).tolist())
+    p.network.add().name = "net"
+    with pytest.raises(P.ProtobufError, match="'network' entries besides parameters"):
         list(P.read(io.BytesIO(p.SerializeToString())))
