@@ -201,7 +201,7 @@ def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress):
                 for _, k in sorted(keys):
                     ds = hd[k]
                     out.append((k, Param(ds[...], bool(ds.attrs.get("need_grad", False)))))
-        except OSError as e:
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:   # h5py's, on a damaged file
             raise NnpError(f"{path}: {member.filename} does not parse: {_one_line(e)}") from None
     return out
 

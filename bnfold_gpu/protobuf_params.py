@@ -27,6 +27,11 @@ def _schema():
             nnabla_pb2.Parameter.DESCRIPTOR.fields_by_name["data"].number)
 
 
+def _decode_error():
+    from google.protobuf.message import DecodeError
+    return DecodeError
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
@@ -118,7 +123,10 @@ def _parameter(body: bytes, schema):
         else:
             _skip(stream, wire)
             rest += view[start:stream.tell()]
-    p = pb2.Parameter.FromString(bytes(rest))
+    try:
+        p = pb2.Parameter.FromString(bytes(rest))
+    except _decode_error() as e:
+        raise ProtobufError(f"a parameter's name, shape or need_grad does not parse ({e})") from None
     if not pieces:
         values = np.zeros(0, np.float32)
     else:   # own memory (aligned, writable, not a view of the message), native byte order

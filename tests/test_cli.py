@@ -342,6 +342,19 @@ def test_parameter_member_that_does_not_parse(tmp_path, capsys, fmt):
     assert f"parameter{fmt} does not parse" in _bad(tmp_path, capsys, "inspect", p)
 
 
+@pytest.mark.parametrize("error", [KeyError, RuntimeError, ValueError])
+def test_damaged_hdf5_member(tmp_path, capsys, monkeypatch, error):
+    # h5py reports damage inside an HDF5 file with these, not only OSError
+    import h5py
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+
+    def damaged(*args, **kwargs):
+        raise error("Unable to synchronously open object (invalid dataset size)")
+    monkeypatch.setattr(h5py, "File", damaged)
+    msg = _bad(tmp_path, capsys, "fold", good)
+    assert msg.startswith(f"bnfold: {good}: parameter.h5 does not parse: ") and "dataset size" in msg
+
+
 def test_no_room_for_the_scratch_file(tmp_path, capsys, monkeypatch):
     good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))

@@ -98,3 +98,10 @@ def test_fields_besides_parameters_are_refused(rng):
     p.network.add().name = "net"
     with pytest.raises(P.ProtobufError, match="'network' entries besides parameters"):
         list(P.read(io.BytesIO(p.SerializeToString())))
+
+
+def test_name_that_is_not_utf8():
+    body = P._key(1, 2) + P._varint(2) + b"\xff\xfe"           # variable_name: invalid UTF-8
+    msg = P._key(200, 2) + P._varint(len(body)) + body
+    with pytest.raises(P.ProtobufError, match="name, shape or need_grad does not parse"):
+        list(P.read(io.BytesIO(msg)))
