@@ -97,7 +97,8 @@ def fold(outputs, backend: str = "auto", inplace: bool = True) -> FoldResult:
     parameters is stale. Weights shared with other layers are never rescaled in place: their layer gets
     a folded copy. ``inplace=False`` leaves the given graph and every parameter untouched and returns a
     new graph using new parameters. New parameters are registered in the current parameter scope under
-    names that collide with no existing one.
+    names that collide with no existing one, where the weight they come from is registered (all are
+    in the result's ``parameters``).
 
     Every array is checked before any is written (shapes, negative or non-finite variance): a fold that
     raises has changed nothing.

@@ -244,6 +244,25 @@ def test_unscoped_onnx_style_names_never_collide(rng):
     assert np.array_equal(nn.get_parameters(grad_only=False)["conv1_b"].d, unrelated)
 
 
+@pytest.mark.parametrize("inplace", [True, False])
+def test_parameters_that_are_plain_variables(rng, inplace):
+    # weights and statistics not in the parameter registry: folded all the same; what the fold
+    # creates is returned, not registered
+    def var(*shape, low=None):
+        v = rng.uniform(0.5, 2.0, shape) if low else rng.normal(0.5, 1.0, shape)
+        return nn.Variable.from_numpy_array(v.astype(np.float32))
+    x = var(2, 3, 6, 6)
+    w = var(4, 3, 3, 3)
+    y = F.batch_normalization(F.convolution(x, w), var(1, 4, 1, 1), var(1, 4, 1, 1),
+                              var(1, 4, 1, 1), var(1, 4, 1, 1, low=True), batch_stat=False)
+    w_before = w.d.copy()
+    res = assert_fold_exact(y, inplace=inplace)
+    assert len(res.folded) == 1 and res.folded[0].note == "bias created"
+    assert nn.get_parameters(grad_only=False) == {}
+    assert res.folded[0].folded_bias in res.parameters
+    assert np.array_equal(w.d, w_before) != inplace
+
+
 def test_inplace_false_leaves_everything_untouched(rng):
     x = nn.Variable((2, 3, 6, 6))
     y = F.relu(PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), name="bn", **BN))
