@@ -54,7 +54,10 @@ def _flatten(outputs):
     if isinstance(outputs, (list, tuple)) and all(isinstance(o, nn.Variable) for o in outputs):
         kind = type(outputs)
         return list(outputs), lambda flat: kind(flat)
-    raise TypeError("outputs must be an nnabla.Variable or a list/tuple of them, "
+    if isinstance(outputs, dict) and all(isinstance(o, nn.Variable) for o in outputs.values()):
+        kind, keys = type(outputs), list(outputs)   # e.g. the outputs of an NnpLoader network
+        return list(outputs.values()), lambda flat: kind(zip(keys, flat))
+    raise TypeError("outputs must be an nnabla.Variable, or a list, tuple or dict of them, "
                     f"not {type(outputs).__name__}")
 
 

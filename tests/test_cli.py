@@ -589,11 +589,12 @@ def test_in_memory_fold_of_an_onnx_imported_graph(tmp_path):
     x.d = np.random.RandomState(0).standard_normal(x.shape)
     y.forward()
     want = y.d.copy()
-    res = bnfold_gpu.fold(y)
+    res = bnfold_gpu.fold(net.outputs)             # the network's dict of outputs, as given
     assert sorted(r.bn for r in res.folded) == ["bn1_mean", "bn2_mean"] and not res.skipped
     assert set(res.parameters) == {"conv1_b", "deconv_b"}     # biases created, unscoped like the rest
-    res.outputs.forward()
-    assert np.abs(res.outputs.d - want).max() / np.abs(want).max() < 1e-5
+    assert list(res.outputs) == ["y"] and res.outputs["y"] is y
+    y.forward()
+    assert np.abs(y.d - want).max() / np.abs(want).max() < 1e-5
 
 
 def test_output_folder_missing(tmp_path, capsys):

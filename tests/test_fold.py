@@ -315,6 +315,8 @@ def test_unknown_backend(rng):
         bnfold_gpu.fold(y, backend="tpu")
     with pytest.raises(TypeError):
         bnfold_gpu.fold("y")
+    with pytest.raises(TypeError, match="list, tuple or dict of them, not list"):
+        bnfold_gpu.fold([[y]])
 
 
 # -- randomized shapes ----------------------------------------------------------------------------
