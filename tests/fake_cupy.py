@@ -25,14 +25,22 @@ class ndarray(np.ndarray):
     def data(self):
         return _Memory(self)
 
+    # as strict as CuPy's own: same dtype and shape, contiguous memory
     def get(self, stream=None, out=None, blocking=True):
         if out is None:
             return np.array(self.view(np.ndarray))
-        out[...] = self.view(np.ndarray).reshape(out.shape)
+        if out.dtype != self.dtype or out.shape != self.shape or not out.flags.c_contiguous:
+            raise ValueError(f"get(out=): {out.dtype}{out.shape} for {self.dtype}{self.shape}")
+        out[...] = self.view(np.ndarray)
         return out
 
     def set(self, arr, stream=None):
-        self.view(np.ndarray)[...] = np.asarray(arr).reshape(self.shape)
+        if not isinstance(arr, np.ndarray) or arr.dtype != self.dtype or arr.shape != self.shape:
+            raise ValueError(f"set(): {getattr(arr, 'dtype', type(arr))}{getattr(arr, 'shape', '')} "
+                             f"for {self.dtype}{self.shape}")
+        if not self.flags.c_contiguous:
+            raise RuntimeError("Cannot set to non-contiguous array")
+        self.view(np.ndarray)[...] = arr
 
 
 class _Event:
@@ -57,6 +65,27 @@ class _Context:
 
     def synchronize(self):
         pass
+
+
+# Each kernel's parameters as CuPy passes them: device arrays as pointers, NumPy scalars by their own
+# size. A Python int would be passed as a 64-bit value whatever the parameter, and a host array not
+# at all, so both are refused here as CuPy (or the kernel) would.
+_SIGNATURES = {
+    "bnfold_channels": ("p", np.int32, np.int64, "p", "p", "p", "p", "p", "p"),
+    "bnfold_biases": ("p", np.int32, np.int64, "p", "p", "p"),
+    "bnfold_input_biases": ("p", np.int32, "p"),
+    "bnfold_weights": ("p", np.int32, "p", "p"),
+}
+
+
+def _check_arguments(name, args):
+    want = _SIGNATURES[name]
+    assert len(args) == len(want), (name, len(args))
+    for i, (a, w) in enumerate(zip(args, want)):
+        if w == "p":
+            assert isinstance(a, ndarray), f"{name} argument {i}: {type(a).__name__}, not a device array"
+        else:
+            assert type(a) is w, f"{name} argument {i}: {type(a).__name__}, not {w.__name__}"
 
 
 def make(host_lib, build=None):
@@ -122,6 +151,7 @@ def make(host_lib, build=None):
         def get_function(self, name):
             def launch(grid, block, args):
                 assert block == (256,) and all(g >= 1 for g in grid)
+                _check_arguments(name, args)
                 cp.launches.append(name)
                 self.kernels[name](grid, block, args)
             return launch
