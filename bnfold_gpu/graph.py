@@ -1,4 +1,5 @@
 """An NNabla graph read once: its functions in topological order and its parameters' names."""
+from collections import Counter
 from typing import Dict, List, Sequence
 
 import nnabla as nn
@@ -44,6 +45,10 @@ class Graph:
             if out.parent is not None:
                 out.visit(add)
         self.functions = functions
+        # function inputs reading each variable, by NNabla's identity (which a parameter's handles
+        # share): each parametric-function call that reuses a parameter gets a handle of its own,
+        # whose function_references list only that call's function
+        self.uses = Counter(v for f in functions for v in f.inputs)
         self._names = parameter_names()
         self._unnamed: Dict = {}
 

@@ -134,7 +134,7 @@ class _Planner:
             raise _Reject(f"the layer before it is {kind}, which has no weight to fold into")
         if layer in self.used_layers:
             raise _Reject(f"the {kind} before it already absorbs another BN")
-        uses = _uses(bn.x)
+        uses = self._uses(bn.x)
         if uses > 1:
             raise _Reject(f"the {kind}'s output also feeds {uses - 1} other function input(s)")
         if bn.x in self.outputs:
@@ -157,8 +157,8 @@ class _Planner:
         if bn.out in self.outputs:
             raise _Reject("its output is a graph output")
         refs = bn.out.function_references
-        if len(refs) != 1 or _uses(bn.out) != 1:
-            raise _Reject(f"its output feeds {_uses(bn.out)} function inputs, not one layer's")
+        if len(refs) != 1 or self._uses(bn.out) != 1:
+            raise _Reject(f"its output feeds {self._uses(bn.out)} function inputs, not one layer's")
         layer = refs[0]
         kind = layer.info.type_name
         if kind not in FOLDABLE_FROM:
@@ -198,7 +198,7 @@ class _Planner:
         # read elsewhere (another function, the same one twice, or the caller, as a graph output):
         # that reader must keep seeing the original values
         shared = [label for label, v in (("weight", w), ("bias", b))
-                  if v is not None and (_uses(v) > 1 or v in self.outputs)]
+                  if v is not None and (self._uses(v) > 1 or v in self.outputs)]
         if shared:
             notes.append(f"{' and '.join(shared)} shared (also read elsewhere): folded into a copy")
         copy_w = not self.inplace or "weight" in shared
@@ -232,6 +232,15 @@ class _Planner:
             bias_reduce_axes=tuple(reduce_axes), layer_index=self.index[layer], bn_index=bn.index,
             note="; ".join(notes))
 
+    def _uses(self, var) -> int:
+        """How many function inputs read ``var``. In the graph, by NNabla's variable identity: a
+        parameter reused by several parametric-function calls has one handle per call. Through this
+        handle's ``function_references``, which also sees functions outside the graph. A function
+        that reads ``var`` twice (a FusedBatchNormalization whose residual is its own input, ``x * x``)
+        counts twice."""
+        elsewhere = sum(1 for f in var.function_references for v in f.inputs if v == var)
+        return max(self.g.uses[var], elsewhere)
+
     def _new_name(self, base: str) -> str:
         name, k = base, 2
         while name in self.taken:
@@ -239,13 +248,6 @@ class _Planner:
             k += 1
         self.taken.add(name)
         return name
-
-
-def _uses(var) -> int:
-    """How many function inputs read ``var``: a function that takes it twice (a FusedBatchNormalization
-    whose residual is its own input, ``x * x``) counts twice, where ``function_references`` lists it
-    once."""
-    return sum(1 for f in var.function_references for v in f.inputs if v == var)
 
 
 def _prefix(weight_name: str) -> str:

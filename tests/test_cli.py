@@ -485,6 +485,27 @@ def test_verify_failure_writes_nothing(tmp_path, capsys, monkeypatch):
     assert json.loads(report.read_text())["output"] is None
 
 
+def test_weights_tied_by_name_in_a_file(tmp_path):
+    # one parameter read by two convolutions of a network (saved from PF calls under one name):
+    # the conv before the BN folds into a copy, the other keeps reading the original
+    nn.clear_parameters()
+    import nnabla.functions as F
+    import nnabla.parametric_functions as PF
+    from nnabla.utils.save import save
+    x = nn.Variable((2, 3, 8, 8))
+    h = PF.batch_normalization(PF.convolution(x, 3, (3, 3), pad=(1, 1), name="tied"),
+                               batch_stat=False, name="bn")
+    y = PF.convolution(F.relu(h), 3, (3, 3), pad=(1, 1), name="tied")
+    nnp_files.randomize_all(np.random.RandomState(0))
+    p, out = tmp_path / "tied.nnp", tmp_path / "out.nnp"
+    save(str(p), {"networks": [{"name": "n", "batch_size": 2, "outputs": {"y": y}, "names": {"x": x}}]})
+    nn.clear_parameters()
+    assert run("fold", p, "-o", out, "--verify", "-q") == 0
+    f0, f1 = N.read(str(p)), N.read(str(out))
+    assert np.array_equal(f1.params["tied/conv/W"].value, f0.params["tied/conv/W"].value)
+    assert "tied/conv/W_folded" in f1.params
+
+
 def test_verify_runs_the_networks_that_fold_nothing(tmp_path, capsys, monkeypatch):
     # "features" folds nothing but reads the conv weight that "classifier" folds: it must get a
     # folded copy, and --verify must run it too, since it is where a wrong in-place fold would show

@@ -183,6 +183,26 @@ def test_weight_that_is_also_a_graph_output_is_not_rescaled(rng, inplace):
     assert "weight shared" in res.folded[0].note
 
 
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("layer", ["conv", "affine"])
+def test_weights_tied_by_reusing_a_parametric_function_name(rng, inplace, layer):
+    # NNabla's usual way to tie weights: each call under the same name gets its own handle of the
+    # parameter, whose function_references list only that call's function
+    def tied(h):
+        if layer == "conv":
+            return PF.convolution(h, 3, (3, 3), pad=(1, 1), name="tied")
+        return PF.affine(h, 3, name="tied")
+    x = nn.Variable((2, 3, 6, 6) if layer == "conv" else (2, 3))
+    y = tied(F.relu(PF.batch_normalization(tied(x), name="bn", **BN)))
+    prepare(rng, y, x)
+    before = snapshot()
+    res = assert_fold_exact(y, inplace=inplace)
+    assert len(res.folded) == 1 and "weight and bias shared" in res.folded[0].note
+    w = "tied/conv/W" if layer == "conv" else "tied/affine/W"
+    assert res.folded[0].folded_weight != w
+    assert all(np.array_equal(v, snapshot()[k]) for k, v in before.items())   # none rescaled
+
+
 def test_tied_weights_fold_into_copies(rng):
     x = nn.Variable((2, 3, 6, 6))
     w = nn.parameter.get_parameter_or_create("shared/W", (4, 3, 3, 3))

@@ -36,6 +36,7 @@ def random_graph(rng, base_axis=1, made=None):
             g = int(rng.choice(_divisors(c)))
             out, k = g * int(rng.randint(1, 4)), int(rng.randint(1, 4))
             pad = int(rng.randint(0, 2))
+            k = min(k, h.shape[-1] + 2 * pad)        # an output of at least 1x1
             key = (c, out, k, g)
             if key in convs and rng.rand() < 0.3:
                 name = convs[key]       # the same parameters: a tied weight
@@ -48,7 +49,7 @@ def random_graph(rng, base_axis=1, made=None):
                                  with_bias=rng.rand() < 0.5, name=name)
             h = h[..., ::2, ::2] if h.shape[-1] > 12 else h
         elif r < 0.5:
-            pad = int(rng.randint(0, 2))
+            pad = max(int(rng.randint(0, 2)), 3 - h.shape[-1])   # room for the 3x3 kernel
             if rng.rand() < 0.7:
                 h = PF.depthwise_convolution(h, (3, 3), pad=(pad, pad), base_axis=base_axis,
                                              multiplier=int(rng.randint(1, 3)),
