@@ -44,11 +44,16 @@ class Graph:
         for out in self.outputs:
             if out.parent is not None:
                 out.visit(add)
-        self.functions = functions
+        # NNabla's visit keeps ``add`` in a reference cycle, freed only by the garbage collector:
+        # emptied, its list and set hold no function past this point, so the functions a fold
+        # replaces (and their buffers) go when the fold returns, not at the next collection
+        self.functions = list(functions)
+        functions.clear()
+        seen.clear()
         # function inputs reading each variable, by NNabla's identity (which a parameter's handles
         # share): each parametric-function call that reuses a parameter gets a handle of its own,
         # whose function_references list only that call's function
-        self.uses = Counter(v for f in functions for v in f.inputs)
+        self.uses = Counter(v for f in self.functions for v in f.inputs)
         self._names = parameter_names()
         self._unnamed: Dict = {}
 
