@@ -103,17 +103,51 @@ class _Planner:
                 results[i] = self._output_side(bn, axis)
             except _Reject as r:
                 pending.append((bn, axis, str(r)))
+        kept = []
         for bn, axis, why_not_output in pending:
             try:
                 results[bn.index] = self._input_side(bn, axis)
             except _Reject as r:
                 reason = why_not_output if bn.type == "FusedBatchNormalization" \
                     else f"{why_not_output}; {r}"
-                results[bn.index] = Skip(bn.name, bn.type, reason, bn.index)
+                kept.append((bn, axis, reason))
+        for bn, axis, reason in kept:   # once every fold is known
+            if self._folds_once_its_neighbour_is_gone(bn, axis, results):
+                reason += "; the BN next to it folds now, so folding the result again folds this one"
+            results[bn.index] = Skip(bn.name, bn.type, reason, bn.index)
         ordered = [results[i] for i, _ in bns]
         folds = tuple(r for r in ordered if isinstance(r, FoldSpec))
         skipped = tuple(r for r in ordered if isinstance(r, Skip))
         return Plan(folds, skipped, dict(self.arrays), dict(self.sources))
+
+    def _folds_once_its_neighbour_is_gone(self, bn: _BN, axis: int, results) -> bool:
+        """Whether ``bn``, kept, would fold in a fold of this plan's result: the BN before it folds
+        into the layer before that, or the BN after it into the layer after that, and nothing else
+        stands in the way once that BN is removed (a layer absorbs one BN per fold)."""
+        def folded(f, side):
+            r = results.get(self.index.get(f))
+            return r if isinstance(r, FoldSpec) and r.side == side else None
+
+        def layout_fits(spec, fits):
+            layer = self.g.functions[spec.layer_index]
+            try:
+                fits(layer.info.type_name, layer.info.args, layer.inputs[1].shape)
+                return True
+            except LayoutError:
+                return False
+
+        before = folded(bn.x.parent, OUTPUT_SIDE)   # layer -> BN (folds) -> bn
+        if before is not None and before.bn_type == "BatchNormalization" \
+                and self._uses(bn.x) == 1 and bn.x not in self.outputs:   # (a fused BN leaves a ReLU)
+            return layout_fits(before, lambda kind, args, w: output_layout(kind, args, w, bn.x.shape,
+                                                                           axis))
+        after = [f for f in bn.out.function_references if _live(f)]   # bn -> BN (folds) -> layer
+        after = folded(after[0], INPUT_SIDE) if len(after) == 1 else None
+        if after is not None and bn.type != "FusedBatchNormalization" and self._uses(bn.out) == 1 \
+                and bn.out not in self.outputs:
+            return layout_fits(after, lambda kind, args, w: input_layout(kind, args, w, bn.out.shape,
+                                                                         axis))
+        return False
 
     def _bn_label(self, f, i):
         """A name for a BN whose inputs did not parse: its mean's name where it has one."""
@@ -156,7 +190,7 @@ class _Planner:
             raise _Reject("its activation follows it")
         if bn.out in self.outputs:
             raise _Reject("its output is a graph output")
-        refs = bn.out.function_references
+        refs = [f for f in bn.out.function_references if _live(f)]
         if len(refs) != 1 or self._uses(bn.out) != 1:
             raise _Reject(f"its output feeds {self._uses(bn.out)} function inputs, not one layer's")
         layer = refs[0]
@@ -238,7 +272,7 @@ class _Planner:
         handle's ``function_references``, which also sees functions outside the graph. A function
         that reads ``var`` twice (a FusedBatchNormalization whose residual is its own input, ``x * x``)
         counts twice."""
-        elsewhere = sum(1 for f in var.function_references for v in f.inputs if v == var)
+        elsewhere = sum(1 for f in var.function_references if _live(f) for v in f.inputs if v == var)
         return max(self.g.uses[var], elsewhere)
 
     def _new_name(self, base: str) -> str:
@@ -248,6 +282,12 @@ class _Planner:
             k += 1
         self.taken.add(name)
         return name
+
+
+def _live(f) -> bool:
+    """Whether ``f`` still computes its output: one that an earlier fold replaced (its output rewired
+    onto the new layer) stays among its inputs' references until it is collected."""
+    return f.outputs[0].parent == f
 
 
 def _prefix(weight_name: str) -> str:

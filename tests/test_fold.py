@@ -236,6 +236,46 @@ def test_bn_over_a_non_channel_axis_is_left(rng):
     assert res.folded == () and "channel axis" in res.skipped[0].reason
 
 
+def test_bn_after_bn_says_a_second_fold_folds_it(rng):
+    # conv -> bn1 -> bn2 and bn3 -> bn4 -> conv: a layer absorbs one BN per fold; the BN kept
+    # because its neighbour folds says so, and folding the result folds it
+    def model(x):   # built in a function, as models are: no intermediate variable outlives it
+        h = PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c1")
+        h = PF.batch_normalization(PF.batch_normalization(h, name="bn1", **BN), name="bn2", **BN)
+        h = PF.batch_normalization(PF.batch_normalization(F.relu(h), name="bn3", **BN), name="bn4", **BN)
+        return PF.convolution(h, 2, (1, 1), name="c2")
+    x = nn.Variable((2, 3, 6, 6))
+    y = model(x)
+    prepare(rng, y, x)
+    first = assert_fold_exact(y)
+    assert sorted(r.bn for r in first.folded) == ["bn1/bn", "bn4/bn"]
+    assert sorted(r.bn for r in first.skipped) == ["bn2/bn", "bn3/bn"]
+    assert all("folding the result again folds this one" in r.reason for r in first.skipped)
+    second = assert_fold_exact(first.outputs)
+    assert sorted((r.bn, r.side) for r in second.folded) == [("bn2/bn", "output"), ("bn3/bn", "input")]
+    assert second.skipped == () and bn_count(second.outputs) == 0
+
+
+def test_functions_a_fold_replaces_are_freed_when_it_returns(rng):
+    # not kept until the next garbage collection: they would hold their output buffers, and count
+    # as consumers of their inputs in a later fold
+    import gc
+
+    def model(x):
+        a = F.relu(x)
+        return a, PF.convolution(PF.batch_normalization(a, name="bn", **BN), 2, (1, 1), name="c")
+    x = nn.Variable((2, 3, 6, 6))
+    a, y = model(x)
+    prepare(rng, y, x)
+    gc.disable()
+    try:
+        res = assert_fold_exact(y)
+        assert [r.side for r in res.folded] == ["input"]
+        assert [f.info.type_name for f in a.function_references] == ["Convolution"]
+    finally:
+        gc.enable()
+
+
 def test_bn_with_no_adjacent_layer_is_left(rng):
     x = nn.Variable((2, 3, 5, 5))
     y = F.sigmoid(PF.batch_normalization(F.tanh(x), name="bn", **BN))
