@@ -103,13 +103,14 @@ def check_random_fold(seed, base_axis=1, backend="numpy"):
     return res
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)   # the same graphs on every run
 @given(seed=st.integers(0, 2 ** 31 - 1), base_axis=st.sampled_from([1, 1, 2]))
 def test_random_graphs_fold_exactly(seed, base_axis):
     check_random_fold(seed, base_axis)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2 ** 31 - 1))
 def test_random_graphs_through_the_gpu_backend_emulated(host, monkeypatch, seed):
     import fake_cupy
