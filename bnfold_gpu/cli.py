@@ -114,7 +114,10 @@ def cmd_inspect(args):
         print(json.dumps({"input": args.input, "networks": _fold_records(fp)}, indent=2))
     else:
         _print_plan(fp)
-        print(f"{fp.n_folded} BN(s) would fold, {len(fp.skipped)} would stay")
+        later = sum(s.next_pass for _, s in fp.skipped)
+        print(f"{fp.n_folded} BN(s) would fold, {len(fp.skipped)} would stay"
+              + (f"; {later} of those fold on a later pass, which bnfold fold runs too" if later
+                 else ""))
     return EXIT_OK
 
 
@@ -184,6 +187,17 @@ def cmd_fold(args):
     progress.step("folding")
     backend, nbytes = N.fold_parameters(f, fp, args.backend)
     N.rewrite_proto(f, fp)
+    passes = [fp]
+    while any(s.next_pass for _, s in passes[-1].skipped):   # a layer takes one BN per pass
+        progress.total += n_nets + 1
+        more = N.plan_file(f, progress)
+        if not more.n_folded:
+            break
+        progress.step(f"folding (pass {len(passes) + 1})")
+        nbytes += N.fold_parameters(f, more, args.backend)[1]
+        N.rewrite_proto(f, more)
+        passes.append(more)
+    fp = N.merge_passes(passes)
     progress.step("writing")
     tmp = N.write_temp(f, out_path, progress)
     f.params.clear()   # written; --verify loads both files, so hold no third copy of the weights

@@ -372,6 +372,17 @@ def plan_file(nnp: NnpFile, progress=None) -> FilePlan:
     return fp
 
 
+def merge_passes(passes: List[FilePlan]) -> FilePlan:
+    """One FilePlan for folds applied in several passes (a layer takes one BN per pass): every
+    pass's folds, and the BNs the last pass kept."""
+    folds: Dict[str, List[FoldSpec]] = {}
+    for fp in passes:
+        for network, specs in fp.folds.items():
+            folds.setdefault(network, []).extend(specs)
+    return FilePlan(passes[-1].networks, folds, [s for fp in passes for s in fp.unique],
+                    {k: v for fp in passes for k, v in fp.sources.items()})
+
+
 def _settle_names(spec, network, uses, taken, p, sources):
     """Arrays folded in place must not be seen by another network: fold into new names there."""
     def elsewhere(name):
@@ -698,5 +709,5 @@ def verify(original, folded, networks, seed: int = 0, progress=None):
     return records
 
 
-__all__ = ["NnpError", "NnpFile", "read", "plan_file", "fold_parameters", "rewrite_proto",
+__all__ = ["NnpError", "NnpFile", "read", "plan_file", "merge_passes", "fold_parameters", "rewrite_proto",
            "serialize", "structure", "write_temp", "verify", "FoldError", "Skip"]

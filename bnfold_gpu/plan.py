@@ -65,6 +65,8 @@ class Skip:
     bn_type: str
     reason: str
     bn_index: int = -1
+    next_pass: bool = False   # folds on a later pass: folding the result again (a layer takes one BN
+                              # per pass)
 
 
 @dataclass(frozen=True)

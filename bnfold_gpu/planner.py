@@ -112,29 +112,48 @@ class _Planner:
                     else f"{why_not_output}; {r}"
                 kept.append((bn, axis, reason))
         for bn, axis, reason in kept:   # once every fold is known
-            if self._folds_once_its_neighbour_is_gone(bn, axis, results):
-                reason += "; the BN next to it folds now, so folding the result again folds this one"
-            results[bn.index] = Skip(bn.name, bn.type, reason, bn.index)
+            again = self._next_pass(bn, axis, results)
+            results[bn.index] = Skip(bn.name, bn.type, reason + (again or ""), bn.index,
+                                     next_pass=again is not None)
         ordered = [results[i] for i, _ in bns]
         folds = tuple(r for r in ordered if isinstance(r, FoldSpec))
         skipped = tuple(r for r in ordered if isinstance(r, Skip))
         return Plan(folds, skipped, dict(self.arrays), dict(self.sources))
 
-    def _folds_once_its_neighbour_is_gone(self, bn: _BN, axis: int, results) -> bool:
-        """Whether ``bn``, kept, would fold in a fold of this plan's result: the BN before it folds
-        into the layer before that, or the BN after it into the layer after that, and nothing else
-        stands in the way once that BN is removed (a layer absorbs one BN per fold)."""
+    def _next_pass(self, bn: _BN, axis: int, results) -> Optional[str]:
+        """Why ``bn``, kept, folds in a later pass (a fold of this plan's result, or of that one's when
+        two BNs wait for the same layer), or None: checked exactly, not guessed."""
+        # sizes are checked now, as for the folds of this pass: a fold raises before it writes
+        layout = self._folds_once_its_neighbour_is_gone(bn, axis, results)
+        if layout is not None:
+            _check_sizes(bn, layout[0], layout[1].n_channels)
+            return "; it folds on a later pass, once the BN next to it is gone"
+        if bn.type != "FusedBatchNormalization":
+            try:   # only the layer after it being taken stood in the way
+                layer, kind, w, b, wl = self._input_target(bn, axis, ignore_used=True)[:5]
+                self._stored(kind, w, b)
+            except _Reject:
+                return None
+            if layer in self.used_layers:
+                _check_sizes(bn, kind, wl.n_channels)
+                return f"; it folds into the {kind} on a later pass (a layer takes one BN per pass)"
+        return None
+
+    def _folds_once_its_neighbour_is_gone(self, bn: _BN, axis: int, results):
+        """(layer kind, weight layout) if ``bn`` would fold in a fold of this plan's result because
+        the BN before it folds into the layer before that, or the BN after it into the layer after
+        that, and nothing else stands in the way once that BN is removed; else None."""
         def folded(f, side):
             r = results.get(self.index.get(f))
             return r if isinstance(r, FoldSpec) and r.side == side else None
 
         def layout_fits(spec, fits):
             layer = self.g.functions[spec.layer_index]
+            kind = layer.info.type_name
             try:
-                fits(layer.info.type_name, layer.info.args, layer.inputs[1].shape)
-                return True
+                return kind, fits(kind, layer.info.args, layer.inputs[1].shape)[0]
             except LayoutError:
-                return False
+                return None
 
         before = folded(bn.x.parent, OUTPUT_SIDE)   # layer -> BN (folds) -> bn
         if before is not None and before.bn_type == "BatchNormalization" \
@@ -147,7 +166,7 @@ class _Planner:
                 and bn.out not in self.outputs:
             return layout_fits(after, lambda kind, args, w: input_layout(kind, args, w, bn.out.shape,
                                                                          axis))
-        return False
+        return None
 
     def _bn_label(self, f, i):
         """A name for a BN whose inputs did not parse: its mean's name where it has one."""
@@ -186,6 +205,12 @@ class _Planner:
 
     # -- BN -> layer ------------------------------------------------------------------------------
     def _input_side(self, bn: _BN, axis: int) -> FoldSpec:
+        layer, kind, w, b, wl, reduce_axes, bias_shape = self._input_target(bn, axis)
+        return self._spec(bn, layer, kind, INPUT_SIDE, w, b, wl, None, bias_shape, reduce_axes)
+
+    def _input_target(self, bn: _BN, axis: int, ignore_used=False):
+        """The layer after ``bn`` and what folding into its input side needs; _Reject if it cannot
+        (``ignore_used``: even if it already absorbs another BN)."""
         if bn.type == "FusedBatchNormalization":
             raise _Reject("its activation follows it")
         if bn.out in self.outputs:
@@ -197,7 +222,7 @@ class _Planner:
         kind = layer.info.type_name
         if kind not in FOLDABLE_FROM:
             raise _Reject(f"the function after it is {kind}, into which a BN does not fold exactly")
-        if layer in self.used_layers:
+        if layer in self.used_layers and not ignore_used:
             raise _Reject(f"the {kind} after it already absorbs another BN")
         inputs = layer.inputs
         if inputs[0] != bn.out:
@@ -211,18 +236,18 @@ class _Planner:
         except LayoutError as e:
             raise _Reject(str(e)) from None
         bias_shape = tuple(w.shape[1:]) if kind == "Affine" else (w.shape[0],)
-        return self._spec(bn, layer, kind, INPUT_SIDE, w, b, wl, None, bias_shape, reduce_axes)
+        return layer, kind, w, b, wl, reduce_axes, bias_shape
 
     # -- shared -----------------------------------------------------------------------------------
-    def _spec(self, bn, layer, kind, side, w, b, wl, bl, bias_shape, reduce_axes) -> FoldSpec:
+    @staticmethod
+    def _stored(kind, w, b):
         for label, v in (("weight", w), ("bias", b)):
             if v is not None and v.parent is not None:
                 raise _Reject(f"the {kind}'s {label} is computed in the graph, not a stored parameter")
-        n = wl.n_channels
-        for label, v in bn.params.items():
-            if v.size != n:
-                raise FoldError(f"{bn.name}: {label} has {v.size} values but the {kind} it folds "
-                                f"into has {n} channels")
+
+    def _spec(self, bn, layer, kind, side, w, b, wl, bl, bias_shape, reduce_axes) -> FoldSpec:
+        self._stored(kind, w, b)
+        _check_sizes(bn, kind, wl.n_channels)
         if b is not None and b.size != prod(bias_shape):
             raise FoldError(f"{bn.name}: the {kind}'s bias has shape {b.shape}, expected {bias_shape}")
         g = self.g
@@ -282,6 +307,13 @@ class _Planner:
             k += 1
         self.taken.add(name)
         return name
+
+
+def _check_sizes(bn: _BN, kind: str, n: int):
+    for label, v in bn.params.items():
+        if v.size != n:
+            raise FoldError(f"{bn.name}: {label} has {v.size} values but the {kind} it folds "
+                            f"into has {n} channels")
 
 
 def _live(f) -> bool:

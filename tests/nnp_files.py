@@ -84,6 +84,28 @@ def shared_backbone(path, seed=2):
     return path
 
 
+def bn_chains(path, seed=3):
+    """BNs that a layer takes one per pass: conv -> bn1 -> bn2, relu -> bn3 -> bn4 -> conv, and
+    relu -> bn5 -> affine -> bn6."""
+    nn.clear_parameters()
+    rng = np.random.RandomState(seed)
+
+    def bn(h, name):
+        return PF.batch_normalization(h, batch_stat=False, name=name)
+
+    def model(x):   # no intermediate variable outlives the function
+        h = bn(bn(PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c1"), "bn1"), "bn2")
+        h = PF.convolution(bn(bn(F.relu(h), "bn3"), "bn4"), 4, (1, 1), name="c2")
+        return bn(PF.affine(bn(F.relu(h), "bn5"), 3, name="fc"), "bn6")
+    x = nn.Variable((2, 3, 6, 6))
+    y = model(x)
+    randomize_all(rng)
+    save(str(path), {"networks": [{"name": "n", "batch_size": 2, "outputs": {"y": y},
+                                   "names": {"x": x}}]})
+    nn.clear_parameters()
+    return path
+
+
 def onnx_model(path, variant, seed=0):
     """An ONNX model built with the onnx package: Conv->BN->Relu, then either ConvTranspose (groups
     2, no bias)->BN, or GlobalAveragePool->Flatten->Gemm (imported as Reshape+BatchMatmul+Add2). Both

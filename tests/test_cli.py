@@ -506,6 +506,23 @@ def test_weights_tied_by_name_in_a_file(tmp_path):
     assert "tied/conv/W_folded" in f1.params
 
 
+def test_bns_a_layer_takes_one_per_pass_all_fold(tmp_path, capsys):
+    p = nnp_files.bn_chains(tmp_path / "chains.nnp")
+    assert run("inspect", p) == 0
+    text = capsys.readouterr().out
+    assert "3 BN(s) would fold, 3 would stay; 3 of those fold on a later pass" in text
+    assert text.count("on a later pass") == 4
+    out, report = tmp_path / "out.nnp", tmp_path / "r.json"
+    assert run("fold", p, "-o", out, "--verify", "--report", report, "-q") == 0
+    rep = json.loads(report.read_text())["networks"]["n"]
+    assert sorted(r["bn"] for r in rep["folded"]) == [f"bn{i}/bn" for i in range(1, 7)]
+    assert rep["skipped"] == []
+    want, types0 = load_run(p, "n")
+    got, types1 = load_run(out, "n")
+    assert types0.count("BatchNormalization") == 6 and "BatchNormalization" not in types1
+    assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
+
+
 def test_verify_runs_the_networks_that_fold_nothing(tmp_path, capsys, monkeypatch):
     # "features" folds nothing but reads the conv weight that "classifier" folds: it must get a
     # folded copy, and --verify must run it too, since it is where a wrong in-place fold would show
