@@ -709,5 +709,5 @@ def verify(original, folded, networks, seed: int = 0, progress=None):
     return records
 
 
-__all__ = ["NnpError", "NnpFile", "read", "plan_file", "merge_passes", "fold_parameters", "rewrite_proto",
-           "serialize", "structure", "write_temp", "verify", "FoldError", "Skip"]
+__all__ = ["NnpError", "NnpFile", "read", "plan_file", "merge_passes", "fold_parameters",
+           "rewrite_proto", "serialize", "structure", "write_temp", "verify", "FoldError", "Skip"]

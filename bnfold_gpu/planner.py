@@ -123,7 +123,7 @@ class _Planner:
     def _next_pass(self, bn: _BN, axis: int, results) -> Optional[str]:
         """Why ``bn``, kept, folds in a later pass (a fold of this plan's result, or of that one's when
         two BNs wait for the same layer), or None: checked exactly, not guessed."""
-        # sizes are checked now, as for the folds of this pass: a fold raises before it writes
+        # sizes are checked now, as for this pass's folds: a BN that can never fold says so at once
         layout = self._folds_once_its_neighbour_is_gone(bn, axis, results)
         if layout is not None:
             _check_sizes(bn, layout[0], layout[1].n_channels)
