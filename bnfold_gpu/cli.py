@@ -83,7 +83,8 @@ def _fold_records(fp):
         "folded": [{"bn": s.bn, "into": s.kind, "side": s.side, "weight": s.weight,
                     "folded_weight": s.folded_weight, "folded_bias": s.folded_bias, "note": s.note}
                    for s in fp.folds.get(n.name, [])],
-        "skipped": [{"bn": s.bn, "reason": s.reason} for s in (n.plan.skipped if n.plan else [])],
+        "skipped": [{"bn": s.bn, "reason": s.reason, "next_pass": s.next_pass}
+                    for s in (n.plan.skipped if n.plan else [])],
     } for n in fp.networks}
 
 

@@ -512,6 +512,9 @@ def test_bns_a_layer_takes_one_per_pass_all_fold(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "3 BN(s) would fold, 3 would stay; 3 of those fold on a later pass" in text
     assert text.count("on a later pass") == 4
+    assert run("inspect", p, "--json") == 0
+    skipped = json.loads(capsys.readouterr().out)["networks"]["n"]["skipped"]
+    assert sorted(s["bn"] for s in skipped if s["next_pass"]) == ["bn2/bn", "bn3/bn", "bn5/bn"]
     out, report = tmp_path / "out.nnp", tmp_path / "r.json"
     assert run("fold", p, "-o", out, "--verify", "--report", report, "-q") == 0
     rep = json.loads(report.read_text())["networks"]["n"]
