@@ -16,7 +16,7 @@ import bnfold_gpu
 from _results import readme_path, write_result
 from tables import markdown
 from bnfold_gpu.backends import numpy_backend
-from bnfold_gpu.folding import _fast_nnabla_imports, prepare_arrays
+from bnfold_gpu.folding import prepare_arrays
 from bnfold_gpu.graph import Graph
 from bnfold_gpu.models import build_resnet50
 from bnfold_gpu.planner import plan as make_plan
@@ -71,9 +71,6 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--size", type=int, default=64)
     args = ap.parse_args()
-    # fold() names NNabla's modules under the names its relative imports look for (folding.py);
-    # done first, so the converter is timed in the same process state as fold()
-    _fast_nnabla_imports()
     rows = []
     for width in (64, 128):
         conv = [time_converter(width, args.size) for _ in range(args.repeats)]

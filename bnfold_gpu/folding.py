@@ -1,31 +1,27 @@
-"""``fold`` and ``plan``: the public entry points, tying graph, planner, backend and rewriter."""
+"""``fold`` and ``plan``: the public entry points, tying graph, planner, backend and rewriter.
+
+A fold is a transaction. Everything that can fail comes first and changes nothing the caller can
+see: the plan, the checks (statistics, shapes, dtypes, overflow), the new parameters, every new bias,
+device buffers and the new functions. Then, with Ctrl-C held until the end, the new parameters are
+registered and the graph rewired (both undone if a later step fails), and the arrays written last. A
+fold that raises has changed nothing.
+"""
 import sys
+import threading
 import time
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import nnabla as nn
 import numpy as np
 
-from . import rewrite
+from . import _interrupts, rewrite
 from .backends import get_backend
-from .graph import Graph
+from .graph import Graph, Home
 from .plan import FoldSpec, Plan, Skip
 from .planner import plan as _make_plan
-
-
-def _fast_nnabla_imports():
-    """NNabla's compiled modules import ``nnabla`` and ``nnabla_ext`` the Python 2 way: a relative
-    import first (``nnabla.nnabla``, ``nnabla.nnabla_ext``), which always fails and is not cached,
-    then the absolute one. That costs about 20 us on every ``.data``/``get_data`` call and on every
-    function created. Naming the same modules under the relative names makes those calls several
-    times cheaper; they are the modules NNabla ends up using anyway."""
-    sys.modules.setdefault("nnabla.nnabla", nn)
-    try:
-        import nnabla_ext
-    except ImportError:
-        return
-    sys.modules.setdefault("nnabla.nnabla_ext", nnabla_ext)
 
 
 @dataclass
@@ -34,7 +30,9 @@ class FoldResult:
 
     ``outputs``: the rewritten graph, same structure as the outputs given. ``folded``: one
     :class:`FoldSpec` per BN removed (``.bn``, ``.kind``...). ``skipped``: one :class:`Skip` per BN left in
-    the graph, with its ``.reason``. ``parameters``: the parameters the fold created, by name.
+    the graph, with its ``.reason``. ``parameters``: the parameters the fold created, by name, each
+    registered beside the parameter it comes from (in the current scope or a module's), except those
+    named in ``unregistered``, whose source is registered nowhere (a plain ``nn.Variable``).
     """
     outputs: object
     folded: Tuple[FoldSpec, ...]
@@ -43,6 +41,7 @@ class FoldResult:
     plan: Plan
     parameters: Dict[str, "nn.Variable"] = field(default_factory=dict)
     seconds: Dict[str, float] = field(default_factory=dict)
+    unregistered: Tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return self.plan.table()
@@ -61,6 +60,15 @@ def _flatten(outputs):
                     f"not {type(outputs).__name__}")
 
 
+def new_parameter(shape, dtype, need_grad: bool) -> "nn.Variable":
+    """A new parameter variable with host memory of ``dtype`` allocated (its values are written by
+    the fold, every one of them)."""
+    from nnabla_ext.cpu import context
+    var = nn.Variable(tuple(shape), need_grad=need_grad)
+    var.data.data_ptr(np.dtype(dtype), context())
+    return var
+
+
 def prepare_arrays(graph: Graph, p: Plan, backend_name: str):
     """(every variable by name, the new parameters, the backend's arrays by name): new parameters
     are created for the plan's new arrays; arrays are zero-copy views of the parameters' data."""
@@ -68,8 +76,7 @@ def prepare_arrays(graph: Graph, p: Plan, backend_name: str):
     new_vars = {}
     for name in p.new_arrays:
         shape, dtype = p.arrays[name]
-        src = variables[p.sources[name]]
-        new_vars[name] = nn.Variable.from_numpy_array(np.zeros(shape, dtype), need_grad=src.need_grad)
+        new_vars[name] = new_parameter(shape, dtype, variables[p.sources[name]].need_grad)
     variables.update(new_vars)
     written = set()
     for s in p.folds:
@@ -78,18 +85,137 @@ def prepare_arrays(graph: Graph, p: Plan, backend_name: str):
 
 
 def _arrays_for(backend_name: str, variables, written):
-    """Zero-copy views of the parameters' data for the backend (read-write where the fold writes)."""
+    """Zero-copy views of the parameters' data for the backend (read-write where the fold writes):
+    CuPy arrays where the parameters are in NNabla's CUDA context and the backend is the GPU's,
+    NumPy arrays of their host memory otherwise."""
     if backend_name == "cupy":
-        from .backends.cupy_backend import from_nnabla
-        return {n: from_nnabla(v, n in written) for n, v in variables.items()}
-    return {n: v.data.get_data("rw" if n in written else "r") for n, v in variables.items()}
+        from .backends.cupy_backend import from_nnabla, on_device
+        if on_device(nn.get_current_context()):
+            return {n: from_nnabla(v, n in written) for n, v in variables.items()}
+    return host_views(variables, written)
+
+
+class _HostArray:
+    """Exposes an NNabla array's host memory to NumPy (``__array_interface__``) and keeps the array
+    alive while the NumPy view is."""
+    __slots__ = ("__array_interface__", "owner")
+
+    def __init__(self, pointer: int, shape, dtype, read_only: bool, owner):
+        self.__array_interface__ = {"data": (pointer, read_only), "shape": tuple(shape),
+                                    "typestr": dtype.str, "version": 3}
+        self.owner = owner
+
+
+def host_views(variables, written) -> Dict[str, np.ndarray]:
+    """name -> NumPy view of each variable's data in host memory (read-only unless in ``written``).
+
+    NNabla's own accessors (``.d``, ``.data.get_data``) import ``nnabla_ext.cpu`` on every call, the
+    Python 2 way: a relative import first, which fails and is not cached (about 40 us), then the
+    absolute one. ``data_ptr`` with the context they use gives the same memory, synchronized the same
+    way, without importing anything; arrays without a dtype yet (never written) take the usual way."""
+    from nnabla_ext.cpu import context
+    ctx = context()
+    out = {}
+    for n, v in variables.items():
+        nd = v.data
+        writable = n in written
+        try:
+            dtype = np.dtype(nd.dtype)
+        except Exception:   # no array behind it yet
+            dtype = None
+        if dtype is None or not v.size:
+            out[n] = nd.get_data("rw" if writable else "r")
+            continue
+        pointer = nd.data_ptr(dtype, ctx)
+        out[n] = np.asarray(_HostArray(pointer, v.shape, dtype, not writable, nd))
+    return out
+
+
+def _registrations(graph: Graph, p: Plan, new_vars, variables) -> List[Tuple[dict, str, str, object]]:
+    """(scope dict, key, full name, variable) for each new parameter whose source is registered: it
+    goes into the dict holding its source, under the last part of its name, which the planner made
+    beside its source's (``conv/W`` -> ``conv/b``, ``conv/W_folded``; ``conv1_W`` -> ``conv1_b``)."""
+    out = []
+    for name, var in new_vars.items():
+        home: Home = graph.home(variables[p.sources[name]])
+        if home is None:
+            continue
+        folder, _, key = name.rpartition("/")
+        assert folder == home.name.rpartition("/")[0], (name, home.name)
+        out.append((home.scope, key, name, var))
+    return out
+
+
+def register(registrations) -> list:
+    """Put each new parameter into its scope dict (the planner chose names no entry has); returns
+    what to undo."""
+    done = []
+    try:
+        for scope, key, name, var in registrations:
+            assert key not in scope, name
+            _insert(scope, key, var)
+            done.append((scope, key))
+    except BaseException:
+        unregister(done)
+        raise
+    return done
+
+
+def _insert(scope: dict, key: str, var) -> None:
+    scope[key] = var
+
+
+def unregister(done) -> None:
+    for scope, key in reversed(done):
+        del scope[key]
+
+
+# NNabla's compiled modules import ``nnabla`` and ``nnabla_ext`` the Python 2 way: a relative
+# import first (``nnabla.nnabla``, ``nnabla.nnabla_ext``), which always fails and is not cached,
+# then the absolute one. That costs tens of microseconds on every new variable and function. A None
+# entry in sys.modules is Python's own way to make an import fail at once: it is there only while a
+# fold or plan runs, for names that do not exist, and removed before the call returns.
+_FAILING_NAMES = ("nnabla.nnabla", "nnabla.nnabla_ext")
+_failing_lock = threading.Lock()
+_failing_users = 0
+_blockable = None
+
+
+def _names_that_fail():
+    global _blockable
+    if _blockable is None:
+        from importlib.machinery import PathFinder
+        _blockable = tuple(n for n in _FAILING_NAMES if n not in sys.modules and PathFinder.find_spec(
+            n, list(nn.__path__)) is None)
+    return _blockable
+
+
+@contextmanager
+def _relative_imports_fail_fast():
+    global _failing_users
+    names = _names_that_fail()
+    with _failing_lock:
+        if _failing_users == 0:
+            for n in names:
+                sys.modules.setdefault(n, None)
+        _failing_users += 1
+    try:
+        yield
+    finally:
+        with _failing_lock:
+            _failing_users -= 1
+            if _failing_users == 0:
+                for n in names:
+                    if n in sys.modules and sys.modules[n] is None:
+                        del sys.modules[n]
 
 
 def plan(outputs, inplace: bool = True) -> Plan:
     """A dry run: what ``fold(outputs, inplace=inplace)`` would fold, into what, and why the rest would
     not. Changes nothing."""
     flat, _ = _flatten(outputs)
-    return _make_plan(Graph(flat), inplace)
+    with _relative_imports_fail_fast():
+        return _make_plan(Graph(flat), inplace)
 
 
 def fold(outputs, backend: str = "auto", inplace: bool = True) -> FoldResult:
@@ -99,32 +225,56 @@ def fold(outputs, backend: str = "auto", inplace: bool = True) -> FoldResult:
     graph itself: afterwards ``outputs`` compute the folded network, and any other graph using those
     parameters is stale. Weights shared with other layers are never rescaled in place: their layer gets
     a folded copy. ``inplace=False`` leaves the given graph and every parameter untouched and returns a
-    new graph using new parameters. New parameters are registered in the current parameter scope under
-    names that collide with no existing one, where the weight they come from is registered (all are
-    in the result's ``parameters``).
+    new graph using new parameters. New parameters are registered beside the parameter they come from,
+    wherever that is registered: the current parameter scope or a module's (all are in the result's
+    ``parameters``).
 
-    Every array is checked before any is written (shapes, negative or non-finite variance): a fold that
-    raises has changed nothing.
+    A fold is all or nothing: a fold that raises (a bad statistic, a value the dtype cannot hold, a
+    failed allocation...) has changed no array, registration or function of the graph; Ctrl-C during
+    the writes takes effect once they are complete. The process is otherwise left as it was.
     """
+    try:
+        with _relative_imports_fail_fast():
+            return _fold(outputs, backend, inplace)
+    except BaseException as e:
+        # what the failed fold made goes now, not when the traceback does (a session may keep it):
+        # its new functions would count as consumers of the parameters they read in a later fold
+        traceback.clear_frames(e.__traceback__)
+        raise
+
+
+def _fold(outputs, backend: str, inplace: bool) -> FoldResult:
     flat, rebuild = _flatten(outputs)
     be = get_backend(backend)  # fails before any work on a bad name; imports CuPy once (not timed)
     t0 = time.perf_counter()
-    _fast_nnabla_imports()
     graph = Graph(flat)
     p = _make_plan(graph, inplace)
     t1 = time.perf_counter()
     variables, new_vars, arrays = prepare_arrays(graph, p, be.name)
-    t2 = time.perf_counter()
-    be.fold(p, arrays)   # checks everything first: raises with nothing written
-    t3 = time.perf_counter()
+    job = be.prepare(p, arrays)       # checks everything, computes the new biases: writes nothing
     functions, flat_out = graph.functions, flat
     if not inplace and p.folds:
         functions, flat_out = rewrite.clone(graph.functions, flat)
-    rewrite.apply(p, functions, variables)
-    for name, v in new_vars.items():
-        if graph.is_registered(variables[p.sources[name]]):
-            nn.parameter.set_parameter(name, v)
+    rewiring = rewrite.prepare(p, functions, variables)
+    registrations = _registrations(graph, p, new_vars, variables)
+    t2 = time.perf_counter()
+    with _interrupts.held():
+        registered = register(registrations)
+        try:
+            rewired = rewrite.commit(rewiring)
+            try:
+                t3 = time.perf_counter()
+                job.commit()
+            except BaseException:
+                rewrite.undo(rewired)
+                raise
+        except BaseException:
+            unregister(registered)
+            raise
+    rewired.clear()        # the replaced functions, and their buffers, go now
     t4 = time.perf_counter()
+    names = {name for _, _, name, _ in registrations}
     return FoldResult(rebuild(flat_out), p.folds, p.skipped, be.name, p, new_vars,
-                      {"plan": t1 - t0, "prepare": t2 - t1, "rescale": t3 - t2, "rewrite": t4 - t3,
-                       "total": t4 - t0})
+                      {"plan": t1 - t0, "prepare": t2 - t1, "rewrite": t3 - t2, "rescale": t4 - t3,
+                       "total": t4 - t0},
+                      tuple(n for n in new_vars if n not in names))

@@ -77,7 +77,8 @@ enum { BNFOLD_F16 = 0, BNFOLD_F32 = 1, BNFOLD_F64 = 2 };
 // status bits a channel segment reports (bnfold_gpu/backends/segments.py names them)
 enum {
   BNFOLD_VAR_NONFINITE = 1, BNFOLD_VAR_NEGATIVE = 2, BNFOLD_VAR_EPS_ZERO = 4,
-  BNFOLD_MEAN_NONFINITE = 8, BNFOLD_GAMMA_NONFINITE = 16, BNFOLD_BETA_NONFINITE = 32
+  BNFOLD_MEAN_NONFINITE = 8, BNFOLD_GAMMA_NONFINITE = 16, BNFOLD_BETA_NONFINITE = 32,
+  BNFOLD_SCALE_NONFINITE = 64, BNFOLD_OFFSET_NONFINITE = 128
 };
 
 template <typename I>
@@ -187,9 +188,20 @@ BNFOLD_HD int bnfold_scale_offset(double gamma, double beta, double mean, double
   if (!isfinite(gamma)) status |= BNFOLD_GAMMA_NONFINITE;
   if (!isfinite(beta)) status |= BNFOLD_BETA_NONFINITE;
   double s = BNFOLD_DDIV(gamma, sqrt(BNFOLD_DADD(var, eps)));
+  double off = BNFOLD_DSUB(beta, BNFOLD_DMUL(mean, s));
+  // finite statistics can still give a map past float64's range (var + eps subnormal)
+  if (!status && !isfinite(s)) status |= BNFOLD_SCALE_NONFINITE;
+  else if (!status && !isfinite(off)) status |= BNFOLD_OFFSET_NONFINITE;
   *scale = s;
-  *offset = BNFOLD_DSUB(beta, BNFOLD_DMUL(mean, s));
+  *offset = off;
   return status;
+}
+
+// Whether a float64 result stays finite once stored in `dtype` (bnfold_store's rounding).
+BNFOLD_HD bool bnfold_stored_finite(int dtype, double v) {
+  if (dtype == BNFOLD_F16) return (bnfold_float_to_half(BNFOLD_D2F(v)) & 0x7c00u) != 0x7c00u;
+  if (dtype == BNFOLD_F32) return (bnfold_f2u(BNFOLD_D2F(v)) & 0x7f800000u) != 0x7f800000u;
+  return isfinite(v);
 }
 
 // Bias after folding into the layer's outputs: (bias - mean) * scale + beta.
@@ -209,6 +221,19 @@ BNFOLD_HD float bnfold_scale_of(float, const double*, const float* scale_f, bnfo
 BNFOLD_HD double bnfold_scale_of(double, const double* scale_d, const float*, bnfold_i64 c) { return scale_d[c]; }
 BNFOLD_HD float bnfold_mul(float w, float s) { return BNFOLD_FMUL(w, s); }
 BNFOLD_HD double bnfold_mul(double w, double s) { return BNFOLD_DMUL(w, s); }
+// float32 tests on the bits: CuPy's -ftz=true makes float32 comparisons flush subnormal operands
+// (harmless here, but the PTX stays free of flushing instructions, which the tests check)
+BNFOLD_HD bool bnfold_finite(float v) { return (bnfold_f2u(v) & 0x7f800000u) != 0x7f800000u; }
+BNFOLD_HD bool bnfold_finite(double v) { return isfinite(v); }
+BNFOLD_HD bool bnfold_above_one(float v) { return (bnfold_f2u(v) & 0x7fffffffu) > 0x3f800000u; }
+BNFOLD_HD bool bnfold_above_one(double v) { return v > 1.0 || v < -1.0; }
+// Whether a product in the multiply's type is not finite once stored as T (float16: rounded to
+// 65520 or more).
+BNFOLD_HD bool bnfold_overflows(const bnfold_u16*, float r) {
+  return (bnfold_float_to_half(r) & 0x7c00u) == 0x7c00u;
+}
+BNFOLD_HD bool bnfold_overflows(const float*, float r) { return !bnfold_finite(r); }
+BNFOLD_HD bool bnfold_overflows(const double*, double r) { return !isfinite(r); }
 
 // ---- segment tables (all fields 64-bit; bnfold_gpu/backends/segments.py packs them) ------------
 struct bnfold_channel_seg {   // one BN: its statistics and where its channels go
@@ -276,14 +301,31 @@ BNFOLD_HD int bnfold_channel_stage(const bnfold_channel_seg* segs, int n_segs, b
 
 // One bias element (output side): global element index e over all bias segments (first_block
 // holds each segment's first global element here).
+// flags[segment] is set where a stored bias is not finite though the layer's bias was (an overflow,
+// confirmed on the host, which names it).
 BNFOLD_HD void bnfold_bias_stage(const bnfold_array_seg* segs, int n_segs, bnfold_i64 e,
-                                 const double* scale_d, const double* mean_d, const double* beta_d) {
+                                 const double* scale_d, const double* mean_d, const double* beta_d,
+                                 int* flags) {
   struct K { BNFOLD_HD bnfold_i64 operator()(const bnfold_array_seg& s) const { return s.first_block; } };
-  const bnfold_array_seg& s = segs[bnfold_find_segment(segs, n_segs, e, K())];
+  int seg = bnfold_find_segment(segs, n_segs, e, K());
+  const bnfold_array_seg& s = segs[seg];
   bnfold_i64 i = e - s.first_block;
   bnfold_i64 c = s.channel_offset + bnfold_channel<bnfold_i64>(i, s.inner, s.channels, s.rows);
   double b = s.src ? bnfold_load((const void*)s.src, (int)s.src_dtype, i) : 0.0;
-  bnfold_store((void*)s.dst, (int)s.dtype, i, bnfold_output_bias(b, mean_d[c], scale_d[c], beta_d[c]));
+  double v = bnfold_output_bias(b, mean_d[c], scale_d[c], beta_d[c]);
+  bnfold_store((void*)s.dst, (int)s.dtype, i, v);
+  if (!bnfold_stored_finite((int)s.dtype, v) && isfinite(b)) flags[seg] = 1;
+}
+
+// One element of the copy that puts computed values in place: global element index e over all
+// segments (first_block holds each segment's first global element), src and dst of one dtype.
+BNFOLD_HD void bnfold_copy_stage(const bnfold_array_seg* segs, int n_segs, bnfold_i64 e) {
+  struct K { BNFOLD_HD bnfold_i64 operator()(const bnfold_array_seg& s) const { return s.first_block; } };
+  const bnfold_array_seg& s = segs[bnfold_find_segment(segs, n_segs, e, K())];
+  bnfold_i64 i = e - s.first_block;
+  if (s.dtype == BNFOLD_F16) ((bnfold_u16*)s.dst)[i] = ((const bnfold_u16*)s.src)[i];
+  else if (s.dtype == BNFOLD_F32) ((float*)s.dst)[i] = ((const float*)s.src)[i];
+  else ((double*)s.dst)[i] = ((const double*)s.src)[i];
 }
 
 // Channel of element i of a weight segment: 32-bit index and fast dividers below 2^31 elements,
@@ -365,6 +407,55 @@ BNFOLD_HD void bnfold_weight_block(const bnfold_array_seg* segs, int n_segs, bnf
   else bnfold_rescale_chunk<double>(s, begin, end, thread, scale_d, scale_f);
 }
 
+// ---- the overflow check: read only, before anything is written -------------------------------
+// Whether rescaling elements [begin, end) of a weight segment (thread `thread` of the block taking
+// every BNFOLD_BLOCK-th) turns a finite weight into inf, by the rescale's own arithmetic. A channel
+// whose |scale| is at most 1 cannot, and its weights are not read.
+template <typename T, typename I, typename ChannelOf>
+BNFOLD_HD int bnfold_check_range(const bnfold_array_seg& s, I begin, I end, int thread,
+                                 const double* scale_d, const float* scale_f, ChannelOf channel_of) {
+  typedef decltype(bnfold_get((const T*)0, 0)) W;
+  const T* src = (const T*)s.src;
+  for (I i = begin + (I)thread; i < end; i += (I)BNFOLD_BLOCK) {
+    W sc = bnfold_scale_of(W(), scale_d, scale_f, channel_of(i));
+    if (!bnfold_above_one(sc)) continue;
+    W w = bnfold_get(src, i);
+    if (bnfold_finite(w) && bnfold_overflows(src, bnfold_mul(w, sc))) return 1;
+  }
+  return 0;
+}
+
+template <typename T>
+BNFOLD_HD int bnfold_check_chunk(const bnfold_array_seg& s, bnfold_i64 begin, bnfold_i64 end,
+                                 int thread, const double* scale_d, const float* scale_f) {
+  if (s.numel <= 0x7fffffffLL - BNFOLD_CHUNK) {
+    if (s.numel == s.channels * s.inner)
+      return bnfold_check_range<T, bnfold_u32>(s, (bnfold_u32)begin, (bnfold_u32)end, thread,
+                                               scale_d, scale_f, bnfold_channel32_rows1{s});
+    return bnfold_check_range<T, bnfold_u32>(s, (bnfold_u32)begin, (bnfold_u32)end, thread,
+                                             scale_d, scale_f, bnfold_channel32{s});
+  }
+  return bnfold_check_range<T, bnfold_i64>(s, begin, end, thread, scale_d, scale_f,
+                                           bnfold_channel64{s});
+}
+
+// What thread `thread` of block `block` of the check launch does (the weight launch's blocks):
+// flags[segment] is set where a weight would overflow.
+BNFOLD_HD void bnfold_check_block(const bnfold_array_seg* segs, int n_segs, bnfold_i64 block,
+                                  int thread, const double* scale_d, const float* scale_f,
+                                  int* flags) {
+  struct K { BNFOLD_HD bnfold_i64 operator()(const bnfold_array_seg& s) const { return s.first_block; } };
+  int seg = bnfold_find_segment(segs, n_segs, block, K());
+  const bnfold_array_seg s = segs[seg];
+  bnfold_i64 begin = (block - s.first_block) * BNFOLD_CHUNK;
+  bnfold_i64 end = begin + BNFOLD_CHUNK < s.numel ? begin + BNFOLD_CHUNK : s.numel;
+  int bad;
+  if (s.dtype == BNFOLD_F16) bad = bnfold_check_chunk<bnfold_u16>(s, begin, end, thread, scale_d, scale_f);
+  else if (s.dtype == BNFOLD_F32) bad = bnfold_check_chunk<float>(s, begin, end, thread, scale_d, scale_f);
+  else bad = bnfold_check_chunk<double>(s, begin, end, thread, scale_d, scale_f);
+  if (bad) flags[seg] = 1;
+}
+
 // ---- BN -> layer biases: one block per output, a sum over that output's weights ------------------
 // bias[o] + sum_j weight[e] * offset[channel(e)] in float64. Thread t adds the terms t, t + BLOCK, ...
 // in order; the block then adds the threads' sums pairwise (bnfold_tree_step), the same order on
@@ -391,7 +482,11 @@ BNFOLD_HD void bnfold_tree_step(double* sums, int thread, int half) {
   if (thread < half) sums[thread] = BNFOLD_DADD(sums[thread], sums[thread + half]);
 }
 
-BNFOLD_HD void bnfold_input_store(const bnfold_input_seg& s, bnfold_i64 o, double sum) {
+// *flag is set where the stored bias is not finite though the layer's bias was (an overflow, or a
+// weight that is not finite: the host tells which, and names it).
+BNFOLD_HD void bnfold_input_store(const bnfold_input_seg& s, bnfold_i64 o, double sum, int* flag) {
   double b = s.bias ? bnfold_load((const void*)s.bias, (int)s.bias_dtype, o) : 0.0;
-  bnfold_store((void*)s.dst, (int)s.dst_dtype, o, BNFOLD_DADD(b, sum));
+  double v = BNFOLD_DADD(b, sum);
+  bnfold_store((void*)s.dst, (int)s.dst_dtype, o, v);
+  if (!bnfold_stored_finite((int)s.dst_dtype, v) && isfinite(b)) *flag = 1;
 }

@@ -51,8 +51,10 @@ def build_host(directory, defines=()):
     h.bnfold_host_half_to_float.argtypes = [p, p, i64]
     h.bnfold_host_float_to_half.argtypes = [p, p, i64]
     h.bnfold_host_channels.argtypes = [p, ctypes.c_int, i64, p, p, p, p, p, p]
-    h.bnfold_host_biases.argtypes = [p, ctypes.c_int, i64, p, p, p]
-    h.bnfold_host_input_biases.argtypes = [p, ctypes.c_int, i64, p]
+    h.bnfold_host_biases.argtypes = [p, ctypes.c_int, i64, p, p, p, p]
+    h.bnfold_host_copy.argtypes = [p, ctypes.c_int, i64]
+    h.bnfold_host_weight_check.argtypes = [p, ctypes.c_int, i64, p, p, p]
+    h.bnfold_host_input_biases.argtypes = [p, ctypes.c_int, i64, p, p]
     h.bnfold_host_weights.argtypes = [p, ctypes.c_int, i64, p, p]
     return h
 

@@ -72,9 +72,11 @@ class _Context:
 # at all, so both are refused here as CuPy (or the kernel) would.
 _SIGNATURES = {
     "bnfold_channels": ("p", np.int32, np.int64, "p", "p", "p", "p", "p", "p"),
-    "bnfold_biases": ("p", np.int32, np.int64, "p", "p", "p"),
-    "bnfold_input_biases": ("p", np.int32, "p"),
+    "bnfold_biases": ("p", np.int32, np.int64, "p", "p", "p", "p"),
+    "bnfold_input_biases": ("p", np.int32, "p", "p"),
     "bnfold_weights": ("p", np.int32, "p", "p"),
+    "bnfold_weight_check": ("p", np.int32, "p", "p", "p"),
+    "bnfold_copy": ("p", np.int32, np.int64),
 }
 
 
@@ -127,19 +129,29 @@ def make(host_lib, build=None):
                                      ptr(mean), ptr(beta), ptr(status))
 
         def biases(grid, block, args):
-            seg, n, total, sd, mean, beta = args
-            lib.bnfold_host_biases(ptr(seg), int(n), int(total), ptr(sd), ptr(mean), ptr(beta))
+            seg, n, total, sd, mean, beta, flags = args
+            lib.bnfold_host_biases(ptr(seg), int(n), int(total), ptr(sd), ptr(mean), ptr(beta),
+                                   ptr(flags))
 
         def input_biases(grid, block, args):
-            seg, n, offset = args
-            lib.bnfold_host_input_biases(ptr(seg), int(n), int(grid[0]), ptr(offset))
+            seg, n, offset, flags = args
+            lib.bnfold_host_input_biases(ptr(seg), int(n), int(grid[0]), ptr(offset), ptr(flags))
 
         def weights(grid, block, args):
             seg, n, sd, sf = args
             lib.bnfold_host_weights(ptr(seg), int(n), int(grid[0]), ptr(sd), ptr(sf))
 
+        def weight_check(grid, block, args):
+            seg, n, sd, sf, flags = args
+            lib.bnfold_host_weight_check(ptr(seg), int(n), int(grid[0]), ptr(sd), ptr(sf), ptr(flags))
+
+        def copy(grid, block, args):
+            seg, n, total = args
+            lib.bnfold_host_copy(ptr(seg), int(n), int(total))
+
         return {"bnfold_channels": channels, "bnfold_biases": biases,
-                "bnfold_input_biases": input_biases, "bnfold_weights": weights}
+                "bnfold_input_biases": input_biases, "bnfold_weights": weights,
+                "bnfold_weight_check": weight_check, "bnfold_copy": copy}
 
     class RawModule:
         def __init__(self, code, options=()):

@@ -173,8 +173,8 @@ def test_launches_do_not_grow_with_layers(cp):
         dev = {k: cp.asarray(v) for k, v in make_arrays(plan, np).items()}
         del cp.launches[:]
         cupy_backend.fold(plan, dev)
-        assert cp.launches == ["bnfold_channels", "bnfold_biases", "bnfold_input_biases",
-                               "bnfold_weights"]
+        assert cp.launches == ["bnfold_channels", "bnfold_weight_check", "bnfold_biases",
+                               "bnfold_input_biases", "bnfold_copy", "bnfold_weights"]
 
 
 @pytest.mark.parametrize("dtype, tiny", [(np.float32, 1e-39), (np.float16, 1e-6)])
@@ -306,3 +306,99 @@ def test_every_float16_bit_pattern_folds_as_numpy(cp):
     assert np.array_equal(got[~nan].view(np.uint16), ref[~nan].view(np.uint16))
     same = ~np.isnan(patterns)   # scale 1: every value but NaN comes back as it was
     assert np.array_equal(got[0][same].view(np.uint16), patterns[same].view(np.uint16))
+
+
+# -- values the dtype cannot hold: refused before anything is written, as by the NumPy backend -------
+def _overflow_case(kind, dtype, seed=0):
+    """One in-place fold of every layout of ``kind``'s side with one value made to overflow
+    (``weight``, ``bias``: an output-side bias, ``input``: a BN -> layer bias)."""
+    side = INPUT_SIDE if kind == "input" else OUTPUT_SIDE
+    case = next(c for c in LAYOUTS if c[1] == side and c[0] == "Convolution")
+    spec, shapes = fold_spec(0, case, dtype, stat_dtype=np.float64, inplace=True)
+    plan = Plan((spec,), (), shapes)
+    arrays = make_arrays(plan, np, seed=seed, poison=False)
+    big = 1e30 if dtype == np.float32 else 3e4
+    arrays[spec.var][...] = 1.0
+    arrays[spec.gamma][...] = 1.0
+    if kind == "weight":
+        arrays[spec.gamma].flat[1] = 1e9 if dtype == np.float32 else 3.0
+        first_of_channel = spec.weight_layout.inner          # channel 1 of a (1, 1, c, inner) layout
+        arrays[spec.weight].flat[first_of_channel] = big
+    elif kind == "bias":
+        big = 1e38 if dtype == np.float32 else big
+        arrays[spec.beta].flat[2] = big * 2
+        arrays[spec.mean].flat[2] = -big * 2
+    else:
+        arrays[spec.weight][...] = big / 4
+        arrays[spec.beta][...] = big
+    return plan, arrays
+
+
+@pytest.mark.parametrize("kind, dtype", [("weight", np.float16), ("weight", np.float32),
+                                         ("bias", np.float16), ("bias", np.float32),
+                                         ("input", np.float16)])
+def test_overflow_on_device_is_refused_as_numpy_does(cp, kind, dtype):
+    plan, host = _overflow_case(kind, dtype)
+    with pytest.raises(FoldError) as want:
+        numpy_backend.fold(plan, {k: v.copy() for k, v in host.items()})
+    assert "would overflow" in str(want.value)
+    dev = {k: cp.asarray(v) for k, v in host.items()}
+    with pytest.raises(FoldError) as got:
+        cupy_backend.fold(plan, dev)
+    assert str(got.value) == str(want.value)
+    for k, v in dev.items():
+        assert np.array_equal(v.get(), host[k]), k
+    with pytest.raises(FoldError) as staged:   # and streamed from the host
+        cupy_backend.fold(plan, {k: v.copy() for k, v in host.items()})
+    assert str(staged.value) == str(want.value)
+
+
+def test_weights_already_inf_or_nan_fold_on_device_as_numpy_does(cp):
+    plan, host = _overflow_case("weight", np.float16)
+    spec = plan.folds[0]
+    host[spec.weight].flat[0] = np.inf
+    host[spec.weight].flat[1] = np.nan
+    host[spec.gamma][...] = 0.5                 # nothing else overflows
+    want = {k: v.copy() for k, v in host.items()}
+    numpy_backend.fold(plan, want)
+    dev = {k: cp.asarray(v) for k, v in host.items()}
+    cupy_backend.fold(plan, dev)
+    got = {k: v.get() for k, v in dev.items()}
+    assert np.isinf(got[spec.weight].flat[0]) and np.isnan(got[spec.weight].flat[1])
+    np.testing.assert_array_equal(got[spec.folded_bias], want[spec.folded_bias])
+
+
+def test_non_finite_map_on_device_is_refused(cp):
+    spec, shapes = fold_spec(0, LAYOUTS[0], np.float32, stat_dtype=np.float64, eps=0.0)
+    plan = Plan((spec,), (), shapes)
+    host = make_arrays(plan, np, seed=1, poison=False)
+    host[spec.var].flat[2] = 1e-320
+    host[spec.gamma].flat[2] = 1e200
+    dev = {k: cp.asarray(v) for k, v in host.items()}
+    with pytest.raises(FoldError, match=r"f0: its scale gamma / sqrt\(var \+ eps\) is not finite"):
+        cupy_backend.fold(plan, dev)
+    for k, v in dev.items():
+        assert np.array_equal(v.get(), host[k]), k
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_integer_statistics_on_device(cp, dtype):
+    spec, shapes = fold_spec(0, LAYOUTS[4], np.float32, stat_dtype=np.float64)
+    plan = Plan((spec,), (), shapes)
+    host = make_arrays(plan, np, seed=2)
+    for key in (spec.mean, spec.var, spec.gamma, spec.beta):
+        host[key] = (np.round(host[key] * 3) + (1 if key == spec.var else 0)).astype(dtype)
+    want = {k: v.copy() for k, v in host.items()}
+    numpy_backend.fold(plan, want)
+    dev = {k: cp.asarray(v) for k, v in host.items()}
+    cupy_backend.fold(plan, dev)
+    assert_same_fold(plan, {k: v.get() for k, v in dev.items()}, want)
+
+
+def test_integer_weight_is_refused_on_device(cp):
+    spec, shapes = fold_spec(0, LAYOUTS[0], np.float32)
+    plan = Plan((spec,), (), {**shapes, spec.weight: (spec.weight_shape, np.dtype(np.int32))})
+    host = make_arrays(plan, np, seed=2)
+    dev = {k: cp.asarray(v) for k, v in host.items()}
+    with pytest.raises(FoldError, match=r"f0: 'f0/W' is int32; a weight or bias of a fold must be"):
+        cupy_backend.fold(plan, dev)

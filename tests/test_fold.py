@@ -533,7 +533,7 @@ def test_fold_of_parameters_in_a_cuda_context_emulated(rng, host, monkeypatch):
         return view
 
     monkeypatch.setattr(nnabla.utils.dlpack, "to_dlpack", to_dlpack)
-    monkeypatch.setattr(cupy_backend, "_fold_host", lambda *a: pytest.fail("took the staged path"))
+    monkeypatch.setattr(cupy_backend, "_HostFold", lambda *a: pytest.fail("took the staged path"))
     x = nn.Variable((2, 3, 6, 6))
     y = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), name="bn", **BN)
     prepared = prepare(rng, y, x)

@@ -159,15 +159,21 @@ def _run_host(host, plan, arrays, chunk=segments.CHUNK):
     status = np.zeros(len(plan.folds), np.int32)
     host.bnfold_host_channels(_ptr(t.channels), len(t.channels), n, _ptr(scale_d), _ptr(scale_f),
                               _ptr(offset), _ptr(mean_d), _ptr(beta_d), _ptr(status))
+    flags = np.zeros(len(t.weights) + len(t.biases) + len(t.inputs) + 1, np.int32)
+    weight_flags = flags[:len(t.weights)]
+    bias_flags = flags[len(t.weights):len(t.weights) + len(t.biases)]
+    input_flags = flags[len(t.weights) + len(t.biases):]
+    host.bnfold_host_weight_check(_ptr(t.weights), len(t.weights), t.total_blocks, _ptr(scale_d),
+                                  _ptr(scale_f), _ptr(weight_flags))
     if t.total_bias:
         host.bnfold_host_biases(_ptr(t.biases), len(t.biases), t.total_bias, _ptr(scale_d),
-                                _ptr(mean_d), _ptr(beta_d))
+                                _ptr(mean_d), _ptr(beta_d), _ptr(bias_flags))
     if t.total_input_blocks:
         host.bnfold_host_input_biases(_ptr(t.inputs), len(t.inputs), t.total_input_blocks,
-                                      _ptr(offset))
+                                      _ptr(offset), _ptr(input_flags))
     host.bnfold_host_weights(_ptr(t.weights), len(t.weights), t.total_blocks, _ptr(scale_d),
                              _ptr(scale_f))
-    return status, offset
+    return status, offset, flags
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -176,8 +182,8 @@ def test_host_kernels_match_numpy_backend_bit_for_bit(host, seed):
     plan, arrays = _random_plan(rng)
     ref = {n: a.copy() for n, a in arrays.items()}
     numpy_backend.fold(plan, ref)
-    status, _ = _run_host(host, plan, arrays)
-    assert not status.any()
+    status, _, flags = _run_host(host, plan, arrays)
+    assert not status.any() and not flags.any()
     assert_same_fold(plan, arrays, ref)
     for spec in plan.folds:
         assert np.array_equal(arrays[spec.weight], ref[spec.weight])  # sources untouched
@@ -218,7 +224,7 @@ def test_status_reports_bad_variance(host, bad, message):
     plan, arrays = _random_plan(rng, np.float32)
     k = len(plan.folds) - 1
     arrays[plan.folds[k].var].flat[0] = bad
-    status, _ = _run_host(host, plan, arrays)
+    status, _, _ = _run_host(host, plan, arrays)
     assert status[k] and not status[:k].any()
     msg = segments.status_message(plan, status)
     assert msg.startswith(plan.folds[k].bn) and message in msg
@@ -263,3 +269,42 @@ def test_fast_division_is_exact(host, rng):
         for n in numerators + [int(d) - 1, int(d), int(d) + 1]:
             if 0 <= n < 2 ** 31:
                 assert host.bnfold_host_fastdiv(int(n), packed) == n // int(d), (n, d)
+
+
+def test_weight_check_flags_exactly_the_weights_numpy_finds(host):
+    """The read-only check kernel, on weights placed at the edge of their dtype's range: it flags a
+    weight exactly where the NumPy backend's exact check (largest |weight| of each channel times its
+    scale, rounded as the rescale rounds) finds an overflow."""
+    seen = set()
+    for seed in range(8):
+        rng = np.random.RandomState(seed)
+        plan = random_plan(rng, n_folds=6, dtype=np.float16 if seed % 2 else np.float32)
+        arrays = make_arrays(plan, np, seed=seed)
+        for spec in plan.folds:
+            w = arrays[spec.weight]
+            top = 65504.0 if w.dtype == np.float16 else 3.4e38
+            edge = rng.rand(w.size) < 0.01
+            w.reshape(-1)[edge] = (top / rng.uniform(1.0, 3.0, edge.sum())).astype(w.dtype)
+        flags = _run_host_check(host, plan, arrays)
+        for j, spec in enumerate(plan.folds):
+            scale = numpy_backend.channel_maps(Plan((spec,), (), {}), arrays)[0][0]
+            want = numpy_backend.weight_overflow(spec, arrays[spec.weight], scale) is not None
+            assert bool(flags[j]) == want, (seed, j, spec.kind)
+            seen.add(want)
+    assert seen == {True, False}
+
+
+def _run_host_check(host, plan, arrays):
+    t = segments.build(plan, {n: _ptr(a) for n, a in arrays.items()},
+                       {n: a.dtype for n, a in arrays.items()})
+    n = t.total_channels
+    scale_d, offset, mean_d, beta_d = (np.full(n, np.nan) for _ in range(4))
+    scale_f = np.full(n, np.nan, np.float32)
+    status = np.zeros(len(plan.folds), np.int32)
+    host.bnfold_host_channels(_ptr(t.channels), len(t.channels), n, _ptr(scale_d), _ptr(scale_f),
+                              _ptr(offset), _ptr(mean_d), _ptr(beta_d), _ptr(status))
+    flags = np.zeros(len(t.weights), np.int32)
+    host.bnfold_host_weight_check(_ptr(t.weights), len(t.weights), t.total_blocks, _ptr(scale_d),
+                                  _ptr(scale_f), _ptr(flags))
+    assert not status.any()
+    return flags

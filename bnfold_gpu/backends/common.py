@@ -1,6 +1,14 @@
 """What every backend shares: the error type and the checks run before any array is written."""
 from math import prod
 
+import numpy as np
+
+# what a weight or bias may be: the fold writes it in its own dtype
+FLOAT_DTYPES = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))
+# what a statistic may be: read only, converted to float64 (integers where that is exact)
+_STATISTIC_KINDS = frozenset("biuf")
+_EXACT_INTEGER = 2 ** 53
+
 
 class FoldError(ValueError):
     """A fold that cannot be done exactly as planned; nothing was changed."""
@@ -12,10 +20,11 @@ def array_facts(arrays) -> dict:
 
 
 def check_plan_arrays(plan, arrays, facts=None) -> list:
-    """Every array a fold reads or writes is present, of the planned size, C-contiguous (weights and
-    biases), and a folded weight has its source's dtype. ``facts`` are :func:`array_facts` (a backend
-    that has them already passes them). Returns the names of the statistics that are strided
-    (allowed: a backend that reads them by address copies them first). The GPU backend runs this over
+    """Every array a fold reads or writes is present, of the planned size, of a dtype the fold
+    handles (weights and biases float16, float32 or float64; statistics any real number type),
+    C-contiguous (weights and biases), and a folded weight has its source's dtype. ``facts`` are
+    :func:`array_facts` (a backend that has them already passes them). Returns the names of the
+    statistics that are strided (allowed: a backend that reads them by address copies them first). The GPU backend runs this over
     thousands of layers on every call: a dict lookup per array, messages built only on failure."""
     if facts is None:
         facts = array_facts(arrays)
@@ -29,6 +38,8 @@ def check_plan_arrays(plan, arrays, facts=None) -> list:
             f = facts.get(key)
             if f is None or f[0] != n:
                 _bad_statistic(spec, key, f, n)
+            if f[2].kind not in _STATISTIC_KINDS or f[2].itemsize > 8:
+                _bad_dtype(spec, key, f[2], "a statistic", "a real number type")
             if not f[1]:
                 strided.append(key)
         w_size, b_size = prod(spec.weight_shape), prod(spec.bias_shape)
@@ -57,7 +68,28 @@ def _fact(spec, key, size, shape, facts):
         raise FoldError(f"{spec.bn}: '{key}' has {f[0]} elements, expected shape {shape}")
     if not f[1]:
         raise FoldError(f"{spec.bn}: '{key}' is not C-contiguous")
+    if f[2] not in FLOAT_DTYPES:
+        _bad_dtype(spec, key, f[2], "a weight or bias", "float16, float32 or float64")
     return f
+
+
+def _bad_dtype(spec, key, dtype, what, allowed):
+    raise FoldError(f"{spec.bn}: '{key}' is {np.dtype(dtype).name}; {what} of a fold must be {allowed}")
+
+
+def check_statistics_exact(plan, arrays) -> None:
+    """Integer statistics are read as float64: refused where a value is past 2^53, where that would
+    round."""
+    for spec in plan.folds:
+        for key in (spec.beta, spec.gamma, spec.mean, spec.var):
+            if key is None:
+                continue
+            a = arrays[key]
+            if a.dtype.kind in "iu" and a.dtype.itemsize == 8 and a.size:
+                top = max(abs(int(a.max())), abs(int(a.min())))
+                if top > _EXACT_INTEGER:
+                    raise FoldError(f"{spec.bn}: '{key}' holds the integer {top}, which float64 "
+                                    f"cannot hold exactly")
 
 
 def _bad_statistic(spec, key, f, n):

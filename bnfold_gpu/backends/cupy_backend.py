@@ -1,7 +1,9 @@
 """The GPU backend: the plan applied by the CUDA kernels in ``kernels/`` through CuPy.
 
-- ``fold(plan, arrays)`` with CuPy arrays rescales device-resident parameters in place, in four
-  launches whatever the number of layers (``segments`` packs the plan into tables).
+- ``prepare(plan, arrays)`` checks everything and computes everything up to the writes;
+  ``commit()`` then writes. ``fold(plan, arrays)`` does both. With CuPy arrays it rescales
+  device-resident parameters in place, in a fixed number of launches whatever the number of layers
+  (``segments`` packs the plan into tables).
 - ``fold(plan, arrays)`` with NumPy arrays streams the weights through the device in bounded chunks,
   uploads overlapped with compute and downloads on two streams, so a model larger than GPU memory
   still folds.
@@ -11,6 +13,7 @@
 Results equal the NumPy backend bit for bit, except for BN -> layer biases, whose sums are reduced in
 another order (within float64 rounding).
 """
+import dataclasses
 import os
 from pathlib import Path
 from typing import Mapping
@@ -18,7 +21,8 @@ from typing import Mapping
 import numpy as np
 
 from . import numpy_backend, segments
-from .common import FoldError, check_plan_arrays
+from .common import FoldError, check_plan_arrays, check_statistics_exact
+from .. import _interrupts
 from ..plan import OUTPUT_SIDE, Plan
 
 name = "cupy"
@@ -30,7 +34,8 @@ except ImportError as _e:  # the module imports without CuPy; unavailable_reason
     cupy = None
     _IMPORT_ERROR = str(_e)
 
-KERNEL_NAMES = ("bnfold_channels", "bnfold_biases", "bnfold_input_biases", "bnfold_weights")
+KERNEL_NAMES = ("bnfold_channels", "bnfold_weight_check", "bnfold_biases", "bnfold_input_biases",
+                "bnfold_copy", "bnfold_weights")
 # Host-resident folds stage at most this many bytes of weights on the device per chunk (two chunks
 # in flight); BNFOLD_STAGING_BYTES overrides it.
 STAGING_BYTES = int(os.environ.get("BNFOLD_STAGING_BYTES", 256 << 20))
@@ -92,12 +97,17 @@ def _kernels(defines=()):
     return _MODULES[key]
 
 
+def on_device(ctx) -> bool:
+    """Whether NNabla's context ``ctx`` keeps arrays on a CUDA device."""
+    return bool(ctx.backend) and ctx.backend[0].split(":")[0] in ("cuda", "cudnn")
+
+
 def from_nnabla(var, writable: bool):
     """A zero-copy CuPy view of an NNabla parameter in a CUDA context; a NumPy view otherwise (the
     host-staged path then folds it)."""
     import nnabla as nn
     ctx = nn.get_current_context()
-    if ctx.backend and ctx.backend[0].split(":")[0] in ("cuda", "cudnn"):
+    if on_device(ctx):
         from nnabla.utils.dlpack import to_dlpack
         return cupy.from_dlpack(to_dlpack(var.data, ctx=ctx))
     return var.data.get_data("rw" if writable else "r")
@@ -116,8 +126,10 @@ def _grid(n, block=segments.BLOCK):
 
 
 class _Channels:
-    """Per-channel scale/offset of every BN of the plan, on the device, checked. Every table of the
-    plan is uploaded first, so that an allocation that fails does so before anything is written."""
+    """Per-channel scale/offset of every BN of the plan, on the device. Every table of the plan is
+    uploaded first, so that an allocation that fails does so before anything is written; the launch
+    computes the maps, and ``status`` (one int per fold, then room for the overflow flags of the
+    weights, the output-side biases and the BN -> layer biases) says what it found."""
 
     def __init__(self, plan: Plan, t: segments.Tables, kernels):
         n = max(1, t.total_channels)
@@ -127,34 +139,52 @@ class _Channels:
         self.offset = cupy.empty(n, cupy.float64)
         self.mean_d = cupy.empty(n, cupy.float64)
         self.beta_d = cupy.empty(n, cupy.float64)
-        status = cupy.zeros(max(1, len(plan.folds)), cupy.int32)
-        seg = _upload(t.channels)
+        folds = len(plan.folds)
+        self.status = cupy.zeros(max(1, folds) + len(t.weights) + len(t.biases) + len(t.inputs) + 1,
+                                 cupy.int32)
+        at = max(1, folds)
+        self.weight_flags = self.status[at:]
+        self.bias_flags = self.status[at + len(t.weights):]
+        self.input_flags = self.status[at + len(t.weights) + len(t.biases):]
+        self._seg = _upload(t.channels)
         self._biases = _upload(t.biases) if t.total_bias else None
         self._inputs = _upload(t.inputs) if t.total_input_blocks else None
         self._weights = _upload(t.weights) if t.total_blocks else None
-        if t.total_channels:
-            kernels["bnfold_channels"](
-                _grid(t.total_channels), (segments.BLOCK,),
-                (seg, np.int32(len(t.channels)), np.int64(t.total_channels), self.scale_d,
-                 self.scale_f, self.offset, self.mean_d, self.beta_d, status))
-        message = segments.status_message(plan, status.get())
-        if message:
-            raise FoldError(message)
 
-    def biases(self):
+    def channels(self):
+        t = self.tables
+        if t.total_channels:
+            self.kernels["bnfold_channels"](
+                _grid(t.total_channels), (segments.BLOCK,),
+                (self._seg, np.int32(len(t.channels)), np.int64(t.total_channels), self.scale_d,
+                 self.scale_f, self.offset, self.mean_d, self.beta_d, self.status))
+
+    def biases(self, table=None):
+        """Output-side biases (of ``table``, the plan's with other destinations, if given)."""
         t = self.tables
         if self._biases is not None:
             self.kernels["bnfold_biases"](_grid(t.total_bias), (segments.BLOCK,),
-                                          (self._biases, np.int32(len(t.biases)),
-                                           np.int64(t.total_bias), self.scale_d, self.mean_d,
-                                           self.beta_d))
+                                          (self._biases if table is None else table,
+                                           np.int32(len(t.biases)), np.int64(t.total_bias),
+                                           self.scale_d, self.mean_d, self.beta_d, self.bias_flags))
 
-    def input_biases(self):
+    def input_biases(self, table=None):
         """BN -> layer biases; before the weights are rescaled, as they read them."""
         t = self.tables
         if self._inputs is not None:
             self.kernels["bnfold_input_biases"]((int(t.total_input_blocks),), (segments.BLOCK,),
-                                                (self._inputs, np.int32(len(t.inputs)), self.offset))
+                                                (self._inputs if table is None else table,
+                                                 np.int32(len(t.inputs)), self.offset,
+                                                 self.input_flags))
+
+    def check_weights(self):
+        """The read-only overflow check of the plan's weights."""
+        t = self.tables
+        if t.total_blocks:
+            self.kernels["bnfold_weight_check"](
+                (int(t.total_blocks),), (segments.BLOCK,),
+                (self._weights, np.int32(len(t.weights)), self.scale_d, self.scale_f,
+                 self.weight_flags))
 
     def weights(self, seg=None, n_segs=None, blocks=None, kernels=None):
         """The plan's weights, or those of another table (uploaded; its rows and blocks): a staged
@@ -166,17 +196,24 @@ class _Channels:
                 (int(blocks),), (segments.BLOCK,), (seg, np.int32(n_segs), self.scale_d, self.scale_f))
 
 
-def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
-    """Apply ``plan`` to ``arrays``: CuPy arrays are folded where they are; NumPy arrays are streamed
-    through the device. Everything is checked before the first array is written."""
+def _check_eps(plan: Plan):
+    for spec in plan.folds:
+        if not np.isfinite(spec.eps):
+            raise FoldError(f"{spec.bn}: eps is not finite")
+
+
+def prepare(plan: Plan, arrays: Mapping[str, object]):
+    """Check ``plan`` against ``arrays`` and do everything up to the writes (tables, device buffers,
+    per-channel maps, the overflow checks, every new bias); the result's ``commit()`` writes. CuPy
+    arrays are folded where they are; NumPy arrays are streamed through the device. Raises
+    (FoldError naming the BN, or CuPy's OutOfMemoryError) having changed nothing."""
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(f"backend 'cupy' is not usable: {reason}")
     facts, pointers, devices = _facts(arrays)
     strided = check_plan_arrays(plan, arrays, facts)
-    dtypes = {n: f[2] for n, f in facts.items()}
-    for d in set(dtypes.values()):
-        segments.dtype_code(d)
+    check_statistics_exact(plan, arrays)
+    _check_eps(plan)
     if 0 < len(pointers) < len(arrays):
         on_host = next(n for n in arrays if n not in pointers)
         raise FoldError(f"the arrays are partly on the GPU ('{next(iter(pointers))}') and partly on "
@@ -185,10 +222,14 @@ def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
         if len(devices) > 1:
             raise FoldError(f"the arrays live on several GPUs ({', '.join(map(str, sorted(devices)))}); "
                             f"a plan folds on one")
-        with cupy.cuda.Device(devices.pop() if devices else None):
-            _fold_device(plan, arrays, dtypes, pointers, strided)
-    else:
-        _fold_host(plan, arrays)
+        return _DeviceFold(plan, arrays, facts, pointers, strided,
+                           devices.pop() if devices else None)
+    return _HostFold(plan, arrays)
+
+
+def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
+    """Apply ``plan`` to ``arrays``: :func:`prepare`, then commit."""
+    prepare(plan, arrays).commit()
 
 
 def _facts(arrays):
@@ -211,60 +252,171 @@ def _facts(arrays):
     return facts, pointers, devices
 
 
-def _fold_device(plan, arrays, dtypes, pointers, strided):
-    k = _kernels()
-    if strided:
-        arrays, pointers = _contiguous_statistics(arrays, pointers, strided)
-    t = segments.build(plan, pointers, dtypes)
-    ch = _Channels(plan, t, k)   # allocates and checks: raises with nothing written
-    ch.biases()
-    ch.input_biases()    # same stream: done before the weights it reads are rescaled
-    ch.weights()
-    cupy.cuda.get_current_stream().synchronize()
+class _DeviceFold:
+    """A fold of device-resident arrays, checked and computed up to its writes: the maps, the
+    overflow check of the weights, and every new bias computed into scratch memory. ``commit`` copies
+    the biases into place and rescales the weights: two launches."""
+
+    def __init__(self, plan, arrays, facts, pointers, strided, device):
+        self.device = device
+        with cupy.cuda.Device(device):
+            k = _kernels()
+            dtypes = {n: f[2] for n, f in facts.items()}
+            converted = _statistics_to_convert(plan, dtypes, strided)
+            if converted:
+                arrays, pointers, dtypes = _float_statistics(arrays, pointers, dtypes, converted)
+            for d in set(dtypes.values()):
+                segments.dtype_code(d)
+            t = segments.build(plan, pointers, dtypes)
+            scratch_bytes, bias_at, input_at = segments.bias_scratch(t)
+            self.scratch = cupy.empty(max(1, scratch_bytes), cupy.uint8)
+            base = _ptr(self.scratch)
+            # the new biases are computed into scratch memory; commit copies them into place
+            copies, self.total_copy = segments.copy_rows(t, base + bias_at, base + input_at)
+            self.copy_table, self.n_copies = _upload(copies), len(copies)
+            ch = _Channels(plan, dataclasses.replace(
+                t, biases=segments.with_destinations(t.biases, base + bias_at),
+                inputs=segments.with_destinations(t.inputs, base + input_at)), k)
+            self.kernels, self.channel_maps = k, ch
+            ch.channels()
+            ch.check_weights()
+            ch.biases()
+            ch.input_biases()
+            status = ch.status.get()   # waits for the launches above
+            _raise_for_status(plan, status, t, arrays)
+
+    def commit(self) -> None:
+        """The writes: Ctrl-C waits until they are done."""
+        with _interrupts.held(), cupy.cuda.Device(self.device):
+            if self.n_copies:
+                self.kernels["bnfold_copy"](_grid(self.total_copy), (segments.BLOCK,),
+                                            (self.copy_table, np.int32(self.n_copies),
+                                             np.int64(self.total_copy)))
+            self.channel_maps.weights()
+            cupy.cuda.get_current_stream().synchronize()
 
 
-def _contiguous_statistics(arrays, pointers, strided):
-    """The kernels read statistics by address: the ``strided`` ones (views the NumPy backend accepts)
-    are replaced by contiguous copies; they are only read, so the caller's arrays are unaffected.
-    Returns the arrays and their pointers, updated."""
-    copies = {key: cupy.ascontiguousarray(arrays[key]) for key in strided}
-    return {**arrays, **copies}, {**pointers, **{key: _ptr(a) for key, a in copies.items()}}
-
-
-def _fold_host(plan, host):
-    """Host arrays: statistics and biases (small) are uploaded whole; weights stream through two
-    device buffers of ``STAGING_BYTES`` on two streams, so one chunk's upload overlaps the previous
-    chunk's kernel and download. Every device allocation and every new bias is made before the
-    first host array is written."""
-    k = _kernels()
-    small = {}
+def _statistics_to_convert(plan, dtypes, strided):
+    """The statistics the kernels cannot read by address as they are: strided views, and integers
+    (read as float64)."""
+    out = set(strided)
     for spec in plan.folds:
-        for key in (spec.gamma, spec.beta, spec.mean, spec.var, spec.bias, spec.folded_bias):
-            if key is not None and key not in small:
-                small[key] = cupy.asarray(np.ascontiguousarray(host[key]))
-    tables = segments.build(plan, {n: _ptr(a) for n, a in small.items()},
-                            {n: a.dtype for n, a in small.items()}, weights=False)
-    ch = _Channels(plan, tables, k)          # raises before anything is written
-    bounds = tables.channel_bounds
-    staging = _Staging(plan, host, bounds)
-    ch.biases()
-    offset = ch.offset.get()
-    new_biases = []                          # before the weights are rescaled: BN -> layer reads them
-    for j, spec in enumerate(plan.folds):
-        if spec.side == OUTPUT_SIDE:
-            new_biases.append(small[spec.folded_bias].get())
-        else:
+        for key in (spec.gamma, spec.beta, spec.mean, spec.var):
+            if key is not None and dtypes[key].kind != "f":
+                out.add(key)
+    return out
+
+
+def _float_statistics(arrays, pointers, dtypes, keys):
+    """Contiguous floating-point copies of the statistics ``keys``: they are only read, so the
+    caller's arrays are unaffected. Returns the arrays, pointers and dtypes, updated."""
+    copies = {}
+    for key in keys:
+        a = arrays[key]
+        copies[key] = cupy.ascontiguousarray(a) if a.dtype.kind == "f" else \
+            cupy.asarray(a, dtype=cupy.float64)
+    return ({**arrays, **copies}, {**pointers, **{key: _ptr(a) for key, a in copies.items()}},
+            {**dtypes, **{key: a.dtype for key, a in copies.items()}})
+
+
+def _raise_for_status(plan, status, t, arrays):
+    """FoldError for the first fold whose statistics, weights or new biases failed a check. The
+    device flags overflow candidates; each is confirmed, and named, by the NumPy backend's own checks
+    on a copy of that fold's arrays (only ever on the way to an error)."""
+    folds = len(plan.folds)
+    message = segments.status_message(plan, status[:folds])
+    if message:
+        raise FoldError(message)
+    at = max(1, folds)
+    weight_flags = status[at:at + len(t.weights)]
+    bias_flags = status[at + len(t.weights):at + len(t.weights) + len(t.biases)]
+    input_flags = status[at + len(t.weights) + len(t.biases):-1]
+    out = [j for j, s in enumerate(plan.folds) if s.side == OUTPUT_SIDE]
+    ins = [j for j, s in enumerate(plan.folds) if s.side != OUTPUT_SIDE]
+    candidates = sorted({int(j) for j in np.flatnonzero(weight_flags)} |
+                        {out[r] for r in np.flatnonzero(bias_flags)} |
+                        {ins[r] for r in np.flatnonzero(input_flags)})
+    for j in candidates:
+        _confirm(plan.folds[j], lambda name: np.asarray(arrays[name].get()))
+
+
+def _confirm(spec, host_copy) -> None:
+    """Raise the NumPy backend's FoldError for ``spec`` if it has one: it checks the fold on host
+    copies of its arrays (``host_copy(name)``) without writing."""
+    names = {n for n in (spec.weight, spec.bias, spec.gamma, spec.beta, spec.mean, spec.var) if n}
+    host = {n: host_copy(n) for n in names}
+    for name, like in ((spec.folded_weight, spec.weight), (spec.folded_bias, spec.bias or spec.weight)):
+        if name not in host:
+            shape = spec.weight_shape if name == spec.folded_weight else spec.bias_shape
+            host[name] = np.empty(shape, host[like].dtype)
+    numpy_backend.prepare(Plan((spec,), (), {}), host)
+
+
+class _HostFold:
+    """A fold of host arrays, checked and computed up to its writes: statistics and biases (small)
+    are uploaded whole and the new biases computed; the weights are checked for overflow on the
+    host, and streamed through two device buffers of ``STAGING_BYTES`` on two streams by
+    ``commit``, so one chunk's upload overlaps the previous chunk's kernel and download. Every device
+    allocation and every new bias is made before the first host array is written."""
+
+    def __init__(self, plan, host):
+        k = _kernels()
+        small = {}
+        for spec in plan.folds:
+            for key in (spec.gamma, spec.beta, spec.mean, spec.var, spec.bias, spec.folded_bias):
+                if key is not None and key not in small:
+                    a = np.ascontiguousarray(host[key])
+                    small[key] = cupy.asarray(a if a.dtype.kind == "f" else a.astype(np.float64))
+        tables = segments.build(plan, {n: _ptr(a) for n, a in small.items()},
+                                {n: a.dtype for n, a in small.items()}, weights=False)
+        ch = _Channels(plan, tables, k)          # raises before anything is written
+        bounds = tables.channel_bounds
+        self.staging = _Staging(plan, host, bounds)
+        ch.channels()
+        ch.biases()                              # into the device copies: nothing of the caller's
+        status = ch.status.get()
+        message = segments.status_message(plan, status[:len(plan.folds)])
+        if message:
+            raise FoldError(message)
+        offset, scale = ch.offset.get(), ch.scale_d.get()
+        self.biases = []                         # before the weights are rescaled: BN -> layer reads them
+        for j, spec in enumerate(plan.folds):
             b = host[spec.bias] if spec.bias else None
-            new_biases.append(numpy_backend.folded_input_bias(
-                b, host[spec.weight], offset[bounds[j]:bounds[j + 1]], spec))
-    weights = [host[s.weight] for s in plan.folds] + [host[s.folded_weight] for s in plan.folds]
-    pinned = _register(weights) if PIN_HOST else []
-    try:
-        for spec, values in zip(plan.folds, new_biases):   # the first writes
-            numpy_backend.store(host[spec.folded_bias], values)
-        staging.run(host, ch)
-    finally:
-        _unregister(pinned)
+            dst = host[spec.folded_bias]
+            if spec.side == OUTPUT_SIDE:
+                values = small[spec.folded_bias].get().astype(np.float64)
+            else:
+                values = numpy_backend.folded_input_bias(b, host[spec.weight],
+                                                         offset[bounds[j]:bounds[j + 1]], spec)
+            try:
+                checked = numpy_backend.check_bias(spec, values, dst.dtype, b, host[spec.weight])
+            except FoldError:   # named as the NumPy backend names it (the values here are stored ones)
+                _confirm(spec, lambda name: np.asarray(host[name]))
+                raise
+            self.biases.append((dst, checked.reshape(dst.shape)))
+            numpy_backend.check_weight_overflow(spec, host[spec.weight],
+                                                scale[bounds[j]:bounds[j + 1]])
+        new = set(plan.new_arrays)   # the others are the caller's: restored if the writes fail
+        self._saved = [(dst, dst.copy()) for spec, (dst, _) in zip(plan.folds, self.biases)
+                       if spec.folded_bias not in new]
+        self.channel_maps = ch
+        self.host = host
+        self.weights = [host[s.weight] for s in plan.folds] + \
+            [host[s.folded_weight] for s in plan.folds]
+
+    def commit(self) -> None:
+        """The writes: Ctrl-C waits until they are done."""
+        with _interrupts.held():
+            pinned = _register(self.weights) if PIN_HOST else []
+            try:
+                numpy_backend.write_biases(self.biases, self._saved)   # the first writes
+                try:
+                    self.staging.run(self.host, self.channel_maps)
+                except BaseException:   # before the first download, this leaves all as it was
+                    numpy_backend.restore(self._saved)
+                    raise
+            finally:
+                _unregister(pinned)
 
 
 _ALIGN = 256   # device offsets of staged pieces

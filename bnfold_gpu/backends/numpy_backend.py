@@ -2,15 +2,19 @@
 
 Per-channel math runs in float64; weights are multiplied in max(float32, dtype) and stored in their
 own dtype, so the CUDA kernels can reproduce every bit of it.
+
+``prepare(plan, arrays)`` checks everything and computes what can be computed without writing (the
+per-channel maps, every new bias, the overflow checks); its ``commit()`` then writes.
 """
 import os
-from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping
+import threading
+from typing import List, Mapping
 
 import numpy as np
 
+from .. import _interrupts
 from ..plan import OUTPUT_SIDE, FoldSpec, Plan
-from .common import FoldError, check_plan_arrays
+from .common import FoldError, check_plan_arrays, check_statistics_exact
 
 name = "numpy"
 
@@ -27,8 +31,9 @@ def bn_scale_offset(gamma, beta, mean, var, eps):
     var = np.asarray(var, np.float64).reshape(-1)
     gamma = np.ones_like(mean) if gamma is None else np.asarray(gamma, np.float64).reshape(-1)
     beta = np.zeros_like(mean) if beta is None else np.asarray(beta, np.float64).reshape(-1)
-    scale = gamma / np.sqrt(var + np.asarray(eps, np.float64))
-    return scale, beta - mean * scale
+    with np.errstate(all="ignore"):   # non-finite results are reported by the checks, by BN name
+        scale = gamma / np.sqrt(var + np.asarray(eps, np.float64))
+        return scale, beta - mean * scale
 
 
 def folded_output_bias(bias, mean, scale, beta, layout):
@@ -37,7 +42,8 @@ def folded_output_bias(bias, mean, scale, beta, layout):
     g, r, c, i = layout.shape4
     shape = (g, 1, c, 1)
     b = np.zeros(layout.shape4) if bias is None else np.asarray(bias, np.float64).reshape(layout.shape4)
-    return (b - mean.reshape(shape)) * scale.reshape(shape) + beta.reshape(shape)
+    with np.errstate(all="ignore"):
+        return (b - mean.reshape(shape)) * scale.reshape(shape) + beta.reshape(shape)
 
 
 def folded_input_bias(bias, weight, shift, spec: FoldSpec):
@@ -45,10 +51,11 @@ def folded_input_bias(bias, weight, shift, spec: FoldSpec):
     every weight axis but the outputs (float64), ``shift`` being the BN's offset."""
     layout = spec.weight_layout
     g, r, c, i = layout.shape4
-    w = np.asarray(weight, np.float64).reshape(layout.shape4) * shift.reshape(g, 1, c, 1)
-    delta = w.reshape(spec.weight_shape).sum(axis=spec.bias_reduce_axes)
-    b = 0.0 if bias is None else np.asarray(bias, np.float64)
-    return (b + delta.reshape(spec.bias_shape))
+    with np.errstate(all="ignore"):
+        w = np.asarray(weight, np.float64).reshape(layout.shape4) * shift.reshape(g, 1, c, 1)
+        delta = w.reshape(spec.weight_shape).sum(axis=spec.bias_reduce_axes)
+        b = 0.0 if bias is None else np.asarray(bias, np.float64)
+        return (b + delta.reshape(spec.bias_shape))
 
 
 def rescale(src, dst, scale, layout):
@@ -58,10 +65,17 @@ def rescale(src, dst, scale, layout):
         _multiply(task)
 
 
+def stored(values64, dtype) -> np.ndarray:
+    """float64 results as ``dtype`` holds them: float16 through float32, as the CUDA kernels round."""
+    with np.errstate(all="ignore"):   # an overflow is found by the caller, by name
+        if np.dtype(dtype) == np.float16:
+            return values64.astype(np.float32).astype(np.float16)
+        return values64.astype(dtype)
+
+
 def store(dst, values64):
-    """Write float64 results into ``dst``: float16 through float32, as the CUDA kernels round."""
-    values = values64.reshape(dst.shape)
-    dst[...] = values.astype(np.float32) if dst.dtype == np.float16 else values
+    """Write float64 results into ``dst`` (see :func:`stored`)."""
+    dst[...] = stored(values64, dst.dtype).reshape(dst.shape)
 
 
 def _rescale_tasks(src, dst, scale, layout, split_bytes):
@@ -89,36 +103,74 @@ def _rescale_tasks(src, dst, scale, layout, split_bytes):
 
 def _multiply(task):
     s4, d4, k4 = task
-    np.multiply(s4, k4, out=d4, casting="same_kind")
+    # overflow was ruled out beforehand (``weight_overflow``); a NaN or inf weight stays one
+    with np.errstate(all="ignore"):
+        np.multiply(s4, k4, out=d4, casting="same_kind")
 
 
-def _run_balanced(tasks) -> None:
-    """Run multiply tasks on every core: largest first, each to the least loaded worker (NumPy
-    releases the GIL inside ufuncs, and one core cannot saturate memory bandwidth)."""
-    workers = _pool()._max_workers
+def _balanced(tasks, workers: int) -> List[list]:
+    """The tasks in at most ``workers`` bins of about equal bytes: largest first, each to the least
+    loaded bin."""
     bins = [[] for _ in range(workers)]
     load = [0] * workers
     for task in sorted(tasks, key=lambda t: -t[0].nbytes):
         k = load.index(min(load))
         bins[k].append(task)
         load[k] += task[0].nbytes
-    list(_pool().map(lambda tasks: [_multiply(t) for t in tasks], [b for b in bins if b]))
+    return [b for b in bins if b]
 
 
-_POOL = None
+def _workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
 
 
-def _pool():
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
-                                   thread_name_prefix="bnfold")
-    return _POOL
+class _Threads:
+    """Threads that each run a list of multiply tasks once ``go()`` is called (NumPy releases the GIL
+    inside ufuncs, and one core cannot saturate memory bandwidth). They are started before anything
+    is written, since starting a thread can fail; ``go`` then cannot."""
+
+    def __init__(self, bins):
+        self._start = threading.Event()
+        self._cancel = False
+        self._errors = []
+        self._threads = []
+        try:
+            for work in bins:
+                t = threading.Thread(target=self._run, args=(work,), name="bnfold", daemon=True)
+                t.start()
+                self._threads.append(t)
+        except BaseException:
+            self.cancel()
+            raise
+
+    def _run(self, work):
+        self._start.wait()
+        if self._cancel:
+            return
+        try:
+            for task in work:
+                _multiply(task)
+        except BaseException as e:   # re-raised by go()
+            self._errors.append(e)
+
+    def go(self):
+        """Run every task; returns when all are done (each thread is waited for)."""
+        self._start.set()
+        for t in self._threads:
+            t.join()
+        if self._errors:
+            raise self._errors[0]
+
+    def cancel(self):
+        self._cancel = True
+        self._start.set()
+        for t in self._threads:
+            t.join()
 
 
 def channel_maps(plan: Plan, arrays: Mapping[str, np.ndarray]):
-    """[(scale, offset)] per fold, all BNs computed in one vectorized pass after checking their
-    statistics; raises FoldError naming the BN, changes nothing."""
+    """[(scale, offset, mean, beta)] per fold, all BNs computed in one vectorized pass after checking
+    their statistics; raises FoldError naming the BN, changes nothing."""
     if not plan.folds:
         return []
     stats = {label: [] for label in ("gamma", "beta", "mean", "var", "eps")}
@@ -133,44 +185,211 @@ def channel_maps(plan: Plan, arrays: Mapping[str, np.ndarray]):
     bounds = np.cumsum([0] + [s.n_channels for s in plan.folds])
     _check_stats(plan, cat, bounds)
     scale, offset = bn_scale_offset(cat["gamma"], cat["beta"], cat["mean"], cat["var"], cat["eps"])
+    _check_map(plan, scale, offset, cat, bounds)
     return [(scale[a:b], offset[a:b], cat["mean"][a:b], cat["beta"][a:b])
             for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def _first_bad(plan, bad, bounds, message):
+    if bad.any():
+        k = int(np.searchsorted(bounds, np.argmax(bad), side="right")) - 1
+        raise FoldError(f"{plan.folds[k].bn}: {message}")
+
+
 def _check_stats(plan, cat, bounds):
     var = cat["var"]
-    problems = (
-        (~np.isfinite(var), "variance has non-finite values"),
-        (var < 0, "variance has negative values"),
-        (var + cat["eps"] <= 0, "variance + eps is zero: the BN divides by zero"),
-        (~np.isfinite(cat["mean"]), "mean has non-finite values"),
-        (~np.isfinite(cat["gamma"]), "gamma has non-finite values"),
-        (~np.isfinite(cat["beta"]), "beta has non-finite values"),
-    )
+    with np.errstate(invalid="ignore"):
+        problems = (
+            (~np.isfinite(cat["eps"]), "eps is not finite"),
+            (~np.isfinite(var), "variance has non-finite values"),
+            (var < 0, "variance has negative values"),
+            (var + cat["eps"] <= 0, "variance + eps is zero: the BN divides by zero"),
+            (~np.isfinite(cat["mean"]), "mean has non-finite values"),
+            (~np.isfinite(cat["gamma"]), "gamma has non-finite values"),
+            (~np.isfinite(cat["beta"]), "beta has non-finite values"),
+        )
     for bad, message in problems:
+        _first_bad(plan, bad, bounds, message)
+
+
+def _check_map(plan, scale, offset, cat, bounds):
+    """The map itself is finite: statistics that are each finite can still give gamma / sqrt(var + eps)
+    or beta - mean * scale past float64's range (var + eps subnormal)."""
+    _first_bad(plan, ~np.isfinite(scale), bounds,
+               "its scale gamma / sqrt(var + eps) is not finite (var + eps is too close to 0)")
+    _first_bad(plan, ~np.isfinite(offset), bounds, "its shift beta - mean * scale is not finite")
+
+
+_DOT_PIECE = 1 << 22   # elements per dot product of the magnitude bound
+
+
+def _magnitude_bound(a: np.ndarray) -> float:
+    """An upper bound of max |a|, from one BLAS dot product per piece (max |a| <= sqrt(sum a^2),
+    with the dot's own rounding allowed for): one read of the array, on every core BLAS uses, no
+    temporary. inf or NaN where the array holds such values, or its squares overflow."""
+    flat = a.reshape(-1)
+    if flat.dtype == np.float16:   # no BLAS for float16: |a| <= 65504 is known, max and min read it
+        return max(float(flat.max()), -float(flat.min())) if flat.size else 0.0
+    u = float(np.finfo(flat.dtype).eps) / 2
+    top = 0.0
+    for k in range(0, flat.size, _DOT_PIECE):
+        piece = flat[k:k + _DOT_PIECE]
+        squares = float(np.dot(piece, piece))
+        top = max(top, np.sqrt(squares / (1 - (piece.size + 2) * u)) * (1 + 4 * u))
+    return top
+
+
+# products up to these (in float64) are finite once stored: the dtype's largest value (float64:
+# a margin for the bound's own rounding)
+_FINITE_LIMIT = {np.dtype(np.float16): 65504.0, np.dtype(np.float32): float(np.finfo(np.float32).max),
+                 np.dtype(np.float64): 1e308}
+
+
+def weight_overflow(spec: FoldSpec, weight: np.ndarray, scale: np.ndarray):
+    """None, or (channel, |weight| there, scale there) of the first channel where folding would turn
+    a finite weight into inf: the rescale's own arithmetic (multiply in max(float32, dtype), round,
+    store in the weight's dtype) applied to the largest finite |weight| of each channel, which is
+    exact since rounding is monotone. Cheap where it can be: a scale of at most 1 cannot overflow,
+    nor can a bound of the largest |weight| of the whole array times the largest scale when that
+    stays in range (one read of the array); per-channel maxima are computed only past that."""
+    dtype = np.dtype(weight.dtype)
+    work = np.result_type(dtype, np.float32)
+    s = np.abs(scale.astype(work))
+    if not s.size or not s.max() > 1:
+        return None
+
+    def folds_to_finite(m, k):
+        with np.errstate(all="ignore"):
+            return np.isfinite(stored(np.multiply(m.astype(work), k).astype(np.float64), dtype))
+
+    bound = _magnitude_bound(weight) * float(s.max()) * (1 + 1e-6)
+    if bound <= _FINITE_LIMIT[dtype]:   # the largest product is finite once stored
+        return None
+    layout = spec.weight_layout
+    g, r, c, i = layout.shape4
+    a = np.abs(weight.reshape(layout.shape4).astype(work))
+    a[~np.isfinite(a)] = 0   # a non-finite weight stays non-finite: not the fold's doing
+    per_channel = a.max(axis=(1, 3)).reshape(-1)
+    bad = ~folds_to_finite(per_channel, s)
+    if not bad.any():
+        return None
+    k = int(np.argmax(bad))
+    return k, float(per_channel[k]), float(scale[k])
+
+
+def _overflow_error(spec: FoldSpec, what: str, where, dtype) -> FoldError:
+    return FoldError(f"{spec.bn}: the folded {what} would overflow {np.dtype(dtype).name} ({where}); "
+                     f"nothing was changed")
+
+
+def check_weight_overflow(spec, weight, scale):
+    found = weight_overflow(spec, weight, scale)
+    if found is not None:
+        k, top, s = found
+        raise _overflow_error(spec, f"weight '{spec.folded_weight}'",
+                              f"channel {k}: |weight| up to {top:.4g} times scale {s:.4g}", weight.dtype)
+
+
+def check_bias(spec: FoldSpec, values64: np.ndarray, dtype, bias, weight=None) -> np.ndarray:
+    """``values64`` as ``dtype`` stores them, checked: a value that is not finite where the values it
+    comes from were (the layer's bias and, for BN -> layer, the weights it sums) is a FoldError. The
+    statistics and the map are checked finite before."""
+    out = stored(values64, dtype)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        if bias is not None:
+            bad &= np.isfinite(np.asarray(bias)).reshape(bad.shape)
+        if weight is not None and spec.side != OUTPUT_SIDE and bad.any():
+            finite_w = np.isfinite(np.asarray(weight)).all(axis=spec.bias_reduce_axes)
+            bad &= finite_w.reshape(bad.shape)
         if bad.any():
-            k = int(np.searchsorted(bounds, np.argmax(bad), side="right")) - 1
-            raise FoldError(f"{plan.folds[k].bn}: {message}")
+            k = int(np.argmax(bad.reshape(-1)))
+            raise _overflow_error(spec, f"bias '{spec.folded_bias}'",
+                                  f"element {k}: {values64.reshape(-1)[k]:.4g}", dtype)
+    return out
+
+
+class Prepared:
+    """A fold of ``plan`` over ``arrays``, checked and computed up to its writes; ``commit()``
+    writes. Nothing is written before ``commit``."""
+
+    def __init__(self, plan: Plan, arrays: Mapping[str, np.ndarray]):
+        check_plan_arrays(plan, arrays)
+        check_statistics_exact(plan, arrays)
+        maps = channel_maps(plan, arrays)
+        self.biases = []   # (destination, values as it stores them), every one computed first
+        self.tasks = []
+        for spec, (scale, offset, mean, beta) in zip(plan.folds, maps):
+            w, b = arrays[spec.weight], (arrays[spec.bias] if spec.bias else None)
+            dst = arrays[spec.folded_bias]
+            if spec.side == OUTPUT_SIDE:
+                values = folded_output_bias(b, mean, scale, beta, spec.bias_layout)
+            else:
+                values = folded_input_bias(b, w, offset, spec)   # reads w before it is rescaled
+            self.biases.append((dst, check_bias(spec, values, dst.dtype, b, w).reshape(dst.shape)))
+            check_weight_overflow(spec, w, scale)
+            self.tasks += _rescale_tasks(w, arrays[spec.folded_weight], scale, spec.weight_layout,
+                                         split_bytes=_SPLIT_BYTES)
+        # biases rewritten in place (not new arrays) are restored if the writes fail before the
+        # weight pass
+        new = set(plan.new_arrays)
+        self._saved = [(dst, dst.copy()) for spec, (dst, _) in zip(plan.folds, self.biases)
+                       if spec.folded_bias not in new]
+
+    def commit(self) -> None:
+        """Write every new bias and rescale every weight, on all cores. Ctrl-C waits for the end of
+        the writes (then raises)."""
+        with _interrupts.held():
+            bins = _balanced(self.tasks, _workers())
+            threads = _Threads(bins) if len(bins) > 1 else None   # may fail: nothing written yet
+            try:
+                write_biases(self.biases, self._saved)
+            except BaseException:
+                if threads is not None:
+                    threads.cancel()
+                raise
+            try:
+                if threads is not None:
+                    threads.go()
+                else:
+                    for task in (bins[0] if bins else []):
+                        _multiply(task)
+            except BaseException:   # before the first multiply, this leaves all as it was
+                restore(self._saved)
+                raise
+
+
+
+def write_biases(biases, saved) -> None:
+    """Write each new bias, (destination, values as it stores them); if one fails, put back the
+    ``saved`` (destination, values before) of those rewritten in place."""
+    try:
+        for dst, values in biases:
+            _store_bias(dst, values)
+    except BaseException:
+        restore(saved)
+        raise
+
+
+def restore(saved) -> None:
+    for dst, before in saved:
+        dst[...] = before
+
+
+def _store_bias(dst, values) -> None:
+    dst[...] = values
+
+
+def prepare(plan: Plan, arrays: Mapping[str, np.ndarray]) -> Prepared:
+    """Check ``plan`` against ``arrays`` (name -> contiguous ndarray, the plan's new arrays included)
+    and compute everything up to the writes: per-channel maps, new biases, overflow checks. Raises
+    FoldError naming the BN, having changed nothing."""
+    return Prepared(plan, arrays)
 
 
 def fold(plan: Plan, arrays: Mapping[str, np.ndarray]) -> None:
-    """Apply every fold of ``plan`` to ``arrays`` (name -> contiguous ndarray, the plan's new arrays
-    included). Everything is checked, and every new bias computed, before the first array is
-    written."""
-    check_plan_arrays(plan, arrays)
-    maps = channel_maps(plan, arrays)
-    new_biases, tasks = [], []   # all computed (and allocated) before the first write
-    for spec, (scale, offset, mean, beta) in zip(plan.folds, maps):
-        w, b = arrays[spec.weight], (arrays[spec.bias] if spec.bias else None)
-        if spec.side == OUTPUT_SIDE:
-            new_biases.append(folded_output_bias(b, mean, scale, beta, spec.bias_layout))
-        else:
-            new_biases.append(folded_input_bias(b, w, offset, spec))  # reads w before it is rescaled
-        tasks += _rescale_tasks(w, arrays[spec.folded_weight], scale, spec.weight_layout,
-                                split_bytes=_SPLIT_BYTES)
-    for spec, values in zip(plan.folds, new_biases):
-        store(arrays[spec.folded_bias], values)
-    _run_balanced(tasks)
+    """Apply every fold of ``plan`` to ``arrays``: :func:`prepare`, then commit."""
+    prepare(plan, arrays).commit()
 
 
 _SPLIT_BYTES = 8 << 20

@@ -18,6 +18,8 @@ PER_THREAD = 16             # BNFOLD_PER_THREAD
 CHUNK = BLOCK * PER_THREAD  # BNFOLD_CHUNK: weight elements per block
 
 DTYPE_CODES = {np.dtype(np.float16): 0, np.dtype(np.float32): 1, np.dtype(np.float64): 2}
+DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+_ITEMSIZES = np.array([2, 4, 8], np.int64)   # by dtype code
 
 STATUS_BITS = (
     (1, "variance has non-finite values"),
@@ -26,6 +28,8 @@ STATUS_BITS = (
     (8, "mean has non-finite values"),
     (16, "gamma has non-finite values"),
     (32, "beta has non-finite values"),
+    (64, "its scale gamma / sqrt(var + eps) is not finite (var + eps is too close to 0)"),
+    (128, "its shift beta - mean * scale is not finite"),
 )
 
 CHANNEL_SEG = np.dtype([
@@ -178,6 +182,41 @@ def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], chann
         total_blocks = int(last["first_block"]) + -(-int(last["numel"]) // chunk)
     return Tables(channel_rows, int(bounds[-1]), biases, total_bias, inputs, total_input_blocks,
                   weight_rows, total_blocks, bounds)
+
+
+def bias_scratch(t: Tables, align: int = 256):
+    """(bytes, start of each output-side bias row, start of each BN -> layer row) of scratch memory
+    holding every new bias of ``t`` (each start aligned to ``align`` bytes)."""
+    sizes = np.concatenate([t.biases["numel"] * _ITEMSIZES[t.biases["dtype"]],
+                            t.inputs["outputs"] * _ITEMSIZES[t.inputs["dst_dtype"]]])
+    padded = -(-sizes // align) * align
+    starts = np.zeros(len(sizes), np.int64)
+    np.cumsum(padded[:-1], out=starts[1:])
+    n = len(t.biases)
+    return int(padded.sum()), starts[:n].astype(np.uint64), starts[n:].astype(np.uint64)
+
+
+def with_destinations(rows: np.ndarray, dst) -> np.ndarray:
+    """A copy of table ``rows`` writing to ``dst`` (one address per row)."""
+    out = rows.copy()
+    out["dst"] = dst
+    return out
+
+
+def copy_rows(t: Tables, bias_src, input_src) -> Tuple[np.ndarray, int]:
+    """(ARRAY_SEG rows, elements) copying every new bias from scratch memory (``bias_src``,
+    ``input_src``: one address per row of ``t.biases``, ``t.inputs``) to where ``t`` writes it;
+    ``first_block`` counts elements, as for the output-side biases."""
+    nb = len(t.biases)
+    rows = np.zeros(nb + len(t.inputs), ARRAY_SEG)
+    rows["src"] = np.concatenate([np.asarray(bias_src, np.uint64), np.asarray(input_src, np.uint64)])
+    rows["dst"] = np.concatenate([t.biases["dst"], t.inputs["dst"]])
+    rows["numel"] = np.concatenate([t.biases["numel"], t.inputs["outputs"]])
+    rows["dtype"] = np.concatenate([t.biases["dtype"], t.inputs["dst_dtype"]])
+    rows["src_dtype"] = rows["dtype"]
+    if len(rows):
+        np.cumsum(rows["numel"][:-1], out=rows["first_block"][1:])
+    return rows, int(rows["numel"].sum())
 
 
 def input_terms(spec) -> Tuple[int, int, int, int]:

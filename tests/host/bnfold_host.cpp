@@ -1,4 +1,4 @@
-// The kernels' per-element code (kernels/bnfold_math.cuh) compiled for the CPU, with the four launches
+// The kernels' per-element code (kernels/bnfold_math.cuh) compiled for the CPU, with the launches
 // emulated by loops over every (block, thread), so tests can compare it with the NumPy backend.
 #include "../../kernels/bnfold_math.cuh"
 
@@ -35,20 +35,34 @@ void bnfold_host_channels(const bnfold_channel_seg* segs, int n_segs, long long 
 }
 
 void bnfold_host_biases(const bnfold_array_seg* segs, int n_segs, long long total,
-                        const double* scale_d, const double* mean_d, const double* beta_d) {
-  for (long long e = 0; e < total; ++e) bnfold_bias_stage(segs, n_segs, e, scale_d, mean_d, beta_d);
+                        const double* scale_d, const double* mean_d, const double* beta_d,
+                        int* flags) {
+  for (long long e = 0; e < total; ++e)
+    bnfold_bias_stage(segs, n_segs, e, scale_d, mean_d, beta_d, flags);
+}
+
+void bnfold_host_copy(const bnfold_array_seg* segs, int n_segs, long long total) {
+  for (long long e = 0; e < total; ++e) bnfold_copy_stage(segs, n_segs, e);
+}
+
+void bnfold_host_weight_check(const bnfold_array_seg* segs, int n_segs, long long blocks,
+                              const double* scale_d, const float* scale_f, int* flags) {
+  for (long long b = 0; b < blocks; ++b)
+    for (int t = 0; t < BNFOLD_BLOCK; ++t)
+      bnfold_check_block(segs, n_segs, b, t, scale_d, scale_f, flags);
 }
 
 void bnfold_host_input_biases(const bnfold_input_seg* segs, int n_segs, long long blocks,
-                              const double* offset) {
+                              const double* offset, int* flags) {
   double sums[BNFOLD_BLOCK];
   for (long long b = 0; b < blocks; ++b) {
-    const bnfold_input_seg& s = segs[bnfold_input_segment(segs, n_segs, b)];
+    int seg = bnfold_input_segment(segs, n_segs, b);
+    const bnfold_input_seg& s = segs[seg];
     long long o = b - s.first_block;
     for (int t = 0; t < BNFOLD_BLOCK; ++t) sums[t] = bnfold_input_partial(s, o, t, offset);
     for (int half = BNFOLD_BLOCK / 2; half > 0; half /= 2)
       for (int t = 0; t < BNFOLD_BLOCK; ++t) bnfold_tree_step(sums, t, half);
-    bnfold_input_store(s, o, sums[0]);
+    bnfold_input_store(s, o, sums[0], flags + seg);
   }
 }
 
