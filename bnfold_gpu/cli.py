@@ -1,12 +1,15 @@
-"""``bnfold``: fold the batch normalizations of .nnp files.
+"""``bnfold``: fold the batch normalizations of .nnp files; a thin shell over
+:func:`bnfold_gpu.nnp_fold.fold_nnp`.
 
-  bnfold inspect IN.nnp [--json]
-  bnfold fold IN.nnp -o OUT.nnp [--backend auto|numpy|cupy] [--verify] [--tolerance T]
-              [--report REPORT.json] [--in-place] [--quiet]
+  bnfold inspect IN.nnp [--json] [--skip PATTERN ...] [--quiet]
+  bnfold fold IN.nnp -o OUT.nnp [--backend auto|numpy|cupy] [--verify [--tolerance T] [--atol A]
+              [--seed N] [--input NAME=FILE.npy ...]] [--skip PATTERN ...]
+              [--report REPORT.json|-] [--in-place] [--quiet]
 
-Exit status: 0 done; 1 --verify found outputs differing past the tolerance (nothing written);
-2 bad input (a one-line message on stderr; nothing written).
+The exit statuses are listed in ``EXIT_STATUSES`` (and in ``bnfold fold --help``).
 """
+# Only light modules here: main() must be running, its Ctrl-C handling in place, before anything
+# slow (argparse aside, nnabla above all) is imported.
 import argparse
 import json
 import logging
@@ -15,30 +18,52 @@ import os
 import sys
 import time
 
-from .backends import get_backend
-from .plan import format_table as _table
+from . import _atomic, _safe_points
 
-EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_CANNOT_VERIFY, EXIT_WRITTEN_BUT = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = _safe_points.EXIT_INTERRUPTED
+
+EXIT_STATUSES = """\
+exit status:
+  0    done
+  1    --verify found an output differing past the tolerance; nothing written
+  2    bad input, or the output cannot be written; one line on stderr, nothing written
+  3    --verify cannot run the original file in NNabla's current context; nothing written
+  4    the output was written, but the report or the summary could not be
+  130  interrupted (Ctrl-C); the message says whether the output was written
+"""
 
 
 class Progress:
     """A one-line progress bar on stderr for a terminal, plain lines otherwise; silent when quiet.
-    ``step`` starts a stage; within one, ``expect``/``extend``/``advance`` count bytes, shown as a
-    percentage (on a terminal at most every ``TTY_EVERY`` seconds, in plain lines every
-    ``LINE_EVERY``)."""
+    ``step`` starts a stage (``add_steps`` announces more of them); within one, ``expect``/
+    ``extend``/``advance`` count bytes, shown as a percentage (on a terminal at most every
+    ``TTY_EVERY`` seconds, in plain lines every ``LINE_EVERY``). ``finish`` fills the bar. Each call
+    is a safe point where a Ctrl-C is acted on."""
     TTY_EVERY, LINE_EVERY = 0.1, 5.0
 
     def __init__(self, total: int, quiet: bool):
-        self.total, self.done, self.quiet = max(1, total), 0, quiet
+        self.total, self.done, self.quiet = total, 0, quiet
         self.tty = sys.stderr.isatty()
         self.label = ""
         self.expect(0)
 
+    def add_steps(self, n: int):
+        self.total += n
+
     def step(self, label: str):
-        self.done = min(self.total, self.done + 1)
+        _safe_points.check()
+        self.done = min(self.total - 1, self.done + 1)   # the last step is finish()'s
         self.label = label
         self.expect(0)
         self._draw(label)
+
+    def finish(self, label: str = "done"):
+        _safe_points.check()
+        self.done = self.total
+        self.label = label
+        self._draw(label)
+        self.close()
 
     def expect(self, nbytes: int):
         """The current stage will count ``nbytes``."""
@@ -50,6 +75,7 @@ class Progress:
         self.bytes_total += nbytes
 
     def advance(self, nbytes: int):
+        _safe_points.check()
         self.bytes_done += nbytes
         if self.quiet or self.bytes_done < self._next or not self.bytes_total:
             return
@@ -65,7 +91,7 @@ class Progress:
             return
         if self.tty:
             width = 24
-            filled = int(width * self.done / self.total)
+            filled = int(width * self.done / max(1, self.total))
             sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {label[:50]:<50}")
             sys.stderr.flush()
         else:
@@ -77,196 +103,225 @@ class Progress:
             sys.stderr.flush()
 
 
-def _fold_records(fp):
-    return {n.name: {
-        "training": n.training,
-        "folded": [{"bn": s.bn, "into": s.kind, "side": s.side, "weight": s.weight,
-                    "folded_weight": s.folded_weight, "folded_bias": s.folded_bias, "note": s.note}
-                   for s in fp.folds.get(n.name, [])],
-        "skipped": [{"bn": s.bn, "reason": s.reason, "next_pass": s.next_pass}
-                    for s in (n.plan.skipped if n.plan else [])],
-    } for n in fp.networks}
+class _Run:
+    """What this invocation has written, so that every message, an interrupted run's included, tells
+    the truth about it."""
+
+    def __init__(self):
+        self.output = None           # the output, once renamed into place
+        self.report = None           # the --report path asked for
+        self.report_written = False
+        self.committed_before = len(_atomic.committed())
+
+    def interrupted(self) -> str:
+        if self.output is None:
+            return "bnfold: interrupted; nothing written"
+        unsaved = f"; the report {self.report} was not written" \
+            if self.report and not self.report_written else ""
+        return f"bnfold: interrupted; {self.output} was written{unsaved}"
+
+    def on_second_ctrl_c(self) -> str:
+        """A second Ctrl-C ends the process from wherever it is: no temporary file stays."""
+        _atomic.remove_live()
+        if self.output is None and len(_atomic.committed()) > self.committed_before:
+            self.output = _atomic.committed()[self.committed_before]
+        return self.interrupted()
 
 
-def _print_plan(fp, out=None):
-    out = out or sys.stdout
-    for n in fp.networks:
-        folds = fp.folds.get(n.name, [])
-        skipped = n.plan.skipped if n.plan else []
-        print(f"network {n.name}: {len(folds)} to fold, {len(skipped)} to keep"
-              + (" (training network)" if n.training else ""), file=out)
-        if folds:
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _words(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:1].lower() + text[1:] if text else type(e).__name__
+
+
+def _os_words(e: OSError) -> str:
+    return e.strerror or _words(e)
+
+
+def _release_broken_stdout() -> None:
+    """After a write to stdout failed, let its buffered rest go to /dev/null: at exit Python would
+    flush it into the same broken pipe and print "Exception ignored ..." noise."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
+def _table(rows):
+    from .plan import format_table
+    return format_table(rows)
+
+
+def _print_plan(reports, out):
+    for n in reports:
+        print(f"network {n.name}: {n.folded_count} to fold, {n.kept_count} to keep"
+              + (" (uses batch statistics)" if n.uses_batch_statistics else ""), file=out)
+        if n.note:
+            print(f"not planned: {n.note}", file=out)
+        elif not n.has_bn:
+            print("no BatchNormalization in this network", file=out)
+        if n.folded:
             print(_table([("BN", "into", "side", "weight")] +
-                         [(s.bn, s.kind, s.side, s.weight) for s in folds]), file=out)
-        if skipped:
-            print(_table([("BN kept", "reason")] + [(s.bn, s.reason) for s in skipped]), file=out)
+                         [(s["bn"], s["into"], s["side"], s["weight"]) for s in n.folded]), file=out)
+        if n.skipped:
+            print(_table([("BN kept", "reason")] + [(s["bn"], s["reason"]) for s in n.skipped]),
+                  file=out)
         print(file=out)
 
 
-def cmd_inspect(args):
+def cmd_inspect(args, run):
     from . import nnp as N
-    progress = Progress(2, quiet=args.json)
+    from .nnp_fold import network_reports
+    progress = Progress(3, quiet=args.json or args.quiet)
     progress.step(f"reading {args.input}")
     f = N.read(args.input, progress)
     progress.step("planning")
-    fp = N.plan_file(f)
-    progress.close()
+    reports = network_reports(N.plan_file(f, skip=args.skip))
+    progress.finish()
     if args.json:
-        print(json.dumps({"input": args.input, "networks": _fold_records(fp)}, indent=2))
+        print(json.dumps({"input": args.input, "networks": {n.name: n.to_json() for n in reports}},
+                         indent=2))
     else:
-        _print_plan(fp)
-        later = sum(s.next_pass for _, s in fp.skipped)
-        print(f"{fp.n_folded} BN(s) would fold, {len(fp.skipped)} would stay"
-              + (f"; {later} of those fold on a later pass, which bnfold fold runs too" if later
-                 else ""))
+        _print_plan(reports, sys.stdout)
+        skipped = [s for n in reports for s in n.skipped]
+        print(f"{sum(n.folded_count for n in reports)} BN(s) would fold, {len(skipped)} would stay")
+    sys.stdout.flush()
     return EXIT_OK
 
 
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} bytes"
+def _check_report_path(args, out_path):
+    """Refused before any work: a report that could not be written, or would overwrite the input or
+    the output (also through a symlink or a hard link)."""
+    from .nnp import NnpError
+    from .nnp_fold import same_file
+    if args.report is None or args.report == "-":
+        return
+    report = _atomic.check_target(args.report)
+    for path in dict.fromkeys([args.input, out_path]):
+        if same_file(path, args.report):
+            raise NnpError(f"{args.report}: the report would overwrite {path}")
+    _atomic.remove_stale(os.path.dirname(report))   # the output's folder: fold_nnp's
 
 
-def _failed(record, tolerance) -> bool:
-    return not record["max_rel"] <= tolerance   # NaN fails too
+def _write_report(path, report) -> None:
+    text = json.dumps(report.to_json(), indent=2) + "\n"
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        _atomic.write_bytes(path, text.encode())
 
 
-def _same_file(a, b):
-    if os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def _check_writable(path, error):
-    """Raises ``error`` unless a file can be written at ``path``: checked before any work, so that
-    nothing is written when the end of the run could not be."""
-    if os.path.isdir(path):
-        raise error(f"{path}: is a directory")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise error(f"{path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise error(f"{path}: folder {folder} is not writable")
-
-
-def _write_json(path, value):
-    """``path`` holds all of ``value`` or is left as it was."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(value, fh, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def cmd_fold(args):
-    from . import nnp as N
+def cmd_fold(args, run):
+    from .nnp import NnpError
+    from .nnp_fold import VerificationFailed, VerificationImpossible, fold_nnp
     if args.output is None and not args.in_place:
-        raise N.NnpError("give -o OUT.nnp, or --in-place to replace the input")
+        raise NnpError("give -o OUT.nnp, or --in-place to replace the input")
     out_path = args.input if args.output is None else args.output
-    if os.path.exists(args.input) and _same_file(args.input, out_path) and not args.in_place:
-        raise N.NnpError(f"{out_path}: the output is the input; give --in-place to replace it")
-    _check_writable(out_path, N.NnpError)
-    if args.report:
-        _check_writable(args.report, N.NnpError)
-        for path in {args.input, out_path}:
-            if os.path.exists(path) and _same_file(path, args.report):
-                raise N.NnpError(f"{args.report}: the report would overwrite {path}")
-    get_backend(args.backend)   # an unusable backend is said before a large file is read
-    t0 = time.perf_counter()
-    progress = Progress(5, args.quiet)   # each step names the stage that starts
-    progress.step(f"reading {args.input}")
-    f = N.read(args.input, progress)
-    n_nets = len(f.proto.network)
-    progress.total += n_nets + (2 + 2 * n_nets if args.verify else 0)
-    fp = N.plan_file(f, progress)
-    original = (args.input, N.structure(f.proto)) if args.verify else None   # before the rewrite
-    progress.step("folding")
-    backend, nbytes = N.fold_parameters(f, fp, args.backend)
-    N.rewrite_proto(f, fp)
-    passes = [fp]
-    while any(s.next_pass for _, s in passes[-1].skipped):   # a layer takes one BN per pass
-        progress.total += n_nets + 1
-        more = N.plan_file(f, progress)
-        if not more.n_folded:
-            break
-        progress.step(f"folding (pass {len(passes) + 1})")
-        nbytes += N.fold_parameters(f, more, args.backend)[1]
-        N.rewrite_proto(f, more)
-        passes.append(more)
-    fp = N.merge_passes(passes)
-    progress.step("writing")
-    tmp = N.write_temp(f, out_path, progress)
-    f.params.clear()   # written; --verify loads both files, so hold no third copy of the weights
-    fold_seconds = time.perf_counter() - t0
-    records = []
+    _check_report_path(args, out_path)
+    if args.inputs and not args.verify:
+        raise NnpError("--input feeds --verify's runs: give --verify too")
+    run.report = args.report
+    summary_to = sys.stderr if args.report == "-" else sys.stdout   # stdout holds the JSON then
+    progress = Progress(1, args.quiet)    # its last step, finish(); fold_nnp adds the others
     try:
-        if args.verify:
-            # every network that can run, folded or not: one that folds nothing may still read a
-            # parameter that another network's fold rewrote
-            nets = [n.name for n in fp.networks if n.plan is not None and not n.training] \
-                if fp.n_folded else []
-            records = N.verify(original, (tmp, f.proto), nets, seed=args.seed, progress=progress)
-        bad = [r for r in records if _failed(r, args.tolerance)]
-        seconds = {"fold": fold_seconds, "verify": time.perf_counter() - t0 - fold_seconds}
-        if args.report:   # before the output is in place: a report that cannot be written stops both
-            _write_json(args.report, {
-                "input": args.input, "output": None if bad else out_path, "backend": backend,
-                "bytes_rescaled": nbytes, "seconds": seconds, "networks": _fold_records(fp),
-                "verify": {"tolerance": args.tolerance, "outputs": records} if args.verify else None})
-        if bad:
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    progress.step("done")
-    progress.close()
+        report = fold_nnp(args.input, args.output, backend=args.backend, verify=args.verify,
+                          tolerance=args.tolerance, atol=args.atol, seed=args.seed,
+                          inputs=dict(args.inputs), in_place=args.in_place, skip=args.skip,
+                          progress=progress)
+    except (VerificationFailed, VerificationImpossible) as e:
+        progress.close()
+        line = f"bnfold: {e}"
+        if not args.quiet:
+            try:
+                _print_summary(e.report, summary_to)
+            except OSError:
+                _release_broken_stdout()
+        if args.report:
+            try:
+                _write_report(args.report, e.report)
+            except OSError as w:
+                _release_broken_stdout()
+                line += f"; the report could not be written either ({_os_words(w)})"
+        _say(line)
+        return EXIT_MISMATCH if isinstance(e, VerificationFailed) else EXIT_CANNOT_VERIFY
+    run.output = out_path
+    progress.finish()
+    problems = []
+    if args.report:
+        try:
+            _write_report(args.report, report)
+            run.report_written = True
+        except OSError as e:
+            _release_broken_stdout()
+            what = "the report could not be written to stdout" if args.report == "-" \
+                else f"the report {args.report} could not be written"
+            problems.append(f"{what} ({_os_words(e)})")
+    _safe_points.check()
     if not args.quiet:
-        _print_summary(fp, nbytes, backend, seconds, records, args)
-    if bad:
-        worst = max(bad, key=lambda r: r["max_rel"])
-        print(f"bnfold: verification failed: network '{worst['network']}' output '{worst['output']}' "
-              f"differs by {worst['max_rel']:.2e} (relative) > {args.tolerance:g}; "
-              f"{out_path} not written", file=sys.stderr)
-        return EXIT_MISMATCH
+        try:
+            _print_summary(report, summary_to)
+        except OSError as e:
+            _release_broken_stdout()
+            problems.append(f"the summary could not be printed ({_os_words(e)})")
+    if problems:
+        _say(f"bnfold: {out_path} was written, but {' and '.join(problems)}")
+        return EXIT_WRITTEN_BUT
     return EXIT_OK
 
 
-def _print_summary(fp, nbytes, backend, seconds, records, args):
+def _print_summary(report, out):
+    from .nnp_fold import size_words
     rows = [("network", "folded", "kept")]
-    for n in fp.networks:
-        rows.append((n.name + (" (training)" if n.training else ""), len(fp.folds.get(n.name, [])),
-                     len(n.plan.skipped) if n.plan else 0))
-    print(_table(rows))
+    for n in report.networks:
+        rows.append((n.name + (" (uses batch statistics)" if n.uses_batch_statistics else ""),
+                     n.folded_count, n.kept_count))
+    print(_table(rows), file=out)
+    for n in report.networks:
+        if not n.has_bn and not n.note:
+            print(f"{n.name}: no BatchNormalization in this network", file=out)
     reasons = {}
-    for net, s in fp.skipped:
-        reasons.setdefault(s.reason, []).append(f"{net}:{s.bn}")
+    for n in report.networks:
+        for s in n.skipped:
+            reasons.setdefault(s["reason"], []).append(f"{n.name}:{s['bn']}")
     if reasons:
-        print()
+        print(file=out)
         print(_table([("kept because", "BNs")] +
                      [(r, ", ".join(v[:3]) + (f" (+{len(v) - 3})" if len(v) > 3 else ""))
-                      for r, v in reasons.items()]))
-    print()
-    print(f"{fp.n_folded} BN(s) folded, {len(fp.skipped)} kept; {_size(nbytes)} of weights "
-          f"rescaled on {backend}; read, folded and written in {seconds['fold']:.2f} s")
-    if args.verify:
-        print()
-        if records:
+                      for r, v in reasons.items()]), file=out)
+    seconds = report.seconds
+    work = sum(seconds.get(k, 0.0) for k in ("read", "plan", "fold", "write"))
+    print(file=out)
+    print(f"{report.n_folded} BN(s) folded, {report.n_kept} kept; {size_words(report.bytes_rescaled)}"
+          f" of weights rescaled on {report.backend}; read, folded and written in {work:.2f} s",
+          file=out)
+    v = report.verify
+    if v is not None and (v.outputs or not v.networks):   # else it could not run: said on stderr
+        print(file=out)
+        if v.outputs:
             print(_table([("verify: network", "output", "max abs err", "max rel err")] +
                          [(r["network"], r["output"], f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}")
-                          for r in records]))
+                          for r in v.outputs]), file=out)
         else:
-            print("verify: no network to run (nothing folded, or only training networks)")
-        print(f"verified in {seconds['verify']:.2f} s (tolerance {args.tolerance:g} relative)")
-    if not any(_failed(r, args.tolerance) for r in records):
-        print(f"wrote {args.output or args.input}")
+            print("verify: nothing folded, so nothing to compare", file=out)
+        bound = f"tolerance {v.tolerance:g} relative" + (f" or {v.atol:g} absolute" if v.atol else "")
+        print(f"verified in {seconds.get('verify', 0.0):.2f} s ({bound})", file=out)
+    if report.output is not None:
+        print(f"wrote {report.output}", file=out)
+    out.flush()
 
 
 def _tolerance(text: str) -> float:
@@ -276,27 +331,63 @@ def _tolerance(text: str) -> float:
     return value
 
 
+def _named_file(text: str):
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text}: give NAME=FILE.npy")
+    return name, path
+
+
 def parser():
     from . import __version__
-    ap = argparse.ArgumentParser(prog="bnfold", description="Fold batch normalization in .nnp files.")
-    ap.add_argument("--version", action="version", version=f"bnfold {__version__}")
+    plain = argparse.RawDescriptionHelpFormatter    # keeps the exit statuses' lines
+    ap = argparse.ArgumentParser(prog="bnfold", description="Fold batch normalization in .nnp files.",
+                                 epilog=EXIT_STATUSES, formatter_class=plain)
+    ap.add_argument("--version", action="version", version=f"bnfold {__version__}",
+                    help="print the version and exit")
     sub = ap.add_subparsers(dest="command", required=True)
-    ins = sub.add_parser("inspect", help="list what would fold and what would stay, with reasons")
-    ins.add_argument("input", metavar="IN.nnp")
+    ins = sub.add_parser("inspect", help="list what would fold and what would stay, with reasons",
+                         epilog=EXIT_STATUSES, formatter_class=plain)
+    ins.add_argument("input", metavar="IN.nnp", help="the .nnp file to look at")
     ins.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    ins.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    ins.add_argument("--skip", metavar="PATTERN", action="append", default=[],
+                     help="keep the BNs whose name matches PATTERN (a name, or a glob such as "
+                     "'decoder/*'; repeatable)")
     ins.set_defaults(run=cmd_inspect)
-    fo = sub.add_parser("fold", help="fold IN.nnp into OUT.nnp")
-    fo.add_argument("input", metavar="IN.nnp")
-    fo.add_argument("-o", "--output", metavar="OUT.nnp")
-    fo.add_argument("--backend", default="auto", choices=["auto", "numpy", "cupy"])
+    fo = sub.add_parser("fold", help="fold IN.nnp into OUT.nnp", epilog=EXIT_STATUSES,
+                        formatter_class=plain)
+    fo.add_argument("input", metavar="IN.nnp", help="the .nnp file to fold (never changed without "
+                    "--in-place)")
+    fo.add_argument("-o", "--output", metavar="OUT.nnp",
+                    help="where to write the folded file (a name ending in .nnp); written whole "
+                    "or not at all; an existing file keeps its owner, group and mode, a symlink "
+                    "is written through")
+    fo.add_argument("--backend", default="auto", choices=["auto", "numpy", "cupy"],
+                    help="where to rescale the weights: cupy (a CUDA GPU), numpy (the CPU), or "
+                    "auto (cupy when usable, else numpy; default)")
     fo.add_argument("--verify", action="store_true",
-                    help="run original and folded networks on the same random inputs and compare")
-    fo.add_argument("--tolerance", type=_tolerance, default=1e-4,
-                    help="largest relative error --verify accepts (default 1e-4)")
+                    help="run original and folded networks on the same inputs and compare every "
+                    "output; write nothing if one differs past the tolerance")
+    fo.add_argument("--tolerance", type=_tolerance, default=None,
+                    help="largest relative error --verify accepts (default 1e-4; 5e-3 when the "
+                    "weights are float16)")
+    fo.add_argument("--atol", type=_tolerance, default=0.0,
+                    help="an output also passes if its largest absolute error is at most this "
+                    "(default 0)")
     fo.add_argument("--seed", type=int, default=0, help="seed of --verify's random inputs")
-    fo.add_argument("--report", metavar="REPORT.json", help="write what was done as JSON")
-    fo.add_argument("--in-place", action="store_true", help="replace IN.nnp (atomically)")
-    fo.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    fo.add_argument("--input", dest="inputs", metavar="NAME=FILE.npy", type=_named_file,
+                    action="append", default=[],
+                    help="feed --verify this data for the network input NAME instead of random "
+                    "values (repeatable)")
+    fo.add_argument("--report", metavar="REPORT.json",
+                    help="write what was done as JSON, after the output (- for stdout)")
+    fo.add_argument("--in-place", action="store_true",
+                    help="replace IN.nnp (atomically; other hard links keep the original)")
+    fo.add_argument("--skip", metavar="PATTERN", action="append", default=[],
+                    help="keep the BNs whose name matches PATTERN (a name, or a glob such as "
+                    "'decoder/*'; repeatable); the summary lists them as skipped on request")
+    fo.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     fo.set_defaults(run=cmd_fold)
     return ap
 
@@ -311,25 +402,52 @@ def quiet_nnabla_info() -> None:
 
 
 def main(argv=None) -> int:
+    run = _Run()
+    with _safe_points.ctrl_c_at_safe_points(run.on_second_ctrl_c) as guard:
+        nnabla_log = logging.getLogger("nnabla")
+        level = nnabla_log.level
+        try:
+            status = _main(argv, run)
+            _safe_points.check()            # a Ctrl-C after the last safe point
+            return status
+        except KeyboardInterrupt:
+            _say(run.interrupted())
+            return EXIT_INTERRUPTED
+        except SystemExit:                  # argparse: --help, --version, a usage error
+            if guard is not None and guard.pending:
+                _say(run.interrupted())
+                return EXIT_INTERRUPTED
+            raise
+        finally:
+            nnabla_log.setLevel(level)      # the caller's process keeps its logging as it was
+
+
+def _main(argv, run) -> int:
     args = parser().parse_args(argv)
+    _safe_points.check()
     quiet_nnabla_info()
     from .backends.common import FoldError
     from .nnp import NnpError
     try:
-        return args.run(args)
-    except (NnpError, FoldError) as e:
-        print(f"bnfold: {e}", file=sys.stderr)
+        return args.run(args, run)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:
+        if run.output is not None:          # nothing below may claim that nothing was written
+            _release_broken_stdout()
+            _say(f"bnfold: {run.output} was written, but then: {_words(e)}")
+            return EXIT_WRITTEN_BUT
+        if isinstance(e, (NnpError, FoldError, _atomic.TargetError)):
+            _say(f"bnfold: {e}")
+        elif isinstance(e, OSError):        # e.g. the output's folder is missing or read-only
+            where = f"{e.filename}: " if e.filename else ""
+            _say(f"bnfold: {where}{_os_words(e)}")
+            _release_broken_stdout()
+        elif isinstance(e, (ValueError, RuntimeError)):   # e.g. an unusable backend
+            _say(f"bnfold: {' '.join(str(e).split())}")
+        else:
+            raise
         return EXIT_BAD_INPUT
-    except (ValueError, RuntimeError) as e:   # e.g. an unusable backend
-        print(f"bnfold: {' '.join(str(e).split())}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:                      # e.g. the output's folder is missing or read-only
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"bnfold: {where}{e.strerror or e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("bnfold: interrupted; nothing written", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import nnabla as nn
 import numpy as np
@@ -71,7 +71,9 @@ def new_parameter(shape, dtype, need_grad: bool) -> "nn.Variable":
 
 def prepare_arrays(graph: Graph, p: Plan, backend_name: str):
     """(every variable by name, the new parameters, the backend's arrays by name): new parameters
-    are created for the plan's new arrays; arrays are zero-copy views of the parameters' data."""
+    are created for the plan's new arrays; arrays are zero-copy views of the parameters' data; the
+    fold's own arrays (derived maps, arrays between two folds of a layer) are allocated, and the
+    derived maps computed."""
     variables = graph.variables_by_name()
     new_vars = {}
     for name in p.new_arrays:
@@ -81,18 +83,27 @@ def prepare_arrays(graph: Graph, p: Plan, backend_name: str):
     written = set()
     for s in p.folds:
         written.update((s.folded_weight, s.folded_bias))
-    return variables, new_vars, _arrays_for(backend_name, {n: variables[n] for n in p.arrays}, written)
+    params = {n: variables[n] for n in p.arrays if n not in p.intermediates}
+    arrays, xp = _arrays_for(backend_name, params, written)
+    derived = {n for d in p.derived for n in (d.scale, d.shift) if n}
+    for name in p.intermediates - derived:
+        shape, dtype = p.arrays[name]
+        arrays[name] = xp.empty(shape, dtype)
+    if p.derived:
+        from .backends.compose import compute_derived
+        arrays.update(compute_derived(p, arrays, xp))
+    return variables, new_vars, arrays
 
 
 def _arrays_for(backend_name: str, variables, written):
-    """Zero-copy views of the parameters' data for the backend (read-write where the fold writes):
-    CuPy arrays where the parameters are in NNabla's CUDA context and the backend is the GPU's,
-    NumPy arrays of their host memory otherwise."""
+    """(zero-copy views of the parameters' data for the backend, read-write where the fold writes;
+    their array module): CuPy arrays where the parameters are in NNabla's CUDA context and the
+    backend is the GPU's, NumPy arrays of their host memory otherwise."""
     if backend_name == "cupy":
-        from .backends.cupy_backend import from_nnabla, on_device
+        from .backends.cupy_backend import cupy, from_nnabla, on_device
         if on_device(nn.get_current_context()):
-            return {n: from_nnabla(v, n in written) for n, v in variables.items()}
-    return host_views(variables, written)
+            return {n: from_nnabla(v, n in written) for n, v in variables.items()}, cupy
+    return host_views(variables, written), np
 
 
 class _HostArray:
@@ -210,16 +221,24 @@ def _relative_imports_fail_fast():
                         del sys.modules[n]
 
 
-def plan(outputs, inplace: bool = True) -> Plan:
-    """A dry run: what ``fold(outputs, inplace=inplace)`` would fold, into what, and why the rest would
-    not. Changes nothing."""
+def plan(outputs, inplace: bool = True, skip: Sequence[str] = ()) -> Plan:
+    """A dry run: what ``fold(outputs, inplace=inplace, skip=skip)`` would fold, into what, and why
+    the rest would not. Changes nothing."""
     flat, _ = _flatten(outputs)
     with _relative_imports_fail_fast():
-        return _make_plan(Graph(flat), inplace)
+        return _make_plan(Graph(flat), inplace, skip=_patterns(skip))
 
 
-def fold(outputs, backend: str = "auto", inplace: bool = True) -> FoldResult:
-    """Fold every BN of the graph ending at ``outputs`` into its adjacent layer where that is exact.
+def _patterns(skip) -> Tuple[str, ...]:
+    if isinstance(skip, str):
+        return (skip,)
+    return tuple(skip)
+
+
+def fold(outputs, backend: str = "auto", inplace: bool = True, skip: Sequence[str] = ()
+         ) -> FoldResult:
+    """Fold every BN of the graph ending at ``outputs`` (and every multiply or add by a stored
+    per-channel constant) into the layers around it, wherever that is exact, in one call.
 
     ``inplace=True`` rescales the layers' weight and bias arrays where they are and rewires the given
     graph itself: afterwards ``outputs`` compute the folded network, and any other graph using those
@@ -235,7 +254,7 @@ def fold(outputs, backend: str = "auto", inplace: bool = True) -> FoldResult:
     """
     try:
         with _relative_imports_fail_fast():
-            return _fold(outputs, backend, inplace)
+            return _fold(outputs, backend, inplace, _patterns(skip))
     except BaseException as e:
         # what the failed fold made goes now, not when the traceback does (a session may keep it):
         # its new functions would count as consumers of the parameters they read in a later fold
@@ -243,19 +262,19 @@ def fold(outputs, backend: str = "auto", inplace: bool = True) -> FoldResult:
         raise
 
 
-def _fold(outputs, backend: str, inplace: bool) -> FoldResult:
+def _fold(outputs, backend: str, inplace: bool, skip) -> FoldResult:
     flat, rebuild = _flatten(outputs)
     be = get_backend(backend)  # fails before any work on a bad name; imports CuPy once (not timed)
     t0 = time.perf_counter()
     graph = Graph(flat)
-    p = _make_plan(graph, inplace)
+    p = _make_plan(graph, inplace, skip=skip)
     t1 = time.perf_counter()
     variables, new_vars, arrays = prepare_arrays(graph, p, be.name)
     job = be.prepare(p, arrays)       # checks everything, computes the new biases: writes nothing
     functions, flat_out = graph.functions, flat
     if not inplace and p.folds:
         functions, flat_out = rewrite.clone(graph.functions, flat)
-    rewiring = rewrite.prepare(p, functions, variables)
+    rewiring = rewrite.prepare(p, functions, variables, flat_out)
     registrations = _registrations(graph, p, new_vars, variables)
     t2 = time.perf_counter()
     with _interrupts.held():

@@ -1,15 +1,16 @@
 """Where the channels are in a weight: the one place that knows each layer's layout.
 
 Every weight (and bias) a fold touches is viewed as a 4-D array ``(groups, rows, channels, inner)``
-in C order. The BN channel of flat element ``e`` is then::
+in C order. The map channel of flat element ``e`` is then::
 
     group   = e // (inner * channels * rows)
     channel = group * channels + (e // inner) % channels
 
 One formula covers every layout the planner emits; the NumPy backend broadcasts over the 4-D view and
-the CUDA kernels (``kernels/bnfold_index.cuh``) evaluate the same formula per element.
+the CUDA kernels (``kernels/bnfold_math.cuh``) evaluate the same formula per element.
 
-Output channels (layer -> BN), with K the product of the kernel dims and g the groups:
+The map's channels are a range of axes [a0, a1) of the layer's output (or input): a Site. Output
+channels (layer -> map), with K the product of the kernel dims and g the groups:
 
 =========================  ====================  ========================================
 layer                      weight                (groups, rows, channels, inner)
@@ -20,32 +21,41 @@ DepthwiseConvolution       (C*m, k...)           (1, 1, C*m, K)
 Deconvolution              (I, O/g, k...)        (g, I/g, O/g, K)
 Deconvolution ch.-last     (I, k..., O/g)        (g, I/g*K, O/g, 1)
 DepthwiseDeconvolution     (C, k...), divisor d  (C/d, d, 1, K)
-Affine, BN on out axis j   (In, L_0, ..., L_n)   (1, In*L_0..L_{j-1}, L_j, L_{j+1}..L_n)
+Affine, site over L_j..L_k (In, L_0, ..., L_n)   (1, In*L_0..L_{j-1}, L_j..L_k, L_{k+1}..L_n)
+BatchMatmul, b (K, N)      a @ b                 (1, K, N, 1)
+BatchMatmul, b (N, K)      a @ b^T               (1, 1, N, K)
 =========================  ====================  ========================================
 
-Input channels (BN -> layer):
+Input channels (map -> layer):
 
 =========================  ====================  ========================================
 Convolution                (O, I/g, k...)        (g, O/g, I/g, K)
 Convolution channel-last   (O, k..., I/g)        (g, O/g*K, I/g, 1)
 DepthwiseConvolution       (C*m, k...)           (C, m, 1, K)
-Affine, x axis a, base b   (In, L...)            (1, P, C, Q*L)  with In = P*C*Q
+Deconvolution              (I, ...)              (1, 1, I, rest)
+DepthwiseDeconvolution     (C, k...)             (1, 1, C, K)
+Affine, x axes a..b        (In, L...)            (1, P, C, Q*L)  with In = P*C*Q
+BatchMatmul, b (K, N)      a @ b                 (1, 1, K, N)
+BatchMatmul, b (N, K)      a @ b^T               (1, N, K, 1)
 =========================  ====================  ========================================
 """
 from dataclasses import dataclass
 from math import prod
 from typing import Sequence, Tuple
 
+# layers a map folds into from their output side
 FOLDABLE_INTO = ("Convolution", "Deconvolution", "DepthwiseConvolution", "DepthwiseDeconvolution",
-                 "Affine")
-# BN -> layer is exact only where the layer is a linear map of each input element alone plus a
-# constant: a zero-padded border sees padding, not the BN's shift, and a deconvolution sums a varying
-# number of inputs at its borders.
-FOLDABLE_FROM = ("Convolution", "DepthwiseConvolution", "Affine")
+                 "Affine", "BatchMatmul")
+# map -> layer is exact for any map where the layer is a linear map of each input element alone plus
+# a constant; a zero-padded border sees padding, not the map's shift, and a deconvolution sums a
+# varying number of inputs at its borders: those take a map whose shift is 0
+FOLDABLE_FROM = ("Convolution", "DepthwiseConvolution", "Affine", "BatchMatmul", "Deconvolution",
+                 "DepthwiseDeconvolution")
+SHIFT_FREE_ONLY = ("Deconvolution", "DepthwiseDeconvolution")
 
 
 class LayoutError(ValueError):
-    """A layer and a BN disagree on where the channels are; the message says why."""
+    """A layer and a map disagree on where the channels are; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -82,33 +92,50 @@ def _base_axis(args: dict, ndim: int) -> int:
 
 
 def output_channel_axis(kind: str, args: dict, out_ndim: int) -> int:
-    """The axis of the layer's output that holds its output channels (Affine: the first output axis)."""
-    if args.get("channel_last", False):
+    """The axis of the layer's output that holds its output channels (Affine: the first output axis;
+    BatchMatmul: the last)."""
+    if kind == "BatchMatmul" or args.get("channel_last", False):
         return out_ndim - 1
     return _base_axis(args, out_ndim)
 
 
 def input_channel_axis(kind: str, args: dict, in_ndim: int) -> int:
+    if kind == "BatchMatmul":
+        return in_ndim - 2 if args.get("transpose_a", False) else in_ndim - 1
     return output_channel_axis(kind, args, in_ndim)
 
 
+def _one_axis(kind: str, site, axis: int, where: str):
+    if (site.a0, site.a1) != (axis, axis + 1):
+        raise LayoutError(f"the map's channels (axes {site.a0}..{site.a1 - 1}) are not the {kind}'s "
+                          f"{where} channel axis {axis}")
+
+
+def _matrix(kind: str, w: Sequence[int]) -> Tuple[int, int]:
+    """A BatchMatmul's stored operand as one matrix: its leading axes must be 1 (one matrix for
+    every batch)."""
+    if len(w) < 2 or prod(w[:-2]) != 1:
+        raise LayoutError(f"the {kind}'s stored operand {tuple(w)} is not one matrix")
+    return w[-2], w[-1]
+
+
 def output_layout(kind: str, args: dict, weight_shape: Sequence[int], out_shape: Sequence[int],
-                  bn_axis: int) -> Tuple[ChannelLayout, ChannelLayout]:
-    """(weight layout, bias layout) for BN over axis ``bn_axis`` of the layer's output."""
+                  site) -> Tuple[ChannelLayout, ChannelLayout]:
+    """(weight layout, bias layout) for a map over ``site`` (a range of axes of the layer's
+    output)."""
     w = tuple(weight_shape)
     ndim = len(out_shape)
     if kind == "Affine":
         base_axis = _base_axis(args, ndim)
-        j = bn_axis - base_axis
-        if not 0 <= j < len(w) - 1:
-            raise LayoutError(f"BN axis {bn_axis} is a batch axis of the Affine output "
+        if site.a0 < base_axis:
+            raise LayoutError(f"the map's axis {site.a0} is a batch axis of the Affine output "
                               f"(base_axis={base_axis})")
         out = w[1:]
-        before, chans, after = prod(out[:j]), out[j], prod(out[j + 1:])
+        j, k = site.a0 - base_axis, site.a1 - base_axis
+        before, chans, after = prod(out[:j]), prod(out[j:k]), prod(out[k:])
         return (ChannelLayout(1, w[0] * before, chans, after), ChannelLayout(1, before, chans, after))
     axis = output_channel_axis(kind, args, ndim)
-    if bn_axis != axis:
-        raise LayoutError(f"BN axis {bn_axis} is not the {kind}'s channel axis {axis}")
+    _one_axis(kind, site, axis, "output")
     channel_last = args.get("channel_last", False)
     if kind in ("Convolution", "DepthwiseConvolution"):
         o = w[0]
@@ -123,29 +150,31 @@ def output_layout(kind: str, args: dict, weight_shape: Sequence[int], out_shape:
     elif kind == "DepthwiseDeconvolution":
         d = args.get("divisor", 1)
         weight = ChannelLayout(w[0] // d, d, 1, _kernel_size(w, 1, len(w)))
+    elif kind == "BatchMatmul":
+        rows, cols = _matrix(kind, w)
+        weight = ChannelLayout(1, 1, rows, cols) if args.get("transpose_b", False) \
+            else ChannelLayout(1, rows, cols, 1)
     else:
         raise LayoutError(f"cannot fold into {kind}")
     return weight, ChannelLayout(1, 1, weight.n_channels, 1)
 
 
 def input_layout(kind: str, args: dict, weight_shape: Sequence[int], in_shape: Sequence[int],
-                 bn_axis: int) -> Tuple[ChannelLayout, Tuple[int, ...]]:
-    """(weight layout over input channels, weight axes to sum for the bias) for BN over ``bn_axis``
-    of the layer's input."""
+                 site) -> Tuple[ChannelLayout, Tuple[int, ...], Tuple[int, ...]]:
+    """(weight layout over input channels, weight axes to sum for the bias, the weight's shape for
+    that sum) for a map over ``site`` (a range of axes of the layer's data input)."""
     w = tuple(weight_shape)
     ndim = len(in_shape)
     if kind == "Affine":
         base_axis = _base_axis(args, ndim)
-        if bn_axis < base_axis:
-            raise LayoutError(f"BN axis {bn_axis} is a batch axis of the Affine input "
+        if site.a0 < base_axis:
+            raise LayoutError(f"the map's axis {site.a0} is a batch axis of the Affine input "
                               f"(base_axis={base_axis})")
-        before = prod(in_shape[base_axis:bn_axis])
-        after = prod(in_shape[bn_axis + 1:])
-        chans = in_shape[bn_axis]
-        return ChannelLayout(1, before, chans, after * prod(w[1:])), (0,)
+        before = prod(in_shape[base_axis:site.a0])
+        after = prod(in_shape[site.a1:])
+        return ChannelLayout(1, before, site.n, after * prod(w[1:])), (0,), w
     axis = input_channel_axis(kind, args, ndim)
-    if bn_axis != axis:
-        raise LayoutError(f"BN axis {bn_axis} is not the {kind}'s input channel axis {axis}")
+    _one_axis(kind, site, axis, "input")
     reduce_axes = tuple(range(1, len(w)))
     if kind == "Convolution":
         g = args.get("group", 1)
@@ -153,8 +182,17 @@ def input_layout(kind: str, args: dict, weight_shape: Sequence[int], in_shape: S
             layout = ChannelLayout(g, w[0] // g * _kernel_size(w, 1, len(w) - 1), w[-1], 1)
         else:
             layout = ChannelLayout(g, w[0] // g, w[1], _kernel_size(w, 2, len(w)))
-        return layout, reduce_axes
+        return layout, reduce_axes, w
     if kind == "DepthwiseConvolution":
         m = args.get("multiplier", 1)
-        return ChannelLayout(w[0] // m, m, 1, _kernel_size(w, 1, len(w))), reduce_axes
-    raise LayoutError(f"cannot fold a BN into the input of {kind}")
+        return ChannelLayout(w[0] // m, m, 1, _kernel_size(w, 1, len(w))), reduce_axes, w
+    if kind in ("Deconvolution", "DepthwiseDeconvolution"):
+        # the input channel is the weight's first axis; a map folds here only without shift, so
+        # the bias is never summed (no reduce axes)
+        return ChannelLayout(1, 1, w[0], prod(w[1:])), (), w
+    if kind == "BatchMatmul":
+        rows, cols = _matrix(kind, w)
+        if args.get("transpose_b", False):    # b (N, K): input channel k is the column
+            return ChannelLayout(1, rows, cols, 1), (1,), (rows, cols)
+        return ChannelLayout(1, 1, rows, cols), (0,), (rows, cols)   # b (K, N): the row
+    raise LayoutError(f"cannot fold a map into the input of {kind}")

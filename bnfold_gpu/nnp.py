@@ -3,8 +3,13 @@ removed, layers pointed at folded parameters), so executors, other networks, unt
 names and need_grad flags stay exactly as they were.
 """
 import copy
+import errno
+import math
 import os
+import re
 import shutil
+import socket
+import stat
 import struct
 import tempfile
 import zipfile
@@ -15,7 +20,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from . import protobuf_params
+from . import _atomic, protobuf_params
 from .backends import get_backend
 from .backends.common import FoldError
 from .graph import BN_TYPES, Graph
@@ -81,28 +86,45 @@ class NnpFile:
 
 
 # -- reading --------------------------------------------------------------------------------------
+# What a file may make bnfold allocate is checked against what it holds before it is read. Real
+# weights compress about 1.1-fold; a zip bomb, or an HDF5 dataset declaring what it does not store,
+# a thousandfold.
+_RATIO_LIMIT = 200            # the most a zip member or chunked dataset may expand (size / stored)...
+_RATIO_FREE = 16 << 20        # ...once it is larger than this
+_DEFINITION_LIMIT = 256 << 20  # the network definition: held as text, parsed at about 1 MB/s
+
+# zipfile bounds what a deflated member yields to what each read asks for; its bzip2 and LZMA
+# readers decompress a whole block of input at once, however far it expands
+_READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+_METHOD_NAMES = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}
+
+# The input through which NNabla's loop functions take the previous iteration's value: it closes a
+# loop on purpose, and NNabla unrolls it before building.
+_LOOP_BACK = {"RepeatStart": 1, "Delay": 0}
+
+
 def read(path: str, progress=None) -> NnpFile:
-    """Parse ``path``; NnpError with a one-line reason if it is not a usable .nnp file.
+    """Parse ``path``; NnpError with a one-line reason if it is not a usable .nnp file. Sizes are
+    checked before anything is allocated (see ``_check_members``, ``_check_dataset``), and the
+    network definition before NNabla sees it (``_check_definition``).
     ``progress.advance`` counts the parameter bytes read (``expect``: their total)."""
     from google.protobuf import text_format
     from nnabla.utils import nnabla_pb2
 
-    if not os.path.exists(path):
-        raise NnpError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise NnpError(f"{path}: is a directory, not an .nnp file")
     progress = progress or _Silent()
-    try:
-        with zipfile.ZipFile(path) as z:
-            members = z.infolist()
-            raw = {m.filename: z.read(m.filename) for m in members if not _is_params(m.filename)}
-            progress.expect(sum(m.file_size for m in members if _is_params(m.filename)))
-            stored = {m.filename: _read_h5(path, z, m, progress) if _is_h5_params(m.filename)
-                      else _read_protobuf(path, z, m, progress)
-                      for m in members if _is_params(m.filename)}
-    except _ZIP_ERRORS as e:
-        raise _not_a_zip(path, e) from None
-    nets = [m.filename for m in members if m.filename.endswith((".nntxt", ".prototxt"))]
+    with _open_regular(path) as fh:
+        try:
+            with zipfile.ZipFile(fh) as z:
+                members = z.infolist()
+                _check_members(path, members)
+                raw = {m.filename: _read_member(z, m) for m in members if not _is_params(m.filename)}
+                progress.expect(sum(m.file_size for m in members if _is_params(m.filename)))
+                stored = {m.filename: _read_h5(path, z, m, progress) if _is_h5_params(m.filename)
+                          else _read_protobuf(path, z, m, progress)
+                          for m in members if _is_params(m.filename)}
+        except _ZIP_ERRORS as e:
+            raise _not_a_zip(path, e) from None
+    nets = [m.filename for m in members if _is_definition(m.filename)]
     if not nets:
         raise NnpError(f"{path}: no network definition (.nntxt or .prototxt) in the archive")
     if len(nets) > 1:   # NNabla would merge them; the networks of all must be planned together
@@ -115,9 +137,10 @@ def read(path: str, progress=None) -> NnpFile:
         raise NnpError(f"{path}: network definition {nets[0]} does not parse: {_one_line(e)}") from None
     if not proto.network:
         raise NnpError(f"{path}: the network definition holds no network")
+    _check_definition(path, proto)
     params: "OrderedDict[str, Param]" = OrderedDict()
     for p in proto.parameter:
-        params[p.variable_name] = Param(_proto_value(p), p.need_grad)
+        params[p.variable_name] = Param(_proto_value(path, p), p.need_grad)
     param_member = None   # several parameter members are merged into the last one on output
     for name, entries in stored.items():
         param_member = name
@@ -128,17 +151,230 @@ def read(path: str, progress=None) -> NnpFile:
     return nnp
 
 
-def _proto_value(p) -> np.ndarray:
+def _proto_value(path, p) -> np.ndarray:
     data = np.asarray(p.data, np.float32)
     shape = tuple(p.shape.dim)
-    if data.size != int(np.prod(shape)):
-        raise NnpError(f"parameter '{p.variable_name}' holds {data.size} values for shape {shape}")
+    if any(d < 0 for d in shape) or data.size != math.prod(shape):
+        raise NnpError(f"{path}: parameter '{p.variable_name}' holds {data.size} values for shape "
+                       f"{shape}")
     return data.reshape(shape)
 
 
-def _no_scratch(path, folder, e) -> NnpError:
+def _open_regular(path: str):
+    """``path`` opened for reading, refused unless it is a regular file: a FIFO would block the read
+    for ever, a device (/dev/zero) be read without end. It is looked at before it is opened; one
+    swapped in meanwhile is opened without blocking, and refused the same."""
+    try:
+        _check_regular(path, os.stat(path))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    try:
+        _check_regular(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+_SPECIAL_FILES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                  (stat.S_ISSOCK, "a socket"))
+
+
+def _check_regular(path, st):
+    if stat.S_ISREG(st.st_mode):
+        return
+    what = next((words for test, words in _SPECIAL_FILES if test(st.st_mode)), "a special file")
+    if what == "a directory":
+        raise NnpError(f"{path}: is a directory, not an .nnp file")
+    raise NnpError(f"{path}: is {what}, not a regular file")
+
+
+def _unreadable(path, e: OSError) -> NnpError:
+    if e.errno == errno.ENOENT:
+        return NnpError(f"{path}: no such file")
+    words = e.strerror or _one_line(e)
+    return NnpError(f"{path}: cannot be read: {words[:1].lower()}{words[1:]}")
+
+
+def _is_definition(name: str) -> bool:
+    return name.endswith((".nntxt", ".prototxt"))
+
+
+def _check_members(path, members: List[zipfile.ZipInfo]):
+    """Refuses, from the archive's directory alone, what reading the members could not survive or
+    would get wrong: two entries of one name (which one a reader takes varies), encryption, methods
+    whose output is not bounded, members expanding like a zip bomb, a definition over its limit, and
+    members that memory cannot hold (HDF5 members are copied to disk: their datasets are checked
+    there)."""
+    seen = set()
+    need, largest = 0, None
+    for m in members:
+        name = m.filename
+        if name in seen:
+            raise NnpError(f"{path}: the archive holds more than one entry named '{name}'")
+        seen.add(name)
+        if m.flag_bits & 0x41:
+            raise NnpError(f"{path}: {name} is encrypted")
+        if m.compress_type not in _READABLE_METHODS:
+            method = _METHOD_NAMES.get(m.compress_type, f"method {m.compress_type}")
+            raise NnpError(f"{path}: {name} is compressed with {method}; bnfold reads stored and "
+                           f"deflated members, as NNabla writes them")
+        if m.file_size > _RATIO_FREE and m.file_size > _RATIO_LIMIT * m.compress_size:
+            raise NnpError(
+                f"{path}: {name} expands {m.file_size / max(m.compress_size, 1):.0f}-fold "
+                f"({_amount(m.compress_size)} to {_amount(m.file_size)}), refused as a likely zip bomb "
+                f"(a member over {_amount(_RATIO_FREE)} may expand at most {_RATIO_LIMIT}-fold)")
+        if _is_definition(name) and m.file_size > _DEFINITION_LIMIT:
+            raise NnpError(f"{path}: network definition {name} is {_amount(m.file_size)}; bnfold "
+                           f"reads definitions up to {_amount(_DEFINITION_LIMIT)}")
+        if not _is_h5_params(name):
+            held = m.file_size * (2 if _is_definition(name) else 1)   # a definition: bytes, then text
+            need += held
+            if largest is None or m.file_size > largest.file_size:
+                largest = m
+    available = _memory_available()
+    if available is not None and need > available:
+        raise NnpError(f"{path}: reading it needs {_amount(need)} of memory ({largest.filename}: "
+                       f"{_amount(largest.file_size)}), {_amount(available)} is available")
+
+
+def _read_member(z: zipfile.ZipFile, member: zipfile.ZipInfo) -> bytes:
+    """A member's bytes, read a piece at a time: zipfile decompresses only as much as a read asks."""
+    pieces = []
+    with z.open(member) as stream:
+        while True:
+            piece = stream.read(_COPY_CHUNK)
+            if not piece:
+                return b"".join(pieces)
+            pieces.append(piece)
+
+
+def _memory_available() -> Optional[int]:
+    """Bytes that can still be allocated without swapping, as the system says: Linux's MemAvailable
+    (at most a container's limit, which it does not show), else the free physical memory, else all
+    of it; None where the system says nothing (the other limits still apply)."""
+    found = None
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    found = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        if found is not None:
+            break
+        try:
+            found = os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            pass
+    try:
+        with open("/sys/fs/cgroup/memory.max", "rb") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            found = int(limit) if found is None else min(found, int(limit))
+    except OSError:
+        pass
+    return found
+
+
+def _amount(nbytes: int) -> str:
+    for unit, shift in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20),
+                        ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _check_definition(path, proto):
+    """Refuses what NNabla's builder would loop on for ever or fail on with its internals: two
+    networks or two functions of a network with one name, a function using a variable its network
+    does not declare, a variable written by two functions, a cycle. Linear in the definition's size."""
+    networks = set()
+    for net in proto.network:
+        if net.name in networks:
+            raise NnpError(f"{path}: two networks are named '{net.name}'")
+        networks.add(net.name)
+        where = f"{path}: network '{net.name}'"
+        declared = {v.name: v.type for v in net.variable}
+        producer: Dict[str, int] = {}
+        names = set()
+        for i, f in enumerate(net.function):
+            if f.name in names:   # NNabla finds functions by name: the later one would stand for both
+                raise NnpError(f"{where}: two functions are named '{f.name}'")
+            names.add(f.name)
+            for verb, variables in (("reads", f.input), ("writes", f.output)):
+                for v in variables:
+                    kind = declared.get(v)
+                    if kind is None:
+                        raise NnpError(f"{where}: function '{f.name}' {verb} '{v}', which the "
+                                       f"network does not declare")
+                    if kind not in ("Buffer", "Parameter"):   # NNabla keeps these two kinds only
+                        raise NnpError(f"{where}: function '{f.name}' {verb} '{v}', which the "
+                                       f"network declares as '{kind}', neither Buffer nor Parameter")
+            for v in f.output:
+                if v in producer:
+                    raise NnpError(f"{where}: variable '{v}' is the output of both "
+                                   f"'{net.function[producer[v]].name}' and '{f.name}'")
+                producer[v] = i
+        cycle = _cycle(net.function, producer)
+        if cycle:
+            shown = cycle if len(cycle) <= 6 else cycle[:4] + ["..."] + cycle[-1:]
+            raise NnpError(f"{where}: function '{cycle[0]}' depends on its own output "
+                           f"({' -> '.join(shown)}); NNabla cannot build it")
+
+
+def _cycle(functions, producer) -> Optional[List[str]]:
+    """The names of the functions on one cycle, in data-flow order from the first in the file and
+    back to it; None if there is none. Kahn's order removes every function not on or after a cycle;
+    walking back from one that remains, through predecessors that remain, must come round."""
+    n = len(functions)
+    preds: List[List[int]] = [[] for _ in range(n)]
+    succs: List[List[int]] = [[] for _ in range(n)]
+    for i, f in enumerate(functions):
+        back = _LOOP_BACK.get(f.type)
+        for k, v in enumerate(f.input):
+            p = producer.get(v)
+            if p is not None and k != back:
+                preds[i].append(p)
+                succs[p].append(i)
+    waiting = [len(p) for p in preds]
+    ready = [i for i in range(n) if not waiting[i]]
+    while ready:
+        for j in succs[ready.pop()]:
+            waiting[j] -= 1
+            if not waiting[j]:
+                ready.append(j)
+    left = next((i for i in range(n) if waiting[i]), None)
+    if left is None:
+        return None
+    position: Dict[int, int] = {}
+    walk = []
+    while left not in position:
+        position[left] = len(walk)
+        walk.append(left)
+        left = next(p for p in preds[left] if waiting[p])
+    loop = walk[position[left]:][::-1]            # walked against the data: reversed, it flows
+    first = loop.index(min(loop))
+    loop = loop[first:] + loop[:first]
+    return [functions[i].name for i in loop + loop[:1]]
+
+
+def _no_scratch(path, folder, why) -> NnpError:
+    reason = why if isinstance(why, str) else (why.strerror or _one_line(why))
     return NnpError(f"{path}: cannot copy the parameters to a scratch file in {folder} "
-                    f"({e.strerror or _one_line(e)}); set TMPDIR to a folder with room")
+                    f"({reason}); set TMPDIR to a folder with room")
+
+
+def _check_room(path, folder, nbytes: int):
+    """Refuses before copying ``nbytes`` into ``folder`` where it has no room for them: a disk
+    filled on the way is slower to find and leaves less for everyone."""
+    free = _atomic.free_bytes(folder)
+    if free is not None and nbytes + _atomic.ROOM_MARGIN > free:
+        raise _no_scratch(path, folder, f"it needs {_amount(nbytes)}, {_amount(free)} is free")
 
 
 # NNabla's loader reads every .h5 and .protobuf member of an .nnp as parameters, whatever its name
@@ -156,29 +392,37 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib
 
 
 def _not_a_zip(path, e) -> NnpError:
-    return NnpError(f"{path}: not an .nnp file (not a readable zip archive: {_one_line(e)})")
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
+    return NnpError(f"{path}: not an .nnp file (not a readable zip archive: {reason})")
 
 
 def _read_protobuf(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress):
     """[(name, Param)] of a protobuf parameter member, read a parameter at a time."""
     try:
         with z.open(member) as stream:
-            return [(name, Param(value, need_grad))
-                    for name, value, need_grad in protobuf_params.read(_Counted(stream, progress))]
+            return [(name, Param(value, need_grad)) for name, value, need_grad
+                    in protobuf_params.read(_Counted(stream, progress), member.file_size)]
     except protobuf_params.ProtobufError as e:
         raise NnpError(f"{path}: {member.filename} does not parse: {e}") from None
 
 
+# what h5py reports an HDF5 file's damage with, besides OSError
+_H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+
+
 def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress):
     """[(name, Param)] of an HDF5 parameter member. HDF5 reads at random places, so the member is
-    copied to a scratch file first: disk, not a second copy of the weights in memory."""
+    copied to a scratch file first: disk, not a second copy of the weights in memory. The scratch
+    folder is named for this process, so that a later run can remove it if this one is killed."""
     import h5py
-    out = []
+    folder = tempfile.gettempdir()
+    _atomic.remove_stale(folder)
+    _check_room(path, folder, member.file_size)
     try:
-        scratch_dir = tempfile.TemporaryDirectory(prefix="bnfold-")
+        scratch = _atomic.scratch_dir(folder, "parameters")
     except OSError as e:
-        raise _no_scratch(path, tempfile.gettempdir(), e) from None
-    with scratch_dir as scratch:
+        raise _no_scratch(path, folder, e) from None
+    try:
         local = os.path.join(scratch, "parameter.h5")
         with z.open(member) as stream, open(local, "wb") as dst:
             src = _Counted(stream, progress)
@@ -192,18 +436,131 @@ def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress):
                 try:
                     dst.write(chunk)
                 except OSError as e:
-                    raise _no_scratch(path, scratch, e) from None
+                    raise _no_scratch(path, folder, e) from None
         try:
             with h5py.File(local, "r") as hd:
-                keys = []
-                hd.visit(lambda k: keys.append((hd[k].attrs.get("index", 0), k))
-                         if isinstance(hd[k], h5py.Dataset) else None)
-                for _, k in sorted(keys):
-                    ds = hd[k]
-                    out.append((k, Param(ds[...], bool(ds.attrs.get("need_grad", False)))))
-        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:   # h5py's, on a damaged file
-            raise NnpError(f"{path}: {member.filename} does not parse: {_one_line(e)}") from None
+                return _h5_parameters(f"{path}: {member.filename}", hd, member.file_size)
+        except NnpError:
+            raise
+        except _H5_ERRORS as e:
+            raise NnpError(f"{path}: {member.filename} does not parse: {_h5_reason(e)}") from None
+    finally:
+        _atomic.remove(scratch)
+
+
+def _h5_parameters(where, hd, member_size: int):
+    """[(name, Param)] of the open HDF5 file ``hd``, in the order of their ``index``. Every dataset
+    is checked before any is read; ``where`` names the file and member in messages."""
+    import h5py
+    datasets = []
+    hd.visititems(lambda name, obj: datasets.append((name, obj))
+                  if isinstance(obj, h5py.Dataset) else None)
+    entries, need = [], 0
+    for name, ds in datasets:
+        need += _check_dataset(where, name, ds, member_size)
+        entries.append((_attribute(where, name, ds, "index"), name, ds,
+                        _attribute(where, name, ds, "need_grad")))
+    available = _memory_available()
+    if available is not None and need > available:
+        raise NnpError(f"{where}: its parameters need {_amount(need)} of memory, "
+                       f"{_amount(available)} is available")
+    out = []
+    for _, name, ds, need_grad in sorted(entries, key=lambda e: (e[0], e[1])):
+        try:
+            value = ds[...]
+        except _H5_ERRORS as e:
+            raise NnpError(f"{where}: parameter '{name}' cannot be read ({_h5_reason(e)})") from None
+        out.append((name, Param(value, need_grad)))
     return out
+
+
+def _h5_type_words(ds) -> Optional[str]:
+    """What the dataset holds, in words, where it is not integers or floats (None where it is). The
+    HDF5 class decides: h5py shows enums as their integer type, complex numbers as compounds."""
+    import h5py
+    t = h5py.h5t
+    cls = ds.id.get_type().get_class()
+    if cls in (t.INTEGER, t.FLOAT):
+        return None
+    if cls == t.ENUM and ds.dtype.kind == "b":
+        return "booleans"
+    if cls in (t.COMPOUND, getattr(t, "COMPLEX", t.COMPOUND)) and ds.dtype.kind == "c":
+        return "complex numbers"
+    return {t.STRING: "strings", t.COMPOUND: "records of several fields", t.ENUM: "enumerated values",
+            t.VLEN: "variable-length sequences", t.OPAQUE: "opaque bytes", t.REFERENCE: "references",
+            t.ARRAY: "an array in each element", t.BITFIELD: "bit fields",
+            t.TIME: "time values"}.get(cls, f"values of HDF5 type class {cls}")
+
+
+def _check_dataset(where, name, ds, member_size: int) -> int:
+    """Refuses a dataset that is not an array of numbers, keeps its values outside the member, or
+    declares more bytes than it stores; returns the bytes it declares. Compared before any value is
+    read: a few kB of file can declare a dataset of terabytes."""
+    import h5py
+    what = _h5_type_words(ds)
+    if what is not None:
+        try:
+            dtype = str(ds.dtype)[:60]
+        except TypeError:   # no NumPy equivalent
+            dtype = "none in NumPy"
+        raise NnpError(f"{where}: parameter '{name}' holds {what} (dtype {dtype}), not numbers")
+    if ds.shape is None:
+        raise NnpError(f"{where}: parameter '{name}' has no shape (an empty dataspace), not an array")
+    plist = ds.id.get_create_plist()
+    layout = plist.get_layout()
+    if layout == h5py.h5d.VIRTUAL or plist.get_external_count():
+        files = "other HDF5 files" if layout == h5py.h5d.VIRTUAL else "external files"
+        raise NnpError(f"{where}: parameter '{name}' keeps its values outside the member (in {files})")
+    declared = math.prod(ds.shape) * ds.dtype.itemsize
+    what = f"{_amount(declared)} ({'x'.join(map(str, ds.shape)) or 'a scalar'} {ds.dtype})"
+    if layout == h5py.h5d.CHUNKED:   # compressed, or chunks never written
+        stored = ds.id.get_storage_size()
+        if declared > _RATIO_FREE and declared > _RATIO_LIMIT * stored:
+            raise NnpError(f"{where}: parameter '{name}' declares {what} from {_amount(stored)} "
+                           f"stored (a dataset over {_amount(_RATIO_FREE)} may expand at most "
+                           f"{_RATIO_LIMIT}-fold)")
+    elif declared > member_size:     # contiguous or compact: stored as declared, or never written
+        raise NnpError(f"{where}: parameter '{name}' declares {what}, more than the "
+                       f"{_amount(member_size)} the member holds")
+    return declared
+
+
+def _attribute(where, name, ds, key: str):
+    """The dataset's ``index`` (an integer, default 0) or ``need_grad`` (a boolean or the integer 0
+    or 1, default False), refused in words where it is anything else. NNabla writes one scalar; its
+    shape and type are checked before it is read."""
+    import h5py
+    if key not in ds.attrs:
+        return 0 if key == "index" else False
+    attr = h5py.h5a.open(ds.id, key.encode())
+    count = math.prod(attr.shape) if attr.shape is not None else 0
+    if count != 1:
+        raise NnpError(f"{where}: parameter '{name}': {key} attribute holds {count} values, not one")
+    cls = attr.get_type().get_class()
+    t = h5py.h5t
+    boolean = cls == t.ENUM and attr.dtype.kind == "b"
+    value = np.asarray(ds.attrs[key]).reshape(-1)[0] if cls == t.INTEGER or boolean else None
+    if key == "index" and cls == t.INTEGER:
+        return int(value)
+    if key == "need_grad" and (boolean or value in (0, 1)):
+        return bool(value)
+    what = {t.STRING: "a string", t.FLOAT: "a float", t.ENUM: "an enumerated value",
+            t.COMPOUND: "a record"}.get(cls, f"HDF5 type class {cls}")
+    if key == "index":
+        raise NnpError(f"{where}: parameter '{name}': index attribute is not an integer ({what})")
+    what = f"the integer {value}" if cls == t.INTEGER else what
+    raise NnpError(f"{where}: parameter '{name}': need_grad attribute is not a boolean ({what})")
+
+
+def _h5_reason(e) -> str:
+    """h5py's message without HDF5's call details (addresses, the scratch file's path): an OS error
+    reported through HDF5 comes out as that error's words."""
+    text = _one_line(e.args[0] if isinstance(e, KeyError) and e.args else e)   # not the key's repr
+    os_error = re.search(r"error message = '([^']*)'", text)
+    if os_error:
+        words = os_error.group(1)
+        return words[:1].lower() + words[1:]
+    return re.sub(r",?\s*\w+ = 0x[0-9a-fA-F]+", "", text)
 
 
 def _check_parameters(nnp: NnpFile):
@@ -220,7 +577,7 @@ def _check_parameters(nnp: NnpFile):
                                    f"(input of {f.name}) has no data in the file")
                 want = [d for d in v.shape.dim]
                 got = nnp.params[name].value.shape
-                if int(np.prod(got)) != int(np.prod(want)) or any(d < 0 for d in want):
+                if math.prod(got) != math.prod(want) or any(d < 0 for d in want):
                     raise NnpError(f"{nnp.path}: network '{net.name}': parameter '{name}' has shape "
                                    f"{tuple(got)}, the network declares {tuple(want)}")
 
@@ -234,8 +591,11 @@ def _one_line(e) -> str:
 class NetworkPlan:
     name: str
     plan: Optional[Plan]
-    training: bool                     # has a BN with batch_stat=True: never run to verify
+    training: bool                     # has a BN with batch_stat=True (verified on copies of its
+                                       # running statistics)
     error: Optional[str] = None
+    # the proto function of each function of the planned graph (by position), where it has one
+    functions: List[Optional[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -244,14 +604,24 @@ class FilePlan:
     folds: Dict[str, List[FoldSpec]] = field(default_factory=dict)   # per network, final names
     unique: List[FoldSpec] = field(default_factory=list)             # the folds to compute
     sources: Dict[str, str] = field(default_factory=dict)
+    arrays: Dict[str, tuple] = field(default_factory=dict)           # shape, dtype of each
+    derived: List = field(default_factory=list)                      # the derived maps to compute
+    intermediates: set = field(default_factory=set)
+    edits: Dict[str, "object"] = field(default_factory=dict)         # per network, final names
 
     @property
     def n_folded(self):
-        return sum(len(v) for v in self.folds.values())
+        """BNs folded, over all networks."""
+        return sum(len(n.plan.folded_bns) for n in self.networks if n.plan)
 
     @property
     def skipped(self):
         return [(n.name, s) for n in self.networks if n.plan for s in n.plan.skipped]
+
+    def compute_plan(self) -> Plan:
+        """The folds to compute, as one plan over every network's arrays."""
+        return Plan(tuple(self.unique), (), dict(self.arrays), dict(self.sources),
+                    tuple(self.derived), frozenset(self.intermediates))
 
 
 def _uses(net) -> Dict[str, int]:
@@ -294,10 +664,11 @@ def build_networks(path: str, proto, names=None, parsed=False):
     parameter scope, for the networks of ``proto`` (its network definition; every network, or those
     in ``names``), which name each network's outputs. NNabla loads the file ``path``; with ``parsed``
     it builds from ``proto`` itself, without parameter values (``path`` then only names the file in
-    errors)."""
+    errors). NnpError names the file, the network and the problem in words."""
     import nnabla as nn
     from nnabla.core.graph_def import ProtoGraph
     from nnabla.utils.nnp_graph import NnpLoader, NnpNetwork
+    _check_declared(path, proto, names)
     nets = {}
     scope = OrderedDict()
     with nn.parameter_scope("", scope):
@@ -311,14 +682,15 @@ def build_networks(path: str, proto, names=None, parsed=False):
             else:
                 get_network = NnpLoader(path).get_network
         except Exception as e:  # NNabla's own loader, on a file our checks passed
-            raise NnpError(f"{path}: NNabla cannot load it: {_one_line(e)}") from None
+            where = _failing_network(proto, names)
+            raise NnpError(f"{path}: {where}NNabla cannot load it: {nnabla_words(e)}") from None
         for net in proto.network:
             if names is not None and net.name not in names:
                 continue
             try:
                 built = get_network(net.name)
             except Exception as e:
-                raise NnpError(f"{path}: network '{net.name}' does not build: {_one_line(e)}") \
+                raise NnpError(f"{path}: network '{net.name}' does not build: {nnabla_words(e)}") \
                     from None
             outputs = list(built.outputs.values())
             for ex in proto.executor:
@@ -331,16 +703,74 @@ def build_networks(path: str, proto, names=None, parsed=False):
     return scope, nets
 
 
-def plan_file(nnp: NnpFile, progress=None) -> FilePlan:
-    """Plan every network of the file and settle the folded parameters' names across networks."""
+def _check_declared(path, proto, names):
+    """NNabla looks every function's inputs and outputs up among the network's declared variables
+    and fails with the bare name (a KeyError) when one is missing: said here in words instead."""
+    for net in proto.network:
+        if names is not None and net.name not in names:
+            continue
+        declared = {v.name for v in net.variable}
+        for f in net.function:
+            for verb, vnames in (("reads", f.input), ("writes", f.output)):
+                for name in vnames:
+                    if name not in declared:
+                        raise NnpError(f"{path}: network '{net.name}': function '{f.name}' {verb} "
+                                       f"'{name}', which the network does not declare")
+
+
+def _failing_network(proto, names) -> str:
+    """"network 'NAME': " for the first network NNabla cannot build alone, "" if none (the error then
+    lies between networks). Only on the error path: each network is built again, without values."""
     import nnabla as nn
-    all_names = set(nnp.params)
+    from nnabla.core.graph_def import ProtoGraph
+    from nnabla.utils import nnabla_pb2
+    for net in proto.network:
+        if names is not None and net.name not in names:
+            continue
+        alone = nnabla_pb2.NNablaProtoBuf()
+        alone.network.add().CopyFrom(net)
+        try:
+            with nn.parameter_scope("", OrderedDict()):
+                ProtoGraph.from_proto(alone, param_scope=OrderedDict(),
+                                      rng=np.random.RandomState(1223))
+        except Exception:
+            return f"network '{net.name}': "
+    return ""
+
+
+_SOURCE_LINE = re.compile(r"^\S*[/\\]\S+:\d+$")            # a C++ source location
+_ERROR_HEADER = re.compile(r"^\w+ error in \w+$")            # "value error in setup_impl"
+_FAILED_CHECK = re.compile(r"^Failed `[^`]*`:\s*")            # the C++ condition that failed
+
+
+def nnabla_words(e: BaseException) -> str:
+    """An error NNabla raised, as one line of words: without the C++ source locations and check
+    expressions it carries, and a bare KeyError said as what it means."""
+    if isinstance(e, KeyError) and len(e.args) == 1:
+        return f"it refers to '{e.args[0]}', which is not declared"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    kept = [_FAILED_CHECK.sub("", line) for line in lines
+            if not _SOURCE_LINE.match(line) and not _ERROR_HEADER.match(line)]
+    text = " ".join(kept or lines)
+    return _one_line(text) if text else f"{type(e).__name__} with no message"
+
+
+def plan_file(nnp: NnpFile, progress=None, skip=()) -> FilePlan:
+    """Plan every network of the file and settle the folded parameters' names across networks: a
+    fold that several networks share (the same arrays, the same map) is computed once; an array
+    that another network reads is never folded in place."""
+    import nnabla as nn
+    taken = set(nnp.params)
     for net in nnp.proto.network:
-        all_names.update(v.name for v in net.variable)
+        taken.update(v.name for v in net.variable)
     uses = {net.name: _uses(net) for net in nnp.proto.network}
     dtypes = {name: p.value.dtype for name, p in nnp.params.items()}
-    # planning needs shapes (and the dtypes read() found), not values: NNabla neither parses every
-    # weight a second time nor holds a copy of them
+
+    def values(var, name):
+        return nnp.params[name].value
+
+    # planning needs shapes (and the dtypes read() found), and values only where a move's exactness
+    # depends on them: NNabla neither parses every weight a second time nor holds a copy of them
     scope, built = build_networks(nnp.path, nnp.proto, parsed=True)
     fp = FilePlan([])
     seen: Dict[tuple, FoldSpec] = {}
@@ -353,38 +783,22 @@ def plan_file(nnp: NnpFile, progress=None) -> FilePlan:
             if not outputs:
                 fp.networks.append(NetworkPlan(net.name, None, training, "no outputs"))
                 continue
-            p = make_plan(Graph(outputs), inplace=True, reserved=all_names, dtypes=dtypes)
-            fp.networks.append(NetworkPlan(net.name, p, training))
-            final = []
-            for spec in p.folds:
-                key = (spec.weight, spec.bias, spec.mean, spec.var, spec.gamma, spec.beta, spec.eps,
-                       spec.side, spec.weight_layout, spec.kind)
-                if key in seen:
-                    prev = seen[key]
-                    final.append(replace(spec, folded_weight=prev.folded_weight,
-                                         folded_bias=prev.folded_bias))
-                    continue
-                spec = _settle_names(spec, net.name, uses, all_names, p, fp.sources)
-                seen[key] = spec
-                fp.unique.append(spec)
-                final.append(spec)
-            fp.folds[net.name] = final
+            graph = Graph(outputs)
+            p = make_plan(graph, inplace=True, reserved=taken, dtypes=dtypes, values=values,
+                          skip=skip)
+            taken.update(p.arrays)
+            producer = {o: f.name for f in net.function for o in f.output}
+            functions = [producer.get(f.outputs[0].name) for f in graph.functions]
+            fp.networks.append(NetworkPlan(net.name, p, training, functions=functions))
+            fp.arrays.update(p.arrays)
+            fp.folds[net.name], fp.edits[net.name] = _settle(p, net.name, uses, taken, seen, fp)
     return fp
 
 
-def merge_passes(passes: List[FilePlan]) -> FilePlan:
-    """One FilePlan for folds applied in several passes (a layer takes one BN per pass): every
-    pass's folds, and the BNs the last pass kept."""
-    folds: Dict[str, List[FoldSpec]] = {}
-    for fp in passes:
-        for network, specs in fp.folds.items():
-            folds.setdefault(network, []).extend(specs)
-    return FilePlan(passes[-1].networks, folds, [s for fp in passes for s in fp.unique],
-                    {k: v for fp in passes for k, v in fp.sources.items()})
-
-
-def _settle_names(spec, network, uses, taken, p, sources):
-    """Arrays folded in place must not be seen by another network: fold into new names there."""
+def _settle(p: Plan, network: str, uses, taken, seen, fp: FilePlan):
+    """(the network's folds with the names the file uses, its graph edit renamed alike). Arrays
+    folded in place must not be seen by another network: folded into new names there. A fold
+    computing what another network's fold computes takes that fold's arrays instead."""
     def elsewhere(name):
         return any(name in u for n, u in uses.items() if n != network)
 
@@ -396,50 +810,98 @@ def _settle_names(spec, network, uses, taken, p, sources):
         taken.add(name)
         return name
 
-    changes = {}
-    if spec.weight_in_place and elsewhere(spec.weight):
-        changes["folded_weight"] = new(spec.weight + "_folded")
-        sources[changes["folded_weight"]] = spec.weight
-    if spec.bias is not None and spec.bias_in_place and elsewhere(spec.bias):
-        changes["folded_bias"] = new(spec.bias + "_folded")
-        sources[changes["folded_bias"]] = spec.bias
-    for name in (spec.folded_weight, spec.folded_bias):
-        if name in p.sources and name not in changes.values():
-            sources[name] = p.sources[name]
-            taken.add(name)
-    return replace(spec, **changes) if changes else spec
+    rename: Dict[str, str] = {}
+    keys: Dict[str, tuple] = {}      # an array this plan writes -> how it is computed
+    derived = {d.scale: d for d in p.derived}
+    derived.update({d.shift: d for d in p.derived if d.shift})
+    final = []
+    for spec in p.folds:
+        key = _fold_key(spec, keys, derived, p.intermediates)
+        if key in seen:
+            prev = seen[key]
+            for mine, theirs in ((spec.folded_weight, prev.folded_weight),
+                                 (spec.folded_bias, prev.folded_bias)):
+                if mine is not None:
+                    rename[mine] = theirs
+                    keys[mine] = key
+            final.append(replace(spec, weight=rename.get(spec.weight, spec.weight),
+                                 bias=rename.get(spec.bias, spec.bias),
+                                 folded_weight=prev.folded_weight, folded_bias=prev.folded_bias))
+            continue
+        changes = {"weight": rename.get(spec.weight, spec.weight),
+                   "bias": rename.get(spec.bias, spec.bias)}
+        for field_name, source in (("folded_weight", spec.weight), ("folded_bias", spec.bias)):
+            name = getattr(spec, field_name)
+            if name is None:
+                continue
+            keys[name] = key
+            if name in p.intermediates:
+                continue
+            if name == source and elsewhere(name):
+                changes[field_name] = rename[name] = new(name + "_folded")
+                fp.sources[rename[name]] = name
+                fp.arrays[rename[name]] = p.arrays[name]
+            elif name in p.sources:
+                fp.sources[name] = p.sources[name]
+        spec = replace(spec, **changes)
+        seen[key] = spec
+        fp.unique.append(spec)
+        final.append(spec)
+        for d in p.derived:
+            if d.scale in (spec.gamma, spec.beta) and d not in fp.derived:
+                fp.derived.append(d)
+    fp.intermediates.update(p.intermediates)
+    edit = replace(p.edit, inputs=tuple((f, k, rename.get(n, n)) for f, k, n in p.edit.inputs))
+    return final, edit
+
+
+def _fold_key(spec: FoldSpec, keys, derived, intermediates) -> tuple:
+    """What a fold computes, independent of the names its plan gave the arrays it writes: the same
+    key in two networks is the same result."""
+    def source(name):
+        return keys.get(name, name) if name in intermediates else name
+
+    d = derived.get(spec.gamma)
+    the_map = ("derived", d.n, d.terms, d.shift is not None) if d is not None else \
+        (spec.gamma, spec.beta, spec.mean, spec.var, spec.eps)
+    return (spec.kind, spec.side, spec.weight_layout, spec.bias_layout, spec.bias_reduce_axes,
+            source(spec.weight), source(spec.bias), spec.folded_bias is None, the_map)
 
 
 # -- folding --------------------------------------------------------------------------------------
 def fold_parameters(nnp: NnpFile, fp: FilePlan, backend: str = "auto"):
     """Compute every folded parameter into ``nnp.params`` (new ones added). Returns (backend name,
     bytes rescaled)."""
+    from .backends.compose import compute_derived
     be = get_backend(backend)
-    arrays, shapes = {}, {}
-    for spec in fp.unique:
-        for name in (spec.weight, spec.bias, spec.mean, spec.var, spec.gamma, spec.beta):
-            if name is not None:
-                value = np.ascontiguousarray(nnp.params[name].value)
-                if not value.flags.writeable:
-                    value = value.copy()
-                nnp.params[name].value = value
-                arrays[name] = value
-                shapes[name] = (value.shape, value.dtype)
-    for spec in fp.unique:   # new arrays take the dtype of what they replace (a new bias: the weight's)
-        for name, shape, like in ((spec.folded_weight, spec.weight_shape, spec.weight),
-                                  (spec.folded_bias, spec.bias_shape, spec.bias or spec.weight)):
-            if name not in arrays:
-                arrays[name] = np.empty(shape, arrays[like].dtype)
-                shapes[name] = (shape, arrays[name].dtype)
-    plan = Plan(tuple(fp.unique), (), shapes)
-    be.fold(plan, arrays)   # FoldError: nothing written yet
-    for spec in fp.unique:
+    plan = fp.compute_plan()
+    arrays = {}
+    derived = {n for d in plan.derived for n in (d.scale, d.shift) if n}
+    for spec in plan.folds:
+        reads = [spec.weight, spec.bias, spec.mean, spec.var, spec.gamma, spec.beta]
+        reads += [a for d in plan.derived if d.scale == spec.gamma for t, _, _ in d.terms
+                  for a in t.arrays()]
+        for name in reads:
+            if name is None or name in arrays or name in plan.intermediates:
+                continue
+            value = np.ascontiguousarray(nnp.params[name].value)
+            if not value.flags.writeable:
+                value = value.copy()
+            nnp.params[name].value = value
+            arrays[name] = value
+    for spec in plan.folds:   # new arrays take the dtype the plan gives them
         for name in (spec.folded_weight, spec.folded_bias):
-            if name not in nnp.params:
-                src = fp.sources.get(name, spec.weight)
-                nnp.params[name] = Param(arrays[name], nnp.params[src].need_grad
-                                         if src in nnp.params else False)
-    nbytes = sum(arrays[s.folded_weight].nbytes for s in fp.unique)
+            if name is not None and name not in arrays and name not in derived:
+                shape, dtype = plan.arrays[name]
+                arrays[name] = np.empty(shape, dtype)
+    arrays.update(compute_derived(plan, arrays, np))
+    be.fold(plan, arrays)   # FoldError: nothing written yet
+    for name in plan.new_arrays:
+        src = plan.sources.get(name)
+        nnp.params[name] = Param(arrays[name], nnp.params[src].need_grad
+                                 if src in nnp.params else False)
+    nbytes = sum(arrays[s.folded_weight].nbytes for s in plan.folds
+                 if s.folded_weight is not None and s.folded_weight not in plan.intermediates)
     return be.name, nbytes
 
 
@@ -452,17 +914,18 @@ def _references(net):
 
 
 def rewrite_proto(nnp: NnpFile, fp: FilePlan):
-    """Remove each folded BN from its network and point its layer at the folded parameters; drop the
-    declarations and parameters the folds left unused (and only those)."""
+    """Edit each network as its plan says (maps taken out, layers pointed at their folded
+    parameters, a FusedBatchNormalization's add and ReLU kept); drop the declarations and
+    parameters the folds left unused (and only those)."""
     used_before = set().union(*(set(_uses(n)) for n in nnp.proto.network))
+    plans = {n.name: n for n in fp.networks}
     for net in nnp.proto.network:
-        folds = fp.folds.get(net.name, [])
-        if not folds:
+        edit = fp.edits.get(net.name)
+        if edit is None or not edit.region:
             continue
         refs_before = _references(net)
         declared = {v.name: v for v in net.variable}
-        for spec in folds:
-            _rewrite_one(net, spec, declared)
+        _edit_network(net, edit, plans[net.name].functions, nnp, declared)
         refs = _references(net)
         for name in sorted(refs):
             if name in nnp.params and name not in declared:
@@ -490,50 +953,69 @@ def rewrite_proto(nnp: NnpFile, fp: FilePlan):
             ex.parameter_variable.add().variable_name = name
 
 
-def _rewrite_one(net, spec: FoldSpec, declared):
-    funcs = list(net.function)
-    producer = {o: f for f in funcs for o in f.output}
-    bn = layer = None
-    for f in funcs:
-        if f.type != spec.bn_type or spec.mean not in f.input:
+def _edit_network(net, edit, functions, nnp, declared):
+    """Apply a plan's graph edit to the network's protobuf. The planned graph's functions are found
+    by the variables they write; a map taken out hands its output's name to the function computing
+    its input (where that variable is read only by the map) or its consumers read its input."""
+    by_name = {f.name: f for f in net.function}
+
+    def proto(index):
+        name = functions[index] if index < len(functions) else None
+        f = by_name.get(name)
+        if f is None:
+            raise NnpError(f"network '{net.name}': cannot find the function the fold changes in the "
+                           f"file")
+        return f
+
+    for index, position, array in edit.inputs:
+        f = proto(index)
+        if position < len(f.input):
+            f.input[position] = array
+        else:
+            f.input.append(array)
+    io_names = {v.variable_name for ex in nnp.proto.executor if ex.network_name == net.name
+                for v in list(ex.data_variable) + list(ex.output_variable)}
+    gone = set()
+    replacements = {}
+    for index, data in sorted(edit.removed + tuple((i, 0) for i in edit.fused)):
+        f = proto(index)
+        x, y = f.input[data], f.output[0]
+        if index in edit.fused:
+            replacements[f.name] = _fused_rest(net, f, x, y, declared)
             continue
-        if spec.side == OUTPUT_SIDE:
-            cand = producer.get(f.input[0])
-            if cand is not None and cand.type == spec.kind and len(cand.input) > 1 \
-                    and cand.input[1] == spec.weight:
-                bn, layer = f, cand
-                break
+        gone.add(f.name)
+        readers = [g for g in net.function if g.name not in gone and x in g.input]
+        producer = next((g for g in net.function if g.name not in gone and x in g.output), None)
+        if producer is not None and not readers and x not in io_names:
+            producer.output[list(producer.output).index(x)] = y   # the producer writes y itself
         else:
-            cand = [g for g in funcs if g.type == spec.kind and g.input and g.input[0] == f.output[0]
-                    and len(g.input) > 1 and g.input[1] == spec.weight]
-            if len(cand) == 1:
-                bn, layer = f, cand[0]
-                break
-    if bn is None:
-        raise NnpError(f"network '{net.name}': cannot locate {spec.bn} and its {spec.kind} in the file")
-    del layer.input[1:]
-    layer.input.extend([spec.folded_weight, spec.folded_bias])
-    position = funcs.index(bn)
-    new_functions = []
-    if spec.side == OUTPUT_SIDE:
-        out = bn.output[0]
-        if spec.bn_type == "FusedBatchNormalization":
-            linear = _fresh(declared, out + "_linear", declared[out] if out in declared else None, net)
-            layer.output[0] = linear
-            last = linear
-            if len(bn.input) > 5:
-                summed = _fresh(declared, out + "_sum", declared.get(out), net)
-                add = _new_function(net, "Add2", bn.name + "_add", [linear, bn.input[5]], [summed])
-                new_functions.append(add)
-                last = summed
-            new_functions.append(_new_function(net, "ReLU", bn.name + "_relu", [last], [out]))
-        else:
-            layer.output[0] = out
-    else:
-        layer.input[0] = bn.input[0]
-    rebuilt = funcs[:position] + new_functions + funcs[position + 1:]
+            for g in net.function:
+                if g.name not in gone:
+                    for k, name in enumerate(g.input):
+                        if name == y:
+                            g.input[k] = x
+            if y in io_names:
+                raise NnpError(f"network '{net.name}': {f.name}'s output {y} is an executor's "
+                               f"variable and cannot be taken out")
+    rebuilt = []
+    for f in net.function:
+        if f.name in gone:
+            continue
+        rebuilt.extend(replacements.get(f.name, [f]))
     del net.function[:]
     net.function.extend(rebuilt)
+
+
+def _fused_rest(net, bn, x, out, declared):
+    """The add and ReLU of a FusedBatchNormalization whose BN part is folded, writing its output."""
+    last = x
+    functions = []
+    if len(bn.input) > 5:
+        summed = _fresh(declared, out + "_sum", declared.get(out), net)
+        functions.append(_new_function(net, "Add2", bn.name + "_add", [x, bn.input[5]], [summed]))
+        last = summed
+    functions.append(_new_function(net, "ReLU", bn.name + "_relu", [last], [out]))
+    return functions
 
 
 def _fresh(declared, base, like, net):
@@ -626,52 +1108,94 @@ def _new_entry(member: zipfile.ZipInfo) -> zipfile.ZipInfo:
 
 def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, scratch, progress):
     """The parameters as the HDF5 ``member`` (an entry of ``_new_entry``) of ``z``; ``progress``
-    counts the values written to the scratch file, then the bytes copied into the archive."""
+    counts the values written to the scratch file, then the bytes copied into the archive. The
+    scratch file lives in a folder named for this process (see ``_atomic``) inside ``scratch``, so a
+    run killed meanwhile leaves something the next run recognises and removes.
+
+    HDF5 writes through a Python file object here, not by path: a write that fails (a full disk)
+    then returns to HDF5 as an error it handles. Written by HDF5's own file driver, some fill levels
+    of a full disk left HDF5 inconsistent, and the process crashed at exit."""
     import h5py
     progress.expect(sum(p.value.nbytes for p in params.values()))
-    with tempfile.TemporaryDirectory(prefix=".bnfold-", dir=scratch) as d:
-        local = os.path.join(d, "parameter.h5")
+    with _atomic.scratch(scratch) as d, open(os.path.join(d, "parameter.h5"), "w+b") as local:
         with h5py.File(local, "w") as hd:
             for i, (name, p) in enumerate(params.items()):
                 hd[name] = p.value
                 hd[name].attrs["need_grad"] = p.need_grad
                 hd[name].attrs["index"] = i
                 progress.advance(p.value.nbytes)
-        member.file_size = os.path.getsize(local)   # sizes the member's header (zip64 or not)
+        local.flush()
+        member.file_size = os.fstat(local.fileno()).st_size   # sizes the member's header
         progress.extend(member.file_size)
-        with open(local, "rb") as src, z.open(member, "w") as dst:
-            shutil.copyfileobj(src, _Counted(dst, progress), _COPY_CHUNK)
+        local.seek(0)
+        with z.open(member, "w") as dst:
+            shutil.copyfileobj(local, _Counted(dst, progress), _COPY_CHUNK)
 
 
-def write_temp(nnp: NnpFile, target: str, progress=None) -> str:
-    """Write ``nnp`` to a new temporary file beside ``target``; returns its path. ``os.replace`` it
-    onto ``target`` once it is known good (same directory: the rename is atomic)."""
-    directory = os.path.dirname(os.path.abspath(target)) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp.nnp",
-                               dir=directory)
+def write_temp(nnp: NnpFile, target: str, progress=None):
+    """Write ``nnp`` to a new temporary file beside ``target`` (a symlink's target), flushed to disk,
+    with the owner, group and mode of the file it will replace. Returns the ``_atomic.AtomicFile``:
+    ``commit()`` it once it is known good, else ``discard()`` it. A write that fails (a full disk, a
+    quota, an I/O error, HDF5's errors about them) is an NnpError in words, with nothing left."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            serialize(nnp, f, scratch=directory, progress=progress)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(target):      # keep the replaced file's permissions
-            os.chmod(tmp, os.stat(target).st_mode & 0o7777)
-        else:                           # mkstemp's 0600 -> what a plain open() would give
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+        pending = _atomic.AtomicFile(target, suffix=".nnp")   # NNabla opens it by its extension
+    except OSError as e:
+        raise _write_failure(target, e) from None
+    try:
+        try:
+            serialize(nnp, pending.file, scratch=os.path.dirname(pending.target), progress=progress)
+            pending.finish()
+        except NnpError:
+            raise
+        except (OSError, RuntimeError, ValueError, zipfile.LargeZipFile) as e:
+            raise _write_failure(target, e) from None
     except BaseException:
-        os.unlink(tmp)
+        pending.discard()
         raise
-    return tmp
+    return pending
+
+
+_H5_ERRNO = re.compile(r"errno = (\d+)")
+
+
+def _write_failure(target, e) -> NnpError:
+    """HDF5 reports a failed write with its internals (addresses, offsets); the errno in it, or the
+    OSError's own, says what happened."""
+    code = getattr(e, "errno", None)
+    if not code:
+        m = _H5_ERRNO.search(str(e))
+        code = int(m.group(1)) if m else None
+    if code:
+        words = os.strerror(code)
+    elif isinstance(e, zipfile.LargeZipFile):
+        words = "the archive would need zip64 extensions"
+    else:
+        words = "the HDF5 library could not write the parameters (a full disk or an I/O error)"
+    return NnpError(f"{target}: cannot write: {words}; nothing written")
 
 
 # -- verifying ------------------------------------------------------------------------------------
-def verify(original, folded, networks, seed: int = 0, progress=None):
-    """Run each network of ``networks`` from both files on the same seeded random inputs; one record
-    per output with max abs / max relative error. ``original`` and ``folded``: (path, network
-    definition, as ``structure`` gives it). ``progress.step(label)`` is called as each file is loaded
-    and each network run."""
+class VerifyImpossible(Exception):
+    """NNabla cannot run a network of the original file in this context, so there is nothing to
+    compare the folded one with; the message is one line."""
+
+
+# Inputs that NNabla reads as indices (labels, token ids): random values there would index out of
+# range, so they are fed zeros.
+_INDEX_INPUTS = {"SoftmaxCrossEntropy": (1,), "CategoricalCrossEntropy": (1,), "TopNError": (1,),
+                 "Embed": (0,), "OneHot": (0,), "Gather": (1,), "GatherNd": (1,), "ScatterNd": (1,)}
+_BN_STATISTICS = (3, 4)   # mean and variance among a (Fused)BatchNormalization's inputs
+
+
+def verify(original, folded, networks, seed: int = 0, progress=None, inputs=None):
+    """Run each network of ``networks`` from both files on the same inputs (``inputs``: {input name:
+    array}, seeded random values for the rest); one record per output the network has or its
+    executors declare, with max abs / max relative error. ``original`` and ``folded``: (path, network
+    definition, as ``structure`` gives it). A network with batch_stat=True BNs updates their running
+    statistics as it runs: they are restored after each run, so the next network reads the file's.
+    Raises VerifyImpossible when NNabla cannot run an original network here; a folded network that
+    does not run gets records with infinite errors and its ``error``. ``progress.step(label)`` is
+    called as each file is loaded and each network run."""
     import nnabla as nn
     runs = []
     for which, (path, proto) in (("original", original), ("folded", folded)):
@@ -683,31 +1207,138 @@ def verify(original, folded, networks, seed: int = 0, progress=None):
             for name in networks:
                 if progress:
                     progress.step(f"verify: running {which} {name}")
-                outputs, net = built[name]
-                rng = np.random.RandomState(seed)
-                for key in sorted(net.inputs):
-                    x = net.inputs[key]
-                    x.d = rng.standard_normal(x.shape).astype(np.float32)
-                got = {}
-                for key, y in sorted(net.outputs.items()):
-                    y.forward(clear_no_need_grad=True)
-                    got[key] = y.d.copy()
-                results[name] = got
+                net_def = next(n for n in proto.network if n.name == name)
+                try:
+                    results[name] = _run_network(name, net_def, proto, built[name][1], seed,
+                                                 inputs or {})
+                except NnpError:
+                    raise
+                except Exception as e:
+                    if which == "original":
+                        where = ", ".join(nn.get_current_context().backend) or "its context"
+                        raise VerifyImpossible(f"NNabla cannot run network '{name}' on {where}: "
+                                               f"{nnabla_words(e).rstrip('.')}") from None
+                    results[name] = nnabla_words(e)
+        del scope, built   # the original's weights go before the folded file's are loaded
         runs.append(results)
     records = []
     for name in networks:
+        got = runs[1][name]
         for key, a in runs[0][name].items():
-            b = runs[1][name].get(key)
-            if b is None or a.shape != b.shape:
+            if isinstance(got, str):
                 records.append({"network": name, "output": key, "max_abs": float("inf"),
-                                "max_rel": float("inf")})
+                                "max_rel": float("inf"), "error": got})
                 continue
-            diff = float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0
-            scale = float(np.abs(a).max()) if a.size else 0.0
-            records.append({"network": name, "output": key, "max_abs": diff,
-                            "max_rel": diff / scale if scale > 0 else diff})
+            b = got.get(key)
+            max_abs, max_rel = _difference(a, b)
+            records.append({"network": name, "output": key, "max_abs": max_abs, "max_rel": max_rel})
     return records
 
 
-__all__ = ["NnpError", "NnpFile", "read", "plan_file", "merge_passes", "fold_parameters",
-           "rewrite_proto", "serialize", "structure", "write_temp", "verify", "FoldError", "Skip"]
+def _run_network(name, net_def, proto, net, seed, given):
+    """{output name: values} of one NnpNetwork run once; its BN running statistics as they were."""
+    import nnabla as nn
+    rng = np.random.RandomState(seed)
+    index_inputs = {f.input[i] for f in net_def.function for i in _INDEX_INPUTS.get(f.type, ())
+                    if i < len(f.input)}
+    for key in sorted(net.inputs):
+        x = net.inputs[key]
+        if key in given:
+            value = np.asarray(given[key])
+            if value.shape != tuple(x.shape):
+                raise NnpError(f"input '{key}' of network '{name}' has shape {tuple(x.shape)}; the "
+                               f"data given for it has shape {value.shape}")
+            x.d = value
+        elif key in index_inputs:
+            x.d = np.zeros(x.shape, np.float32)
+        else:
+            x.d = rng.standard_normal(x.shape).astype(np.float32)
+    named = dict(net.outputs)
+    for ex in proto.executor:
+        if ex.network_name == name:
+            for ov in ex.output_variable:
+                v = net.variables.get(ov.variable_name)
+                if v is not None:
+                    named.setdefault(ov.variable_name, v)
+    statistics = {}
+    for f in net_def.function:
+        if f.type in BN_TYPES and _bn_param(f).batch_stat:
+            for i in _BN_STATISTICS:
+                v = net.variables.get(f.input[i]) if i < len(f.input) else None
+                if v is not None and f.input[i] not in statistics:
+                    statistics[f.input[i]] = (v, v.d.copy())
+    try:
+        for v in named.values():
+            v.persistent = True       # an executor's output may be an intermediate variable
+        with _nnabla_stderr_held():
+            nn.forward_all(list(named.values()), clear_buffer=True)
+        return {key: v.d.copy() for key, v in sorted(named.items())}
+    finally:
+        for v, value in statistics.values():
+            v.d = value
+
+
+def _bn_param(f):
+    return f.batch_normalization_param if f.type == "BatchNormalization" \
+        else f.fused_batch_normalization_param
+
+
+def _difference(a, b):
+    """(max abs, max relative) error of ``b`` against ``a``; NaN or infinity where ``a`` has the same
+    is no error, anywhere else an infinite one."""
+    inf = float("inf")
+    if b is None or a.shape != b.shape:
+        return inf, inf
+    if not a.size:
+        return 0.0, 0.0
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    with np.errstate(all="ignore"):
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+        if same.all():
+            return 0.0, 0.0
+        finite = np.isfinite(a) & np.isfinite(b)
+        if not finite[~same].all():
+            return inf, inf
+        diff = float(np.abs(a - b)[~same].max())
+        magnitudes = np.abs(a[np.isfinite(a)])
+        scale = float(magnitudes.max()) if magnitudes.size else 0.0
+    return diff, (diff / scale if scale > 0 else diff)
+
+
+class _nnabla_stderr_held:
+    """NNabla's C++ prints a trace of a failing forward straight to file descriptor 2 ("Error during
+    forward propagation: ... <-- ERROR"), besides raising: it is held while NNabla runs, and shown
+    only if NNabla returns normally (the error itself is reported in one line)."""
+
+    def __enter__(self):
+        import sys
+        self.saved = self.held = None
+        try:
+            sys.stderr.flush()
+            self.saved = os.dup(2)
+        except (OSError, AttributeError, ValueError):
+            return self
+        try:
+            self.held = tempfile.TemporaryFile()
+        except OSError:
+            self.held = open(os.devnull, "w+b")
+        os.dup2(self.held.fileno(), 2)
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if self.saved is None:
+            return False
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        if kind is None:
+            self.held.seek(0)
+            text = self.held.read()
+            if text:
+                os.write(2, text)
+        self.held.close()
+        return False
+
+
+__all__ = ["NnpError", "NnpFile", "read", "plan_file", "fold_parameters",
+           "rewrite_proto", "serialize", "structure", "write_temp", "verify", "VerifyImpossible",
+           "FoldError", "Skip"]

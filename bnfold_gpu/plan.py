@@ -8,46 +8,91 @@ from typing import Optional, Tuple
 
 from .layout import ChannelLayout
 
-OUTPUT_SIDE = "output"  # layer -> BN: the BN rescales the layer's output channels
-INPUT_SIDE = "input"    # BN -> layer: the BN rescales the layer's input channels
+OUTPUT_SIDE = "output"  # layer -> map: the map rescales the layer's output channels
+INPUT_SIDE = "input"    # map -> layer: the map rescales the layer's input channels
+
+
+@dataclass(frozen=True)
+class MapTerm:
+    """One function of a composed map, as the backends compute it.
+
+    ``kind`` "bn": ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale`` (``gamma``,
+    ``beta`` None for no_scale / no_bias). "scale": a multiply by the stored constant ``value`` (its
+    reciprocal where ``reciprocal``: a Div2) or by ``scalar``. "shift": an add of ``value`` (negated
+    where ``negate``: a Sub2) or of ``scalar``. ``n_channels``: the values it holds (1 for a scalar).
+    """
+    label: str
+    kind: str
+    n_channels: int
+    gamma: Optional[str] = None
+    beta: Optional[str] = None
+    mean: Optional[str] = None
+    var: Optional[str] = None
+    eps: float = 0.0
+    value: Optional[str] = None
+    scalar: Optional[float] = None
+    reciprocal: bool = False
+    negate: bool = False
+
+    def arrays(self):
+        return [n for n in (self.gamma, self.beta, self.mean, self.var, self.value) if n]
+
+
+@dataclass(frozen=True)
+class DerivedMap:
+    """A map composed of ``terms``, applied in order, computed (float64) into the arrays ``scale`` and
+    ``shift`` (None: scale only) over ``n`` channels before the fold. Each term comes with its gather
+    (the term's channel for each of the ``n``; -1: not this term) and whether only its scale counts
+    (the second input of an add takes the map's scale, the first its shift)."""
+    scale: str
+    shift: Optional[str]
+    n: int
+    terms: Tuple[Tuple[MapTerm, Tuple[int, ...], bool], ...]
 
 
 @dataclass(frozen=True)
 class FoldSpec:
-    """One BN folded into one layer.
+    """A map folded into one side of one layer (or, ``weight`` None, the shift of a map into the
+    stored constant of an add that stays).
 
-    ``weight``/``bias`` name the layer's current arrays (``bias`` is None when it has none);
+    ``weight``/``bias`` name the layer's current arrays (``bias`` None when it has none);
     ``folded_weight``/``folded_bias`` name where the results go: the same names when rescaled in place,
     new names when the arrays are created (a missing bias, a weight shared with other layers,
-    ``inplace=False``). ``beta``/``gamma`` are None for ``no_bias``/``no_scale``.
+    ``inplace=False``); ``folded_bias`` is None where the fold leaves the bias as it is (a map without
+    shift folded into the layer's input, or into a layer without bias). The map is a BN's
+    ``gamma``/``beta``/``mean``/``var``/``eps`` (``beta``/``gamma`` None for no_bias/no_scale), or a
+    derived map (``gamma`` its scale, ``beta`` its shift, ``mean``/``var`` None: 0 and 1, ``eps`` 0).
+    ``maps`` names every function the fold takes out of the graph; ``bn`` is how it is reported.
     """
     bn: str
     kind: str
     side: str
     bn_type: str
-    weight: str
+    weight: Optional[str]
     bias: Optional[str]
-    folded_weight: str
-    folded_bias: str
+    folded_weight: Optional[str]
+    folded_bias: Optional[str]
     beta: Optional[str]
     gamma: Optional[str]
-    mean: str
-    var: str
+    mean: Optional[str]
+    var: Optional[str]
     eps: float
     weight_shape: Tuple[int, ...]
     bias_shape: Tuple[int, ...]
-    weight_layout: ChannelLayout
+    weight_layout: Optional[ChannelLayout]
     # OUTPUT_SIDE: the bias's channel layout; INPUT_SIDE: unused (the bias is indexed by output).
     bias_layout: Optional[ChannelLayout]
-    # INPUT_SIDE: the weight axes summed to push the BN's shift through the layer into its bias.
+    # INPUT_SIDE: the weight axes summed to push the map's shift through the layer into its bias.
     bias_reduce_axes: Tuple[int, ...] = ()
-    layer_index: int = -1   # positions in the graph's function order, for the rewriter
+    layer_index: int = -1   # positions in the graph's function order
     bn_index: int = -1
     note: str = ""          # why arrays were cloned or created, for the report
+    maps: Tuple[str, ...] = ()   # every function it takes out of the graph
+    bns: Tuple[str, ...] = ()    # the BNs among them
 
     @property
     def n_channels(self) -> int:
-        return self.weight_layout.n_channels
+        return (self.weight_layout or self.bias_layout).n_channels
 
     @property
     def weight_in_place(self) -> bool:
@@ -65,8 +110,20 @@ class Skip:
     bn_type: str
     reason: str
     bn_index: int = -1
-    next_pass: bool = False   # folds on a later pass: folding the result again (a layer takes one BN
-                              # per pass)
+    next_pass: bool = False   # always False: one fold does every fold there is
+
+
+@dataclass(frozen=True)
+class GraphEdit:
+    """How the graph changes, by positions in the graph's function order: the map functions taken out
+    (each with the input that carries the data), the FusedBatchNormalizations whose BN part is taken
+    out (their add and ReLU stay), the parameters given to functions ((function, input position,
+    array); a position past the last input appends one, a layer's new bias), and every function of
+    the regions the folds touch, which the rewriter rebuilds."""
+    removed: Tuple[Tuple[int, int], ...] = ()
+    fused: Tuple[int, ...] = ()
+    inputs: Tuple[Tuple[int, int, str], ...] = ()
+    region: Tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,17 +134,33 @@ class Plan:
     arrays: dict = field(default_factory=dict, compare=False)
     # each new array's source (the array it copies, or for a created bias the layer's weight)
     sources: dict = field(default_factory=dict, compare=False)
+    derived: Tuple[DerivedMap, ...] = ()
+    # arrays of the fold itself, never parameters: derived maps, and what a layer folded on both
+    # sides holds between its two folds
+    intermediates: frozenset = frozenset()
+    edit: GraphEdit = field(default_factory=GraphEdit, compare=False)
 
     @property
     def new_arrays(self):
-        """Names of the arrays the plan creates (folded copies and missing biases)."""
+        """Names of the parameters the plan creates (folded copies and missing biases)."""
+        existing = {n for s in self.folds for n in (s.weight, s.bias) if n is not None}
         names = []
         for s in self.folds:
-            if not s.weight_in_place:
-                names.append(s.folded_weight)
-            if not s.bias_in_place:
-                names.append(s.folded_bias)
+            for name in (s.folded_weight, s.folded_bias):
+                if name is not None and name not in existing and name not in self.intermediates \
+                        and name not in names:
+                    names.append(name)
         return names
+
+    @property
+    def folded_maps(self) -> Tuple[str, ...]:
+        """Every map function the plan takes out of the graph, once, in plan order."""
+        return _unique(m for s in self.folds for m in s.maps)
+
+    @property
+    def folded_bns(self) -> Tuple[str, ...]:
+        """Every BN the plan folds, once, in plan order."""
+        return _unique(b for s in self.folds for b in s.bns)
 
     def bytes_rescaled(self) -> int:
         return sum(self.arrays[s.folded_weight][1].itemsize * prod(s.weight_shape)
@@ -103,11 +176,19 @@ class Plan:
             lines.append(format_table([("BN left in the graph", "reason")] +
                                       [(s.bn, s.reason) for s in self.skipped]))
         lines.append("")
-        lines.append(f"{len(self.folds)} folded, {len(self.skipped)} left in the graph")
+        lines.append(f"{len(self.folded_bns)} folded, {len(self.skipped)} left in the graph")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _unique(names) -> tuple:
+    out = []
+    for n in names:
+        if n not in out:
+            out.append(n)
+    return tuple(out)
 
 
 def format_table(rows) -> str:

@@ -1,304 +1,810 @@
-"""Graph -> plan: one pass over the functions, deciding for each BN what it folds into, or why not.
+"""Graph -> plan: every BN, and every multiply or add by a stored per-channel constant, is a per-channel
+affine map ``y = s * x + t``, moved exactly to a layer that absorbs it.
 
-Preference: a BN folds into the layer that produces its input (always exact); failing that, into the
-single layer that consumes its output, where that is exact. A layer absorbs at most one BN.
+One pass over the functions finds the maps; then each map, downstream ones first, moves backward
+(against the data) through the functions it commutes with (``moves``), composing every map it meets,
+until the output of a layer absorbs it, which is always exact; failing that it moves forward until the
+input of a layer absorbs it, where that is exact. A layer absorbs one map on each side. After an add
+of two branches, the map's scale goes into both branches' layers and its shift into one. A layer
+without a bias of its own (the matrix product NNabla's ONNX importer makes of Gemm) leaves the map's
+shift in the add of its bias that follows it. Every BN that stays says which function stopped it.
 """
+import fnmatch
+from dataclasses import dataclass, field, replace
 from math import prod
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import moves
 from .backends.common import FoldError
+from .backends.compose import compose, term_values
 from .graph import BN_TYPES, Graph
-from .layout import FOLDABLE_FROM, FOLDABLE_INTO, LayoutError, input_layout, output_layout
-from .plan import INPUT_SIDE, OUTPUT_SIDE, FoldSpec, Plan, Skip
+from .layout import (FOLDABLE_FROM, FOLDABLE_INTO, SHIFT_FREE_ONLY, LayoutError, input_channel_axis,
+                     input_layout, output_channel_axis, output_layout)
+from .moves import Site, Stop
+from .plan import (INPUT_SIDE, OUTPUT_SIDE, DerivedMap, FoldSpec, GraphEdit, MapTerm, Plan, Skip)
+
+_CONSTANT_OPS = ("Mul2", "Add2", "Sub2", "Div2", "MulScalar", "AddScalar")
 
 
 class _Reject(Exception):
-    """This BN cannot fold this way; the message is the reason."""
+    """This map cannot fold this way; the message is the reason."""
 
 
-class _BN:
-    """A BN function's inputs and arguments, read once."""
+class _Fn:
+    """A function's type, arguments, inputs, outputs and their shapes, read once."""
+    __slots__ = ("f", "index", "type", "args", "inputs", "outputs", "in_shapes", "out_shapes")
 
-    def __init__(self, f, index: int, graph: Graph):
-        self.f = f
-        self.index = index
-        self.type = f.info.type_name
-        self.args = f.info.args
-        inputs = f.inputs
-        self.x = inputs[0]
-        self.out = f.outputs[0]
-        self.z = None
-        self.params: Dict[str, Optional[object]] = {}
-        if self.type == "BatchNormalization":
-            labels = ["beta"] * (not self.args["no_bias"]) + ["gamma"] * (not self.args["no_scale"])
-            labels += ["mean", "var"]
-            if len(inputs) != 1 + len(labels):
-                raise _Reject(f"has {len(inputs) - 1} parameter inputs, expected {len(labels)} "
-                              f"for no_bias={self.args['no_bias']}, no_scale={self.args['no_scale']}")
-        else:
-            labels = ["beta", "gamma", "mean", "var"]
-            self.z = inputs[5] if len(inputs) > 5 else None
-        for label, v in zip(labels, inputs[1:]):
-            self.params[label] = v
-        mean = self.params["mean"]
-        self.name = graph.name(mean, self.type)
-        if self.name.endswith("/mean"):
-            self.name = self.name[:-len("/mean")]
-
-    def check_foldable(self):
-        if self.args["batch_stat"]:
-            raise _Reject("batch_stat=True: it normalizes with each batch's statistics, "
-                          "not a fixed per-channel map")
-        if self.type == "FusedBatchNormalization" and self.args.get("nonlinearity") != "relu":
-            raise _Reject(f"nonlinearity {self.args.get('nonlinearity')!r} is not supported")
-        for label, v in self.params.items():
-            if v.parent is not None:
-                raise _Reject(f"its {label} is computed in the graph, not a stored parameter")
-        axes = list(self.args["axes"])
-        if len(axes) != 1:
-            raise _Reject(f"normalizes over axes {axes}; only one channel axis folds")
-        axis = axes[0] + (self.x.ndim if axes[0] < 0 else 0)
-        return axis
+    def __init__(self, f, index):
+        self.f, self.index = f, index
+        info = f.info
+        self.type, self.args = info.type_name, info.args
+        self.inputs, self.outputs = list(f.inputs), list(f.outputs)
+        self.in_shapes = [tuple(v.shape) for v in self.inputs]
+        self.out_shapes = [tuple(v.shape) for v in self.outputs]
 
 
-def plan(graph: Graph, inplace: bool = True, reserved=(), dtypes=None) -> Plan:
+@dataclass
+class _Map:
+    """A map function: its term, the input carrying the data, where its channels are (None: the
+    same value for every element)."""
+    fn: _Fn
+    term: MapTerm
+    data: int
+    site: Optional[Site]
+    is_bn: bool
+    fused: bool = False
+
+
+@dataclass
+class _Term:
+    term: MapTerm
+    gather: Optional[np.ndarray]     # over the group's current site; None: uniform
+    scale_only: bool = False
+
+
+@dataclass
+class _Walk:
+    """A map on its way: its terms over the current site, the functions it passed."""
+    site: Optional[Site]
+    terms: List[_Term]
+    maps: List[_Map]
+    region: List[_Fn]
+    park: Optional[tuple] = None     # (add map, its site, terms from it on): where a shift can stay
+
+    def copy(self):
+        return _Walk(self.site, [_Term(t.term, t.gather, t.scale_only) for t in self.terms],
+                     list(self.maps), list(self.region), self.park)
+
+
+@dataclass
+class _Side:
+    """What one side of one layer absorbs."""
+    fn: _Fn
+    side: str
+    site: Site
+    terms: List[_Term]
+    maps: List[_Map]
+    park: Optional[tuple] = None     # output side of a layer without bias: (add map, site, terms)
+    label: str = ""
+    region: List[_Fn] = field(default_factory=list)   # every function the fold rebuilds
+    scale_only: bool = False         # the map's shift is zero where it lands (checked): not folded
+
+
+def plan(graph: Graph, inplace: bool = True, reserved=(), dtypes=None, values=None, skip=()) -> Plan:
     """The plan for ``graph``. ``inplace=False`` sends every folded array to a new name; new names
     avoid every name of the graph and of ``reserved``. ``dtypes`` (name -> dtype) gives the arrays'
-    dtypes where the graph's parameters hold no data; otherwise they are read from the parameters."""
-    return _Planner(graph, inplace, reserved, dtypes).run()
+    dtypes where the graph's parameters hold no data; otherwise they are read from the parameters.
+    ``values(var, name)`` gives a parameter's values, for the moves whose exactness depends on them
+    (default: read from the variable). ``skip``: BN names or glob patterns not to fold."""
+    return _Planner(graph, inplace, reserved, dtypes, values, skip).run()
+
+
+class _Facts(moves.Facts):
+    """The walk's map, evaluated where it stands (float64, from the statistics)."""
+
+    def __init__(self, planner, walk: _Walk):
+        self.planner, self.walk = planner, walk
+        self._values = None
+
+    def _map(self):
+        if self._values is None:
+            w = self.walk
+            n = w.site.n if w.site is not None else 1
+            terms = tuple((t.term, np.zeros(n, np.int64) if t.gather is None else t.gather,
+                           t.scale_only) for t in w.terms)
+            try:
+                s, t = compose(DerivedMap("", "", n, terms), self.planner.value_of, np)
+            except FoldError:
+                s = t = np.array([np.nan])
+            self._values = (s, t)
+        return self._values
+
+    def shift_is_zero(self) -> bool:
+        return bool((self._map()[1] == 0).all())
+
+    def scale_nonnegative(self) -> bool:
+        return bool((self._map()[0] >= 0).all())
+
+    def describe(self) -> str:
+        return "its map" if len(self.walk.terms) == 1 else "the map it composes with " + \
+            ", ".join(t.term.label for t in self.walk.terms[:-1])
 
 
 class _Planner:
-    def __init__(self, graph: Graph, inplace: bool, reserved=(), dtypes=None):
+    def __init__(self, graph: Graph, inplace: bool, reserved=(), dtypes=None, values=None, skip=()):
         self.g = graph
         self.dtypes = dtypes or {}
         self.inplace = inplace
+        self.values = values
+        self.skip = tuple(skip)
         self.outputs = set(graph.outputs)
         self.taken = graph.all_names() | set(reserved)
-        self.index = {f: i for i, f in enumerate(graph.functions)}
-        self.used_layers = set()
+        self.fns = [_Fn(f, i) for i, f in enumerate(graph.functions)]
+        self.by_f = {fn.f: fn for fn in self.fns}
+        self.consumers: Dict = {}
+        for fn in self.fns:
+            for k, v in enumerate(fn.inputs):
+                self.consumers.setdefault(v, []).append((fn, k))
         self.arrays: Dict[str, Tuple[tuple, np.dtype]] = {}
         self.sources: Dict[str, str] = {}
+        self.claimed = set()                          # map functions taken by a fold
+        self.sides: Dict[Tuple[int, str], _Side] = {}
+        self._values_cache = {}
+
+    # -- reading the graph ---------------------------------------------------------------------------
+    def _uses(self, var) -> int:
+        """How many function inputs read ``var``. In the graph, by NNabla's variable identity: a
+        parameter reused by several parametric-function calls has one handle per call. Through this
+        handle's ``function_references``, which also sees functions outside the graph. A function
+        that reads ``var`` twice counts twice."""
+        elsewhere = sum(1 for f in var.function_references if _live(f) for v in f.inputs if v == var)
+        return max(self.g.uses[var], elsewhere)
+
+    def _only_here(self, var, what: str):
+        """_Reject unless ``var`` is read by one function input and is no graph output: a fold
+        changes its values."""
+        if var in self.outputs:
+            raise _Reject(f"{what} is also a graph output")
+        uses = self._uses(var)
+        if uses > 1:
+            raise _Reject(f"{what} also feeds {uses - 1} other function input(s)")
+
+    def value_of(self, name: str) -> np.ndarray:
+        got = self._values_cache.get(name)
+        if got is None:
+            if not hasattr(self, "_by_name"):
+                self._by_name = self.g.variables_by_name()
+            var = self._by_name.get(name)
+            if self.values is not None:
+                got = np.asarray(self.values(var, name))
+            else:
+                got = np.array(var.data.get_data("r"))
+            self._values_cache[name] = got
+        return got
+
+    def _stored(self, var) -> Optional[Tuple["object", List[_Fn]]]:
+        """(parameter, reshapes between) when ``var`` is a stored parameter, possibly through
+        reshapes read only here (as NNabla's ONNX importer feeds matrices and biases); else None."""
+        reshapes = []
+        while var.parent is not None:
+            fn = self.by_f.get(var.parent)
+            if fn is None or fn.type != "Reshape" or self._uses(var) != 1 or var in self.outputs:
+                return None
+            reshapes.append(fn)
+            var = fn.inputs[0]
+        return var, reshapes[::-1]
+
+    def _registered(self, var) -> bool:
+        """A constant operand is a parameter, not a data input fed at run time: it is registered."""
+        return self.g.home(var) is not None
+
+    def _bn_label(self, fn: _Fn) -> str:
+        inputs = fn.inputs
+        mean_at = 3 if fn.type == "FusedBatchNormalization" else len(inputs) - 2
+        if len(inputs) < 3:
+            return f"<{fn.type} #{fn.index}>"
+        name = self.g.name(inputs[mean_at], fn.type)
+        return name[:-len("/mean")] if name.endswith("/mean") else name
+
+    # -- the maps of the graph -------------------------------------------------------------------------
+    def _bn_map(self, fn: _Fn) -> _Map:
+        args = fn.args
+        if args["batch_stat"]:
+            raise _Reject("batch_stat=True: it normalizes with each batch's statistics, not a fixed "
+                          "per-channel map")
+        if fn.type == "FusedBatchNormalization" and args.get("nonlinearity") != "relu":
+            raise _Reject(f"nonlinearity {args.get('nonlinearity')!r} is not supported")
+        inputs = fn.inputs
+        if fn.type == "BatchNormalization":
+            labels = ["beta"] * (not args["no_bias"]) + ["gamma"] * (not args["no_scale"])
+            labels += ["mean", "var"]
+            if len(inputs) != 1 + len(labels):
+                raise _Reject(f"has {len(inputs) - 1} parameter inputs, expected {len(labels)} "
+                              f"for no_bias={args['no_bias']}, no_scale={args['no_scale']}")
+        else:
+            labels = ["beta", "gamma", "mean", "var"]
+        params = dict(zip(labels, inputs[1:]))
+        for label, v in params.items():
+            if v.parent is not None:
+                raise _Reject(f"its {label} is computed in the graph, not a stored parameter")
+        x = inputs[0]
+        axes = sorted(a + (x.ndim if a < 0 else 0) for a in args["axes"])
+        if axes != list(range(axes[0], axes[0] + len(axes))):
+            raise _Reject(f"normalizes over axes {list(args['axes'])}, which are not adjacent")
+        site = Site(tuple(x.shape), axes[0], axes[-1] + 1)
+        label = self._bn_label(fn)
+        names = {k: self.g.name(v, k) for k, v in params.items()}
+        for k, v in params.items():
+            if v.size != site.n:
+                raise FoldError(f"{label}: {k} has {v.size} values but the BN normalizes "
+                                f"{site.n} channels")
+            self.arrays[names[k]] = (tuple(v.shape), self._dtype(names[k], v))
+        term = MapTerm(label, "bn", site.n, gamma=names.get("gamma"), beta=names.get("beta"),
+                       mean=names["mean"], var=names["var"], eps=float(args["eps"]))
+        return _Map(fn, term, 0, site, True, fused=fn.type == "FusedBatchNormalization")
+
+    def _constant_map(self, fn: _Fn) -> Optional[_Map]:
+        """A multiply or add by a stored constant as a map, or None."""
+        if fn.type in ("MulScalar", "AddScalar"):
+            label = f"{fn.type}({fn.args['val']:g}) #{fn.index}"
+            kind = "scale" if fn.type == "MulScalar" else "shift"
+            return _Map(fn, MapTerm(label, kind, 1, scalar=float(fn.args["val"])), 0, None, False)
+        if len(fn.inputs) != 2:
+            return None
+        for data, const in ((0, 1), (1, 0)):
+            if fn.type in ("Sub2", "Div2") and data != 0:
+                continue      # c - x and c / x are not maps of x of this form
+            x, c = fn.inputs[data], fn.inputs[const]
+            if tuple(x.shape) != fn.out_shapes[0] or x.parent is None:
+                continue
+            stored = self._stored(c)
+            if stored is None or not self._registered(stored[0]):
+                continue
+            site = _constant_site(tuple(c.shape), tuple(x.shape))
+            if site is False:
+                continue
+            name = self.g.name(stored[0], "constant")
+            self.arrays[name] = (tuple(stored[0].shape), self._dtype(name, stored[0]))
+            kind = "scale" if fn.type in ("Mul2", "Div2") else "shift"
+            term = MapTerm(f"{fn.type}({name})", kind, site.n if site else 1, value=name,
+                           reciprocal=fn.type == "Div2", negate=fn.type == "Sub2")
+            m = _Map(fn, term, data, site, False)
+            m.constant = (const, stored)
+            return m
+        return None
 
     def _dtype(self, name: str, var) -> np.dtype:
         dtype = self.dtypes.get(name)
         return np.dtype(var.data.dtype) if dtype is None else np.dtype(dtype)
 
+    # -- the plan -----------------------------------------------------------------------------------
     def run(self) -> Plan:
-        bns: List[Tuple[int, object]] = [(i, f) for i, f in enumerate(self.g.functions)
-                                         if f.info.type_name in BN_TYPES]
-        results: Dict[int, object] = {}
-        pending = []
-        # Output-side folds first, so a BN between two layers goes to the one before it.
-        for i, f in bns:
-            try:
-                bn = _BN(f, i, self.g)
-                axis = bn.check_foldable()
-            except _Reject as r:
-                results[i] = Skip(self._bn_label(f, i), f.info.type_name, str(r), i)
+        maps: Dict[int, _Map] = {}
+        results: Dict[int, str] = {}     # BN index -> why it stays
+        bns = []
+        for fn in self.fns:
+            if fn.type in BN_TYPES:
+                bns.append(fn)
+                label = self._bn_label(fn)
+                pattern = next((p for p in self.skip if fnmatch.fnmatchcase(label, p)), None)
+                if pattern is not None:
+                    results[fn.index] = f"skipped on request (matches {pattern!r})"
+                    continue
+                try:
+                    maps[fn.index] = self._bn_map(fn)
+                except _Reject as r:
+                    results[fn.index] = str(r)
+            elif fn.type in _CONSTANT_OPS:
+                m = self._constant_map(fn)
+                if m is not None:
+                    maps[fn.index] = m
+        self.maps = maps
+        why_back = {}
+        for index in sorted(maps, reverse=True):    # downstream first: it composes those before it
+            if index in self.claimed:
                 continue
             try:
-                results[i] = self._output_side(bn, axis)
+                self._backward(maps[index])
             except _Reject as r:
-                pending.append((bn, axis, str(r)))
-        kept = []
-        for bn, axis, why_not_output in pending:
+                why_back[index] = str(r)
+        for index in sorted(why_back):              # upstream first: it composes those after it
+            m = maps[index]
+            if index in self.claimed:
+                continue
+            if m.fused:
+                results[index] = why_back[index]
+                continue
             try:
-                results[bn.index] = self._input_side(bn, axis)
+                self._forward(m)
             except _Reject as r:
-                reason = why_not_output if bn.type == "FusedBatchNormalization" \
-                    else f"{why_not_output}; {r}"
-                kept.append((bn, axis, reason))
-        for bn, axis, reason in kept:   # once every fold is known
-            again = self._next_pass(bn, axis, results)
-            results[bn.index] = Skip(bn.name, bn.type, reason + (again or ""), bn.index,
-                                     next_pass=again is not None)
-        ordered = [results[i] for i, _ in bns]
-        folds = tuple(r for r in ordered if isinstance(r, FoldSpec))
-        skipped = tuple(r for r in ordered if isinstance(r, Skip))
-        return Plan(folds, skipped, dict(self.arrays), dict(self.sources))
+                results[index] = f"{why_back[index]}; {r}"
+        specs, derived, intermediates, edit = self._specs()
+        skipped = tuple(Skip(self._bn_label(fn), fn.type, results[fn.index], fn.index)
+                        for fn in bns if fn.index not in self.claimed)
+        return Plan(specs, skipped, dict(self.arrays), dict(self.sources), derived,
+                    frozenset(intermediates), edit)
 
-    def _next_pass(self, bn: _BN, axis: int, results) -> Optional[str]:
-        """Why ``bn``, kept, folds in a later pass (a fold of this plan's result, or of that one's when
-        two BNs wait for the same layer), or None: checked exactly, not guessed."""
-        # sizes are checked now, as for this pass's folds: a BN that can never fold says so at once
-        layout = self._folds_once_its_neighbour_is_gone(bn, axis, results)
-        if layout is not None:
-            _check_sizes(bn, layout[0], layout[1].n_channels)
-            return "; it folds on a later pass, once the BN next to it is gone"
-        if bn.type != "FusedBatchNormalization":
-            try:   # only the layer after it being taken stood in the way
-                layer, kind, w, b, wl = self._input_target(bn, axis, ignore_used=True)[:5]
-                self._stored(kind, w, b)
-            except _Reject:
-                return None
-            if layer in self.used_layers:
-                _check_sizes(bn, kind, wl.n_channels)
-                return f"; it folds into the {kind} on a later pass (a layer takes one BN per pass)"
-        return None
+    # -- backward: to a layer's output ---------------------------------------------------------------
+    def _start(self, m: _Map) -> _Walk:
+        gather = None if m.site is None else np.arange(m.site.n)
+        return _Walk(m.site, [_Term(m.term, gather)], [m], [m.fn])
 
-    def _folds_once_its_neighbour_is_gone(self, bn: _BN, axis: int, results):
-        """(layer kind, weight layout) if ``bn`` would fold in a fold of this plan's result because
-        the BN before it folds into the layer before that, or the BN after it into the layer after
-        that, and nothing else stands in the way once that BN is removed; else None."""
-        def folded(f, side):
-            r = results.get(self.index.get(f))
-            return r if isinstance(r, FoldSpec) and r.side == side else None
+    def _backward(self, m: _Map):
+        walk = self._start(m)
+        sides = self._walk_back(m.fn.inputs[m.data], walk, "its input")
+        for side in sides:   # every branch reached a layer: commit
+            self._claim_side(side)
 
-        def layout_fits(spec, fits):
-            layer = self.g.functions[spec.layer_index]
-            kind = layer.info.type_name
+    def _walk_back(self, var, walk: _Walk, what: str) -> List[_Side]:
+        while True:
+            self._only_here(var, what)
+            fn = self.by_f.get(var.parent)
+            if fn is None:
+                raise _Reject(f"no layer before it ({what} is not computed by a function)")
+            m = self.maps.get(fn.index)
+            if m is not None and fn.index not in self.claimed and m.fn.outputs[0] == var \
+                    and not m.fused:
+                self._compose_before(walk, m)
+                var, what = fn.inputs[m.data], f"the input of {m.term.label}"
+                continue
+            if fn.type in FOLDABLE_INTO and fn.outputs[0] == var:
+                return [self._absorb_output(fn, walk)]
+            if fn.type in ("Add2", "Sub2") and self.maps.get(fn.index) is None:
+                return self._join_back(fn, walk)
+            if fn.type in BN_TYPES or m is not None:
+                raise _Reject(f"the function before it is {self._map_name(fn, m)}")
+            site = self._site_for(walk, fn.out_shapes[0])
             try:
-                return kind, fits(kind, layer.info.args, layer.inputs[1].shape)[0]
-            except LayoutError:
-                return None
+                ways = moves.backward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, site,
+                                      _Facts(self, walk))
+            except Stop as s:
+                raise _Reject(f"the function before it is {fn.type}: {s}") from None
+            walk.region.append(fn)
+            if len(ways) == 1:
+                k, site, transform = ways[0]
+                self._move(walk, site, transform)
+                var, what = fn.inputs[k], f"the input of {fn.type}"
+                continue
+            sides = []
+            for k, site, transform in ways:     # a concatenation: every input takes its channels
+                branch = walk.copy()
+                branch.park = None
+                self._move(branch, site, transform)
+                sides += self._walk_back(fn.inputs[k], branch, f"input {k} of {fn.type}")
+            return sides
 
-        before = folded(bn.x.parent, OUTPUT_SIDE)   # layer -> BN (folds) -> bn
-        if before is not None and before.bn_type == "BatchNormalization" \
-                and self._uses(bn.x) == 1 and bn.x not in self.outputs:   # (a fused BN leaves a ReLU)
-            return layout_fits(before, lambda kind, args, w: output_layout(kind, args, w, bn.x.shape,
-                                                                           axis))
-        after = [f for f in bn.out.function_references if _live(f)]   # bn -> BN (folds) -> layer
-        after = folded(after[0], INPUT_SIDE) if len(after) == 1 else None
-        if after is not None and bn.type != "FusedBatchNormalization" and self._uses(bn.out) == 1 \
-                and bn.out not in self.outputs:
-            return layout_fits(after, lambda kind, args, w: input_layout(kind, args, w, bn.out.shape,
-                                                                         axis))
-        return None
+    def _map_name(self, fn: _Fn, m: Optional[_Map]) -> str:
+        """A map function that a walk meets and cannot compose, and why."""
+        if m is None:
+            return f"{fn.type} {self._bn_label(fn)}, which stays"
+        if m.fused:
+            return f"{fn.type} {m.term.label}, whose add and ReLU stop the map"
+        if fn.index in self.claimed:
+            return f"{m.term.label}, which folds into another layer"
+        return f"{m.term.label}, which it does not reach on its data input"
 
-    def _bn_label(self, f, i):
-        """A name for a BN whose inputs did not parse: its mean's name where it has one."""
-        inputs = f.inputs
-        mean_at = 3 if f.info.type_name == "FusedBatchNormalization" else len(inputs) - 2
-        if len(inputs) < 3:
-            return f"<{f.info.type_name} #{i}>"
-        name = self.g.name(inputs[mean_at], f.info.type_name)
-        return name[:-len("/mean")] if name.endswith("/mean") else name
-
-    # -- layer -> BN ------------------------------------------------------------------------------
-    def _output_side(self, bn: _BN, axis: int) -> FoldSpec:
-        layer = bn.x.parent
-        if layer is None:
-            raise _Reject("no layer before it (its input is not computed by a function)")
-        kind = layer.info.type_name
-        if kind not in FOLDABLE_INTO:
-            raise _Reject(f"the layer before it is {kind}, which has no weight to fold into")
-        if layer in self.used_layers:
-            raise _Reject(f"the {kind} before it already absorbs another BN")
-        uses = self._uses(bn.x)
-        if uses > 1:
-            raise _Reject(f"the {kind}'s output also feeds {uses - 1} other function input(s)")
-        if bn.x in self.outputs:
-            raise _Reject(f"the {kind}'s output is also a graph output")
-        args = layer.info.args
-        inputs = layer.inputs
-        w, b = inputs[1], (inputs[2] if len(inputs) > 2 else None)
+    def _join_back(self, fn: _Fn, walk: _Walk) -> List[_Side]:
+        """``map(a + b)``: the map's scale goes to both inputs' layers, its shift to the first."""
+        site = self._site_for(walk, fn.out_shapes[0])
         try:
-            wl, bl = output_layout(kind, args, w.shape, bn.x.shape, axis)
-        except LayoutError as e:
-            raise _Reject(str(e)) from None
-        bias_shape = tuple(w.shape[1:]) if kind == "Affine" else (wl.n_channels,)
-        spec = self._spec(bn, layer, kind, OUTPUT_SIDE, w, b, wl, bl, bias_shape, ())
-        return spec
+            ways = moves.backward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, site,
+                                  _Facts(self, walk))
+        except Stop as s:
+            raise _Reject(f"the function before it is {fn.type}: {s}") from None
+        walk.region.append(fn)
+        sides = []
+        for k, site, transform in ways:
+            branch = walk.copy()
+            branch.park = None
+            if k > 0:
+                for t in branch.terms:
+                    t.scale_only = True
+            self._move(branch, site, transform)
+            sides += self._walk_back(fn.inputs[k], branch, f"input {k} of {fn.type}")
+        return sides
 
-    # -- BN -> layer ------------------------------------------------------------------------------
-    def _input_side(self, bn: _BN, axis: int) -> FoldSpec:
-        layer, kind, w, b, wl, reduce_axes, bias_shape = self._input_target(bn, axis)
-        return self._spec(bn, layer, kind, INPUT_SIDE, w, b, wl, None, bias_shape, reduce_axes)
+    def _compose_before(self, walk: _Walk, m: _Map):
+        """``m`` applies before the walk's terms: it goes first."""
+        gather = self._gather_here(walk, m)
+        walk.terms.insert(0, _Term(m.term, gather))
+        walk.maps.append(m)
+        walk.region.append(m.fn)
+        if m.term.kind == "shift" and m.term.value is not None:
+            walk.park = (m, walk.site, [_Term(t.term, t.gather, t.scale_only) for t in walk.terms])
+        else:
+            walk.park = None
 
-    def _input_target(self, bn: _BN, axis: int, ignore_used=False):
-        """The layer after ``bn`` and what folding into its input side needs; _Reject if it cannot
-        (``ignore_used``: even if it already absorbs another BN)."""
-        if bn.type == "FusedBatchNormalization":
-            raise _Reject("its activation follows it")
-        if bn.out in self.outputs:
-            raise _Reject("its output is a graph output")
-        refs = [f for f in bn.out.function_references if _live(f)]
-        if len(refs) != 1 or self._uses(bn.out) != 1:
-            raise _Reject(f"its output feeds {self._uses(bn.out)} function inputs, not one layer's")
-        layer = refs[0]
-        kind = layer.info.type_name
-        if kind not in FOLDABLE_FROM:
-            raise _Reject(f"the function after it is {kind}, into which a BN does not fold exactly")
-        if layer in self.used_layers and not ignore_used:
-            raise _Reject(f"the {kind} after it already absorbs another BN")
-        inputs = layer.inputs
-        if inputs[0] != bn.out:
-            raise _Reject(f"it feeds the {kind}'s weight, not its data input")
-        args = layer.info.args
-        if any(p != 0 for p in args.get("pad", ())):
-            raise _Reject(f"the {kind} after it zero-pads, and the padding would not be shifted")
-        w, b = inputs[1], (inputs[2] if len(inputs) > 2 else None)
-        try:
-            wl, reduce_axes = input_layout(kind, args, w.shape, bn.out.shape, axis)
-        except LayoutError as e:
-            raise _Reject(str(e)) from None
-        bias_shape = tuple(w.shape[1:]) if kind == "Affine" else (w.shape[0],)
-        return layer, kind, w, b, wl, reduce_axes, bias_shape
+    def _gather_here(self, walk: _Walk, m: _Map) -> Optional[np.ndarray]:
+        """``m``'s gather over the walk's site (the site widened where the two differ)."""
+        if m.site is None:
+            return None
+        if walk.site is None or all(t.gather is None for t in walk.terms):
+            walk.site = m.site
+            return np.arange(m.site.n)
+        if (walk.site.a0, walk.site.a1) == (m.site.a0, m.site.a1):
+            return np.arange(m.site.n)
+        wider = Site(walk.site.shape, min(walk.site.a0, m.site.a0), max(walk.site.a1, m.site.a1))
+        for t in walk.terms:
+            if t.gather is not None:
+                t.gather = moves.widen(walk.site, t.gather, wider)
+        walk.site = wider
+        return moves.widen(m.site, np.arange(m.site.n), wider)
 
-    # -- shared -----------------------------------------------------------------------------------
+    def _site_for(self, walk: _Walk, shape) -> Site:
+        """The walk's site over a tensor of ``shape`` (a uniform map takes the channel axis 1)."""
+        if walk.site is None:
+            return Site(tuple(shape), min(1, len(shape) - 1), min(2, len(shape)))
+        return walk.site
+
     @staticmethod
-    def _stored(kind, w, b):
+    def _move(walk: _Walk, site: Site, transform):
+        if walk.site is not None:
+            for t in walk.terms:
+                if t.gather is not None:
+                    t.gather = transform(t.gather)
+            walk.site = site
+
+    # -- forward: to a layer's input -------------------------------------------------------------------
+    def _forward(self, m: _Map):
+        walk = self._start(m)
+        var = m.fn.outputs[0]
+        what = "its output"
+        while True:
+            self._only_here(var, what)
+            fn, k = self.consumers[var][0]
+            nxt = self.maps.get(fn.index)
+            if nxt is not None and fn.index not in self.claimed and nxt.data == k and not nxt.fused:
+                gather = self._gather_here(walk, nxt)
+                walk.terms.append(_Term(nxt.term, gather))
+                walk.maps.append(nxt)
+                walk.region.append(fn)
+                var, what = fn.outputs[0], f"the output of {nxt.term.label}"
+                continue
+            if fn.type in FOLDABLE_FROM and k == 0:
+                self._claim_side(self._absorb_input(fn, walk))
+                return
+            if fn.type in BN_TYPES or nxt is not None:
+                raise _Reject(f"the function after it is {self._map_name(fn, nxt)}")
+            site = self._site_for(walk, fn.in_shapes[k])
+            try:
+                site, transform = moves.forward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, k,
+                                                site, _Facts(self, walk))
+            except Stop as s:
+                raise _Reject(f"the function after it is {fn.type}: {s}") from None
+            walk.region.append(fn)
+            self._move(walk, site, transform)
+            var, what = fn.outputs[0], f"the output of {fn.type}"
+
+    # -- absorbing ------------------------------------------------------------------------------------
+    def _layer_arrays(self, fn: _Fn, side: str):
+        """(weight parameter, the reshapes it passes, bias parameter or None, its reshapes, the add
+        holding it or None): the stored arrays a fold of ``side`` rewrites. A BatchMatmul has no bias:
+        the stored operand of the add that follows it (through reshapes) is its bias, as NNabla's ONNX
+        importer builds a Gemm."""
+        if fn.type == "BatchMatmul":
+            stored = self._stored(fn.inputs[1]) if len(fn.inputs) == 2 else None
+            if stored is None:
+                raise _Reject("the BatchMatmul's second operand is computed in the graph, not stored")
+            bias = self._matmul_bias(fn)
+            if bias is None:
+                return stored[0], stored[1], None, [], None
+            param, reshapes, add, path = bias
+            return stored[0], stored[1], param, reshapes, (add, path)
+        inputs = fn.inputs
+        w, b = inputs[1], (inputs[2] if len(inputs) > 2 else None)
         for label, v in (("weight", w), ("bias", b)):
             if v is not None and v.parent is not None:
-                raise _Reject(f"the {kind}'s {label} is computed in the graph, not a stored parameter")
+                raise _Reject(f"the {fn.type}'s {label} is computed in the graph, not a stored "
+                              f"parameter")
+        return w, [], b, [], None
 
-    def _spec(self, bn, layer, kind, side, w, b, wl, bl, bias_shape, reduce_axes) -> FoldSpec:
-        self._stored(kind, w, b)
-        _check_sizes(bn, kind, wl.n_channels)
-        if b is not None and b.size != prod(bias_shape):
-            raise FoldError(f"{bn.name}: the {kind}'s bias has shape {b.shape}, expected {bias_shape}")
+    def _matmul_bias(self, fn: _Fn):
+        """(bias parameter, its reshapes, the add, the reshapes between) of the add of a stored
+        constant that follows a BatchMatmul through reshapes, varying along its columns; or None."""
+        var = fn.outputs[0]
+        site = Site(fn.out_shapes[0], len(fn.out_shapes[0]) - 1, len(fn.out_shapes[0]))
+        path = []
+        while var not in self.outputs and self._uses(var) == 1 and var in self.consumers:
+            nxt, k = self.consumers[var][0]
+            if nxt.type == "Reshape":
+                try:
+                    site, _ = moves.on_shape(site, nxt.out_shapes[0])
+                except Stop:
+                    return None
+                path.append(nxt)
+                var = nxt.outputs[0]
+                continue
+            m = self.maps.get(nxt.index)
+            if m is not None and m.term.kind == "shift" and m.term.value is not None \
+                    and not m.term.negate and m.data == k and m.site is not None \
+                    and (m.site.a0, m.site.a1) == (site.a0, site.a1):
+                param, reshapes = m.constant[1]
+                return param, reshapes, m, path
+            return None
+        return None
+
+    def _absorb_output(self, fn: _Fn, walk: _Walk) -> _Side:
+        if (fn.index, OUTPUT_SIDE) in self.sides:
+            raise _Reject(f"the {fn.type} before it already absorbs another map")
+        w, w_reshapes, _, _, _ = self._layer_arrays(fn, OUTPUT_SIDE)
+        site = self._resite(fn, walk, OUTPUT_SIDE)
+        try:
+            output_layout(fn.type, fn.args, self._matrix_shape(fn, w), fn.out_shapes[0], site)
+        except LayoutError as e:
+            raise _Reject(str(e)) from None
+        park, scale_only = None, False
+        if fn.type == "BatchMatmul":
+            # no bias of its own: the shift stays in the add of a stored constant the map passed
+            # first (nothing composed between it and the product), else it must be zero
+            if walk.park is not None and walk.terms[0].term is walk.park[0].term:
+                park = walk.park
+            elif not _Facts(self, walk).shift_is_zero():
+                raise _Reject("the BatchMatmul before it has no bias to take the map's shift, and "
+                              "the map passes no add of a stored bias")
+            else:
+                scale_only = True
+            if park is not None and len(walk.terms) == 1:
+                raise _Reject("it is the bias of the BatchMatmul before it")
+        return _Side(fn, OUTPUT_SIDE, site, walk.terms, walk.maps, park, _label(walk),
+                     walk.region + [fn] + w_reshapes, scale_only)
+
+    def _absorb_input(self, fn: _Fn, walk: _Walk) -> _Side:
+        if (fn.index, INPUT_SIDE) in self.sides:
+            raise _Reject(f"the {fn.type} after it already absorbs another map")
+        w, w_reshapes, b, b_reshapes, holder = self._layer_arrays(fn, INPUT_SIDE)
+        site = self._resite(fn, walk, INPUT_SIDE)
+        try:
+            input_layout(fn.type, fn.args, self._matrix_shape(fn, w), fn.in_shapes[0], site)
+        except LayoutError as e:
+            raise _Reject(str(e)) from None
+        facts = _Facts(self, walk)
+        scale_only = False
+        if any(p != 0 for p in fn.args.get("pad", ())):
+            if not facts.shift_is_zero():
+                raise _Reject(f"the {fn.type} after it zero-pads, and the padding would not be "
+                              f"shifted ({facts.describe()} has a shift that is not zero)")
+            scale_only = True
+        if fn.type in SHIFT_FREE_ONLY:
+            if not facts.shift_is_zero():
+                raise _Reject(f"the {fn.type} after it sums a varying number of inputs at its "
+                              f"borders, which a shift does not survive ({facts.describe()} has a "
+                              f"shift that is not zero)")
+            scale_only = True
+        if fn.type == "BatchMatmul" and holder is None:
+            if not facts.shift_is_zero():
+                raise _Reject("the BatchMatmul after it has no bias to take the map's shift, and "
+                              "no add of a stored bias follows it")
+            scale_only = True
+        region = walk.region + [fn] + w_reshapes
+        if holder is not None and not scale_only:
+            region += [holder[0].fn] + holder[1] + b_reshapes
+        return _Side(fn, INPUT_SIDE, site, walk.terms, walk.maps, None, _label(walk), region,
+                     scale_only)
+
+    def _resite(self, fn: _Fn, walk: _Walk, side: str) -> Site:
+        """The walk's site, or for a map that does not vary, the layer's channels."""
+        if all(t.gather is None for t in walk.terms):
+            site = self._layer_site(fn, side)
+            for t in walk.terms:
+                t.gather = np.zeros(site.n, np.int64)
+            walk.site = site
+        return walk.site
+
+    def _layer_site(self, fn: _Fn, side: str) -> Site:
+        shape = fn.out_shapes[0] if side == OUTPUT_SIDE else fn.in_shapes[0]
+        if fn.type == "Affine":
+            base = fn.args.get("base_axis", 1) % len(shape)
+            return Site(shape, base, len(shape))
+        axis = (output_channel_axis if side == OUTPUT_SIDE else input_channel_axis)(
+            fn.type, fn.args, len(shape))
+        return Site(shape, axis, axis + 1)
+
+    @staticmethod
+    def _matrix_shape(fn: _Fn, w) -> tuple:
+        return fn.in_shapes[1] if fn.type == "BatchMatmul" else tuple(w.shape)
+
+    def _claim_side(self, side: _Side):
+        self.sides[(side.fn.index, side.side)] = side
+        for m in side.maps:
+            self.claimed.add(m.fn.index)
+
+    # -- specs, names, the graph edit --------------------------------------------------------------
+    def _specs(self):
+        """The folds in order, with their arrays named: where several folds write one array (a
+        layer folded on both sides; a matrix product's bias also taking a map's shift) each but the
+        last writes an array between them, and the folds writing those come first."""
+        removed, fused, region = {}, set(), set()
+        drafts = []
+        for key in sorted(self.sides, key=lambda k: (k[0], 0 if k[1] == INPUT_SIDE else 1)):
+            side = self.sides[key]
+            region.update(f.index for f in side.region)
+            for m in side.maps:
+                if side.park is not None and m is side.park[0]:
+                    continue
+                if m.fused:
+                    fused.add(m.fn.index)
+                else:
+                    removed[m.fn.index] = m.data
+            drafts += self._drafts(side)
+        writers: Dict[str, List[int]] = {}
+        for k, d in enumerate(drafts):
+            for role in ("weight", "bias"):
+                if d[role + "_writes"]:
+                    writers.setdefault(d[role + "_key"], []).append(k)
+        current: Dict[str, Optional[str]] = {}
+        derived: List[DerivedMap] = []
+        intermediates = set()
+        inputs = []
+        first, rest = [], []
+        for k, d in enumerate(drafts):
+            names = {}
+            between = False
+            for role in ("weight", "bias"):
+                key = d[role + "_key"]
+                if key is None:
+                    names[role] = (None, None)
+                    continue
+                now = current.get(key, d[role + "_name"])
+                if not d[role + "_writes"]:
+                    names[role] = (now, None)
+                    continue
+                last = writers[key][-1] == k
+                if not last:
+                    base = d[role + "_name"] or _prefix(d["weight_name"]) + "b"
+                    dst = self._new_name(base + "_folding")
+                    intermediates.add(dst)
+                    between = True
+                else:
+                    dst = self._final(d, role)
+                    inputs.append(d[role + "_at"] + (dst,))
+                self.arrays[dst] = d[role + "_array"]
+                if dst != d[role + "_name"] and dst not in intermediates:
+                    self.sources[dst] = d[role + "_name"] or d["weight_name"]
+                current[key] = dst
+                names[role] = (now, dst)
+            spec = self._spec(d, names, derived, intermediates)
+            (first if between else rest).append(spec)
+        edit = GraphEdit(tuple(sorted(removed.items())), tuple(sorted(fused)),
+                         tuple(dict.fromkeys(inputs)), tuple(sorted(region)))
+        return tuple(first + rest), tuple(derived), intermediates, edit
+
+    def _final(self, d, role: str) -> str:
+        """Where the last fold of an array writes: in place, or a new parameter (a copy where the
+        array is shared or the fold is not in place; a bias the layer did not have)."""
+        name = d[role + "_name"]
+        if name is None:
+            d["notes"].append("bias created")
+            return self._new_name(_prefix(d["weight_name"]) + ("b" if self.inplace else "b_folded"))
+        if not self.inplace or d["shared_" + role]:
+            return self._new_name(name + "_folded")
+        return name
+
+    def _drafts(self, side: _Side) -> List[dict]:
+        """The folds of one side of one layer, their arrays not yet named."""
+        fn = side.fn
+        w, w_reshapes, b, b_reshapes, holder = self._layer_arrays(fn, side.side)
         g = self.g
         w_name = g.name(w, "weight")
-        b_name = None if b is None else g.name(b, "bias")
-        notes = []
-        # read elsewhere (another function, the same one twice, or the caller, as a graph output):
-        # that reader must keep seeing the original values
-        shared = [label for label, v in (("weight", w), ("bias", b))
-                  if v is not None and (self._uses(v) > 1 or v in self.outputs)]
-        if shared:
-            notes.append(f"{' and '.join(shared)} shared (also read elsewhere): folded into a copy")
-        copy_w = not self.inplace or "weight" in shared
-        copy_b = not self.inplace or "bias" in shared
-        prefix = _prefix(w_name)
-        folded_w = self._new_name(w_name + "_folded") if copy_w else w_name
-        if b is None:
-            folded_b = self._new_name(prefix + "b" if self.inplace else prefix + "b_folded")
-            notes.append("bias created")
+        w_array = (tuple(w.shape), self._dtype(w_name, w))
+        self.arrays.setdefault(w_name, w_array)
+        shape = self._matrix_shape(fn, w)
+        has_shift = not side.scale_only and side.park is None and \
+            any(not t.scale_only and t.term.kind != "scale" for t in side.terms)
+        if side.side == OUTPUT_SIDE:
+            wl, bl = output_layout(fn.type, fn.args, shape, fn.out_shapes[0], side.site)
+            reduce_axes, sum_shape = (), shape
+            if fn.type == "BatchMatmul":
+                b = None              # its shift stays in the add (the park), or is zero
         else:
-            folded_b = self._new_name(b_name + "_folded") if copy_b else b_name
-        dtype = self._dtype(w_name, w)
-        self.arrays[w_name] = (tuple(w.shape), dtype)
-        self.arrays[folded_w] = (tuple(w.shape), dtype)
+            wl, reduce_axes, sum_shape = input_layout(fn.type, fn.args, shape, fn.in_shapes[0],
+                                                     side.site)
+            bl = None
+        b_name = None if b is None else g.name(b, "bias")
         if b is not None:
-            self.arrays[b_name] = (tuple(b.shape), self._dtype(b_name, b))
-        self.arrays[folded_b] = (tuple(bias_shape), self.arrays[b_name][1] if b is not None else dtype)
-        if folded_w != w_name:
-            self.sources[folded_w] = w_name
-        if folded_b != b_name:
-            self.sources[folded_b] = b_name if b is not None else w_name
-        p = {label: g.name(v, label) for label, v in bn.params.items()}
-        for label, v in bn.params.items():
-            self.arrays[p[label]] = (tuple(v.shape), self._dtype(p[label], v))
-        self.used_layers.add(layer)
-        return FoldSpec(
-            bn=bn.name, kind=kind, side=side, bn_type=bn.type, weight=w_name, bias=b_name,
-            folded_weight=folded_w, folded_bias=folded_b, beta=p.get("beta"), gamma=p.get("gamma"),
-            mean=p["mean"], var=p["var"], eps=float(bn.args["eps"]), weight_shape=tuple(w.shape),
-            bias_shape=tuple(bias_shape), weight_layout=wl, bias_layout=bl,
-            bias_reduce_axes=tuple(reduce_axes), layer_index=self.index[layer], bn_index=bn.index,
-            note="; ".join(notes))
+            self.arrays.setdefault(b_name, (tuple(b.shape), self._dtype(b_name, b)))
+        if fn.type == "Affine":
+            bias_shape = tuple(w.shape[1:])
+        elif b is not None:
+            bias_shape = tuple(b.shape)
+        else:
+            bias_shape = (wl.n_channels,) if side.side == OUTPUT_SIDE else (w.shape[0],)
+        writes_bias = has_shift or (side.side == OUTPUT_SIDE and b is not None)
+        if fn.type == "BatchMatmul":
+            b_key = None if holder is None else "bias of " + holder[0].term.label
+            b_at = None if holder is None else ((b_reshapes[0].index, 0) if b_reshapes else
+                                                (holder[0].fn.index, 1 - holder[0].data))
+        else:
+            b_key = f"bias of function {fn.index}"
+            b_at = (fn.index, 2)
+        # arrays are chained per layer (a layer folded on both sides), not per parameter: layers
+        # sharing a weight each fold their own copy of it
+        draft = dict(
+            side=side, fn=fn, weight_key=f"weight of function {fn.index}", weight_name=w_name,
+            weight_writes=True,
+            weight_array=w_array, weight_at=(w_reshapes[0].index, 0) if w_reshapes else (fn.index, 1),
+            bias_key=b_key if (writes_bias or b is not None) else None, bias_name=b_name,
+            bias_writes=writes_bias,
+            bias_array=(bias_shape if b is None else tuple(b.shape),
+                        self.arrays[b_name][1] if b_name else w_array[1]),
+            bias_at=b_at, shared_weight=self._shared(w), shared_bias=b is not None and self._shared(b),
+            has_shift=has_shift, layout=wl, bias_layout=bl, reduce_axes=reduce_axes,
+            sum_shape=sum_shape, bias_shape=bias_shape, notes=[])
+        shared = [role for role in ("weight", "bias") if draft[role + "_writes"] and draft["shared_" + role]]
+        if shared:
+            draft["notes"].append(f"{' and '.join(shared)} shared (also read elsewhere): folded into "
+                                  f"a copy")
+        drafts = [draft]
+        if side.park is not None:
+            drafts.append(self._park_draft(side))
+        return drafts
 
-    def _uses(self, var) -> int:
-        """How many function inputs read ``var``. In the graph, by NNabla's variable identity: a
-        parameter reused by several parametric-function calls has one handle per call. Through this
-        handle's ``function_references``, which also sees functions outside the graph. A function
-        that reads ``var`` twice (a FusedBatchNormalization whose residual is its own input, ``x * x``)
-        counts twice."""
-        elsewhere = sum(1 for f in var.function_references if _live(f) for v in f.inputs if v == var)
-        return max(self.g.uses[var], elsewhere)
+    def _park_draft(self, side: _Side) -> dict:
+        """The shift of a map folded into a matrix product stays in the add of a stored constant it
+        passed: that constant becomes ``c * scale + shift`` of the terms after it."""
+        add, site, terms = side.park
+        param, reshapes = add.constant[1]
+        name = self.g.name(param, "constant")
+        array = (tuple(param.shape), self._dtype(name, param))
+        self.arrays.setdefault(name, array)
+        sub = _Side(add.fn, OUTPUT_SIDE, site, terms[1:], [m for m in side.maps if m is not add],
+                    None, side.label, [], False)
+        return dict(
+            side=sub, fn=add.fn, park=True, weight_key=None, weight_name=None, weight_writes=False,
+            bias_key="bias of " + add.term.label, bias_name=name, bias_writes=True, bias_array=array,
+            bias_at=(reshapes[0].index, 0) if reshapes else (add.fn.index, 1 - add.data),
+            shared_weight=False, shared_bias=self._shared(param), has_shift=bool(terms[1:]),
+            layout=None, bias_layout=_flat_layout(site, param), reduce_axes=(), sum_shape=(),
+            bias_shape=tuple(param.shape), notes=["the map's shift stays in this add"])
+
+    def _shared(self, v) -> bool:
+        """Read elsewhere (another function, the same one twice, or the caller, as a graph output):
+        that reader must keep seeing the original values."""
+        return self._uses(v) > 1 or v in self.outputs
+
+    def _spec(self, d: dict, names, derived, intermediates) -> FoldSpec:
+        side = d["side"]
+        (w_now, w_dst), (b_now, b_dst) = names["weight"], names["bias"]
+        if d.get("park") and not side.terms:
+            fields = dict(gamma=None, beta=None, mean=None, var=None, eps=0.0)
+        else:
+            fields = self._map_fields(side, d["has_shift"], derived, intermediates)
+        taken_out = [] if d.get("park") else [m for m in side.maps
+                                              if side.park is None or m is not side.park[0]]
+        taken_out.sort(key=lambda m: m.fn.index)
+        maps = tuple(m.term.label for m in taken_out)
+        bns = tuple(m.term.label for m in taken_out if m.is_bn)
+        return FoldSpec(
+            bn=side.label, kind=d["fn"].type, side=side.side, bn_type=_map_type(side),
+            weight=w_now, bias=b_now if b_dst is not None else None, folded_weight=w_dst,
+            folded_bias=b_dst, weight_shape=tuple(d["sum_shape"]), bias_shape=tuple(d["bias_shape"]),
+            weight_layout=d["layout"], bias_layout=d["bias_layout"],
+            bias_reduce_axes=tuple(d["reduce_axes"]), layer_index=d["fn"].index,
+            bn_index=side.maps[0].fn.index if side.maps else -1, note="; ".join(d["notes"]),
+            maps=maps, bns=bns, **fields)
+
+    def _map_fields(self, side: _Side, has_shift: bool, derived, intermediates) -> dict:
+        """The map as a BN's arrays: the BN's own where one BN covers the channels as they are,
+        else a map derived from every term."""
+        terms, n = side.terms, side.site.n
+        t0 = terms[0] if len(terms) == 1 else None
+        if t0 is not None and t0.term.kind == "bn" and not t0.scale_only and has_shift \
+                and t0.term.n_channels == n and (t0.gather == np.arange(n)).all():
+            t = t0.term
+            return dict(gamma=t.gamma, beta=t.beta, mean=t.mean, var=t.var, eps=t.eps)
+        base = side.label.replace("+", "_") or "map"
+        scale = self._new_name(f"{base}/scale_composed")
+        shift = self._new_name(f"{base}/shift_composed") if has_shift else None
+        terms_data = tuple((t.term, tuple(int(x) for x in (np.zeros(n, np.int64) if t.gather is None
+                                                           else t.gather)), t.scale_only)
+                           for t in terms)
+        derived.append(DerivedMap(scale, shift, n, terms_data))
+        for name in (scale, shift):
+            if name is not None:
+                intermediates.add(name)
+                self.arrays[name] = ((n,), np.dtype(np.float64))
+        return dict(gamma=scale, beta=shift, mean=None, var=None, eps=0.0)
 
     def _new_name(self, base: str) -> str:
         name, k = base, 2
@@ -309,11 +815,38 @@ class _Planner:
         return name
 
 
-def _check_sizes(bn: _BN, kind: str, n: int):
-    for label, v in bn.params.items():
-        if v.size != n:
-            raise FoldError(f"{bn.name}: {label} has {v.size} values but the {kind} it folds "
-                            f"into has {n} channels")
+def _flat_layout(site: Site, param):
+    """A stored constant broadcast over a site holds one value per channel, in order."""
+    from .layout import ChannelLayout
+    return ChannelLayout(1, 1, site.n, int(np.prod(param.shape)) // site.n)
+
+
+def _map_type(side: _Side) -> str:
+    types = [m.fn.type for m in side.maps if m.is_bn]
+    return types[0] if types else (side.maps[0].fn.type if side.maps else "")
+
+
+def _label(walk: _Walk) -> str:
+    """How a fold is reported: its BNs' names in graph order (its other maps' where it has none)."""
+    maps = sorted(walk.maps, key=lambda m: m.fn.index)
+    bns = [m.term.label for m in maps if m.is_bn]
+    return "+".join(bns) if bns else "+".join(m.term.label for m in maps)
+
+
+def _constant_site(c_shape, x_shape):
+    """The site of a constant broadcast over a tensor: the axes where it varies (adjacent), None for
+    a constant that does not vary, False where it does not broadcast that way."""
+    if len(c_shape) > len(x_shape):
+        return False
+    c_shape = (1,) * (len(x_shape) - len(c_shape)) + tuple(c_shape)
+    varying = [k for k, (c, x) in enumerate(zip(c_shape, x_shape)) if c != 1]
+    if any(c_shape[k] != x_shape[k] for k in varying):
+        return False
+    if not varying:
+        return None
+    if varying != list(range(varying[0], varying[-1] + 1)):
+        return False
+    return Site(tuple(x_shape), varying[0], varying[-1] + 1)
 
 
 def _live(f) -> bool:

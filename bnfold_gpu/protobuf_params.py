@@ -8,12 +8,14 @@ only each parameter's small fields (name, shape, need_grad) go through the libra
 numbers come from NNabla's own message descriptors.
 """
 import io
-from typing import BinaryIO, Iterable, Iterator, List, Tuple
+import math
+from typing import BinaryIO, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _F32 = np.dtype("<f4")
+_PIECE = 16 << 20   # the most read at once where the stream's size is not known
 
 
 class ProtobufError(ValueError):
@@ -76,13 +78,17 @@ def _skip(stream: BinaryIO, wire: int) -> None:
         raise ProtobufError("truncated field")
 
 
-def read(stream: BinaryIO) -> Iterator[Tuple[str, np.ndarray, bool]]:
+def read(stream: BinaryIO, size: Optional[int] = None) -> Iterator[Tuple[str, np.ndarray, bool]]:
     """(name, float32 values in the parameter's shape, need_grad) for each parameter of the
     ``NNablaProtoBuf`` in ``stream``, in order. Any other field (a network, an executor) is a
     ProtobufError: NNabla writes parameter members with nothing else, and one rewritten from these
-    parameters alone would lose it."""
+    parameters alone would lose it. ``size``, the bytes in ``stream`` where known: a parameter
+    declaring more than remain is refused before its bytes are read; where it is not known, they
+    are read a piece at a time, so that a length field claiming terabytes allocates only what
+    arrives."""
     schema = _schema()
     top = schema[1]
+    stream = _Remaining(stream, size)
     while True:
         key = _read_varint(stream, at_start=True)
         if key is None:
@@ -92,10 +98,40 @@ def read(stream: BinaryIO) -> Iterator[Tuple[str, np.ndarray, bool]]:
             label = field.name if field is not None else f"field {key >> 3}"
             raise ProtobufError(f"it holds {label!r} entries besides parameters")
         n = _read_varint(stream)
-        body = stream.read(n)
+        if stream.left is not None and n > stream.left:
+            raise ProtobufError(f"a parameter declares {n} bytes, only {stream.left} remain")
+        body = stream.read(n) if stream.left is not None else _read_pieces(stream, n)
         if len(body) != n:
             raise ProtobufError("truncated parameter")
         yield _parameter(body, schema)
+
+
+class _Remaining:
+    """``stream``, counting the bytes left in it where its size is known (``left``; else None)."""
+
+    def __init__(self, stream: BinaryIO, size: Optional[int]):
+        self.stream, self.left = stream, size
+
+    def read(self, n: int) -> bytes:
+        data = self.stream.read(n)
+        if self.left is not None:
+            self.left -= len(data)
+        return data
+
+
+def _read_pieces(stream, n: int) -> bytes:
+    """Up to ``n`` bytes of ``stream``, asked for a piece at a time (a plain file's ``read(n)``
+    allocates ``n`` bytes first)."""
+    if n <= _PIECE:
+        return stream.read(n)
+    pieces = []
+    while n > 0:
+        piece = stream.read(min(n, _PIECE))
+        if not piece:
+            break
+        pieces.append(piece)
+        n -= len(piece)
+    return b"".join(pieces)
 
 
 def _parameter(body: bytes, schema):
@@ -133,7 +169,10 @@ def _parameter(body: bytes, schema):
         values = np.concatenate(pieces) if len(pieces) > 1 else pieces[0].copy()
         values = values.astype(np.float32, copy=False)
     shape = tuple(p.shape.dim)
-    if values.size != int(np.prod(shape)):
+    if any(d < 0 for d in shape):
+        raise ProtobufError(f"parameter '{p.variable_name}' has a negative dimension in its shape "
+                            f"{shape}")
+    if values.size != math.prod(shape):
         raise ProtobufError(f"parameter '{p.variable_name}' holds {values.size} values for shape "
                             f"{shape}")
     return p.variable_name, values.reshape(shape), p.need_grad

@@ -1,16 +1,18 @@
-"""Plan -> rewritten graph: each folded BN removed, its layer fed the folded weight and bias.
+"""Plan -> rewritten graph: the folded maps taken out, the layers fed their folded parameters.
 
 In two steps, so that a fold can build everything that may fail before it writes anything:
-``prepare`` creates the new functions (not yet part of the graph), ``commit`` rewires the graph onto
-them, and ``undo`` puts the graph back as it was. ``clone`` first makes a copy that shares only leaf variables (data inputs and
+``prepare`` builds new functions for every region the plan touches (not yet part of the graph): each
+layer with its folded parameters, each function between a layer and its maps again on the folded
+values, the maps themselves left out. ``commit`` rewires the graph onto them, and ``undo`` puts the
+graph back as it was. ``clone`` first makes a copy that shares only leaf variables (data inputs and
 parameters) with the original, so the original can be left as it was.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import nnabla as nn
 import nnabla.function as _function
 
-from .plan import OUTPUT_SIDE, Plan
+from .plan import Plan
 
 
 def call_like(f, inputs: Sequence["nn.Variable"]):
@@ -40,30 +42,62 @@ def clone(functions: List, outputs: List["nn.Variable"]):
     return new_functions, [mapped.get(v, v) for v in outputs]
 
 
-def prepare(plan: Plan, functions: List, variables: Dict[str, "nn.Variable"]
-            ) -> List[Tuple["nn.Variable", "nn.Variable"]]:
-    """The new functions for every fold of ``plan`` over ``functions`` (the graph the plan was made
-    for, or its clone); ``variables`` maps every folded array's name to its parameter variable.
-    Returns the rewiring to do, (variable, its new value) pairs; the graph itself is not touched."""
+def prepare(plan: Plan, functions: List, variables: Dict[str, "nn.Variable"], outputs=()):
+    """The new functions for the plan's edit over ``functions`` (the graph the plan was made for, or
+    its clone); ``variables`` maps every folded array's name to its parameter variable, ``outputs``
+    are the graph's outputs. Returns the rewiring to do, (variable, its new value) pairs: every
+    variable of a region that is read outside it; the graph itself is not touched."""
+    edit = plan.edit
+    if not edit.region:
+        return []
+    removed = dict(edit.removed)
+    fused = set(edit.fused)
+    new_inputs: Dict[int, Dict[int, str]] = {}
+    for index, position, name in edit.inputs:
+        new_inputs.setdefault(index, {})[position] = name
+    region = set(edit.region)
+    read_outside = set(outputs)
+    for k, f in enumerate(functions):
+        if k not in region:
+            read_outside.update(f.inputs)
+    mapped: Dict = {}
+    made = set()
+    for index in edit.region:
+        f = functions[index]
+        # a variable the rest of the graph reads is rewired onto its new value: functions rebuilt
+        # after it read it, not the new value (which the rewiring leaves without a parent)
+        inputs = [v if v in read_outside and v in mapped else mapped.get(v, v) for v in f.inputs]
+        if index in removed:                       # a map: its output is its data input's value
+            mapped[f.outputs[0]] = inputs[removed[index]]
+            continue
+        if index in fused:                         # relu(BN(x) + z): the BN part is folded
+            h = inputs[0]
+            if len(inputs) > 5:
+                h = new_function("Add2", {"inplace": False}, [h, inputs[5]])[0]
+            mapped[f.outputs[0]] = new_function("ReLU", {"inplace": False}, [h])[0]
+            made.add(mapped[f.outputs[0]])
+            continue
+        for position, name in new_inputs.get(index, {}).items():
+            if position < len(inputs):
+                inputs[position] = variables[name]
+            else:
+                inputs.append(variables[name])     # a layer's new bias
+        outs = call_like(f, inputs)
+        for old, new in zip(f.outputs, outs):
+            new.need_grad = old.need_grad
+            if tuple(new.shape) != tuple(old.shape):   # same function, same shapes: cannot happen
+                raise ValueError(f"the rebuilt {f.info.type_name} gives shape {new.shape}, not "
+                                 f"{old.shape}")
+            mapped[old] = new
+            made.add(new)
     rewiring = []
-    for spec in plan.folds:
-        layer, bn = functions[spec.layer_index], functions[spec.bn_index]
-        w, b = variables[spec.folded_weight], variables[spec.folded_bias]
-        if spec.side == OUTPUT_SIDE:
-            h = call_like(layer, [layer.inputs[0], w, b])[0]
-            if spec.bn_type == "FusedBatchNormalization":
-                bn_inputs = bn.inputs
-                if len(bn_inputs) > 5:
-                    h = new_function("Add2", {"inplace": False}, [h, bn_inputs[5]])[0]
-                h = new_function("ReLU", {"inplace": False}, [h])[0]
-            target = bn.outputs[0]
-        else:
-            h = call_like(layer, [bn.inputs[0], w, b])[0]
-            target = layer.outputs[0]
-        if tuple(h.shape) != tuple(target.shape):   # same layer, same weight shape: cannot happen
-            raise ValueError(f"{spec.bn}: the folded {spec.kind} gives shape {h.shape}, "
-                             f"not {target.shape}")
-        rewiring.append((target, h))
+    for index in edit.region:
+        for v in functions[index].outputs:
+            if v in read_outside:
+                new = mapped[v]
+                if new not in made:   # the planner keeps a removed map's output inside its region
+                    raise ValueError("a folded map's output is read outside the functions rebuilt")
+                rewiring.append((v, new))
     return rewiring
 
 

@@ -237,7 +237,7 @@ BNFOLD_HD bool bnfold_overflows(const double*, double r) { return !isfinite(r); 
 
 // ---- segment tables (all fields 64-bit; bnfold_gpu/backends/segments.py packs them) ------------
 struct bnfold_channel_seg {   // one BN: its statistics and where its channels go
-  bnfold_u64 gamma, beta, mean, var;   // device pointers; gamma/beta 0 for no_scale/no_bias
+  bnfold_u64 gamma, beta, mean, var;   // device pointers; 0: gamma 1, beta 0, mean 0, var 1
   bnfold_i64 gamma_dtype, beta_dtype, mean_dtype, var_dtype;
   double eps;
   bnfold_i64 n_channels, channel_offset, fold;
@@ -286,8 +286,9 @@ BNFOLD_HD int bnfold_channel_stage(const bnfold_channel_seg* segs, int n_segs, b
   bnfold_i64 i = c - s.channel_offset;
   double gamma = s.gamma ? bnfold_load((const void*)s.gamma, (int)s.gamma_dtype, i) : 1.0;
   double beta = s.beta ? bnfold_load((const void*)s.beta, (int)s.beta_dtype, i) : 0.0;
-  double mean = bnfold_load((const void*)s.mean, (int)s.mean_dtype, i);
-  double var = bnfold_load((const void*)s.var, (int)s.var_dtype, i);
+  // a derived map has no mean and var: 0 and 1 (with eps 0, its scale and shift pass unchanged)
+  double mean = s.mean ? bnfold_load((const void*)s.mean, (int)s.mean_dtype, i) : 0.0;
+  double var = s.var ? bnfold_load((const void*)s.var, (int)s.var_dtype, i) : 1.0;
   double sc, off;
   int status = bnfold_scale_offset(gamma, beta, mean, var, s.eps, &sc, &off);
   scale_d[c] = sc;

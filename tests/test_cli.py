@@ -15,7 +15,7 @@ import pytest
 nn = pytest.importorskip("nnabla", reason="nnabla is not installed (GPU machine)")
 from nnabla.utils.nnp_graph import NnpLoader  # noqa: E402
 
-from bnfold_gpu import cli, nnp as N  # noqa: E402
+from bnfold_gpu import _atomic, cli, nnp as N  # noqa: E402
 import nnp_files  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
@@ -57,7 +57,7 @@ def test_inspect_table_and_json(console_file, capsys):
     assert run("inspect", console_file) == 0
     out = capsys.readouterr().out
     assert "network MainRuntime: 3 to fold, 0 to keep" in out
-    assert "network Main: 0 to fold, 3 to keep (training network)" in out
+    assert "network Main: 0 to fold, 3 to keep (uses batch statistics)" in out
     assert "batch_stat=True" in out
     assert run("inspect", console_file, "--json") == 0
     info = json.loads(capsys.readouterr().out)
@@ -195,16 +195,26 @@ def test_onnx_imported_files_fold_and_convert_back(tmp_path, variant):
 
 
 # -- bad input ------------------------------------------------------------------------------------
-def _bad(tmp_path, capsys, *argv):
+def _bad(tmp_path, capsys, *argv, status=2):
+    """Runs the command as given and again with --quiet: exit ``status``, the message last on stderr
+    (with --quiet, stderr is that one line), no traceback, nothing created or changed."""
     out = tmp_path / "out.nnp"
-    out.write_bytes(b"previous output")
-    rc = run(*argv, "-o", out) if argv[0] == "fold" else run(*argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2
-    assert len(err) >= 1 and err[-1].startswith("bnfold: ") and "Traceback" not in "\n".join(err)
-    assert out.read_bytes() == b"previous output"
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out.nnp")]
-    return err[-1]
+    messages = []
+    for quiet in ((), ("--quiet",)):
+        out.write_bytes(b"previous output")
+        before = sorted(os.listdir(tmp_path))
+        rc = run(*argv, *quiet, "-o", out) if argv[0] == "fold" else run(*argv, *quiet)
+        captured = capsys.readouterr()
+        err = captured.err.splitlines()
+        assert rc == status, captured.err
+        assert len(err) >= 1 and err[-1].startswith("bnfold: ") and "Traceback" not in captured.err
+        if quiet:
+            assert len(err) == 1 and captured.out == "", captured.err
+        assert out.read_bytes() == b"previous output"
+        assert sorted(os.listdir(tmp_path)) == before
+        messages.append(err[-1])
+    assert messages[0] == messages[1]
+    return messages[-1]
 
 
 def test_missing_file(tmp_path, capsys):
@@ -404,7 +414,8 @@ def test_network_that_nnabla_cannot_build(tmp_path, capsys):
     with open(p, "wb") as fh:
         N.serialize(f, fh)
     msg = _bad(tmp_path, capsys, "fold", p)
-    assert msg.startswith(f"bnfold: {p}: NNabla cannot load it: ") and "NoSuchFunction" in msg
+    assert msg.startswith(f"bnfold: {p}: network 'net': NNabla cannot load it: ")
+    assert "NoSuchFunction" in msg
 
 
 def test_parameter_of_wrong_shape(tmp_path, capsys):
@@ -506,24 +517,25 @@ def test_weights_tied_by_name_in_a_file(tmp_path):
     assert "tied/conv/W_folded" in f1.params
 
 
-def test_bns_a_layer_takes_one_per_pass_all_fold(tmp_path, capsys):
+def test_bn_chains_fold_in_one_pass(tmp_path, capsys):
+    # conv -> bn1 -> bn2, relu -> bn3 -> bn4 -> conv, relu -> bn5 -> affine -> bn6: each pair of BNs
+    # is one map, the affine takes one on each side; one plan folds them all
     p = nnp_files.bn_chains(tmp_path / "chains.nnp")
     assert run("inspect", p) == 0
-    text = capsys.readouterr().out
-    assert "3 BN(s) would fold, 3 would stay; 3 of those fold on a later pass" in text
-    assert text.count("on a later pass") == 4
-    assert run("inspect", p, "--json") == 0
-    skipped = json.loads(capsys.readouterr().out)["networks"]["n"]["skipped"]
-    assert sorted(s["bn"] for s in skipped if s["next_pass"]) == ["bn2/bn", "bn3/bn", "bn5/bn"]
+    assert "6 BN(s) would fold, 0 would stay" in capsys.readouterr().out
     out, report = tmp_path / "out.nnp", tmp_path / "r.json"
     assert run("fold", p, "-o", out, "--verify", "--report", report, "-q") == 0
     rep = json.loads(report.read_text())["networks"]["n"]
-    assert sorted(r["bn"] for r in rep["folded"]) == [f"bn{i}/bn" for i in range(1, 7)]
-    assert rep["skipped"] == []
+    assert sorted(b for r in rep["folded"] for b in r["bns"]) == [f"bn{i}/bn" for i in range(1, 7)]
+    assert rep["skipped"] == [] and rep["folded_count"] == 6
+    assert sorted(r["bn"] for r in rep["folded"]) == ["bn1/bn+bn2/bn", "bn3/bn+bn4/bn", "bn5/bn",
+                                                     "bn6/bn"]
     want, types0 = load_run(p, "n")
     got, types1 = load_run(out, "n")
     assert types0.count("BatchNormalization") == 6 and "BatchNormalization" not in types1
     assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
+    f1 = N.read(str(out))       # nothing of the fold's own (the affine between its two folds) kept
+    assert not [n for n in f1.params if "_folding" in n or "composed" in n]
 
 
 def test_verify_runs_the_networks_that_fold_nothing(tmp_path, capsys, monkeypatch):
@@ -542,7 +554,8 @@ def test_verify_runs_the_networks_that_fold_nothing(tmp_path, capsys, monkeypatc
             assert np.abs(got[k] - want[k]).max() / np.abs(want[k]).max() < 1e-5
     out.unlink()
     # the same file with the shared weight rescaled in place: --verify says so, nothing is written
-    monkeypatch.setattr(N, "_settle_names", lambda spec, *args: spec)
+    real = N._settle
+    monkeypatch.setattr(N, "_settle", lambda p, network, uses, *args: real(p, network, {}, *args))
     assert run("fold", p, "-o", out, "--verify") == 1
     assert "features" in capsys.readouterr().out and not out.exists()
 
@@ -563,17 +576,6 @@ def test_report_that_cannot_be_written_stops_before_any_work(tmp_path, capsys):
     before = p.read_bytes()
     assert "would overwrite" in _bad(tmp_path, capsys, "fold", p, "--report", p)
     assert p.read_bytes() == before
-
-
-def test_report_failing_late_leaves_no_output(tmp_path, capsys, monkeypatch):
-    p = nnp_files.single(tmp_path / "m.nnp")
-
-    def disk_full(path, value):
-        raise OSError(28, "No space left on device", str(path))
-
-    monkeypatch.setattr(cli, "_write_json", disk_full)
-    assert "No space left" in _bad(tmp_path, capsys, "fold", p, "--report", tmp_path / "r.json")
-    assert not (tmp_path / "r.json").exists()
 
 
 def test_console_script_exit_status_and_no_traceback(tmp_path):
@@ -651,3 +653,864 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         run("--version")
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"bnfold {bnfold_gpu.__version__}"
+
+
+# -- files made here for the cases below ----------------------------------------------------------
+def _save(path, networks, executors=()):
+    from nnabla.utils.save import save
+    save(str(path), {"networks": networks, "executors": list(executors)})
+    nn.clear_parameters()
+    return path
+
+
+def _no_bn_file(path):
+    import nnabla.parametric_functions as PF
+    nn.clear_parameters()
+    x = nn.Variable((2, 3, 4, 4))
+    y = PF.affine(x, 2, name="fc")
+    nnp_files.randomize_all(np.random.RandomState(0))
+    return _save(path, [{"name": "plain", "batch_size": 2, "outputs": {"y": y}, "names": {"x": x}}])
+
+
+def _channel_last_file(path):
+    """A convolution NNabla's CPU context builds but cannot run (channel-last), then its BN."""
+    import nnabla.parametric_functions as PF
+    nn.clear_parameters()
+    x = nn.Variable((2, 6, 6, 3))
+    h = PF.convolution(x, 4, (3, 3), pad=(1, 1), channel_last=True, name="c")
+    y = PF.batch_normalization(h, axes=[3], batch_stat=False, name="bn")
+    nnp_files.randomize_all(np.random.RandomState(0))
+    return _save(path, [{"name": "cl", "batch_size": 2, "outputs": {"y": y}, "names": {"x": x}}])
+
+
+def _intermediate_output_file(path):
+    """conv -> BN -> h -> h * 0 = y: the executor declares h as an output as well as y, as DCGAN's
+    files declare the generator's ``fake`` that the discriminator reads."""
+    import nnabla.functions as F
+    import nnabla.parametric_functions as PF
+    nn.clear_parameters()
+    x = nn.Variable((2, 3, 6, 6))
+    h = PF.batch_normalization(PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c"),
+                               batch_stat=False, name="bn")
+    y = F.mul_scalar(h, 0.0)
+    nnp_files.randomize_all(np.random.RandomState(0))
+    _save(path, [{"name": "gen", "batch_size": 2, "outputs": {"y": y}, "names": {"x": x}}],
+          [{"name": "run", "network": "gen", "data": ["x"], "output": ["y"]}])
+    f = N.read(str(path))
+    bn = next(fn for fn in f.proto.network[0].function if fn.type == "BatchNormalization")
+    f.proto.executor[0].output_variable.add().variable_name = bn.output[0]
+    with open(path, "wb") as fh:
+        N.serialize(f, fh)
+    return path, bn.output[0]
+
+
+def _listing(folder):
+    return sorted(os.listdir(folder))
+
+
+# -- outputs that are not regular files -----------------------------------------------------------
+def _never_replace_devices(monkeypatch):
+    """Tests run as root may be able to replace /dev/null: a call that tries fails the test."""
+    real = os.replace
+
+    def guarded(src, dst, *args, **kwargs):
+        assert not str(os.path.realpath(dst)).startswith("/dev/"), f"replaced {dst}"
+        return real(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, "replace", guarded)
+
+
+def test_output_that_is_a_fifo_is_refused(tmp_path, capsys):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    fifo = tmp_path / "fifo.nnp"
+    os.mkfifo(fifo)
+    assert run("fold", p, "-o", fifo, "-q") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "not a regular file" in err[0] and str(fifo) in err[0]
+    assert stat_kind(fifo) == "fifo"
+    report_fifo = tmp_path / "r.json"
+    os.mkfifo(report_fifo)
+    assert "not a regular file" in _bad(tmp_path, capsys, "fold", p, "--report", report_fifo)
+    assert stat_kind(report_fifo) == "fifo"
+
+
+def stat_kind(path):
+    import stat
+    mode = os.lstat(path).st_mode
+    return "fifo" if stat.S_ISFIFO(mode) else "char" if stat.S_ISCHR(mode) else \
+        "link" if stat.S_ISLNK(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def test_output_that_is_a_device_is_refused(tmp_path, capsys, monkeypatch):
+    _never_replace_devices(monkeypatch)
+    p = nnp_files.single(tmp_path / "m.nnp")
+    link = tmp_path / "null.nnp"          # an .nnp name that leads to a device
+    link.symlink_to("/dev/null")
+    assert "not a regular file" in _bad(tmp_path, capsys, "fold", p, "--report", "/dev/null")
+    assert run("fold", p, "-o", link, "-q") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "not a regular file" in err[0]
+    assert run("fold", p, "-o", "/dev/null", "-q") == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
+    assert stat_kind("/dev/null") == "char" and stat_kind(link) == "link"
+
+
+def test_output_suffix_other_than_nnp_is_refused(tmp_path, capsys):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    assert run("fold", p, "-o", tmp_path / "model.onnx", "-q") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "model.onnx" in err[0] and ".nnp" in err[0]
+    assert not (tmp_path / "model.onnx").exists()
+
+
+# -- temporary files ------------------------------------------------------------------------------
+def test_planted_symlinks_cannot_redirect_a_write(tmp_path, capsys):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out, report = tmp_path / "o.nnp", tmp_path / "r.json"
+    pid = os.getpid()
+    mine = _atomic.prefix()
+    guesses = [f"r.json.{pid}.tmp", f".o.nnp.{pid}.tmp", f".bnfold-{pid}-r.json.tmp",
+               f"{mine}r.json.tmp", f"{mine}o.nnp.tmp", f"{mine}o.nnp.tmp.nnp"]
+    for name in guesses:
+        (tmp_path / name).symlink_to(victim)
+    assert run("fold", p, "-o", out, "--report", report, "-q") == 0
+    assert victim.read_text() == "precious"
+    assert stat_kind(report) == "file" and json.loads(report.read_text())["output"] == str(out)
+    assert stat_kind(out) == "file"
+    assert all(stat_kind(tmp_path / name) == "link" for name in guesses)   # not ours: left alone
+
+
+def test_temp_files_are_named_for_the_process_beside_the_target(tmp_path, monkeypatch):
+    p = nnp_files.single(tmp_path / "m.nnp", parameter_format=".h5")
+    out = tmp_path / "out" / "o.nnp"
+    out.parent.mkdir()
+    seen = []
+    real = N._write_h5_member
+
+    def spy(*args, **kwargs):
+        seen.extend(os.listdir(out.parent))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(N, "_write_h5_member", spy)
+    assert run("fold", p, "-o", out, "-q") == 0
+    assert seen and all(x.startswith(_atomic.prefix()) and ".tmp" in x for x in seen)
+    assert _listing(out.parent) == ["o.nnp"]
+
+
+def _dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    out = tmp_path / "out"
+    out.mkdir()
+    dead, alive = _atomic.prefix(_dead_pid()), _atomic.prefix(os.getppid())
+    elsewhere = dead.replace("@", "@another.host.")      # a shared folder: that pid is not ours
+    stale = [f"{dead}x1y2-o.nnp.tmp.nnp", f"{dead}abcd-r.json.tmp", f"{dead}scratch.tmp"]
+    kept = [f"{alive}x1y2-o.nnp.tmp.nnp", f"{elsewhere}x1y2-o.nnp.tmp.nnp", ".bnfold-notes.txt",
+            "keep.tmp", f"{dead[1:]}x.tmp", f"{dead}x.nnp"]
+    for name in stale[:2] + kept:
+        (out / name).write_text("left over")
+    (out / stale[2]).mkdir()
+    (out / stale[2] / "parameter.h5").write_text("left over")
+    (out / f"{dead}link.tmp").symlink_to(p)   # a link is never ours: left alone
+    assert run("fold", p, "-o", out / "o.nnp", "-q") == 0
+    assert _listing(out) == sorted(kept + ["o.nnp", f"{dead}link.tmp"])
+    assert p.exists()
+
+
+# -- the report -----------------------------------------------------------------------------------
+def test_report_is_written_after_the_output_and_tells_the_truth(tmp_path, monkeypatch):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    out, report = tmp_path / "o.nnp", tmp_path / "r.json"
+    order = []
+    real = os.replace
+
+    def spy(src, dst, *args, **kwargs):
+        order.append(os.path.basename(dst))
+        return real(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, "replace", spy)
+    assert run("fold", p, "-o", out, "--report", report, "-q") == 0
+    assert order == ["o.nnp", "r.json"]
+    rep = json.loads(report.read_text())
+    assert rep["output"] == str(out) and rep["not_written"] is None
+
+
+def test_report_failing_after_the_output_says_the_output_was_written(tmp_path, capsys, monkeypatch):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    out, report = tmp_path / "o.nnp", tmp_path / "r.json"
+    real = os.replace
+
+    def disk_full(src, dst, *args, **kwargs):
+        if str(dst).endswith("r.json"):
+            raise OSError(28, "No space left on device", str(dst))
+        return real(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, "replace", disk_full)
+    for quiet in ((), ("-q",)):
+        rc = run("fold", p, "-o", out, "--report", report, *quiet)
+        err = capsys.readouterr().err.splitlines()
+        assert rc == 4 and "Traceback" not in "\n".join(err)
+        assert f"{out} was written" in err[-1] and "No space left on device" in err[-1]
+        assert str(report) in err[-1]
+        if quiet:
+            assert len(err) == 1
+        assert load_run(out, "net")[1].count("BatchNormalization") == 0
+        assert _listing(tmp_path) == ["m.nnp", "o.nnp"]
+
+
+def test_report_naming_the_output_through_a_link_is_refused(tmp_path, capsys):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    out = tmp_path / "out.nnp"       # the name _bad writes
+    sym = tmp_path / "sym.json"
+    sym.symlink_to(out)
+    hard = tmp_path / "hard.json"
+    out.write_bytes(b"previous output")
+    os.link(out, hard)
+    assert "would overwrite" in _bad(tmp_path, capsys, "fold", p, "--report", sym)
+    assert "would overwrite" in _bad(tmp_path, capsys, "fold", p, "--report", hard)
+    assert "would overwrite" in _bad(tmp_path, capsys, "fold", p, "--report", tmp_path / "out.nnp")
+    in_link = tmp_path / "in.json"
+    os.link(p, in_link)
+    assert "would overwrite" in _bad(tmp_path, capsys, "fold", p, "--report", in_link)
+
+
+def test_report_to_stdout(tmp_path, capsys):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    out = tmp_path / "o.nnp"
+    assert run("fold", p, "-o", out, "--report", "-", "--verify") == 0
+    captured = capsys.readouterr()
+    rep = json.loads(captured.out)      # stdout holds the report alone
+    assert rep["output"] == str(out) and rep["verify"]["outputs"]
+    assert "wrote" in captured.err      # the summary goes to stderr
+    assert not (tmp_path / "-").exists() and not Path("-").exists()
+
+
+def test_report_schema(tmp_path):
+    import bnfold_gpu
+    p = nnp_files.console_like(tmp_path / "m.nnp")
+    out, report = tmp_path / "o.nnp", tmp_path / "r.json"
+    assert run("fold", p, "-o", out, "--report", report, "-q") == 0
+    rep = json.loads(report.read_text())
+    assert rep["schema_version"] == 1 and rep["tool"] == "bnfold"
+    assert rep["version"] == bnfold_gpu.__version__
+    assert rep["input"] == str(p) and rep["output"] == str(out) and rep["backend"] in ("numpy", "cupy")
+    assert rep["bytes_rescaled"] > 0
+    nets = rep["networks"]
+    assert nets["MainRuntime"]["folded_count"] == 3 and nets["MainRuntime"]["kept_count"] == 0
+    assert nets["Main"]["kept_count"] == 3 and nets["Main"]["uses_batch_statistics"]
+    assert all(s["reason"] for s in nets["Main"]["skipped"])
+    assert {"read", "plan", "fold", "write"} <= set(rep["seconds"]) and "verify" not in rep["seconds"]
+    assert rep["verify"] is None
+    assert run("fold", p, "-o", out, "--report", report, "-q", "--verify") == 0
+    assert "verify" in json.loads(report.read_text())["seconds"]
+
+
+# -- stdout that cannot be written ----------------------------------------------------------------
+def _cli_subprocess(*argv, **kwargs):
+    return subprocess.run([sys.executable, "-m", "bnfold_gpu.cli", *map(str, argv)], **kwargs)
+
+
+def test_closed_stdout_after_the_output_is_written(tmp_path):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    out = tmp_path / "o.nnp"
+    read_end, write_end = os.pipe()
+    os.close(read_end)                 # nobody reads: every write to stdout fails (EPIPE)
+    try:
+        r = _cli_subprocess("fold", p, "-o", out, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    err = r.stderr.splitlines()
+    assert r.returncode == 4, r.stderr
+    assert err and f"{out} was written" in err[-1] and "Exception ignored" not in r.stderr
+    assert "Traceback" not in r.stderr and out.exists()
+
+
+def test_full_disk_on_stdout_after_the_output_is_written(tmp_path):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    out = tmp_path / "o.nnp"
+    with open("/dev/full", "w") as full:
+        r = _cli_subprocess("fold", p, "-o", out, "--report", "-", "-q", stdout=full,
+                            stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 4, r.stderr
+    assert r.stderr.count("\n") == 1 and f"{out} was written" in r.stderr
+    assert "No space left on device" in r.stderr and out.exists()
+
+
+def test_stdout_failing_in_process(tmp_path, capsys, monkeypatch):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    out = tmp_path / "o.nnp"
+
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def isatty(self):
+            return False
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert run("fold", p, "-o", out) == 4
+    err = capsys.readouterr().err.splitlines()
+    assert f"{out} was written" in err[-1] and out.exists()
+
+
+# -- disk full ------------------------------------------------------------------------------------
+def _statvfs_with(free_bytes, folder):
+    """os.statvfs, saying that only ``free_bytes`` are free in ``folder``."""
+    real = os.statvfs
+
+    def fake(path):
+        st = real(path)
+        if os.path.realpath(path) != os.path.realpath(folder):
+            return st
+        values = list(st)
+        values[4] = values[3] = free_bytes // st.f_frsize   # f_bavail, f_bfree
+        return os.statvfs_result(values)
+    return fake
+
+
+@pytest.mark.parametrize("fmt", [".h5", ".protobuf"])
+def test_too_little_free_space_is_refused_before_writing(tmp_path, capsys, monkeypatch, fmt):
+    p = nnp_files.single(tmp_path / "m.nnp", parameter_format=fmt)
+    writes = []
+    monkeypatch.setattr(N, "serialize", lambda *a, **k: writes.append(a))
+    monkeypatch.setattr(os, "statvfs", _statvfs_with(8192, tmp_path))
+    msg = _bad(tmp_path, capsys, "fold", p)
+    assert "free" in msg and "out.nnp" in msg and not writes
+
+
+def test_free_space_needed_counts_the_hdf5_scratch_file(tmp_path):
+    # HDF5 parameters are written to a scratch file beside the output, then copied into it
+    from bnfold_gpu import nnp_fold
+    h5 = N.read(str(nnp_files.single(tmp_path / "h5.nnp", parameter_format=".h5")))
+    pb = N.read(str(nnp_files.single(tmp_path / "pb.nnp", parameter_format=".protobuf")))
+    nbytes = sum(p.value.nbytes for p in pb.params.values())
+    assert nnp_fold._space_needed(pb) >= nbytes
+    assert nnp_fold._space_needed(h5) >= nnp_fold._space_needed(pb) + nbytes
+
+
+def _h5_write_error():
+    return OSError("Can't write data (file write failed: time = Thu Nov 26 10:00:00 2026, filename "
+                   "= 'parameter.h5', file descriptor = 5, errno = 28, error message = 'No space "
+                   "left on device', buf = 0x55d0c0ffee00, total write size = 4096, bytes this "
+                   "sub-write = 4096, bytes actually written = 18446744073709551615, offset = 0)")
+
+
+@pytest.mark.parametrize("where", ["zip", "fsync", "h5py-oserror", "h5py-runtimeerror", "quota"])
+def test_write_failures_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypatch, where):
+    import h5py
+    fmt = ".h5" if where.startswith("h5py") else ".protobuf"
+    p = nnp_files.single(tmp_path / "m.nnp", parameter_format=fmt)
+    if where in ("zip", "quota"):
+        code = 28 if where == "zip" else 122
+
+        def fail(*args, **kwargs):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(N.protobuf_params, "write", fail)
+    elif where == "fsync":
+        def fail(fd):
+            raise OSError(5, "Input/output error")
+        monkeypatch.setattr(os, "fsync", fail)
+    else:
+        error = _h5_write_error() if where == "h5py-oserror" else \
+            RuntimeError("Can't decrement id ref count (unable to flush file's cached information)")
+
+        class Failing(h5py.File):
+            def __setitem__(self, name, value):
+                raise error
+        monkeypatch.setattr(h5py, "File", Failing)
+    msg = _bad(tmp_path, capsys, "fold", p)
+    assert "0x" not in msg and "errno" not in msg and "nothing written" in msg
+    if where in ("zip", "h5py-oserror"):
+        assert "No space left on device" in msg
+    assert "out.nnp" in msg
+
+
+def test_a_real_write_failure_past_the_file_size_limit(tmp_path):
+    # the kernel refuses the writes (EFBIG), as a full disk would, with no injection in bnfold
+    p = nnp_files.single(tmp_path / "m.nnp", parameter_format=".protobuf")
+    out = tmp_path / "out"
+    out.mkdir()
+    limit = p.stat().st_size // 2
+    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+              "from bnfold_gpu.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", script, "fold", str(p), "-o", str(out / "o.nnp"), "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "too large" in r.stderr.lower()
+    assert "nothing written" in r.stderr
+    assert os.listdir(out) == []
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------
+def _interrupting(real):
+    import signal
+
+    def stage(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+    return stage
+
+
+def _run_interrupted(*argv):
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        rc = run(*argv)
+    except KeyboardInterrupt:
+        rc = "KeyboardInterrupt escaped main"
+    assert signal.getsignal(signal.SIGINT) is before     # main leaves the handler as it was
+    return rc
+
+
+@pytest.mark.parametrize("stage", ["read", "plan_file", "fold_parameters", "rewrite_proto",
+                                   "serialize", "verify"])
+def test_ctrl_c_at_each_stage_writes_nothing(tmp_path, capsys, monkeypatch, stage):
+    p = nnp_files.single(tmp_path / "m.nnp", parameter_format=".h5")
+    out = tmp_path / "o.nnp"
+    out.write_bytes(b"previous output")
+    monkeypatch.setattr(N, stage, _interrupting(getattr(N, stage)))
+    assert _run_interrupted("fold", p, "-o", out, "--verify", "-q") == 130
+    assert capsys.readouterr().err == "bnfold: interrupted; nothing written\n"
+    assert out.read_bytes() == b"previous output" and _listing(tmp_path) == ["m.nnp", "o.nnp"]
+
+
+def test_ctrl_c_while_nnabla_runs_is_acted_on_back_in_bnfold(tmp_path, capsys, monkeypatch):
+    # a KeyboardInterrupt raised inside code NNabla runs (its C++ calling back into Python, or a
+    # forward) can leave NNabla's state broken (segfaults were seen): Ctrl-C waits for bnfold's code
+    p = nnp_files.single(tmp_path / "m.nnp")
+    completed = []
+    real = N.build_networks
+
+    def like_nnabla(*args, **kwargs):
+        os.kill(os.getpid(), __import__("signal").SIGINT)
+        total = sum(range(10000))            # Python code running under NNabla
+        result = real(*args, **kwargs)
+        completed.append(total)
+        return result
+    monkeypatch.setattr(N, "build_networks", like_nnabla)
+    assert _run_interrupted("fold", p, "-o", tmp_path / "o.nnp", "-q") == 130
+    assert completed and capsys.readouterr().err == "bnfold: interrupted; nothing written\n"
+    assert _listing(tmp_path) == ["m.nnp"]
+
+
+def test_ctrl_c_while_parsing_the_command_line(tmp_path, capsys, monkeypatch):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    monkeypatch.setattr(cli, "parser", _interrupting(cli.parser))
+    assert _run_interrupted("fold", p, "-o", tmp_path / "o.nnp") == 130
+    assert capsys.readouterr().err == "bnfold: interrupted; nothing written\n"
+    assert _listing(tmp_path) == ["m.nnp"]
+
+
+def test_ctrl_c_after_the_output_is_in_place_says_it_was_written(tmp_path, capsys, monkeypatch):
+    import signal
+    p = nnp_files.single(tmp_path / "m.nnp")
+    out, report = tmp_path / "o.nnp", tmp_path / "r.json"
+    real = os.replace
+
+    def replace_then_interrupt(src, dst, *args, **kwargs):
+        real(src, dst, *args, **kwargs)
+        if str(dst).endswith(".nnp"):
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    assert _run_interrupted("fold", p, "-o", out, "--report", report) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("bnfold: interrupted") and f"{out} was written" in err[-1]
+    assert f"{report} was not" in err[-1]
+    assert load_run(out, "net")[1].count("BatchNormalization") == 0
+    assert _listing(tmp_path) == ["m.nnp", "o.nnp"]
+
+
+_SUBPROCESS_MAIN = "from bnfold_gpu.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_ctrl_c_while_nnabla_is_imported(tmp_path):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    out = tmp_path / "out"
+    out.mkdir()
+    hook = ("import os, signal, sys\n"
+            "class Hook:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'nnabla':\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "sys.meta_path.insert(0, Hook())\n")
+    r = subprocess.run([sys.executable, "-c", hook + _SUBPROCESS_MAIN, "fold", str(p), "-o",
+                        str(out / "o.nnp")], capture_output=True, text=True)
+    assert r.returncode == 130 and r.stderr == "bnfold: interrupted; nothing written\n", r.stderr
+    assert r.stdout == "" and os.listdir(out) == []
+
+
+def test_second_ctrl_c_while_nnabla_computes_exits_at_once(tmp_path):
+    # the first Ctrl-C waits for a safe point; the second removes the temporary files and exits,
+    # even while NNabla is still computing (here a forward far longer than the test) with the
+    # file descriptor of stderr held, as --verify holds it
+    p = nnp_files.single(tmp_path / "m.nnp", parameter_format=".h5")
+    out = tmp_path / "out"
+    out.mkdir()
+    marker = tmp_path / "forward-returned"
+    script = (
+        "import os, signal, sys, threading, time\n"
+        "import nnabla as nn, nnabla.parametric_functions as PF\n"
+        "from bnfold_gpu import nnp as N\n"
+        "real = N._write_h5_member\n"
+        "def slow_write(*args, **kwargs):\n"
+        "    x = nn.Variable((32, 64, 64, 64)); h = x\n"
+        "    for i in range(40): h = PF.convolution(h, 64, (3, 3), pad=(1, 1), name=f'c{i}')\n"
+        "    started = threading.Event()\n"
+        "    def ctrl_c_twice():\n"
+        "        started.wait(); time.sleep(0.3)\n"
+        "        os.kill(os.getpid(), signal.SIGINT); time.sleep(0.3)\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    threading.Thread(target=ctrl_c_twice, daemon=True).start()\n"
+        "    started.set()\n"
+        "    with N._nnabla_stderr_held():\n"         # as --verify runs NNabla: stderr held
+        "        h.forward(clear_buffer=True)\n"
+        f"    open({str(marker)!r}, 'w').close()\n"
+        "    return real(*args, **kwargs)\n"
+        "N._write_h5_member = slow_write\n" + _SUBPROCESS_MAIN)
+    r = subprocess.run([sys.executable, "-c", script, "fold", str(p), "-o", str(out / "o.nnp")],
+                       capture_output=True, text=True)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.splitlines()[-1] == "bnfold: interrupted; nothing written"
+    assert "Traceback" not in r.stderr and not marker.exists() and os.listdir(out) == []
+
+
+# -- --in-place and existing outputs --------------------------------------------------------------
+def _foreign_owner():
+    if os.geteuid() == 0:
+        return 1234, 5678
+    return os.getuid(), (set(os.getgroups()) - {os.getgid()} or {os.getgid()}).pop()
+
+
+@pytest.mark.parametrize("how", ["in-place", "existing output"])
+def test_owner_group_and_mode_are_kept(tmp_path, how):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    target = p if how == "in-place" else tmp_path / "o.nnp"
+    if how != "in-place":
+        target.write_bytes(b"previous output")
+    uid, gid = _foreign_owner()
+    os.chown(target, uid, gid)
+    os.chmod(target, 0o640)
+    argv = ("--in-place",) if how == "in-place" else ("-o", target)
+    assert run("fold", p, *argv, "-q") == 0
+    st = os.stat(target)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (uid, gid, 0o640)
+    assert load_run(target, "net")[1].count("BatchNormalization") == 0
+
+
+@pytest.mark.parametrize("how", ["in-place", "existing output"])
+def test_a_symlink_is_folded_through_into_its_target(tmp_path, how):
+    store = tmp_path / "store"
+    store.mkdir()
+    p = nnp_files.single(tmp_path / "m.nnp")
+    real = store / "model.nnp"
+    real.write_bytes(p.read_bytes() if how == "in-place" else b"previous output")
+    link = tmp_path / "link.nnp"
+    link.symlink_to(real)
+    argv = (link, "--in-place") if how == "in-place" else (p, "-o", link)
+    assert run("fold", *argv, "-q") == 0
+    assert stat_kind(link) == "link" and os.readlink(link) == str(real)
+    assert load_run(real, "net")[1].count("BatchNormalization") == 0
+    assert _listing(store) == ["model.nnp"]
+
+
+def test_in_place_replaces_the_name_not_other_hard_links(tmp_path):
+    # documented: the folded file is a new file under the name given; other links keep the original
+    p = nnp_files.single(tmp_path / "m.nnp")
+    other = tmp_path / "other.nnp"
+    os.link(p, other)
+    before = other.read_bytes()
+    assert run("fold", p, "--in-place", "-q") == 0
+    assert other.read_bytes() == before and not os.path.samefile(p, other)
+    assert load_run(p, "net")[1].count("BatchNormalization") == 0
+
+
+# -- --verify -------------------------------------------------------------------------------------
+def test_verify_compares_every_executor_output(tmp_path, capsys, monkeypatch):
+    p, h = _intermediate_output_file(tmp_path / "gen.nnp")
+    out, report = tmp_path / "o.nnp", tmp_path / "r.json"
+    assert run("fold", p, "-o", out, "--verify", "--report", report, "-q") == 0
+    compared = {r["output"] for r in json.loads(report.read_text())["verify"]["outputs"]}
+    assert h in compared and len(compared) == 2
+    out.unlink()
+    real = N.fold_parameters
+
+    def wrong_bias(nnp, fp, *args, **kwargs):   # a fold that is wrong where only h shows it
+        result = real(nnp, fp, *args, **kwargs)
+        for spec in fp.unique:
+            nnp.params[spec.folded_bias].value = nnp.params[spec.folded_bias].value + 1
+        return result
+    monkeypatch.setattr(N, "fold_parameters", wrong_bias)
+    assert run("fold", p, "-o", out, "--verify", "-q") == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "verification failed" in err[0] and h in err[0]
+    assert not out.exists()
+
+
+def test_networks_using_batch_statistics_are_verified(console_file, tmp_path, capsys):
+    out, report = tmp_path / "o.nnp", tmp_path / "r.json"
+    assert run("fold", console_file, "-o", out, "--verify", "--report", report) == 0
+    text = capsys.readouterr().out
+    assert "training" not in text and "uses batch statistics" in text
+    rep = json.loads(report.read_text())
+    # Main runs first with batch_stat=True; had it updated the running statistics the other
+    # networks read, their comparison would fail
+    assert {r["network"] for r in rep["verify"]["outputs"]} == {"Main", "MainValidation",
+                                                                "MainRuntime"}
+    assert all(r["max_rel"] < 1e-5 for r in rep["verify"]["outputs"])
+    assert rep["networks"]["Main"]["uses_batch_statistics"]
+    f0 = N.read(str(console_file))
+    assert np.array_equal(N.read(str(out)).params["bn1/bn/mean"].value, f0.params["bn1/bn/mean"].value)
+
+
+def test_verify_impossible_on_this_backend(tmp_path, capfd):
+    p = _channel_last_file(tmp_path / "cl.nnp")
+    capfd.readouterr()
+    out, report = tmp_path / "o.nnp", tmp_path / "r.json"
+    for quiet in ((), ("-q",)):
+        assert run("fold", p, "-o", out, "--verify", "--report", report, *quiet) == 3
+        err = capfd.readouterr().err.splitlines()
+        assert "cannot verify" in err[-1] and "channel_last" in err[-1] and str(p) in err[-1]
+        assert "Traceback" not in "\n".join(err) and "<-- ERROR" not in "\n".join(err)
+        assert "/" not in err[-1].split("cannot verify", 1)[1].replace(str(out), "")   # no source paths
+        if quiet:
+            assert len(err) == 1
+        assert not out.exists()
+        rep = json.loads(report.read_text())
+        assert rep["output"] is None and "cannot verify" in rep["not_written"]
+    assert run("fold", p, "-o", out, "-q") == 0           # folding itself needs no forward
+
+
+def test_float16_files_verify_with_a_default_tolerance_that_suits_them(tmp_path, capsys):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+
+    def edit(ps):
+        for p in ps.values():
+            p.value = p.value.astype(np.float16)
+    half = _edit_params(good, tmp_path / "half.nnp", edit)
+    out, report = tmp_path / "o.nnp", tmp_path / "r.json"
+    assert run("fold", half, "-o", out, "--verify", "--report", report, "-q") == 0
+    assert json.loads(report.read_text())["verify"]["tolerance"] == 5e-3
+    assert run("fold", good, "-o", out, "--verify", "--report", report, "-q") == 0
+    assert json.loads(report.read_text())["verify"]["tolerance"] == 1e-4
+    out.unlink()
+    assert run("fold", half, "-o", out, "--verify", "--tolerance", "1e-6", "-q") == 1   # given wins
+    assert not out.exists()
+
+
+def test_verify_with_real_inputs(tmp_path, capsys):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.RandomState(5).standard_normal((2, 3, 8, 8)).astype(np.float32))
+    out, report = tmp_path / "o.nnp", tmp_path / "r.json"
+
+    def errors(*argv):
+        assert run("fold", p, "-o", out, "--verify", "--report", report, "-q", *argv) == 0
+        rep = json.loads(report.read_text())["verify"]
+        return rep, [r["max_abs"] for r in rep["outputs"]]
+    given1, a = errors("--input", f"x={data}", "--seed", "1")
+    _, b = errors("--input", f"x={data}", "--seed", "2")
+    _, c = errors("--seed", "1")
+    _, d = errors("--seed", "2")
+    assert a == b and c != d                   # given data, not the seed's, went in
+    assert given1["inputs"] == {"x": str(data)}
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((2, 3), np.float32))
+    assert "(2, 3)" in _bad(tmp_path, capsys, "fold", p, "--verify", "--input", f"x={bad}")
+    assert "'nope'" in _bad(tmp_path, capsys, "fold", p, "--verify", "--input", f"nope={data}")
+    assert "no such file" in _bad(tmp_path, capsys, "fold", p, "--verify", "--input",
+                                  f"x={tmp_path / 'missing.npy'}")
+
+
+def test_absolute_tolerance(tmp_path, capsys, monkeypatch):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    out = tmp_path / "o.nnp"
+    real = N.verify
+
+    def tiny_but_relative(*args, **kwargs):   # outputs near zero: relative error large
+        return [{**r, "max_abs": 1e-7, "max_rel": 0.5} for r in real(*args, **kwargs)]
+    monkeypatch.setattr(N, "verify", tiny_but_relative)
+    assert run("fold", p, "-o", out, "--verify", "-q") == 1 and not out.exists()
+    capsys.readouterr()
+    assert run("fold", p, "-o", out, "--verify", "--atol", "1e-6", "-q") == 0 and out.exists()
+
+
+def test_quiet_prints_nothing_but_errors(tmp_path, capsys, monkeypatch):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    assert run("fold", p, "-o", tmp_path / "o.nnp", "--verify", "-q") == 0
+    assert capsys.readouterr() == ("", "")
+    assert run("inspect", p, "-q") == 0
+    assert capsys.readouterr().err == ""
+    real = N.verify
+    monkeypatch.setattr(N, "verify", lambda *a, **k: [{**r, "max_rel": 1.0} for r in real(*a, **k)])
+    assert run("fold", p, "-o", tmp_path / "p.nnp", "--verify", "-q") == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+
+
+def test_a_network_without_batch_normalization(tmp_path, capsys):
+    p = _no_bn_file(tmp_path / "plain.nnp")
+    assert run("inspect", p) == 0
+    text = capsys.readouterr().out
+    assert "no BatchNormalization in this network" in text and "BN kept" not in text
+    assert run("fold", p, "-o", tmp_path / "o.nnp") == 0
+    assert "no BatchNormalization in this network" in capsys.readouterr().out
+
+
+# -- the command line's conventions ---------------------------------------------------------------
+def test_every_option_has_help_and_the_exit_statuses_are_listed(capsys):
+    import argparse
+    ap = cli.parser()
+    subs = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            assert action.help, (name, action.dest)
+    with pytest.raises(SystemExit):
+        run("fold", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    for status in ("0", "1", "2", "3", "4", "130"):
+        assert f"{status}:" in text or f"{status} " in text
+    assert "exit status" in text.lower() and "was written" in text
+
+
+def test_progress_bar_ends_full(tmp_path, capsys, monkeypatch):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    drawn = []
+    monkeypatch.setattr(cli.Progress, "_draw", lambda self, label: drawn.append(
+        (self.done, self.total, label)))
+    assert run("fold", p, "-o", tmp_path / "o.nnp", "--verify") == 0
+    assert drawn[-1][2] == "done" and drawn[-1][0] == drawn[-1][1]
+    assert [d for d, _, _ in drawn] == sorted(d for d, _, _ in drawn)
+    assert all(d < t for d, t, label in drawn[:-1])
+
+
+# -- the Python API -------------------------------------------------------------------------------
+def test_fold_nnp_api(tmp_path):
+    import bnfold_gpu
+    p = nnp_files.console_like(tmp_path / "m.nnp")
+    out = tmp_path / "o.nnp"
+    report = bnfold_gpu.fold_nnp(p, out, verify=True, backend="numpy")
+    assert isinstance(report, bnfold_gpu.Report)
+    assert report.output == str(out) and report.backend == "numpy" and report.n_folded == 6
+    assert report.verify.passed and "verify" in report.seconds
+    assert report.to_json()["networks"]["MainRuntime"]["folded_count"] == 3
+    assert load_run(out, "MainRuntime")[1].count("BatchNormalization") == 0
+    with pytest.raises(bnfold_gpu.NnpError):
+        bnfold_gpu.fold_nnp(tmp_path / "missing.nnp", tmp_path / "x.nnp")
+    assert not (tmp_path / "x.nnp").exists()
+
+
+def test_package_imports_without_nnabla():
+    code = ("import sys; sys.modules['nnabla'] = None\n"
+            "import bnfold_gpu\n"
+            "assert callable(bnfold_gpu.fold_nnp) and bnfold_gpu.Report\n"
+            "import bnfold_gpu.cli\n"
+            "print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+
+
+def test_network_messages_name_the_network_in_words(tmp_path, capsys):
+    good = nnp_files.single(tmp_path / "good.nnp")
+    f = N.read(str(good))
+    f.proto.network[0].function[0].input[0] = "nonexistent_var"
+    p = tmp_path / "badvar.nnp"
+    with open(p, "wb") as fh:
+        N.serialize(f, fh)
+    msg = _bad(tmp_path, capsys, "fold", p)
+    assert "network 'net'" in msg and "'nonexistent_var'" in msg and "declare" in msg
+
+
+_FULL_DISK_SWEEP = r'''
+import contextlib, io, json, os, sys
+from bnfold_gpu import _atomic, cli
+mnt, sources = sys.argv[1], sys.argv[2:]
+filler = os.path.join(mnt, "filler")
+
+
+def fold_with_free(src, free):
+    st = os.statvfs(mnt)
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - free))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli.main(["fold", src, "-o", os.path.join(mnt, "o.nnp"), "-q"])
+    os.unlink(filler)
+    left = sorted(os.listdir(mnt))
+    for name in left:
+        os.unlink(os.path.join(mnt, name))
+    return {"src": src, "free": free, "rc": rc, "err": err.getvalue(), "left": left}
+
+
+results = [fold_with_free(sources[0], 8192)]      # refused by the free-space check
+_atomic.check_room = lambda *args, **kwargs: None   # as if the disk filled after the check
+for src in sources:
+    results += [fold_with_free(src, free) for free in range(0, 96 << 10, 4 << 10)]
+print(json.dumps(results))
+'''
+
+
+def test_a_real_full_file_system(tmp_path):
+    # a small tmpfs, mounted in a user namespace (no privileges needed where the kernel allows
+    # them), filled to every level the writes can meet: each fold is written whole or fails in one
+    # line with nothing left, and HDF5 neither crashes nor prints its internals
+    import shutil
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "--user", "--map-root-user", "--mount", "true"],
+                                         capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs unshare and unprivileged user namespaces")
+    h5 = nnp_files.console_like(tmp_path / "h5.nnp", parameter_format=".h5")
+    pb = nnp_files.console_like(tmp_path / "pb.nnp", parameter_format=".protobuf")
+    script, mnt = tmp_path / "sweep.py", tmp_path / "mnt"
+    script.write_text(_FULL_DISK_SWEEP)
+    mnt.mkdir()
+    r = subprocess.run([unshare, "--user", "--map-root-user", "--mount", "sh", "-c",
+                        'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$1" "$2" "$0" "$3" "$4"',
+                        str(mnt), sys.executable, str(script), str(h5), str(pb)],
+                       capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr[-3000:]          # no crash, not even at exit
+    results = json.loads(r.stdout.splitlines()[-1])
+    assert results[0]["rc"] == 2 and "not enough free space" in results[0]["err"]
+    for res in results:
+        lines = res["err"].splitlines()
+        if res["rc"] == 0:
+            assert res["left"] == ["o.nnp"] and lines == [], res
+        else:
+            assert res["rc"] == 2 and res["left"] == [] and len(lines) == 1, res
+            assert "0x" not in lines[0] and "nothing written" in lines[0], res
+    for src in (str(h5), str(pb)):
+        codes = {res["rc"] for res in results[1:] if res["src"] == src}
+        assert codes == {0, 2}, (src, codes)          # the sweep reached both ends
+
+
+def test_main_leaves_the_process_as_it_was(tmp_path):
+    import logging
+    import signal
+    import threading
+    p = nnp_files.single(tmp_path / "m.nnp")
+    wakeup = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup)
+
+    def state():
+        fd = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(fd)
+        return (signal.getsignal(signal.SIGINT), fd, logging.getLogger("nnabla").level,
+                np.geterr(), threading.active_count(), os.umask(os.umask(0o022)))
+    before = state()
+    assert run("fold", p, "-o", tmp_path / "o.nnp", "--verify", "-q") == 0
+    assert run("inspect", p, "-q") == 0
+    assert state() == before
+
+
+def test_differences_count_nan_and_infinity_where_the_original_has_them():
+    a = np.array([1.0, np.nan, np.inf, -2.0])
+    assert N._difference(a, a.copy()) == (0.0, 0.0)
+    assert N._difference(a, a + np.array([0.0, 0.0, 0.0, 0.5])) == (0.5, 0.25)
+    assert N._difference(a, np.array([1.0, 0.0, np.inf, -2.0]))[1] == float("inf")
+    assert N._difference(a, np.array([1.0, np.nan, -np.inf, -2.0]))[1] == float("inf")
+    assert N._difference(a, a[:2]) == (float("inf"), float("inf"))

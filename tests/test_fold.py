@@ -236,25 +236,24 @@ def test_bn_over_a_non_channel_axis_is_left(rng):
     assert res.folded == () and "channel axis" in res.skipped[0].reason
 
 
-def test_bn_before_a_layer_that_absorbs_a_bn_after_it(rng):
-    # bn1 -> affine -> bn2: bn2 folds into the affine's outputs, bn1 into its inputs on a second fold
+def test_a_layer_absorbs_a_bn_on_each_side_in_one_fold(rng):
+    # bn1 -> affine -> bn2: bn2 folds into the affine's outputs and bn1 into its inputs, one call
     def model(x):
         return PF.batch_normalization(PF.affine(PF.batch_normalization(F.relu(x), name="bn1", **BN),
                                                 3, name="fc"), name="bn2", **BN)
     x = nn.Variable((2, 4))
     y = model(x)
     prepare(rng, y, x)
-    assert [r.next_pass for r in bnfold_gpu.plan(y).skipped] == [True]
-    first = assert_fold_exact(y)
-    assert [(r.bn, r.side) for r in first.folded] == [("bn2/bn", "output")]
-    assert "it folds into the Affine on a later pass" in first.skipped[0].reason
-    second = assert_fold_exact(first.outputs)
-    assert [(r.bn, r.side) for r in second.folded] == [("bn1/bn", "input")] and not second.skipped
+    before = snapshot()
+    res = assert_fold_exact(y)
+    assert [(r.bn, r.side) for r in res.folded] == [("bn1/bn", "input"), ("bn2/bn", "output")]
+    assert not res.skipped and bn_count(res.outputs) == 0
+    assert set(nn.get_parameters(grad_only=False)) == set(before)   # nothing between the two kept
 
 
-def test_bn_after_bn_says_a_later_pass_folds_it(rng):
-    # conv -> bn1 -> bn2 and bn3 -> bn4 -> conv: a layer absorbs one BN per fold; the BN kept
-    # because its neighbour folds says so, and folding the result folds it
+@pytest.mark.parametrize("inplace", [True, False])
+def test_bns_in_a_row_compose_into_one_fold(rng, inplace):
+    # conv -> bn1 -> bn2 and bn3 -> bn4 -> conv: each pair is one map, folded in one call
     def model(x):   # built in a function, as models are: no intermediate variable outlives it
         h = PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c1")
         h = PF.batch_normalization(PF.batch_normalization(h, name="bn1", **BN), name="bn2", **BN)
@@ -263,13 +262,11 @@ def test_bn_after_bn_says_a_later_pass_folds_it(rng):
     x = nn.Variable((2, 3, 6, 6))
     y = model(x)
     prepare(rng, y, x)
-    first = assert_fold_exact(y)
-    assert sorted(r.bn for r in first.folded) == ["bn1/bn", "bn4/bn"]
-    assert sorted(r.bn for r in first.skipped) == ["bn2/bn", "bn3/bn"]
-    assert all(r.next_pass and "it folds on a later pass" in r.reason for r in first.skipped)
-    second = assert_fold_exact(first.outputs)
-    assert sorted((r.bn, r.side) for r in second.folded) == [("bn2/bn", "output"), ("bn3/bn", "input")]
-    assert second.skipped == () and bn_count(second.outputs) == 0
+    res = assert_fold_exact(y, inplace=inplace)
+    assert sorted((r.bn, r.side) for r in res.folded) == [("bn1/bn+bn2/bn", "output"),
+                                                         ("bn3/bn+bn4/bn", "input")]
+    assert res.skipped == () and bn_count(res.outputs) == 0
+    assert sorted(res.plan.folded_maps) == ["bn1/bn", "bn2/bn", "bn3/bn", "bn4/bn"]
 
 
 def test_functions_a_fold_replaces_are_freed_when_it_returns(rng):
@@ -506,8 +503,7 @@ def test_fold_through_the_gpu_backend_emulated(rng, host, monkeypatch):
     h = PF.convolution(PF.batch_normalization(F.relu(h), name="bn2", **BN), 5, (1, 1), name="c")
     y = PF.fused_batch_normalization(h, name="bn3", **BN)
     res = assert_fold_exact(prepare(rng, y, x), backend="cupy")
-    assert res.backend == "cupy" and len(res.folded) == 2
-    assert [s.bn for s in res.skipped] == ["bn2/bn"] and "already absorbs" in res.skipped[0].reason
+    assert res.backend == "cupy" and len(res.folded) == 3 and not res.skipped   # c on both sides
 
 
 def test_fold_of_parameters_in_a_cuda_context_emulated(rng, host, monkeypatch):

@@ -31,7 +31,7 @@ def check_plan_arrays(plan, arrays, facts=None) -> list:
     strided = []
     for spec in plan.folds:
         layout = spec.weight_layout
-        n = layout.groups * layout.channels
+        n = spec.n_channels
         for key in (spec.beta, spec.gamma, spec.mean, spec.var):
             if key is None:
                 continue
@@ -42,18 +42,35 @@ def check_plan_arrays(plan, arrays, facts=None) -> list:
                 _bad_dtype(spec, key, f[2], "a statistic", "a real number type")
             if not f[1]:
                 strided.append(key)
-        w_size, b_size = prod(spec.weight_shape), prod(spec.bias_shape)
-        w = _fact(spec, spec.weight, w_size, spec.weight_shape, facts)
+        b_size = prod(spec.bias_shape)
         _fact(spec, spec.bias, b_size, spec.bias_shape, facts)
+        if spec.folded_bias != spec.bias:
+            _fact(spec, spec.folded_bias, b_size, spec.bias_shape, facts)
+        if spec.weight is None:   # the shift of a map into an add's constant: no weight
+            continue
+        w_size = prod(spec.weight_shape)
+        w = _fact(spec, spec.weight, w_size, spec.weight_shape, facts)
         if spec.folded_weight != spec.weight:   # an array rescaled in place is checked once
             if _fact(spec, spec.folded_weight, w_size, spec.weight_shape, facts)[2] != w[2]:
                 raise FoldError(f"{spec.bn}: folded weight '{spec.folded_weight}' is "
                                 f"{facts[spec.folded_weight][2]}, its source '{spec.weight}' {w[2]}")
-        if spec.folded_bias != spec.bias:
-            _fact(spec, spec.folded_bias, b_size, spec.bias_shape, facts)
         if layout.size != w_size:
             raise FoldError(f"{spec.bn}: layout {layout} does not cover weight {spec.weight_shape}")
     return strided
+
+
+def split_stages(plan):
+    """(the folds that write arrays between two folds of one layer, as a plan or None; the rest): the
+    first run before the others are checked, since these read what they write."""
+    from ..plan import Plan
+    between = plan.intermediates
+    first = tuple(s for s in plan.folds if s.folded_weight in between or s.folded_bias in between)
+    if not first:
+        return None, plan
+    ids = {id(s) for s in first}
+    rest = tuple(s for s in plan.folds if id(s) not in ids)
+    return (Plan(first, (), plan.arrays, plan.sources),   # one stage: nothing between its folds
+            Plan(rest, plan.skipped, plan.arrays, plan.sources, (), plan.intermediates))
 
 
 def _fact(spec, key, size, shape, facts):

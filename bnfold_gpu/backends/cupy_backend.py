@@ -21,7 +21,7 @@ from typing import Mapping
 import numpy as np
 
 from . import numpy_backend, segments
-from .common import FoldError, check_plan_arrays, check_statistics_exact
+from .common import FoldError, check_plan_arrays, check_statistics_exact, split_stages
 from .. import _interrupts
 from ..plan import OUTPUT_SIDE, Plan
 
@@ -210,6 +210,9 @@ def prepare(plan: Plan, arrays: Mapping[str, object]):
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(f"backend 'cupy' is not usable: {reason}")
+    first, plan = split_stages(plan)
+    if first is not None:   # writes only arrays of the fold's own: nothing the caller sees
+        prepare(first, arrays).commit()
     facts, pointers, devices = _facts(arrays)
     strided = check_plan_arrays(plan, arrays, facts)
     check_statistics_exact(plan, arrays)
@@ -331,11 +334,9 @@ def _raise_for_status(plan, status, t, arrays):
     weight_flags = status[at:at + len(t.weights)]
     bias_flags = status[at + len(t.weights):at + len(t.weights) + len(t.biases)]
     input_flags = status[at + len(t.weights) + len(t.biases):-1]
-    out = [j for j, s in enumerate(plan.folds) if s.side == OUTPUT_SIDE]
-    ins = [j for j, s in enumerate(plan.folds) if s.side != OUTPUT_SIDE]
-    candidates = sorted({int(j) for j in np.flatnonzero(weight_flags)} |
-                        {out[r] for r in np.flatnonzero(bias_flags)} |
-                        {ins[r] for r in np.flatnonzero(input_flags)})
+    candidates = sorted({int(t.weight_folds[r]) for r in np.flatnonzero(weight_flags)} |
+                        {int(t.bias_folds[r]) for r in np.flatnonzero(bias_flags)} |
+                        {int(t.input_folds[r]) for r in np.flatnonzero(input_flags)})
     for j in candidates:
         _confirm(plan.folds[j], lambda name: np.asarray(arrays[name].get()))
 
@@ -345,9 +346,9 @@ def _confirm(spec, host_copy) -> None:
     copies of its arrays (``host_copy(name)``) without writing."""
     names = {n for n in (spec.weight, spec.bias, spec.gamma, spec.beta, spec.mean, spec.var) if n}
     host = {n: host_copy(n) for n in names}
-    for name, like in ((spec.folded_weight, spec.weight), (spec.folded_bias, spec.bias or spec.weight)):
-        if name not in host:
-            shape = spec.weight_shape if name == spec.folded_weight else spec.bias_shape
+    for name, like, shape in ((spec.folded_weight, spec.weight, spec.weight_shape),
+                              (spec.folded_bias, spec.bias or spec.weight, spec.bias_shape)):
+        if name is not None and name not in host:
             host[name] = np.empty(shape, host[like].dtype)
     numpy_backend.prepare(Plan((spec,), (), {}), host)
 
@@ -380,29 +381,32 @@ class _HostFold:
             raise FoldError(message)
         offset, scale = ch.offset.get(), ch.scale_d.get()
         self.biases = []                         # before the weights are rescaled: BN -> layer reads them
+        new = set(plan.new_arrays) | plan.intermediates
+        self._saved = []                         # the caller's: restored if the writes fail
         for j, spec in enumerate(plan.folds):
-            b = host[spec.bias] if spec.bias else None
-            dst = host[spec.folded_bias]
-            if spec.side == OUTPUT_SIDE:
-                values = small[spec.folded_bias].get().astype(np.float64)
-            else:
-                values = numpy_backend.folded_input_bias(b, host[spec.weight],
-                                                         offset[bounds[j]:bounds[j + 1]], spec)
-            try:
-                checked = numpy_backend.check_bias(spec, values, dst.dtype, b, host[spec.weight])
-            except FoldError:   # named as the NumPy backend names it (the values here are stored ones)
-                _confirm(spec, lambda name: np.asarray(host[name]))
-                raise
-            self.biases.append((dst, checked.reshape(dst.shape)))
-            numpy_backend.check_weight_overflow(spec, host[spec.weight],
-                                                scale[bounds[j]:bounds[j + 1]])
-        new = set(plan.new_arrays)   # the others are the caller's: restored if the writes fail
-        self._saved = [(dst, dst.copy()) for spec, (dst, _) in zip(plan.folds, self.biases)
-                       if spec.folded_bias not in new]
+            w = None if spec.weight is None else host[spec.weight]
+            if spec.folded_bias is not None:
+                b = host[spec.bias] if spec.bias else None
+                dst = host[spec.folded_bias]
+                if spec.side == OUTPUT_SIDE:
+                    values = small[spec.folded_bias].get().astype(np.float64)
+                else:
+                    values = numpy_backend.folded_input_bias(b, w, offset[bounds[j]:bounds[j + 1]],
+                                                             spec)
+                try:
+                    checked = numpy_backend.check_bias(spec, values, dst.dtype, b, w)
+                except FoldError:   # named as the NumPy backend names it (these are stored values)
+                    _confirm(spec, lambda name: np.asarray(host[name]))
+                    raise
+                self.biases.append((dst, checked.reshape(dst.shape)))
+                if spec.folded_bias not in new:
+                    self._saved.append((dst, dst.copy()))
+            if w is not None:
+                numpy_backend.check_weight_overflow(spec, w, scale[bounds[j]:bounds[j + 1]])
         self.channel_maps = ch
         self.host = host
-        self.weights = [host[s.weight] for s in plan.folds] + \
-            [host[s.folded_weight] for s in plan.folds]
+        self.weights = [host[n] for s in plan.folds for n in (s.weight, s.folded_weight)
+                        if n is not None]
 
     def commit(self) -> None:
         """The writes: Ctrl-C waits until they are done."""
@@ -431,6 +435,8 @@ def staging_batches(plan, itemsize, bounds, budget):
     buffer of ``budget`` bytes: [[(spec, first element, count, layout, global channel offset)]]."""
     batches, cur, used = [], [], 0
     for j, spec in enumerate(plan.folds):
+        if spec.weight is None:
+            continue
         item = itemsize[spec.weight]
         for first, count, layout, c0 in segments.pieces(spec.weight_layout, (budget - _ALIGN) // item):
             size = _aligned(count * item)

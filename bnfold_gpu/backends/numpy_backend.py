@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import _interrupts
 from ..plan import OUTPUT_SIDE, FoldSpec, Plan
-from .common import FoldError, check_plan_arrays, check_statistics_exact
+from .common import FoldError, check_plan_arrays, check_statistics_exact, split_stages
 
 name = "numpy"
 
@@ -178,7 +178,7 @@ def channel_maps(plan: Plan, arrays: Mapping[str, np.ndarray]):
         n = spec.n_channels
         for label in ("gamma", "beta", "mean", "var"):
             key = getattr(spec, label)
-            stats[label].append(np.full(n, 1.0 if label == "gamma" else 0.0) if key is None
+            stats[label].append(np.full(n, 1.0 if label in ("gamma", "var") else 0.0) if key is None
                                 else np.asarray(arrays[key]).reshape(-1))
         stats["eps"].append(np.full(n, spec.eps))
     cat = {label: np.concatenate(parts).astype(np.float64) for label, parts in stats.items()}
@@ -300,7 +300,8 @@ def check_bias(spec: FoldSpec, values64: np.ndarray, dtype, bias, weight=None) -
         if bias is not None:
             bad &= np.isfinite(np.asarray(bias)).reshape(bad.shape)
         if weight is not None and spec.side != OUTPUT_SIDE and bad.any():
-            finite_w = np.isfinite(np.asarray(weight)).all(axis=spec.bias_reduce_axes)
+            finite_w = np.isfinite(np.asarray(weight).reshape(spec.weight_shape)).all(
+                axis=spec.bias_reduce_axes)
             bad &= finite_w.reshape(bad.shape)
         if bad.any():
             k = int(np.argmax(bad.reshape(-1)))
@@ -314,27 +315,33 @@ class Prepared:
     writes. Nothing is written before ``commit``."""
 
     def __init__(self, plan: Plan, arrays: Mapping[str, np.ndarray]):
+        first, plan = split_stages(plan)
+        if first is not None:   # writes only arrays of the fold's own: nothing the caller sees
+            Prepared(first, arrays).commit()
         check_plan_arrays(plan, arrays)
         check_statistics_exact(plan, arrays)
         maps = channel_maps(plan, arrays)
         self.biases = []   # (destination, values as it stores them), every one computed first
         self.tasks = []
+        saved = []
+        new = set(plan.new_arrays) | plan.intermediates
         for spec, (scale, offset, mean, beta) in zip(plan.folds, maps):
-            w, b = arrays[spec.weight], (arrays[spec.bias] if spec.bias else None)
-            dst = arrays[spec.folded_bias]
-            if spec.side == OUTPUT_SIDE:
-                values = folded_output_bias(b, mean, scale, beta, spec.bias_layout)
-            else:
-                values = folded_input_bias(b, w, offset, spec)   # reads w before it is rescaled
-            self.biases.append((dst, check_bias(spec, values, dst.dtype, b, w).reshape(dst.shape)))
-            check_weight_overflow(spec, w, scale)
-            self.tasks += _rescale_tasks(w, arrays[spec.folded_weight], scale, spec.weight_layout,
-                                         split_bytes=_SPLIT_BYTES)
-        # biases rewritten in place (not new arrays) are restored if the writes fail before the
-        # weight pass
-        new = set(plan.new_arrays)
-        self._saved = [(dst, dst.copy()) for spec, (dst, _) in zip(plan.folds, self.biases)
-                       if spec.folded_bias not in new]
+            w = None if spec.weight is None else arrays[spec.weight]
+            if spec.folded_bias is not None:
+                b = arrays[spec.bias] if spec.bias else None
+                dst = arrays[spec.folded_bias]
+                if spec.side == OUTPUT_SIDE:
+                    values = folded_output_bias(b, mean, scale, beta, spec.bias_layout)
+                else:
+                    values = folded_input_bias(b, w, offset, spec)   # reads w before it is rescaled
+                self.biases.append((dst, check_bias(spec, values, dst.dtype, b, w).reshape(dst.shape)))
+                if spec.folded_bias not in new:   # restored if the writes fail before the weights
+                    saved.append((dst, dst.copy()))
+            if w is not None:
+                check_weight_overflow(spec, w, scale)
+                self.tasks += _rescale_tasks(w, arrays[spec.folded_weight], scale, spec.weight_layout,
+                                             split_bytes=_SPLIT_BYTES)
+        self._saved = saved
 
     def commit(self) -> None:
         """Write every new bias and rescale every weight, on all cores. Ctrl-C waits for the end of

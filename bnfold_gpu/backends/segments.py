@@ -94,6 +94,9 @@ class Tables:
     weights: np.ndarray         # ARRAY_SEG, one per weight piece; first_block = first block
     total_blocks: int
     channel_bounds: np.ndarray  # fold k owns channels [bounds[k], bounds[k + 1])
+    bias_folds: np.ndarray = None    # the fold of each row of biases, inputs, weights
+    input_folds: np.ndarray = None
+    weight_folds: np.ndarray = None
 
 
 def status_message(plan: Plan, status) -> str:
@@ -141,6 +144,7 @@ def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], chann
     the kernels' BNFOLD_CHUNK. Built column by column: thousands of layers cost milliseconds, not
     several times the kernels' own time."""
     folds = plan.folds
+    bias_folds = input_folds = weight_folds = np.zeros(0, np.int64)
     bounds = np.zeros(len(folds) + 1, np.int64)
     np.cumsum([s.n_channels for s in folds], out=bounds[1:])
     offsets = bounds[:-1]
@@ -157,7 +161,8 @@ def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], chann
         channel_rows["n_channels"] = np.diff(bounds)
         channel_rows["channel_offset"] = offsets
         channel_rows["fold"] = np.arange(len(folds))
-        out = [j for j, s in enumerate(folds) if s.side == OUTPUT_SIDE]
+        out = [j for j, s in enumerate(folds) if s.side == OUTPUT_SIDE and s.folded_bias]
+        bias_folds = np.array(out, np.int64)
         biases = _rows(
             [folds[j].bias_layout for j in out],
             src=[pointer[folds[j].bias] if folds[j].bias else 0 for j in out],
@@ -168,20 +173,24 @@ def build(plan: Plan, pointer: Dict[str, int], dtype: Dict[str, np.dtype], chann
             units=lambda numel: numel)
         total_bias = int(biases["numel"].sum())
         if weights:   # BN -> layer biases read the weights
-            inputs = _input_rows([(j, s) for j, s in enumerate(folds) if s.side != OUTPUT_SIDE],
-                                 pointer, dtype, offsets)
+            ins = [(j, s) for j, s in enumerate(folds) if s.side != OUTPUT_SIDE and s.folded_bias]
+            input_folds = np.array([j for j, _ in ins], np.int64)
+            inputs = _input_rows(ins, pointer, dtype, offsets)
             total_input_blocks = int(inputs["outputs"].sum())
-    if weights and folds:
+    with_weight = [j for j, s in enumerate(folds) if s.weight is not None]
+    if weights and with_weight:
+        ws = [folds[j] for j in with_weight]
+        weight_folds = np.array(with_weight, np.int64)
         weight_rows = _rows(
-            [s.weight_layout for s in folds],
-            src=[pointer[s.weight] for s in folds], dst=[pointer[s.folded_weight] for s in folds],
-            channel_offset=offsets, dtype=_codes([dtype[s.folded_weight] for s in folds]),
-            src_dtype=_codes([dtype[s.weight] for s in folds]),
+            [s.weight_layout for s in ws],
+            src=[pointer[s.weight] for s in ws], dst=[pointer[s.folded_weight] for s in ws],
+            channel_offset=offsets[with_weight], dtype=_codes([dtype[s.folded_weight] for s in ws]),
+            src_dtype=_codes([dtype[s.weight] for s in ws]),
             units=lambda numel: -(-numel // chunk))
         last = weight_rows[-1]
         total_blocks = int(last["first_block"]) + -(-int(last["numel"]) // chunk)
     return Tables(channel_rows, int(bounds[-1]), biases, total_bias, inputs, total_input_blocks,
-                  weight_rows, total_blocks, bounds)
+                  weight_rows, total_blocks, bounds, bias_folds, input_folds, weight_folds)
 
 
 def bias_scratch(t: Tables, align: int = 256):

@@ -1,0 +1,140 @@
+"""Ctrl-C for the command line, acted on only at safe points of bnfold's own code.
+
+Python's own SIGINT handler raises KeyboardInterrupt wherever the main thread happens to be,
+including inside Python code that NNabla's C++ is running (graph building, callbacks, function
+hooks): C++ unwound by a Python exception can leave NNabla's state broken, and a later call crashes
+the process. So while :func:`ctrl_c_at_safe_points` is active, the first Ctrl-C only sets a flag, and
+:func:`check` (called by progress reports and between stages) raises KeyboardInterrupt there. A
+second Ctrl-C ends the process at once, after ``on_second`` (which removes temporary files and says
+what was written); a watcher thread sees it even while the main thread is inside a long NNabla or
+NumPy call that holds no GIL, where Python's handler would not run until the call returns.
+"""
+import os
+import signal
+import threading
+from contextlib import contextmanager
+
+EXIT_INTERRUPTED = 130
+
+_active = None   # the _Guard of the innermost active ctrl_c_at_safe_points
+
+
+class _Guard:
+    def __init__(self, on_second):
+        self.on_second = on_second
+        self.pending = False        # a Ctrl-C that check() has not yet raised
+        self.seen = False           # any Ctrl-C while active
+        self.counts = {"handler": 0, "watcher": 0}
+        self._exiting = threading.Lock()
+        try:   # stderr as it is now: file descriptor 2 may be redirected when the line is due
+            self.stderr = os.dup(2)
+        except OSError:
+            self.stderr = None
+
+    def _count(self, who):
+        # the handler (main thread) and the watcher (its own thread) each see every signal: each
+        # counts its own, so a signal is never counted twice
+        self.counts[who] += 1
+        self.pending = self.seen = True
+        if self.counts[who] >= 2:
+            self._exit_now()
+
+    def handler(self, signum, frame):
+        self._count("handler")
+
+    def watch(self, fd):
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for byte in data:
+                if byte == 0:       # the guard is leaving
+                    return
+                if byte == signal.SIGINT:
+                    self._count("watcher")
+
+    def _exit_now(self):
+        if not self._exiting.acquire(blocking=False):
+            return                  # the other thread is already exiting
+        message = "bnfold: interrupted"
+        try:
+            message = self.on_second() or message
+        finally:
+            try:
+                os.write(2 if self.stderr is None else self.stderr,
+                         (message + "\n").encode(errors="replace"))
+            finally:
+                os._exit(EXIT_INTERRUPTED)
+
+    def close(self):
+        if self.stderr is not None:
+            os.close(self.stderr)
+            self.stderr = None
+
+
+def check() -> None:
+    """Raise KeyboardInterrupt here if a Ctrl-C came since the last check (only while
+    :func:`ctrl_c_at_safe_points` is active, and in the main thread). Cheap: call it often."""
+    guard = _active
+    if guard is not None and guard.pending and \
+            threading.current_thread() is threading.main_thread():
+        guard.pending = False
+        raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    """Whether a Ctrl-C came while the innermost guard was active."""
+    return _active is not None and _active.seen
+
+
+@contextmanager
+def ctrl_c_at_safe_points(on_second):
+    """Inside, Ctrl-C is acted on at :func:`check` (see the module's docstring); ``on_second()``
+    returns the one line to print when a second Ctrl-C ends the process. On leaving, the SIGINT
+    handler and the signal wakeup fd are as they were. Outside the main thread, or where SIGINT is
+    ignored or handled outside Python, this changes nothing."""
+    global _active
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+    except ValueError:
+        previous = None
+    if previous is None or previous is signal.SIG_IGN:
+        yield None
+        return
+    guard = _Guard(on_second)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    try:
+        previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        previous_wakeup = None
+    watcher = None
+    if previous_wakeup is not None:
+        watcher = threading.Thread(target=guard.watch, args=(read_fd,), name="bnfold-ctrl-c",
+                                   daemon=True)
+        watcher.start()
+    signal.signal(signal.SIGINT, guard.handler)
+    outer, _active = _active, guard
+    try:
+        yield guard
+    finally:
+        _active = outer
+        signal.signal(signal.SIGINT, previous)
+        if previous_wakeup is not None:
+            signal.set_wakeup_fd(previous_wakeup)
+        if watcher is not None:
+            os.set_blocking(write_fd, True)
+            os.write(write_fd, b"\0")
+            watcher.join()
+        os.close(write_fd)
+        os.close(read_fd)
+        guard.close()
+
+
+__all__ = ["EXIT_INTERRUPTED", "check", "ctrl_c_at_safe_points", "interrupted"]

@@ -1,0 +1,415 @@
+"""Where a per-channel affine map goes when it is moved through a function: one rule per function type.
+
+A BN (and a multiply or add by a stored per-channel constant) is a map ``y = s * x + t`` whose ``s`` and
+``t`` depend on one index of the tensor, its channel. A :class:`Site` says which: the index over a
+range of axes of the tensor (one axis for a BN over ``axes=[1]``). A map moves *backward* through a
+function ``f`` when ``map(f(x)) == f(map'(x))`` for a map ``map'`` on ``f``'s input, and *forward*
+when ``f(map(x)) == map'(f(x))``; each rule gives the site on the other side and how each channel
+index there relates to the map's own (a gather: ``g_other = transform(g)``, entries of -1 meaning
+"no map here": scale 1, shift 0), or raises :class:`Stop` with the reason the function does not
+commute with the map.
+
+Each rule's exactness condition is in its docstring. Where it depends on the statistics (a ReLU
+commutes only with a map whose shift is 0 and whose scale is not negative), the rule asks the
+:class:`Facts` it is given, which the planner computes from the map's values. NumPy only: the rules
+know shapes and arguments, nothing of NNabla.
+"""
+from dataclasses import dataclass
+from math import prod
+from typing import Callable, List, Sequence, Tuple
+
+import numpy as np
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def _same(g: np.ndarray) -> np.ndarray:
+    return g
+
+
+class Stop(Exception):
+    """The map does not move through this function; the message says why."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """The channel of an element of a tensor of ``shape`` is its index over the axes [a0, a1)
+    (flattened in C order)."""
+    shape: Tuple[int, ...]
+    a0: int
+    a1: int
+
+    @property
+    def n(self) -> int:
+        return prod(self.shape[self.a0:self.a1])
+
+    @property
+    def inner(self) -> int:
+        """Elements after the site's axes: flat index f has channel (f // inner) % n."""
+        return prod(self.shape[self.a1:])
+
+    def axes(self) -> range:
+        return range(self.a0, self.a1)
+
+
+class Facts:
+    """What a rule may ask of the map where it stands. The planner's subclass computes them from the
+    statistics; this one knows nothing and answers no."""
+
+    def shift_is_zero(self) -> bool:
+        return False
+
+    def scale_nonnegative(self) -> bool:
+        return False
+
+    def describe(self) -> str:
+        """The map, for a reason: which statistic broke a condition."""
+        return "the map"
+
+
+# -- shapes ---------------------------------------------------------------------------------------
+def on_shape(site: Site, shape: Sequence[int]) -> Tuple[Site, Transform]:
+    """The same channels on a tensor holding the same elements in the same C order under another
+    ``shape`` (a reshape): an axis range of ``shape`` with the same layout, or one axis of ``shape``
+    that contains the site's axes (each channel then repeats along the rest of that axis)."""
+    shape = tuple(int(d) for d in shape)
+    inner, n = site.inner, site.n
+    suffix = [prod(shape[k:]) for k in range(len(shape) + 1)]
+    if inner in suffix and inner * n in suffix:
+        a1 = suffix.index(inner)                                   # tightest: no trailing 1s
+        a0 = max(k for k, s in enumerate(suffix) if s == inner * n and k <= a1)
+        if prod(shape[a0:a1]) == n:
+            return Site(shape, a0, a1), _same
+    for b, size in enumerate(shape):
+        inner_b = suffix[b + 1]
+        if inner % inner_b == 0 and (size * inner_b) % (inner * n) == 0:
+            k = inner // inner_b
+            index = (np.arange(size) // k) % n
+            return Site(shape, b, b + 1), lambda g, index=index: g[index]
+    raise Stop("it spreads the channels over several axes")
+
+
+def _reshape(site: Site, out_shape) -> Tuple[Site, Transform]:
+    return on_shape(site, out_shape)
+
+
+class Reshape:
+    """Exact both ways: the elements keep their C order, so a channel stays a set of elements,
+    wherever they land (the channels must still be one index over a range of axes, or one axis that
+    contains it: Flatten, and Reshape of channels into (channels, height, width) and back)."""
+
+    @staticmethod
+    def backward(args, in_shapes, out_shapes, site, facts):
+        return [(0,) + on_shape(site, in_shapes[0])]
+
+    @staticmethod
+    def forward(args, in_shapes, out_shapes, index, site, facts):
+        return on_shape(site, out_shapes[0])
+
+
+class Transpose:
+    """Exact both ways where the site's axes stay adjacent and in order."""
+
+    @staticmethod
+    def backward(args, in_shapes, out_shapes, site, facts):
+        axes = list(args["axes"])
+        first = axes[site.a0]
+        if axes[site.a0:site.a1] != list(range(first, first + site.a1 - site.a0)):
+            raise Stop("it reorders the axes the channels span")
+        return [(0, Site(tuple(in_shapes[0]), first, first + site.a1 - site.a0), _same)]
+
+    @staticmethod
+    def forward(args, in_shapes, out_shapes, index, site, facts):
+        axes = list(args["axes"])
+        where = [axes.index(a) for a in site.axes()]
+        if where != list(range(where[0], where[0] + len(where))):
+            raise Stop("it reorders the axes the channels span")
+        return Site(tuple(out_shapes[0]), where[0], where[0] + len(where)), _same
+
+
+class Identity:
+    """Exact: it copies."""
+
+    @staticmethod
+    def backward(args, in_shapes, out_shapes, site, facts):
+        return [(0, site, _same)]
+
+    @staticmethod
+    def forward(args, in_shapes, out_shapes, index, site, facts):
+        return site, _same
+
+
+def _spatial_axes(args, ndim: int, n_spatial: int) -> range:
+    if args.get("channel_last", False):
+        return range(ndim - 1 - n_spatial, ndim - 1)
+    return range(ndim - n_spatial, ndim)
+
+
+class _Spatial:
+    """A function of the spatial axes alone, per channel; the map's axes must not be spatial. The
+    site keeps its axes; the shapes of the spatial ones change."""
+    condition = None   # (Facts -> bool, reason) where exactness depends on the map
+
+    @classmethod
+    def spatial(cls, args, ndim) -> range:
+        return _spatial_axes(args, ndim, len(args["kernel"]))
+
+    @classmethod
+    def check(cls, args, in_shape, site, facts):
+        if set(cls.spatial(args, len(in_shape))) & set(site.axes()):
+            raise Stop("it works along the axes the channels span")
+        condition = cls.condition_for(args)
+        if condition is not None:
+            holds, reason = condition
+            if not holds(facts):
+                raise Stop(reason.format(map=facts.describe()))
+
+    @classmethod
+    def condition_for(cls, args):
+        return cls.condition
+
+    @classmethod
+    def backward(cls, args, in_shapes, out_shapes, site, facts):
+        cls.check(args, in_shapes[0], site, facts)
+        return [(0, Site(tuple(in_shapes[0]), site.a0, site.a1), _same)]
+
+    @classmethod
+    def forward(cls, args, in_shapes, out_shapes, index, site, facts):
+        cls.check(args, in_shapes[0], site, facts)
+        return Site(tuple(out_shapes[0]), site.a0, site.a1), _same
+
+
+def _shift_zero(facts: Facts) -> bool:
+    return facts.shift_is_zero()
+
+
+def _scale_nonnegative(facts: Facts) -> bool:
+    return facts.scale_nonnegative()
+
+
+class Interpolate(_Spatial):
+    """Nearest and linear: each output is a weighted mean of inputs of its own channel, with weights
+    summing to 1, so ``interp(s * x + t) == s * interp(x) + t``. Other modes stop the map."""
+
+    @classmethod
+    def spatial(cls, args, ndim):
+        return _spatial_axes(args, ndim, len(args["output_size"]))
+
+    @classmethod
+    def check(cls, args, in_shape, site, facts):
+        if args.get("mode") not in ("nearest", "linear"):
+            raise Stop(f"its mode {args.get('mode')!r} is not a weighted mean")
+        super().check(args, in_shape, site, facts)
+
+
+class Unpooling(_Spatial):
+    """Exact: it repeats each element."""
+
+
+class AveragePooling(_Spatial):
+    """Exact where every window's weights sum to 1: no zero padding counted (``including_pad=False``,
+    or no padding). A window that counts padding averages zeros the shift never reached: then
+    exact only for a map whose shift is 0."""
+
+    @classmethod
+    def condition_for(cls, args):
+        if any(p for p in args.get("pad", ())) and args.get("including_pad", True):
+            return _shift_zero, ("{map} has a shift that is not zero, and the windows average in "
+                                 "zero padding that it never reaches")
+        return None
+
+
+class SumPooling(_Spatial):
+    """A sum of a window adds the shift once per element: exact only for a map whose shift is 0."""
+    condition = (_shift_zero, "{map} has a shift that is not zero, which a sum over each window "
+                              "multiplies")
+
+
+class MaxPooling(_Spatial):
+    """``max(s * x + t) == s * max(x) + t`` exactly where ``s >= 0`` (padding counts as -inf, which
+    the map leaves -inf); a negative scale turns the maximum into a minimum."""
+    condition = (_scale_nonnegative, "{map} has a negative scale, which turns the maximum into a "
+                                     "minimum")
+
+
+class GlobalAveragePooling(_Spatial):
+    """Exact: a mean over every spatial position of the channel."""
+
+    @classmethod
+    def spatial(cls, args, ndim):
+        return range(2, ndim)
+
+
+class ReLU:
+    """``relu(s * x) == s * relu(x)`` for ``s >= 0``; a shift moves the kink, so only a map with
+    shift 0 and no negative scale passes (LeakyReLU alike). Other activations stop a map."""
+
+    @staticmethod
+    def check(facts):
+        if not facts.shift_is_zero():
+            raise Stop(f"{facts.describe()} has a shift that is not zero, which moves the "
+                       f"activation's kink")
+        if not facts.scale_nonnegative():
+            raise Stop(f"{facts.describe()} has a negative scale, which flips the activation")
+
+    @classmethod
+    def backward(cls, args, in_shapes, out_shapes, site, facts):
+        cls.check(facts)
+        return [(0, site, _same)]
+
+    @classmethod
+    def forward(cls, args, in_shapes, out_shapes, index, site, facts):
+        cls.check(facts)
+        return site, _same
+
+
+class Concatenate:
+    """Along the map's channel axis: the channels split between the inputs (backward) or a map on one
+    input covers its part of the output (forward). Along another axis, backward only: every input
+    then carries the whole map."""
+
+    @staticmethod
+    def backward(args, in_shapes, out_shapes, site, facts):
+        axis = args["axis"] % len(out_shapes[0])
+        if axis in site.axes() and site.a1 - site.a0 > 1:
+            raise Stop("it joins along one of several axes the channels span")
+        out, start = [], 0
+        for k, shape in enumerate(in_shapes):
+            shape = tuple(shape)
+            if axis in site.axes():
+                size = shape[axis]
+                out.append((k, Site(shape, site.a0, site.a1),
+                            lambda g, a=start, b=start + size: g[a:b]))
+                start += size
+            else:
+                out.append((k, Site(shape, site.a0, site.a1), _same))
+        return out
+
+    @staticmethod
+    def forward(args, in_shapes, out_shapes, index, site, facts):
+        axis = args["axis"] % len(out_shapes[0])
+        if axis not in site.axes() or site.a1 - site.a0 > 1:
+            raise Stop("it joins along an axis the channels do not span, with inputs the map "
+                       "does not reach")
+        start = sum(int(s[axis]) for s in in_shapes[:index])
+        total = int(out_shapes[0][axis])
+
+        def place(g, start=start, total=total):
+            out = np.full(total, -1, np.int64)
+            out[start:start + g.size] = g
+            return out
+        return Site(tuple(out_shapes[0]), site.a0, site.a1), place
+
+
+class Slice:
+    """Exact both ways: backward, the channels the slice drops get no map (nothing reads them);
+    forward, the map keeps the channels the slice keeps. Over several axes the channels span, only
+    a slice that keeps them all."""
+
+    @staticmethod
+    def _kept(args, shape, axis):
+        start, stop, step = args["start"][axis], args["stop"][axis], args["step"][axis]
+        return np.arange(shape[axis])[slice(start, stop, step)]
+
+    @classmethod
+    def _sliced_axis(cls, args, in_shape, site):
+        cut = [a for a in site.axes() if cls._kept(args, in_shape, a).size != in_shape[a]
+               or (cls._kept(args, in_shape, a) != np.arange(in_shape[a])).any()]
+        if cut and site.a1 - site.a0 > 1:
+            raise Stop("it cuts one of several axes the channels span")
+        return cut[0] if cut else None
+
+    @classmethod
+    def backward(cls, args, in_shapes, out_shapes, site, facts):
+        in_shape = tuple(in_shapes[0])
+        axis = cls._sliced_axis(args, in_shape, Site(in_shape, site.a0, site.a1))
+        if axis is None:
+            return [(0, Site(in_shape, site.a0, site.a1), _same)]
+        kept = cls._kept(args, in_shape, axis)
+
+        def spread(g, kept=kept, size=in_shape[axis]):
+            out = np.full(size, -1, np.int64)
+            out[kept] = g
+            return out
+        return [(0, Site(in_shape, site.a0, site.a1), spread)]
+
+    @classmethod
+    def forward(cls, args, in_shapes, out_shapes, index, site, facts):
+        in_shape = tuple(in_shapes[0])
+        axis = cls._sliced_axis(args, in_shape, site)
+        out = Site(tuple(out_shapes[0]), site.a0, site.a1)
+        if axis is None:
+            return out, _same
+        kept = cls._kept(args, in_shape, axis)
+        return out, lambda g, kept=kept: g[kept]
+
+
+class _Join:
+    """``map(a + b) == map(a) + (s * b)``: backward, both inputs carry the map, the shift only the
+    first (the planner gives the second a scale-only copy); ``map(a - b)`` alike. Each input must then
+    reach a layer that absorbs it, and feed nothing else. Forward, the other input would have to carry
+    the map too: the map stops."""
+
+    @staticmethod
+    def backward(args, in_shapes, out_shapes, site, facts):
+        if any(tuple(s) != tuple(out_shapes[0]) for s in in_shapes):
+            raise Stop("it broadcasts one input over the other")
+        return [(k, Site(tuple(in_shapes[k]), site.a0, site.a1), _same) for k in range(2)]
+
+    @staticmethod
+    def forward(args, in_shapes, out_shapes, index, site, facts):
+        raise Stop("it adds another input, which the map would have to reach too")
+
+
+Add2 = Sub2 = _Join
+
+RULES = {
+    "Reshape": Reshape, "Transpose": Transpose, "Identity": Identity,
+    "Interpolate": Interpolate, "Unpooling": Unpooling, "AveragePooling": AveragePooling,
+    "SumPooling": SumPooling, "MaxPooling": MaxPooling, "GlobalAveragePooling": GlobalAveragePooling,
+    "ReLU": ReLU, "LeakyReLU": ReLU, "Concatenate": Concatenate, "Slice": Slice,
+    "Add2": Add2, "Sub2": Sub2,
+}
+
+# Functions that stop a map, and why: the reason a kept BN gives.
+WHY_NOT = {
+    "Sigmoid": "a nonlinear activation", "Tanh": "a nonlinear activation", "ELU": "a nonlinear activation",
+    "SELU": "a nonlinear activation", "Swish": "a nonlinear activation", "GELU": "a nonlinear activation",
+    "ReLU6": "a clipped activation", "HardSigmoid": "a clipped activation", "Softmax": "a softmax across channels",
+    "Mul2": "a product of two computed tensors", "Div2": "a quotient of two computed tensors",
+    "Dropout": "random in training", "Sum": "a sum across elements", "Mean": "a mean that may span channels",
+    "Split": "it removes an axis", "BatchMatmul": "a matrix product with a computed operand",
+}
+
+
+def why_not(type_name: str) -> str:
+    """Why a function without a rule stops a map."""
+    return WHY_NOT.get(type_name, "it does not commute with a per-channel map")
+
+
+def backward(type_name: str, args, in_shapes, out_shapes, site: Site, facts: Facts
+             ) -> List[Tuple[int, Site, Transform]]:
+    """[(input index, site there, gather transform)] for a map on the output of a ``type_name``
+    function moved to its inputs; raises Stop."""
+    rule = RULES.get(type_name)
+    if rule is None:
+        raise Stop(why_not(type_name))
+    return rule.backward(args, in_shapes, out_shapes, site, facts)
+
+
+def forward(type_name: str, args, in_shapes, out_shapes, index: int, site: Site, facts: Facts
+            ) -> Tuple[Site, Transform]:
+    """(site on the output, gather transform) for a map on input ``index`` of a ``type_name``
+    function moved to its output; raises Stop."""
+    rule = RULES.get(type_name)
+    if rule is None:
+        raise Stop(why_not(type_name))
+    return rule.forward(args, in_shapes, out_shapes, index, site, facts)
+
+
+def widen(site: Site, gather: np.ndarray, wider: Site) -> np.ndarray:
+    """``gather`` of ``site`` expressed over ``wider``, a range of axes of the same tensor that
+    contains the site's: each channel of ``wider`` takes the map of the site's index within it."""
+    assert wider.a0 <= site.a0 and site.a1 <= wider.a1 and wider.shape == site.shape
+    index = np.arange(wider.n)
+    return gather[(index // prod(site.shape[site.a1:wider.a1])) % site.n]

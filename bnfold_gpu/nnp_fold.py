@@ -1,0 +1,423 @@
+"""Fold an .nnp file into another: what ``bnfold fold`` does, as a function that returns a report.
+
+read -> plan -> fold -> write beside the target -> verify (optional) -> rename into place. Every stage that can fail
+runs before the rename, so the target is either the complete folded file or exactly as it was. The
+:class:`Report` says what was done; the command line prints it and saves it as JSON.
+
+Importing this module does not import nnabla; calling :func:`fold_nnp` does.
+"""
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from . import _atomic, _safe_points
+from . import __version__
+
+SCHEMA_VERSION = 1   # of Report.to_json(); raised when a field changes meaning or goes away
+
+# --verify's default largest relative error. Folding rounds each folded weight to its dtype: float32
+# folds differ from the unfolded network by about 1e-6, float16 folds (11-bit mantissa) by about
+# 7e-4 on small networks.
+DEFAULT_TOLERANCE = 1e-4
+FLOAT16_TOLERANCE = 5e-3
+
+
+class VerificationFailed(Exception):
+    """--verify found an output of the folded file differing past the tolerance; nothing was
+    written. ``report`` says which."""
+
+    def __init__(self, message: str, report: "Report"):
+        super().__init__(message)
+        self.report = report
+
+
+class VerificationImpossible(Exception):
+    """--verify cannot run the original file where it runs (NNabla's current context lacks a
+    function it needs); nothing was written. ``report`` says why."""
+
+    def __init__(self, message: str, report: "Report"):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class NetworkReport:
+    """One network of the file: the BNs folded and those kept, each with why."""
+    name: str
+    uses_batch_statistics: bool            # has a BN with batch_stat=True
+    folded: List[dict] = field(default_factory=list)     # one record per layer side a map folds into
+    skipped: List[dict] = field(default_factory=list)
+    note: Optional[str] = None             # why it was not planned (e.g. "no outputs")
+    bns_folded: int = 0
+
+    @property
+    def folded_count(self) -> int:
+        """BNs folded."""
+        return self.bns_folded
+
+    @property
+    def kept_count(self) -> int:
+        return len(self.skipped)
+
+    @property
+    def has_bn(self) -> bool:
+        return bool(self.folded or self.skipped)
+
+    def to_json(self) -> dict:
+        return {"uses_batch_statistics": self.uses_batch_statistics,
+                "folded_count": self.folded_count, "kept_count": self.kept_count,
+                "folded": self.folded, "skipped": self.skipped, "note": self.note}
+
+
+@dataclass
+class VerifyReport:
+    """What --verify compared: one record per network output (``network``, ``output``, ``max_abs``,
+    ``max_rel``, ``passed``; ``error`` when the folded network did not run)."""
+    tolerance: float
+    atol: float
+    seed: int
+    inputs: Dict[str, str]                 # network input -> where its data came from
+    networks: List[str]
+    outputs: List[dict] = field(default_factory=list)
+
+    @property
+    def failures(self) -> List[dict]:
+        return [r for r in self.outputs if not r["passed"]]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict:
+        return {"tolerance": self.tolerance, "atol": self.atol, "seed": self.seed,
+                "inputs": self.inputs, "networks": self.networks, "outputs": self.outputs}
+
+
+@dataclass
+class Report:
+    """What a fold did. ``output`` is the file written, None when nothing was (``not_written`` says
+    why); ``seconds`` holds read, plan, fold, write, verify (only when verifying) and total."""
+    input: str
+    requested_output: str
+    output: Optional[str] = None
+    not_written: Optional[str] = None
+    backend: Optional[str] = None
+    bytes_rescaled: int = 0
+    networks: List[NetworkReport] = field(default_factory=list)
+    seconds: Dict[str, float] = field(default_factory=dict)
+    verify: Optional[VerifyReport] = None
+    schema_version: int = SCHEMA_VERSION
+    version: str = __version__
+
+    @property
+    def n_folded(self) -> int:
+        return sum(n.folded_count for n in self.networks)
+
+    @property
+    def n_kept(self) -> int:
+        return sum(n.kept_count for n in self.networks)
+
+    def to_json(self) -> dict:
+        return {"schema_version": self.schema_version, "tool": "bnfold", "version": self.version,
+                "input": self.input, "output": self.output,
+                "requested_output": self.requested_output, "not_written": self.not_written,
+                "backend": self.backend, "bytes_rescaled": self.bytes_rescaled,
+                "folded_count": self.n_folded, "kept_count": self.n_kept,
+                "seconds": self.seconds,
+                "networks": {n.name: n.to_json() for n in self.networks},
+                "verify": self.verify.to_json() if self.verify else None}
+
+
+def network_reports(fp) -> List[NetworkReport]:
+    """The :class:`NetworkReport` of each network of a FilePlan (of ``nnp.plan_file``)."""
+    return [NetworkReport(
+        n.name, n.training,
+        [{"bn": s.bn, "bns": list(s.bns), "maps": list(s.maps), "into": s.kind, "side": s.side,
+          "weight": s.weight, "folded_weight": s.folded_weight, "folded_bias": s.folded_bias,
+          "note": s.note}
+         for s in fp.folds.get(n.name, [])],
+        [{"bn": s.bn, "reason": s.reason} for s in (n.plan.skipped if n.plan else [])],
+        n.error, len(n.plan.folded_bns) if n.plan else 0) for n in fp.networks]
+
+
+class _Silent:
+    """The progress of a caller that shows none."""
+
+    def step(self, label):
+        pass
+
+    def add_steps(self, n):
+        pass
+
+    def expect(self, nbytes):
+        pass
+
+    def extend(self, nbytes):
+        pass
+
+    def advance(self, nbytes):
+        pass
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` name one file: through symlinks and hard links, or (one missing)
+    resolving to the same path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
+             tolerance: Optional[float] = None, atol: float = 0.0, seed: int = 0,
+             inputs=None, in_place: bool = False, skip=(), progress=None) -> Report:
+    """Fold every BN of the .nnp file ``src`` that folds exactly, and write the result to ``dst``
+    (or over ``src`` with ``in_place``). Returns the :class:`Report`. ``skip``: BN names or glob
+    patterns to leave in place.
+
+    ``dst`` is written as a new file beside it, renamed into place only when complete (and, with
+    ``verify``, verified): a symlink is written through (its target gets the folded file), an
+    existing file keeps its owner, group (where permitted) and mode, other hard links to it keep
+    the original. ``verify`` runs every network of both files on the same inputs (``inputs``:
+    {network input name: array, or the path of a .npy file}; seeded random values for the rest) and
+    compares every output the networks have or their executors declare: an output passes if its max
+    abs error is at most ``atol`` or its max relative error at most ``tolerance`` (default: 1e-4,
+    5e-3 when a folded weight is float16).
+
+    Raises NnpError (bad input, or the output cannot be written), FoldError, VerificationFailed or
+    VerificationImpossible, with nothing written; ValueError/RuntimeError for an unusable backend.
+    ``progress`` (optional) receives ``add_steps(n)``, ``step(label)`` and per-byte
+    ``expect``/``extend``/``advance`` calls."""
+    from . import nnp as N
+    from .backends import get_backend
+    clock = _Stages()
+    src = os.fspath(src)
+    out, target = _output(src, dst, in_place)
+    get_backend(backend)   # an unusable backend is said before a large file is read
+    given = _load_inputs(inputs)
+    _atomic.remove_stale(os.path.dirname(target))
+    progress = progress or _Silent()
+    report = Report(src, out, seconds=clock.seconds)
+
+    progress.add_steps(1)
+    progress.step(f"reading {src}")
+    with clock("read"):
+        f = N.read(src, progress)
+    if given:
+        _check_inputs(src, f.proto, given)
+    n_nets = len(f.proto.network)
+    verify_steps = 2 + 2 * n_nets if verify else 0   # corrected once the networks to run are known
+    progress.add_steps(n_nets + 2 + verify_steps)     # planning each network, folding, writing
+    original = (src, N.structure(f.proto)) if verify else None   # before the rewrite
+    fp, report.backend, report.bytes_rescaled = _fold(f, backend, progress, clock, skip)
+    report.networks = network_reports(fp)
+    if tolerance is None:
+        tolerance = FLOAT16_TOLERANCE if any(
+            f.params[s.folded_weight].value.dtype.itemsize <= 2 for s in fp.unique
+            if s.folded_weight in f.params) else DEFAULT_TOLERANCE
+
+    progress.step("writing")
+    with clock("write"):
+        try:
+            _atomic.check_room(out, os.path.dirname(target), _space_needed(f), size_words)
+        except _atomic.TargetError as e:
+            raise N.NnpError(str(e)) from None
+        pending = N.write_temp(f, target, progress)
+    try:
+        f.params.clear()   # written; --verify loads both files, so hold no third copy of the weights
+        if verify:
+            # every network that can run, folded or not: one that folds nothing may still read a
+            # parameter that another network's fold rewrote
+            nets = [n.name for n in fp.networks if n.plan is not None] if fp.unique else []
+            progress.add_steps((2 + 2 * len(nets) if nets else 0) - verify_steps)
+            report.verify = VerifyReport(tolerance, atol, seed,
+                                         {k: label for k, (_, label) in given.items()}, nets)
+            with clock("verify"):
+                _verify(report, original, (pending.path, f.proto), given, progress)
+        _safe_points.check()
+        clock.seconds["total"] = clock.total()
+        report.output = out        # set before the rename: nothing after it can fail
+        try:
+            pending.commit()
+        except OSError as e:
+            report.output = None
+            raise N.NnpError(f"{out}: cannot replace it: {_atomic.reason(e)}; nothing written") \
+                from None
+    except BaseException:
+        pending.discard()
+        raise
+    return report
+
+
+class _Stages:
+    """Seconds spent per stage (a stage run twice adds up); leaving one is a safe point for Ctrl-C."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.seconds: Dict[str, float] = {}
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+    @contextmanager
+    def __call__(self, name):
+        since = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - since
+        _safe_points.check()
+
+
+def _output(src: str, dst, in_place: bool):
+    """(the output as named, the file to write) for fold_nnp's arguments; NnpError, before any work,
+    for an output that could not be written."""
+    from . import nnp as N
+    if dst is None and not in_place:
+        raise N.NnpError("give an output file, or --in-place (in_place=True) to replace the input")
+    out = src if dst is None else os.fspath(dst)
+    if dst is not None and not in_place and os.path.exists(src) and same_file(src, out):
+        raise N.NnpError(f"{out}: the output is the input; give --in-place (in_place=True) to "
+                         f"replace it")
+    try:
+        target = _atomic.check_target(out)
+    except _atomic.TargetError as e:
+        raise N.NnpError(str(e)) from None
+    if dst is not None and not out.lower().endswith(".nnp"):
+        raise N.NnpError(f"{out}: bnfold writes .nnp files; give an output name ending in .nnp")
+    return out, target
+
+
+def _fold(f, backend, progress, clock, skip=()):
+    """Plan and fold ``f`` in memory. Returns (the FilePlan, backend name, bytes rescaled)."""
+    from . import nnp as N
+    with clock("plan"):
+        fp = N.plan_file(f, progress, skip=skip)
+    progress.step("folding")
+    with clock("fold"):
+        name, nbytes = N.fold_parameters(f, fp, backend)
+        N.rewrite_proto(f, fp)
+    return fp, name, nbytes
+
+
+def _verify(report, original, folded, given, progress) -> None:
+    """Fill ``report.verify.outputs``; VerificationImpossible or VerificationFailed (with the report,
+    saying why nothing was written) unless every output passes."""
+    from . import nnp as N
+    v = report.verify
+    try:
+        records = N.verify(original, folded, v.networks, seed=v.seed, progress=progress,
+                           inputs={k: value for k, (value, _) in given.items()})
+    except N.VerifyImpossible as e:
+        report.not_written = f"cannot verify: {e}"
+        raise VerificationImpossible(f"{report.input}: cannot verify: {e}; "
+                                     f"{report.requested_output} not written", report) from None
+    for r in records:
+        r["passed"] = _passes(r, v.tolerance, v.atol)
+    v.outputs = records
+    if not v.passed:
+        why = _failure_words(v.failures, v.tolerance, v.atol)
+        report.not_written = f"verification failed: {why}"
+        raise VerificationFailed(f"verification failed: {why}; {report.requested_output} not "
+                                 f"written", report)
+
+
+def _passes(record, tolerance, atol) -> bool:
+    # written so that NaN fails
+    return bool(record["max_abs"] <= atol or record["max_rel"] <= tolerance)
+
+
+def _failure_words(failures, tolerance, atol) -> str:
+    worst = max(failures, key=lambda r: (r["max_rel"], r["max_abs"]))
+    if worst.get("error"):
+        return f"the folded network '{worst['network']}' does not run: {worst['error']}"
+    bound = f"> {tolerance:g}" + (f", and by {worst['max_abs']:.2e} (absolute) > {atol:g}"
+                                  if atol else "")
+    return (f"network '{worst['network']}' output '{worst['output']}' differs by "
+            f"{worst['max_rel']:.2e} (relative) {bound}")
+
+
+def _space_needed(f) -> int:
+    """Bytes the output's folder must have free to write ``f``: the output, and for HDF5 parameters
+    the scratch file ``_write_h5_member`` makes beside it first (as large as the parameters)."""
+    from . import nnp as N
+    params = sum(p.value.nbytes for p in f.params.values())
+    others = sum(len(v) for v in f.raw.values()) + 3 * f.proto.ByteSize()   # text is wordier
+    if f.param_member is None:
+        return others + 4 * params      # parameters as decimal text in the network definition
+    if N._is_h5_params(f.param_member):
+        return others + 2 * params
+    return others + params
+
+
+def size_words(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _load_inputs(inputs) -> Dict[str, tuple]:
+    """{name: (array, where it came from)} of ``fold_nnp``'s ``inputs``; a path is read as .npy."""
+    import numpy as np
+    from . import nnp as N
+    loaded = {}
+    for name, value in (inputs or {}).items():
+        if isinstance(value, (str, os.PathLike)):
+            path = os.fspath(value)
+            loaded[name] = (_read_npy(path), path)
+        else:
+            loaded[name] = (np.asarray(value), "an array")
+        if loaded[name][0].dtype.kind not in "biuf":
+            raise N.NnpError(f"input '{name}': {loaded[name][1]} holds {loaded[name][0].dtype} "
+                             f"values; a network input takes numbers")
+    return loaded
+
+
+def _read_npy(path: str):
+    import stat
+    import numpy as np
+    from . import nnp as N
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise N.NnpError(f"{path}: no such file") from None
+    except OSError as e:
+        raise N.NnpError(f"{path}: {_atomic.reason(e)}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise N.NnpError(f"{path}: not a regular file")
+    try:
+        value = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise N.NnpError(f"{path}: not a .npy file NumPy can read ({N._one_line(e)})") from None
+    if not isinstance(value, np.ndarray):
+        raise N.NnpError(f"{path}: holds several arrays (.npz); give one .npy file per input")
+    return value
+
+
+def _check_inputs(src, proto, given) -> None:
+    """Each given input is an input of some network, of the shape that network declares."""
+    from . import nnp as N
+    found = set()
+    for net in proto.network:
+        produced = {o for fn in net.function for o in fn.output}
+        for v in net.variable:
+            if v.name not in given or v.name in produced or v.type == "Parameter":
+                continue
+            found.add(v.name)
+            shape = tuple(net.batch_size if d < 0 else d for d in v.shape.dim)
+            value, label = given[v.name]
+            if math.prod(shape) and tuple(value.shape) != shape:
+                raise N.NnpError(f"input '{v.name}' of network '{net.name}' has shape {shape}; "
+                                 f"{label} holds shape {tuple(value.shape)}")
+    missing = sorted(set(given) - found)
+    if missing:
+        raise N.NnpError(f"{src}: no network has an input named '{missing[0]}'")
+
+
+__all__ = ["fold_nnp", "Report", "NetworkReport", "VerifyReport", "VerificationFailed",
+           "VerificationImpossible", "network_reports", "same_file", "SCHEMA_VERSION",
+           "DEFAULT_TOLERANCE", "FLOAT16_TOLERANCE"]

@@ -1,0 +1,639 @@
+"""Hostile and damaged input files, refused on the reading side: special files, zip bombs, members and
+HDF5 datasets declaring more than they hold or than memory holds, parameters that are not numbers,
+duplicate zip entries, network definitions that NNabla's builder would loop on, stale scratch folders.
+Each is refused in one line naming the file (exit status 2), in bounded time and memory, with nothing
+created or changed."""
+import os
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+nn = pytest.importorskip("nnabla", reason="nnabla is not installed (GPU machine)")
+import h5py  # noqa: E402
+from google.protobuf import text_format  # noqa: E402
+from nnabla.utils import nnabla_pb2  # noqa: E402
+
+from bnfold_gpu import cli, nnp as N, protobuf_params as P  # noqa: E402
+import nnp_files  # noqa: E402
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    """The system temporary folder for the test: empty, and checked to be left so."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def _refused(tmp_path, capsys, path, command="fold"):
+    """Runs ``command`` on ``path``: exit status 2, one line on stderr (with --quiet) naming the file,
+    no traceback, the output and the temporary folder as they were. Returns the line."""
+    outdir = tmp_path / "out"
+    outdir.mkdir(exist_ok=True)
+    out = outdir / "out.nnp"
+    out.write_bytes(b"previous output")
+    temp = Path(tempfile.gettempdir())
+    temp_before = sorted(os.listdir(temp))
+    argv = ["fold", str(path), "--quiet", "-o", str(out)] if command == "fold" else [command, str(path)]
+    rc = cli.main(argv)
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert rc == 2, captured.err
+    assert "Traceback" not in captured.err
+    if command == "fold":
+        assert len(err) == 1, captured.err
+    assert err[-1].startswith("bnfold: ") and str(path) in err[-1], captured.err
+    assert out.read_bytes() == b"previous output"
+    assert os.listdir(outdir) == ["out.nnp"]
+    assert sorted(os.listdir(temp)) == temp_before
+    return err[-1]
+
+
+def _rezip(src, dst, replace=None, add=(), compression=zipfile.ZIP_STORED):
+    """``src`` copied to ``dst``, members named in ``replace`` given new bytes, ``add``'s (name, bytes)
+    appended."""
+    replace = replace or {}
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w", compression) as z:
+        for m in a.infolist():
+            z.writestr(m.filename, replace.get(m.filename, a.read(m)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")    # zipfile warns of duplicate names, which some tests want
+            for name, data in add:
+                z.writestr(name, data)
+    return dst
+
+
+def _member(path, name):
+    with zipfile.ZipFile(path) as z:
+        return z.read(name)
+
+
+# -- the input is not a regular file ----------------------------------------------------------------
+@pytest.fixture
+def no_special_file_read(monkeypatch):
+    """A special file reaching the zip reader fails the test at once (instead of reading /dev/zero
+    without end)."""
+    real = zipfile.ZipFile.__init__
+
+    def guarded(self, file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)):
+            mode = os.stat(file).st_mode
+        else:
+            mode = os.fstat(file.fileno()).st_mode
+        assert stat.S_ISREG(mode), "a special file reached the zip reader"
+        real(self, file, *args, **kwargs)
+    monkeypatch.setattr(zipfile.ZipFile, "__init__", guarded)
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    """A FIFO, with a writer that opens it whenever a reader waits on it: a reader that should not
+    have opened it gets end of file instead of blocking the test for ever."""
+    path = tmp_path / "pipe.nnp"
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def unblock():
+        while not done.is_set():
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:          # no reader waiting
+                done.wait(0.01)
+                continue
+            os.close(fd)
+    writer = threading.Thread(target=unblock, daemon=True)
+    writer.start()
+    yield path
+    done.set()
+    writer.join()
+
+
+def test_fifo_is_refused_without_being_opened(tmp_path, capsys, scratch, fifo, no_special_file_read):
+    assert "is a FIFO (named pipe), not a regular file" in _refused(tmp_path, capsys, fifo)
+
+
+def test_character_device_is_refused_without_being_read(tmp_path, capsys, scratch,
+                                                         no_special_file_read):
+    assert "is a character device, not a regular file" in _refused(tmp_path, capsys, "/dev/zero")
+
+
+def test_directory_is_refused(tmp_path, capsys, scratch, no_special_file_read):
+    folder = tmp_path / "model.nnp"
+    folder.mkdir()
+    assert "is a directory" in _refused(tmp_path, capsys, folder)
+
+
+def test_symlink_loop_is_named_as_such(tmp_path, capsys, scratch):
+    a, b = tmp_path / "a.nnp", tmp_path / "b.nnp"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    msg = _refused(tmp_path, capsys, a)
+    assert "too many levels of symbolic links" in msg and "no such file" not in msg
+
+
+def test_path_through_a_file_says_not_a_directory(tmp_path, capsys, scratch):
+    good = nnp_files.single(tmp_path / "good.nnp")
+    msg = _refused(tmp_path, capsys, good / "inner.nnp")
+    assert "not a directory" in msg and "no such file" not in msg
+
+
+def test_permission_denied_is_said_in_words(tmp_path, capsys, scratch, monkeypatch):
+    # as an unsearchable folder makes it for a user other than root
+    good = nnp_files.single(tmp_path / "good.nnp")
+    real = os.stat
+
+    def denied(path, *args, **kwargs):
+        if os.fspath(path) == str(good):
+            raise PermissionError(13, "Permission denied", str(good))
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(os, "stat", denied)
+    msg = _refused(tmp_path, capsys, good)
+    assert "permission denied" in msg and "no such file" not in msg
+
+
+# -- sizes ------------------------------------------------------------------------------------------
+def _zip_bomb(src, dst, member, nbytes):
+    """``src`` with ``member`` replaced by ``nbytes`` zeros, deflated (about 1000-fold)."""
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as z:
+        for m in a.infolist():
+            if m.filename != member:
+                z.writestr(m.filename, a.read(m))
+        with z.open(member, "w") as w:
+            zeros = bytes(MiB)
+            for _ in range(nbytes // MiB):
+                w.write(zeros)
+    return dst
+
+
+@pytest.mark.parametrize("member, fmt", [("extra.bin", ".h5"), ("network.nntxt", ".h5"),
+                                         ("parameter.h5", ".h5"),
+                                         ("parameter.protobuf", ".protobuf")])
+def test_zip_bomb_is_refused_before_it_is_read(tmp_path, capsys, scratch, monkeypatch, member, fmt):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=fmt)
+    bomb = _zip_bomb(good, tmp_path / "bomb.nnp", member, 64 * MiB)
+    opened = []
+    real_open = zipfile.ZipFile.open
+
+    def spy(self, name, *args, **kwargs):
+        opened.append(getattr(name, "filename", name))
+        return real_open(self, name, *args, **kwargs)
+    monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+    msg = _refused(tmp_path, capsys, bomb)
+    assert f"{member} expands" in msg and "zip bomb" in msg
+    assert member not in opened
+
+
+def test_member_compressed_by_a_method_without_bounded_output_is_refused(tmp_path, capsys, scratch):
+    good = nnp_files.single(tmp_path / "good.nnp")
+    p = _rezip(good, tmp_path / "lzma.nnp", compression=zipfile.ZIP_LZMA)
+    assert "compressed with LZMA" in _refused(tmp_path, capsys, p)
+
+
+def _with_extra_dataset(good, dst, nbytes):
+    """``good`` (HDF5 parameters) with one more parameter, unused, of ``nbytes`` stored bytes."""
+    return _edit_h5(good, dst, lambda hd: hd.create_dataset(
+        "extra/W", data=np.ones(nbytes // 4, np.float32)))
+
+
+@pytest.mark.parametrize("fmt, available", [(".protobuf", 10_000), (".h5", 100_000)])
+def test_more_than_the_available_memory_is_refused(tmp_path, capsys, scratch, monkeypatch, fmt,
+                                                   available):
+    # .protobuf: the members' declared sizes; .h5: the datasets' declared sizes, the member being
+    # copied to disk first
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=fmt)
+    if fmt == ".h5":
+        good = _with_extra_dataset(good, tmp_path / "big.nnp", 256 << 10)
+    monkeypatch.setattr(N, "_memory_available", lambda: available)
+    msg = _refused(tmp_path, capsys, good)
+    assert "of memory" in msg and "available" in msg
+    assert ("parameter.h5" in msg) == (fmt == ".h5")
+
+
+def test_network_definition_over_its_limit_is_refused(tmp_path, capsys, scratch, monkeypatch):
+    good = nnp_files.single(tmp_path / "good.nnp")
+    monkeypatch.setattr(N, "_DEFINITION_LIMIT", 1000)
+    msg = _refused(tmp_path, capsys, good)
+    assert "network.nntxt" in msg and "1000 bytes" in msg
+
+
+# -- HDF5 parameters ----------------------------------------------------------------------------------
+def _edit_h5(good, dst, edit):
+    """``good`` (HDF5 parameters) with its parameter member edited by ``edit(h5py.File)``."""
+    local = Path(dst).with_suffix(".h5")
+    local.write_bytes(_member(good, "parameter.h5"))
+    with h5py.File(local, "a") as hd:
+        edit(hd)
+    return _rezip(good, dst, {"parameter.h5": local.read_bytes()})
+
+
+def _replace(name, **create):
+    """An edit putting a new dataset ``name`` in place of the old, keeping its attributes."""
+    def edit(hd):
+        attrs = dict(hd[name].attrs)
+        del hd[name]
+        ds = hd.create_dataset(name, **create)
+        for k, v in attrs.items():
+            ds.attrs[k] = v
+    return edit
+
+
+@pytest.mark.parametrize("create, words", [
+    # 4 TiB declared in a few kB, chunked, no chunk stored
+    (dict(shape=(1 << 20, 1 << 20), dtype="f4", chunks=(1, 1024)), "stored"),
+    # 64 MiB declared, contiguous, never written
+    (dict(shape=(16 * MiB,), dtype="f4"), "more than the"),
+    # 64 MiB of zeros compressed a thousandfold
+    (dict(data=np.zeros(16 * MiB, np.float32), compression="gzip", chunks=(MiB,)), "stored"),
+], ids=["chunked-empty", "contiguous-unwritten", "compressed-zeros"])
+def test_dataset_declaring_more_than_it_stores_is_refused(tmp_path, capsys, scratch, create, words):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    p = _edit_h5(good, tmp_path / "huge.nnp", _replace("bn2/bn/mean", **create))
+    msg = _refused(tmp_path, capsys, p)
+    assert "parameter.h5" in msg and "'bn2/bn/mean' declares" in msg and words in msg
+
+
+def test_dataset_with_external_storage_is_refused(tmp_path, capsys, scratch):
+    # its values would be read from a file of this machine, named by the input
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(6, dtype=np.float32).tobytes())
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    p = _edit_h5(good, tmp_path / "external.nnp", _replace(
+        "bn2/bn/mean", shape=(1, 6, 1, 1), dtype="f4", external=[(str(secret), 0, 24)]))
+    msg = _refused(tmp_path, capsys, p)
+    assert "'bn2/bn/mean'" in msg and "outside the member" in msg
+
+
+def test_virtual_dataset_is_refused(tmp_path, capsys, scratch):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    source = tmp_path / "source.h5"
+    with h5py.File(source, "w") as s:
+        s["data"] = np.arange(6, dtype=np.float32).reshape(1, 6, 1, 1)
+
+    def edit(hd):
+        layout = h5py.VirtualLayout(shape=(1, 6, 1, 1), dtype="f4")
+        layout[...] = h5py.VirtualSource(str(source), "data", shape=(1, 6, 1, 1))
+        del hd["bn2/bn/mean"]
+        hd.create_virtual_dataset("bn2/bn/mean", layout)
+    msg = _refused(tmp_path, capsys, _edit_h5(good, tmp_path / "virtual.nnp", edit))
+    assert "'bn2/bn/mean'" in msg and "outside the member" in msg
+
+
+@pytest.mark.parametrize("data, words", [
+    (np.array([b"abc"] * 6).reshape(1, 6, 1, 1), "strings"),
+    (np.array(["abc"] * 6, dtype=object).reshape(1, 6, 1, 1), "strings"),
+    (np.zeros((1, 6, 1, 1), [("a", "<f4"), ("b", "<i4")]), "records"),
+    (np.zeros((1, 6, 1, 1), np.complex64), "complex numbers"),
+    (np.zeros((1, 6, 1, 1), bool), "booleans"),
+], ids=["bytes", "vlen-str", "compound", "complex", "bool"])
+def test_parameter_that_is_not_numbers_is_refused(tmp_path, capsys, scratch, data, words):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    dtype = h5py.string_dtype() if data.dtype == object else None
+    p = _edit_h5(good, tmp_path / "bad.nnp", _replace("bn2/bn/mean", data=data, dtype=dtype))
+    msg = _refused(tmp_path, capsys, p)
+    assert "'bn2/bn/mean' holds " + words in msg and "dtype" in msg
+
+
+@pytest.mark.parametrize("kind", ["vlen", "enum"])
+def test_parameter_of_other_hdf5_types_is_refused(tmp_path, capsys, scratch, kind):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    if kind == "vlen":
+        create = dict(shape=(1, 6, 1, 1), dtype=h5py.vlen_dtype(np.float32))
+    else:
+        create = dict(data=np.zeros((1, 6, 1, 1), np.int8),
+                      dtype=h5py.enum_dtype({"low": 0, "high": 1}, basetype="i1"))
+    p = _edit_h5(good, tmp_path / "bad.nnp", _replace("bn2/bn/mean", **create))
+    msg = _refused(tmp_path, capsys, p)
+    assert "'bn2/bn/mean' holds " in msg and "not numbers" in msg
+
+
+def test_parameter_without_shape_is_refused(tmp_path, capsys, scratch):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    p = _edit_h5(good, tmp_path / "null.nnp", _replace("bn2/bn/mean", data=h5py.Empty("f4")))
+    assert "'bn2/bn/mean' has no shape" in _refused(tmp_path, capsys, p)
+
+
+def test_integer_parameters_are_read_as_integers(tmp_path, scratch):
+    # the fold decides whether an integer array may fold; reading keeps its dtype
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    p = _edit_h5(good, tmp_path / "int.nnp", _replace(
+        "bn2/bn/mean", data=np.arange(6, dtype=np.int32).reshape(1, 6, 1, 1)))
+    f = N.read(str(p))
+    assert f.params["bn2/bn/mean"].value.dtype == np.int32
+    assert not os.listdir(scratch)
+
+
+@pytest.mark.parametrize("attribute, value, words", [
+    ("index", "abc", "index attribute is not an integer"),
+    ("index", 1.5, "index attribute is not an integer"),
+    ("index", np.array([1, 2]), "index attribute holds 2 values"),
+    ("need_grad", "yes", "need_grad attribute is not a boolean"),
+    ("need_grad", 2, "need_grad attribute is not a boolean"),
+])
+def test_bad_attribute_is_refused(tmp_path, capsys, scratch, attribute, value, words):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+
+    def edit(hd):
+        hd["bn2/bn/mean"].attrs[attribute] = value
+    p = _edit_h5(good, tmp_path / "attr.nnp", edit)
+    msg = _refused(tmp_path, capsys, p)
+    assert f"'bn2/bn/mean': {words}" in msg
+
+
+def test_integer_need_grad_is_read_as_a_boolean(tmp_path, scratch):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+
+    def edit(hd):
+        hd["c1/conv/W"].attrs["need_grad"] = np.int8(0)
+        hd["bn2/bn/mean"].attrs["need_grad"] = 1
+    f = N.read(str(_edit_h5(good, tmp_path / "attr.nnp", edit)))
+    assert f.params["c1/conv/W"].need_grad is False and f.params["bn2/bn/mean"].need_grad is True
+
+
+def test_hdf5_read_failure_is_said_without_hdf5_internals(tmp_path, capsys, scratch, monkeypatch):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+
+    def failing(self, key):
+        raise OSError("Can't synchronously read data (file read failed: time = Mon Jan  1 00:00:00 "
+                      "2024, filename = '/tmp/bnfold-1/parameter.h5', file descriptor = 5, errno = 5, "
+                      "error message = 'Input/output error', buf = 0x55d0c0ffee00, total read size = "
+                      "648, bytes this sub-read = 648, bytes actually read = 18446744073709551615, "
+                      "offset = 2048)")
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", failing)
+    msg = _refused(tmp_path, capsys, good)
+    assert "parameter.h5" in msg and "input/output error" in msg
+    assert "0x" not in msg and "filename" not in msg and "errno" not in msg
+
+
+# -- protobuf parameters ------------------------------------------------------------------------------
+def _protobuf_member(edit):
+    pb = nnabla_pb2.NNablaProtoBuf()
+    q = pb.parameter.add()
+    q.variable_name = "extra/W"
+    edit(q)
+    return pb.SerializeToString()
+
+
+def test_protobuf_parameter_declaring_more_than_the_member_holds(tmp_path, capsys, scratch):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".protobuf")
+    key = P._key(nnabla_pb2.NNablaProtoBuf.DESCRIPTOR.fields_by_name["parameter"].number, 2)
+    lying = _member(good, "parameter.protobuf") + key + P._varint(1 << 40) + bytes(16)
+    p = _rezip(good, tmp_path / "lying.nnp", {"parameter.protobuf": lying})
+    msg = _refused(tmp_path, capsys, p)
+    assert "parameter.protobuf does not parse" in msg and f"declares {1 << 40} bytes" in msg
+
+
+@pytest.mark.parametrize("dims, values", [([1 << 32, 1 << 32], []), ([-1, -1], [1.0])])
+def test_protobuf_parameter_of_impossible_shape(tmp_path, capsys, scratch, dims, values):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".protobuf")
+
+    def edit(q):
+        q.shape.dim.extend(dims)
+        q.data.extend(values)
+    extra = _protobuf_member(edit)
+    p = _rezip(good, tmp_path / "shape.nnp",
+               {"parameter.protobuf": _member(good, "parameter.protobuf") + extra})
+    msg = _refused(tmp_path, capsys, p)
+    assert "'extra/W'" in msg and "shape" in msg
+
+
+def test_protobuf_read_allocates_as_bytes_arrive():
+    # a stream of unknown size: a length claiming a terabyte reads what is there, then stops
+    key = P._key(nnabla_pb2.NNablaProtoBuf.DESCRIPTOR.fields_by_name["parameter"].number, 2)
+
+    class Stream:
+        def __init__(self, data):
+            self.data, self.largest = data, 0
+
+        def read(self, n=-1):
+            self.largest = max(self.largest, n)
+            out, self.data = (self.data, b"") if n < 0 else (self.data[:n], self.data[n:])
+            return out
+    s = Stream(key + P._varint(1 << 40) + bytes(100))
+    with pytest.raises(P.ProtobufError, match="truncated"):
+        list(P.read(s))
+    assert s.largest <= 64 * MiB
+
+
+# -- the zip archive ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["network.nntxt", "parameter.h5", "nnp_version.txt"])
+def test_duplicate_zip_entries_are_refused(tmp_path, capsys, scratch, name):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    p = _rezip(good, tmp_path / "dup.nnp", add=[(name, _member(good, name))])
+    assert f"more than one entry named '{name}'" in _refused(tmp_path, capsys, p)
+
+
+def test_encrypted_member_is_refused(tmp_path, capsys, scratch):
+    good = nnp_files.single(tmp_path / "good.nnp")
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as z:     # the "encrypted" flag, in the local header and the directory
+        m = z.getinfo("nnp_version.txt")
+        central = z.start_dir
+    while data[central + 46:central + 46 + len(m.filename)] != m.filename.encode():
+        central += 46 + sum(struct.unpack("<HHH", data[central + 28:central + 34]))
+    for at in (m.header_offset + 6, central + 8):
+        data[at] |= 1
+    p = tmp_path / "encrypted.nnp"
+    p.write_bytes(bytes(data))
+    assert "nnp_version.txt is encrypted" in _refused(tmp_path, capsys, p)
+
+
+# -- network definitions NNabla's builder loops on ---------------------------------------------------
+@pytest.fixture
+def nnabla_never_builds(monkeypatch):
+    """A definition that reaches NNabla's builder fails the test at once (instead of looping)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the definition reached NNabla's builder")
+    monkeypatch.setattr(N, "build_networks", refuse)
+
+
+def _edit_definition(good, dst, edit):
+    proto = nnabla_pb2.NNablaProtoBuf()
+    text_format.Merge(_member(good, "network.nntxt").decode(), proto)
+    edit(proto)
+    return _rezip(good, dst, {"network.nntxt": text_format.MessageToString(proto).encode()})
+
+
+def _cycle(proto):      # ReLU reads the deconvolution's output, the deconvolution the ReLU's
+    fs = proto.network[0].function
+    fs[2].input[0] = fs[3].output[0]
+
+
+def _self_loop(proto):
+    fs = proto.network[0].function
+    fs[2].input[0] = fs[2].output[0]
+
+
+def _same_name(proto):
+    fs = proto.network[0].function
+    fs[3].name = fs[2].name
+
+
+def _two_producers(proto):
+    fs = proto.network[0].function
+    fs[3].output[0] = fs[2].output[0]
+
+
+def _undeclared(proto):
+    proto.network[0].function[3].input[0] = "nowhere"
+
+
+def _neither_buffer_nor_parameter(proto):
+    next(v for v in proto.network[0].variable if v.name == "@net/ReLU_out").type = "Scratch"
+
+
+def _same_network_name(proto):
+    proto.network.add().CopyFrom(proto.network[0])
+
+
+@pytest.mark.parametrize("edit, words", [
+    (_cycle, "function '@net/ReLU' depends on its own output (@net/ReLU -> @net/Deconvolution -> "
+             "@net/ReLU)"),
+    (_self_loop, "function '@net/ReLU' depends on its own output (@net/ReLU -> @net/ReLU)"),
+    (_same_name, "two functions are named '@net/ReLU'"),
+    (_two_producers, "variable '@net/ReLU_out' is the output of both '@net/ReLU' and "
+                     "'@net/Deconvolution'"),
+    (_undeclared, "function '@net/Deconvolution' reads 'nowhere', which the network does not "
+                  "declare"),
+    (_neither_buffer_nor_parameter, "function '@net/ReLU' writes '@net/ReLU_out', which the network "
+                                    "declares as 'Scratch', neither Buffer nor Parameter"),
+    (_same_network_name, "two networks are named 'net'"),
+], ids=["cycle", "self-loop", "same-function-name", "two-producers", "undeclared", "undeclared-kind",
+        "same-network"])
+@pytest.mark.parametrize("command", ["fold", "inspect"])
+def test_definition_nnabla_cannot_build_is_refused_before_it_reaches_nnabla(
+        tmp_path, capsys, scratch, nnabla_never_builds, edit, words, command):
+    good = nnp_files.single(tmp_path / "good.nnp")
+    p = _edit_definition(good, tmp_path / "bad.nnp", edit)
+    msg = _refused(tmp_path, capsys, p, command)
+    assert "'net'" in msg and words in msg
+
+
+def _loop_network(back):
+    """x -> RepeatStart or Delay (its other input: y, from the end of the loop) -> Affine -> y."""
+    proto = nnabla_pb2.NNablaProtoBuf()
+    net = proto.network.add()
+    net.name = "loop"
+    for name, kind in (("x", "Buffer"), ("s", "Buffer"), ("y", "Buffer"), ("W", "Parameter")):
+        v = net.variable.add()
+        v.name, v.type = name, kind
+    start = net.function.add()
+    start.name, start.type = back, back
+    start.input.extend(["x", "y"] if back == "RepeatStart" else ["y", "x"])
+    start.output.append("s")
+    layer = net.function.add()
+    layer.name, layer.type = "affine", "Affine"
+    layer.input.extend(["s", "W"])
+    layer.output.append("y")
+    return proto
+
+
+@pytest.mark.parametrize("back", ["RepeatStart", "Delay"])
+def test_loops_nnabla_unrolls_are_not_cycles(back):
+    N._check_definition("loop.nnp", _loop_network(back))
+
+
+def test_cycle_through_the_other_input_of_a_loop_function_is_one():
+    proto = _loop_network("RepeatStart")
+    start = proto.network[0].function[0]
+    start.input[0], start.input[1] = start.input[1], start.input[0]
+    with pytest.raises(N.NnpError, match="depends on its own output"):
+        N._check_definition("loop.nnp", proto)
+
+
+def test_long_cycle_is_found_in_time_linear_in_the_definition():
+    proto = nnabla_pb2.NNablaProtoBuf()
+    net = proto.network.add()
+    net.name = "chain"
+    n = 20000
+    for i in range(n):
+        v = net.variable.add()
+        v.name, v.type = f"v{i}", "Buffer"
+    for i in range(n):
+        f = net.function.add()
+        f.name, f.type = f"f{i}", "ReLU"
+        f.input.append(f"v{i - 1}" if i else f"v{n - 1}")
+        f.output.append(f"v{i}")
+    with pytest.raises(N.NnpError, match=r"depends on its own output \(f\d+ -> f\d+ -> .* -> f\d+\)"):
+        N._check_definition("chain.nnp", proto)
+
+
+# -- the scratch folder of HDF5 parameters -----------------------------------------------------------
+def test_scratch_folder_is_named_for_the_process(tmp_path, scratch, monkeypatch):
+    from bnfold_gpu import _atomic
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    seen = []
+    real = h5py.File
+
+    def spy(name, *args, **kwargs):
+        seen.append(Path(name).parent.name)
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(h5py, "File", spy)
+    N.read(str(good))
+    assert len(seen) == 1 and seen[0].startswith(_atomic.prefix(os.getpid()))
+    assert not os.listdir(scratch)
+
+
+def _dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_scratch_folders_of_dead_processes_are_removed(tmp_path, scratch, monkeypatch):
+    from bnfold_gpu import _atomic
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    dead = scratch / (_atomic.prefix(_dead_pid()) + "a1b2c3d4-parameters.tmp")
+    dead.mkdir()
+    (dead / "parameter.h5").write_bytes(bytes(1000))
+    with monkeypatch.context() as m:
+        m.setattr(_atomic, "host", lambda: "elsewhere")
+        elsewhere = _atomic.prefix(_dead_pid())
+    kept = [scratch / (_atomic.prefix(os.getpid()) + "e5f6g7h8-parameters.tmp"),   # alive: this one
+            scratch / (_atomic.prefix(os.getppid()) + "i9j0k1l2-parameters.tmp"),  # alive: its parent
+            scratch / (elsewhere + "m3n4o5p6-parameters.tmp"),                      # another host's
+            scratch / ".bnfold-not-a-pid.tmp",
+            scratch / "unrelated"]
+    for folder in kept:
+        folder.mkdir()
+    N.read(str(good))
+    assert not dead.exists()
+    assert sorted(os.listdir(scratch)) == sorted(p.name for p in kept)
+
+
+def test_scratch_folder_without_room_is_refused_before_copying(tmp_path, capsys, scratch,
+                                                              monkeypatch):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    real = os.statvfs
+
+    def full(path):
+        st = real(path)
+        if os.path.realpath(path) != os.path.realpath(scratch):
+            return st
+        return os.statvfs_result((st.f_bsize, 4096, st.f_blocks, 1, 1) + tuple(st)[5:])
+    monkeypatch.setattr(os, "statvfs", full)
+    msg = _refused(tmp_path, capsys, good)
+    assert f"scratch file in {scratch}" in msg and "free" in msg and "set TMPDIR" in msg
+
+
+def test_parameter_inline_of_wrong_size_names_the_file(tmp_path, capsys, scratch):
+    good = nnp_files.single(tmp_path / "good.nnp")
+
+    def edit(proto):
+        q = proto.parameter.add()
+        q.variable_name = "extra/W"
+        q.shape.dim.extend([-1, -1])
+        q.data.append(1.0)
+    msg = _refused(tmp_path, capsys, _edit_definition(good, tmp_path / "inline.nnp", edit))
+    assert "'extra/W'" in msg

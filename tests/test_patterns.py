@@ -1,0 +1,388 @@
+"""Maps moved through the functions they commute with, one pattern at a time: the folded graph
+computes what the original did (random shapes, statistics far from identity, negative scales), in
+place and into new parameters, on the NumPy backend and the emulated GPU backend; a map that cannot
+move says which function stopped it and why; a second fold finds nothing more to fold."""
+import numpy as np
+import pytest
+
+nn = pytest.importorskip("nnabla", reason="nnabla is not installed (GPU machine)")
+import nnabla.functions as F
+import nnabla.parametric_functions as PF
+
+import bnfold_gpu
+from bnfold_gpu.graph import parameter_names
+from helpers import bn_count, feed, forward_all, function_types, randomize_all, rel_err
+
+BN = dict(batch_stat=False)
+
+
+@pytest.fixture(params=["numpy", "cupy", "cupy-device"])
+def backend(request, monkeypatch):
+    """The NumPy backend; the GPU backend, its device emulated on the host: parameters in NNabla's
+    CPU context (streamed through the device), or in its CUDA context (reached through DLPack and
+    folded where they are, with every array of the fold on the device)."""
+    if request.param == "numpy":
+        return "numpy"
+    import fake_cupy
+    from bnfold_gpu.backends import cupy_backend
+    fake = fake_cupy.make(request.getfixturevalue("host"))
+    monkeypatch.setattr(cupy_backend, "cupy", fake)
+    monkeypatch.setattr(cupy_backend, "_MODULES", {})
+    if request.param == "cupy-device":
+        import nnabla.utils.dlpack
+        fake.from_dlpack = lambda capsule: np.from_dlpack(capsule).view(fake_cupy.ndarray)
+        monkeypatch.setattr(cupy_backend, "on_device", lambda ctx: True)
+        monkeypatch.setattr(nnabla.utils.dlpack, "to_dlpack",
+                            lambda a, dtype=None, ctx=None: a.get_data("rw"))   # shares memory
+        monkeypatch.setattr(cupy_backend, "_HostFold",
+                            lambda *a: pytest.fail("took the staged path"))
+    return "cupy"
+
+
+def build(model, seed=0, positive=False, shift_free=()):
+    """A fresh registry, ``model()`` -> (inputs, outputs), random parameters and inputs. ``positive``:
+    every BN scale positive; ``shift_free``: BNs whose shift is made exactly 0 (beta = mean * scale)."""
+    nn.clear_parameters()
+    rng = np.random.RandomState(seed)
+    inputs, outputs = model()
+    randomize_all(rng)
+    params = parameter_names()
+    by_name = {n: v for v, n in params.items()}
+    for name, var in by_name.items():
+        if positive and name.endswith("/gamma"):
+            var.d = np.abs(var.d)
+    for bn in shift_free:   # shift beta - mean * scale exactly 0
+        by_name[f"{bn}/bn/beta"].d = 0
+        by_name[f"{bn}/bn/mean"].d = 0
+    feed(rng, *inputs)
+    return inputs, outputs
+
+
+def check(outputs, backend="numpy", inplace=True, folded=None, kept=(), tol=1e-5, skip=()):
+    """Fold; the outputs are unchanged, the BNs named in ``folded`` are gone, those in ``kept`` stay;
+    folding the result again finds nothing."""
+    before = forward_all(outputs)
+    n_bn = bn_count(outputs)
+    res = bnfold_gpu.fold(outputs, backend=backend, inplace=inplace, skip=skip)
+    after = forward_all(res.outputs)
+    for a, b in zip(after, before):
+        assert a.shape == b.shape and rel_err(a, b) < tol, rel_err(a, b)
+    if folded is not None:
+        assert sorted(m for m in res.plan.folded_maps) == sorted(folded)
+    assert sorted(s.bn for s in res.skipped) == sorted(kept)
+    assert bn_count(res.outputs) == len(res.skipped) <= n_bn
+    again = bnfold_gpu.plan(res.outputs, skip=skip)
+    assert again.folds == () and [s.bn for s in again.skipped] == [s.bn for s in res.skipped]
+    return res
+
+
+INPLACE = [True, False]
+
+
+# -- through shapes -------------------------------------------------------------------------------
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_affine_reshape_bn(backend, inplace):
+    # the WGAN generator's first block: a dense layer reshaped into channels, then a BN
+    def model():
+        x = nn.Variable((3, 5))
+        h = F.reshape(PF.affine(x, 6 * 4 * 4, name="fc"), (3, 6, 4, 4))
+        return [x], F.relu(PF.batch_normalization(h, name="bn", **BN))
+    (x,), y = build(model)
+    res = check(y, backend, inplace, folded=["bn/bn"])
+    assert [(s.kind, s.side) for s in res.folded] == [("Affine", "output")]
+    assert function_types(res.outputs) == ["Affine", "Reshape", "ReLU"]
+
+
+@pytest.mark.parametrize("channel_last", [False, True])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_bn_flatten_affine(backend, inplace, channel_last):
+    # NNabla's importer turns Flatten -> Linear into Reshape -> Affine (or BatchMatmul); a
+    # channel-last network flattens with the channels fastest
+    def model():
+        x = nn.Variable((2, 5, 3, 4))
+        h = F.relu(x)
+        if channel_last:
+            h = F.transpose(h, (0, 2, 3, 1))
+        h = PF.batch_normalization(h, axes=[3 if channel_last else 1], name="bn", **BN)
+        return [x], PF.affine(F.reshape(h, (2, 60)), 7, name="fc")
+    (x,), y = build(model, seed=1)
+    res = check(y, backend, inplace, folded=["bn/bn"])
+    assert [(s.kind, s.side) for s in res.folded] == [("Affine", "input")]
+
+
+def test_reshape_that_spreads_channels_stops_the_map():
+    def model():
+        x = nn.Variable((2, 6))
+        h = F.reshape(PF.affine(x, 12, name="fc"), (2, 3, 4))   # channels of 4 over the last axis
+        h = F.reshape(PF.batch_normalization(h, axes=[2], name="bn", **BN), (2, 2, 6))
+        return [x], PF.affine(F.relu(h), 3, name="fc2")
+    (x,), y = build(model)
+    res = check(y, folded=["bn/bn"])    # backward through the first reshape is fine
+    assert res.folded[0].side == "output"
+    (x,), y = build(lambda: model2(), seed=2)
+    res = check(y, kept=["bn/bn"])
+    assert "Reshape: it spreads the channels over several axes" in res.skipped[0].reason
+
+
+def model2():
+    x = nn.Variable((2, 6, 2))
+    h = PF.batch_normalization(F.relu(x), name="bn", **BN)
+    h = F.reshape(h, (2, 4, 3))          # channels of 2 elements straddle the new axes
+    return [x], PF.convolution(h, 3, (1,), name="c")
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_transpose_keeps_the_channel(backend, inplace):
+    def model():
+        x = nn.Variable((2, 3, 5, 5))
+        h = F.transpose(PF.convolution(x, 4, (3, 3), name="c"), (0, 2, 3, 1))
+        return [x], PF.batch_normalization(h, axes=[3], name="bn", **BN)
+    (x,), y = build(model)
+    check(y, backend, inplace, folded=["bn/bn"])
+
+
+# -- through spatial functions ---------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_conv_interpolate_bn(backend, inplace, mode):
+    # WGAN's upsampling blocks
+    def model():
+        x = nn.Variable((2, 3, 5, 5))
+        h = F.interpolate(PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c"), output_size=(9, 7),
+                          mode=mode)
+        return [x], F.relu(PF.batch_normalization(h, name="bn", **BN))
+    (x,), y = build(model)
+    check(y, backend, inplace, folded=["bn/bn"])
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_unpooling_and_global_average_pooling(backend, inplace):
+    def model():
+        x = nn.Variable((2, 3, 4, 4))
+        a = PF.batch_normalization(F.unpooling(PF.convolution(x, 4, (3, 3), name="c1"), (2, 2)),
+                                   name="bn1", **BN)
+        b = PF.batch_normalization(F.global_average_pooling(PF.convolution(x, 5, (1, 1), name="c2")),
+                                   name="bn2", **BN)
+        return [x], [F.relu(a), F.relu(b)]
+    (x,), ys = build(model)
+    check(ys, backend, inplace, folded=["bn1/bn", "bn2/bn"])
+
+
+@pytest.mark.parametrize("pad, including_pad, folds", [((0, 0), True, True), ((1, 1), False, True),
+                                                        ((1, 1), True, False)])
+def test_average_pooling_folds_where_windows_sum_to_one(backend, pad, including_pad, folds):
+    def model():
+        x = nn.Variable((2, 3, 7, 7))
+        h = F.average_pooling(PF.convolution(x, 4, (3, 3), name="c"), (3, 3), (2, 2), pad=pad,
+                              including_pad=including_pad)
+        return [x], F.relu(PF.batch_normalization(h, name="bn", **BN))
+    (x,), y = build(model)
+    if folds:
+        check(y, backend, folded=["bn/bn"])
+    else:
+        res = check(y, backend, kept=["bn/bn"])
+        assert "AveragePooling: its map has a shift that is not zero, and the windows average " \
+               "in zero padding" in res.skipped[0].reason
+        (x,), y = build(model, shift_free=["bn"])   # a map without shift passes the padding
+        check(y, backend, folded=["bn/bn"])
+
+
+def test_max_pooling_needs_a_nonnegative_scale(backend):
+    def model():
+        x = nn.Variable((2, 3, 7, 7))
+        h = F.max_pooling(PF.convolution(x, 4, (3, 3), name="c"), (3, 3), (2, 2), pad=(1, 1))
+        return [x], F.relu(PF.batch_normalization(h, name="bn", **BN))
+    (x,), y = build(model, seed=3)   # random signs: some scales are negative
+    assert (nn.get_parameters()["bn/bn/gamma"].d < 0).any()
+    res = check(y, backend, kept=["bn/bn"])
+    assert "MaxPooling: its map has a negative scale, which turns the maximum into a minimum" in \
+        res.skipped[0].reason
+    (x,), y = build(model, seed=3, positive=True)
+    check(y, backend, folded=["bn/bn"])
+
+
+def test_sum_pooling_needs_a_map_without_shift(backend):
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        h = F.sum_pooling(PF.convolution(x, 4, (1, 1), name="c"), (2, 2))
+        return [x], F.relu(PF.batch_normalization(h, name="bn", **BN))
+    (x,), y = build(model)
+    res = check(y, backend, kept=["bn/bn"])
+    assert "a sum over each window multiplies" in res.skipped[0].reason
+    (x,), y = build(model, shift_free=["bn"])
+    check(y, backend, folded=["bn/bn"])
+
+
+def test_relu_passes_a_map_without_shift_and_with_positive_scale(backend):
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        h = F.relu(PF.convolution(x, 4, (3, 3), name="c"))
+        return [x], PF.convolution(PF.batch_normalization(h, name="bn", **BN), 2, (3, 3), pad=(1, 1),
+                                   name="c2")
+    (x,), y = build(model)
+    res = check(y, backend, kept=["bn/bn"])   # backward: ReLU; forward: the padded convolution
+    assert "ReLU: its map has a shift that is not zero" in res.skipped[0].reason
+    assert "zero-pads" in res.skipped[0].reason
+    (x,), y = build(model, positive=True, shift_free=["bn"])
+    res = check(y, backend, folded=["bn/bn"])
+    assert [(s.kind, s.side) for s in res.folded] == [("Convolution", "output")]
+
+
+# -- joins ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_bias", [(True, True), (False, False), (False, True)])
+@pytest.mark.parametrize("op", [F.add2, F.sub2])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_add_of_two_convolutions_then_bn(backend, inplace, op, with_bias):
+    # the pix2pix discriminator's two-input stem: BN(a + b) = s*a + s*b + t
+    def model():
+        x1, x2 = nn.Variable((2, 3, 6, 6)), nn.Variable((2, 2, 6, 6))
+        a = PF.convolution(x1, 4, (3, 3), pad=(1, 1), with_bias=with_bias[0], name="c1")
+        b = PF.convolution(x2, 4, (1, 1), with_bias=with_bias[1], name="c2")
+        return [x1, x2], F.leaky_relu(PF.batch_normalization(op(a, b), name="bn", **BN), 0.2)
+    _, y = build(model)
+    res = check(y, backend, inplace, folded=["bn/bn"])
+    assert sorted(s.kind for s in res.folded) == ["Convolution", "Convolution"]
+
+
+def test_add_whose_branch_feeds_elsewhere_keeps_the_bn():
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        a = PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c1")
+        b = PF.convolution(x, 4, (1, 1), name="c2")
+        return [x], [PF.batch_normalization(a + b, name="bn", **BN), F.relu(b)]
+    _, ys = build(model)
+    res = check(ys, kept=["bn/bn"])
+    assert "input 1 of Add2 also feeds 1 other function input(s)" in res.skipped[0].reason
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_concatenate_then_bn_splits_the_channels(backend, inplace):
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        a = PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c1")
+        b = PF.deconvolution(x, 2, (1, 1), name="d2")
+        return [x], F.relu(PF.batch_normalization(F.concatenate(a, b, axis=1), name="bn", **BN))
+    _, y = build(model)
+    res = check(y, backend, inplace, folded=["bn/bn"])
+    assert sorted(s.kind for s in res.folded) == ["Convolution", "Deconvolution"]
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_bn_then_concatenate_then_convolution(backend, inplace):
+    # forward: the map covers its input's part of the concatenation
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        a = PF.batch_normalization(F.relu(x), name="bn", **BN)
+        return [x], PF.convolution(F.concatenate(F.relu(x + 1), a, axis=1), 4, (1, 1), name="c")
+    _, y = build(model)
+    res = check(y, backend, inplace, folded=["bn/bn"])
+    assert [(s.kind, s.side) for s in res.folded] == [("Convolution", "input")]
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_slice_of_channels(backend, inplace):
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        h = F.slice(PF.convolution(x, 8, (3, 3), name="c"), (0, 2, 0, 0), (2, 7, 4, 4), (1, 2, 1, 1))
+        return [x], F.relu(PF.batch_normalization(h, name="bn", **BN))
+    _, y = build(model)
+    check(y, backend, inplace, folded=["bn/bn"])
+
+
+# -- maps that compose, layers on both sides --------------------------------------------------------
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_bn_affine_bn_in_one_call(backend, inplace):
+    def model():
+        x = nn.Variable((2, 5))
+        h = PF.batch_normalization(F.relu(x), name="bn1", **BN)
+        return [x], PF.batch_normalization(PF.affine(h, 4, name="fc"), name="bn2", **BN)
+    _, y = build(model)
+    res = check(y, backend, inplace, folded=["bn1/bn", "bn2/bn"])
+    assert [(s.bn, s.side) for s in res.folded] == [("bn1/bn", "input"), ("bn2/bn", "output")]
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_conv_bn_relu_free_bn_chain_into_both_sides(backend, inplace):
+    # conv -> BN -> BN -> conv -> BN -> BN: each layer takes what is next to it, both sides
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        h = PF.convolution(x, 4, (3, 3), name="c1")
+        h = PF.batch_normalization(PF.batch_normalization(h, name="bn1", **BN), name="bn2", **BN)
+        h = PF.convolution(F.relu(h), 5, (1, 1), with_bias=False, name="c2")
+        h = PF.batch_normalization(PF.batch_normalization(h, name="bn3", **BN), name="bn4", **BN)
+        return [x], h
+    _, y = build(model)
+    check(y, backend, inplace, folded=["bn1/bn", "bn2/bn", "bn3/bn", "bn4/bn"])
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_fused_bn_composes_with_the_bn_before_it(backend, inplace):
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        h = PF.batch_normalization(PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c"), name="bn1", **BN)
+        z = F.relu(x[:, :1] * 2.0)
+        return [x], PF.fused_batch_normalization(h, F.broadcast(z, (2, 4, 6, 6)), name="bn2", **BN)
+    _, y = build(model)
+    res = check(y, backend, inplace, folded=["bn1/bn", "bn2/bn"])
+    assert function_types(res.outputs).count("ReLU") == 2
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_self_folding_modifier_leftovers(backend, inplace):
+    # what NNabla's SelfFoldingModifier leaves: Mul2 and Add2 by per-channel parameters; and scalars
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        h = PF.convolution(x, 4, (3, 3), with_bias=False, name="c")
+        s = nn.parameter.get_parameter_or_create("fold/scale", (1, 4, 1, 1))
+        t = nn.parameter.get_parameter_or_create("fold/shift", (1, 4, 1, 1))
+        h = F.add2(F.mul2(h, s), t)
+        h = F.relu(h) * 0.5 + 0.25
+        return [x], PF.convolution(h, 2, (1, 1), name="c2")
+    _, y = build(model)
+    res = check(y, backend, inplace)
+    assert sorted(m.split(" #")[0] for m in res.plan.folded_maps) == [
+        "Add2(fold/shift)", "AddScalar(0.25)", "Mul2(fold/scale)", "MulScalar(0.5)"]
+    assert function_types(res.outputs) == ["Convolution", "ReLU", "Convolution"]
+
+
+def test_a_data_input_is_not_a_constant():
+    # Mul2 by an unregistered variable: a value fed at run time, not a parameter to fold
+    nn.clear_parameters()
+    x, gate = nn.Variable((2, 3, 6, 6)), nn.Variable((1, 4, 1, 1))
+    y = F.mul2(PF.convolution(x, 4, (3, 3), name="c"), gate)
+    randomize_all(np.random.RandomState(0))
+    feed(np.random.RandomState(1), x, gate)
+    res = check(y, folded=[])
+    assert "Mul2" in function_types(res.outputs)
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_padded_convolution_and_deconvolution_take_a_map_without_shift(backend, inplace):
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        a = PF.convolution(PF.batch_normalization(F.relu(x), name="bn1", **BN), 4, (3, 3),
+                           pad=(1, 1), name="c")
+        b = PF.deconvolution(PF.batch_normalization(F.relu(x), name="bn2", **BN), 2, (3, 3),
+                             name="d")
+        return [x], [a, b]
+    _, ys = build(model)
+    res = check(ys, backend, inplace, kept=["bn1/bn", "bn2/bn"])
+    assert all("shift that is not zero" in s.reason for s in res.skipped)
+    _, ys = build(model, shift_free=["bn1", "bn2"])
+    res = check(ys, backend, inplace, folded=["bn1/bn", "bn2/bn"])
+    assert sorted((s.kind, s.side) for s in res.folded) == [("Convolution", "input"),
+                                                           ("Deconvolution", "input")]
+
+
+def test_skip_patterns_keep_those_bns():
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        h = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c1"), name="block1/bn", **BN)
+        h = PF.batch_normalization(PF.convolution(F.relu(h), 4, (3, 3), name="c2"), name="block2/bn",
+                                   **BN)
+        return [x], h
+    _, y = build(model)
+    res = check(y, skip=["block2/*"], kept=["block2/bn/bn"], folded=["block1/bn/bn"])
+    assert res.skipped[0].reason == "skipped on request (matches 'block2/*')"
+    _, y = build(model)
+    check(y, skip="block1/bn/bn", kept=["block1/bn/bn"], folded=["block2/bn/bn"])

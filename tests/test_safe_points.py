@@ -1,0 +1,81 @@
+"""bnfold_gpu._safe_points: Ctrl-C acted on where bnfold's code checks for it, and the process's
+signal state exactly as it was afterwards."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from bnfold_gpu import _safe_points
+
+
+def _ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_first_ctrl_c_waits_for_a_check():
+    ran_on = []
+    with _safe_points.ctrl_c_at_safe_points(lambda: "unused") as guard:
+        _ctrl_c()
+        ran_on.append("after the signal")      # not interrupted here
+        assert guard.pending
+        with pytest.raises(KeyboardInterrupt):
+            _safe_points.check()
+        _safe_points.check()                   # raised once per Ctrl-C
+        assert guard.seen
+    assert ran_on == ["after the signal"]
+
+
+def test_check_does_nothing_outside_a_guard():
+    _safe_points.check()
+    assert not _safe_points.interrupted()
+
+
+def _wakeup_fd():
+    fd = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(fd)
+    return fd
+
+
+def test_signal_state_is_restored():
+    before, wakeup = signal.getsignal(signal.SIGINT), _wakeup_fd()
+    threads = threading.active_count()
+    with _safe_points.ctrl_c_at_safe_points(lambda: "unused"):
+        assert signal.getsignal(signal.SIGINT) is not before and _wakeup_fd() != wakeup
+    assert signal.getsignal(signal.SIGINT) is before and _wakeup_fd() == wakeup
+    assert threading.active_count() == threads
+
+
+def test_ignored_ctrl_c_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _safe_points.ctrl_c_at_safe_points(lambda: "unused") as guard:
+            assert guard is None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_outside_the_main_thread_nothing_changes():
+    seen = []
+
+    def body():
+        with _safe_points.ctrl_c_at_safe_points(lambda: "unused") as guard:
+            seen.append(guard)
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen == [None]
+
+
+def test_second_ctrl_c_exits_at_once_with_the_line_given():
+    code = ("import os, signal, sys, time\n"
+            "from bnfold_gpu import _safe_points\n"
+            "with _safe_points.ctrl_c_at_safe_points(lambda: 'bnfold: gone'):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(30)\n"
+            "print('not reached')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 130 and r.stderr == "bnfold: gone\n" and r.stdout == ""
