@@ -91,10 +91,13 @@ class Graph:
         self.functions = list(functions)
         functions.clear()
         seen.clear()
+        # each function's type and inputs, asked of NNabla once
+        self.types = [f.info.type_name for f in self.functions]
+        self.inputs = [list(f.inputs) for f in self.functions]
         # function inputs reading each variable, by NNabla's identity (which a parameter's handles
         # share): each parametric-function call that reuses a parameter gets a handle of its own,
         # whose function_references list only that call's function
-        self.uses = Counter(v for f in self.functions for v in f.inputs)
+        self.uses = Counter(v for inputs in self.inputs for v in inputs)
         self._homes: Dict["nn.Variable", Home] = {}
         self._taken = set()
         self._add_scope(nn.parameter.get_current_parameter_scope(), "")
@@ -112,10 +115,10 @@ class Graph:
     def _unregistered_parameters(self) -> bool:
         """Whether a stored input of a BN or of a layer (its weight, bias or statistics) is missing
         from the current scope: the model may keep its parameters in a module's scope."""
-        for f in self.functions:
-            if f.info.type_name not in _PARAMETRIC:
+        for type_name, inputs in zip(self.types, self.inputs):
+            if type_name not in _PARAMETRIC:
                 continue
-            for v in f.inputs[1:]:
+            for v in inputs[1:]:
                 if v.parent is None and v not in self._homes:
                     return True
         return False

@@ -33,16 +33,37 @@ class _Reject(Exception):
 
 
 class _Fn:
-    """A function's type, arguments, inputs, outputs and their shapes, read once."""
-    __slots__ = ("f", "index", "type", "args", "inputs", "outputs", "in_shapes", "out_shapes")
+    """A function's type and inputs (read by the Graph), and its arguments, outputs and shapes, each
+    asked of NNabla once, when first needed."""
+    __slots__ = ("f", "index", "type", "inputs", "_args", "_outputs", "_in_shapes", "_out_shapes")
 
-    def __init__(self, f, index):
-        self.f, self.index = f, index
-        info = f.info
-        self.type, self.args = info.type_name, info.args
-        self.inputs, self.outputs = list(f.inputs), list(f.outputs)
-        self.in_shapes = [tuple(v.shape) for v in self.inputs]
-        self.out_shapes = [tuple(v.shape) for v in self.outputs]
+    def __init__(self, f, index, type_name, inputs):
+        self.f, self.index, self.type, self.inputs = f, index, type_name, inputs
+        self._args = self._outputs = self._in_shapes = self._out_shapes = None
+
+    @property
+    def args(self) -> dict:
+        if self._args is None:
+            self._args = self.f.info.args
+        return self._args
+
+    @property
+    def outputs(self) -> list:
+        if self._outputs is None:
+            self._outputs = list(self.f.outputs)
+        return self._outputs
+
+    @property
+    def in_shapes(self) -> list:
+        if self._in_shapes is None:
+            self._in_shapes = [tuple(v.shape) for v in self.inputs]
+        return self._in_shapes
+
+    @property
+    def out_shapes(self) -> list:
+        if self._out_shapes is None:
+            self._out_shapes = [tuple(v.shape) for v in self.outputs]
+        return self._out_shapes
 
 
 @dataclass
@@ -141,7 +162,8 @@ class _Planner:
         self.skip = tuple(skip)
         self.outputs = set(graph.outputs)
         self.taken = graph.all_names() | set(reserved)
-        self.fns = [_Fn(f, i) for i, f in enumerate(graph.functions)]
+        self.fns = [_Fn(f, i, t, ins) for i, (f, t, ins) in
+                    enumerate(zip(graph.functions, graph.types, graph.inputs))]
         self.by_f = {fn.f: fn for fn in self.fns}
         self.consumers: Dict = {}
         for fn in self.fns:
@@ -159,8 +181,14 @@ class _Planner:
         parameter reused by several parametric-function calls has one handle per call. Through this
         handle's ``function_references``, which also sees functions outside the graph. A function
         that reads ``var`` twice counts twice."""
-        elsewhere = sum(1 for f in var.function_references if _live(f) for v in f.inputs if v == var)
-        return max(self.g.uses[var], elsewhere)
+        in_graph = self.g.uses[var]
+        if in_graph > 1:    # enough to say no: spared NNabla's references
+            return in_graph
+        refs = var.function_references
+        if len(refs) == 1 and refs[0] in self.by_f:   # the usual case: the graph's one reader
+            return max(in_graph, 1)
+        elsewhere = sum(1 for f in refs if _live(f) for v in f.inputs if v == var)
+        return max(in_graph, elsewhere)
 
     def _only_here(self, var, what: str):
         """_Reject unless ``var`` is read by one function input and is no graph output: a fold

@@ -106,6 +106,37 @@ def bn_chains(path, seed=3):
     return path
 
 
+def moves(path, parameter_format=".h5", seed=4):
+    """BNs that fold only by moving through other functions, in one network: Affine -> Reshape -> BN
+    (a GAN generator's first block), Convolution -> Interpolate -> BN, an add of two convolutions ->
+    BN, a constant multiply and add left by NNabla's SelfFoldingModifier, BN -> Affine -> BN, and a
+    BN flattened into an Affine; an executor output in the middle."""
+    nn.clear_parameters()
+    rng = np.random.RandomState(seed)
+    z = nn.Variable((2, 5))
+    h = F.reshape(PF.affine(z, 4 * 3 * 3, name="fc0"), (2, 4, 3, 3))
+    h = F.relu(PF.batch_normalization(h, batch_stat=False, name="bn0"))
+    h = F.interpolate(PF.convolution(h, 4, (3, 3), pad=(1, 1), name="c1"), output_size=(6, 6),
+                      mode="linear")
+    h = F.relu(PF.batch_normalization(h, batch_stat=False, name="bn1"))
+    h = PF.convolution(h, 3, (3, 3), pad=(1, 1), name="c2a") + PF.convolution(h, 3, (1, 1), name="c2b")
+    feature = F.relu(PF.batch_normalization(h, batch_stat=False, name="bn2"))
+    h = PF.convolution(feature, 3, (1, 1), with_bias=False, name="c3")
+    scale = nn.parameter.get_parameter_or_create("fold3/scale", (1, 3, 1, 1))
+    shift = nn.parameter.get_parameter_or_create("fold3/shift", (1, 3, 1, 1))
+    h = F.relu(F.add2(F.mul2(h, scale), shift))
+    h = PF.batch_normalization(F.reshape(h, (2, 3 * 36)), batch_stat=False, name="bn4")
+    y = PF.batch_normalization(PF.affine(h, 4, name="fc5"), batch_stat=False, name="bn5")
+    randomize_all(rng)
+    save(str(path), {"networks": [{"name": "g", "batch_size": 2,
+                                   "outputs": {"y": y, "feature": feature}, "names": {"z": z}}],
+                     "executors": [{"name": "run", "network": "g", "data": ["z"],
+                                    "output": ["y", "feature"]}]},
+         parameter_format=parameter_format)
+    nn.clear_parameters()
+    return path
+
+
 def onnx_model(path, variant, seed=0):
     """An ONNX model built with the onnx package: Conv->BN->Relu, then either ConvTranspose (groups
     2, no bias)->BN, or GlobalAveragePool->Flatten->Gemm (imported as Reshape+BatchMatmul+Add2). Both
@@ -141,6 +172,52 @@ def onnx_model(path, variant, seed=0):
         out_shape = [2, 5]
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def onnx_linear_models(path, variant, seed=0):
+    """ONNX models of PyTorch's ``Linear -> BatchNorm1d`` head ("linear_bn": Gemm then
+    BatchNormalization, which NNabla's importer makes Reshape -> BatchMatmul -> Reshape -> Add2 ->
+    BatchNormalization), and of a BN after a residual add, flattened into a Linear ("residual_flatten":
+    the BN folds forward into the BatchMatmul, its shift into the add of the Gemm's bias)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.RandomState(seed)
+
+    def init(name, arr):
+        return numpy_helper.from_array(arr.astype(np.float32), name)
+
+    def bn(name, c):
+        return [init(f"{name}_scale", rng.rand(c) + 0.5), init(f"{name}_bias", rng.randn(c)),
+                init(f"{name}_mean", rng.randn(c)), init(f"{name}_var", rng.rand(c) + 0.5)]
+
+    def bn_node(name, x, y):
+        return helper.make_node("BatchNormalization", [x] + [f"{name}_{k}" for k in
+                                                              ("scale", "bias", "mean", "var")], [y])
+    if variant == "linear_bn":
+        inits = [init("fc_W", rng.randn(6, 8)), init("fc_b", rng.randn(6))] + bn("bn", 6)
+        inits += [init("fc2_W", rng.randn(6, 3))]
+        nodes = [helper.make_node("Gemm", ["x", "fc_W", "fc_b"], ["g"], transB=1),
+                 bn_node("bn", "g", "b"), helper.make_node("Relu", ["b"], ["r"]),
+                 helper.make_node("Gemm", ["r", "fc2_W"], ["y"])]
+        in_shape, out_shape = [2, 8], [2, 3]
+    else:
+        inits = [init("c1_W", rng.randn(4, 3, 3, 3)), init("c1_b", rng.randn(4))] + bn("bn", 4)
+        inits += [init("fc_W", rng.randn(5, 4 * 6 * 6)), init("fc_b", rng.randn(5))]
+        nodes = [helper.make_node("Conv", ["x", "c1_W", "c1_b"], ["c"], pads=[1, 1, 1, 1]),
+                 helper.make_node("Relu", ["c"], ["r"]),
+                 helper.make_node("Add", ["r", "c"], ["a"]),
+                 bn_node("bn", "a", "b"),
+                 helper.make_node("Flatten", ["b"], ["f"]),
+                 helper.make_node("Gemm", ["f", "fc_W", "fc_b"], ["y"], transB=1)]
+        in_shape, out_shape = [2, 3, 6, 6], [2, 5]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
     model.ir_version = 7

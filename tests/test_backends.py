@@ -78,18 +78,15 @@ def test_numpy_backend_writes_nothing_when_a_later_bias_runs_out_of_memory(monke
     arrays = make_arrays(plan, np, poison=False)
     before = {k: v.copy() for k, v in arrays.items()}
     calls = []
-    real = {"out": numpy_backend.folded_output_bias, "in": numpy_backend.folded_input_bias}
+    real = numpy_backend.check_bias
 
-    def failing(side):
-        def compute(*args):
-            calls.append(side)
-            if len(calls) == 4:
-                raise MemoryError("no room for the float64 temporaries")
-            return real[side](*args)
-        return compute
+    def failing(*args):   # each fold's new bias, as it is stored: a float64 temporary
+        calls.append(args[0].bn)
+        if len(calls) == 4:
+            raise MemoryError("no room for the float64 temporaries")
+        return real(*args)
 
-    monkeypatch.setattr(numpy_backend, "folded_output_bias", failing("out"))
-    monkeypatch.setattr(numpy_backend, "folded_input_bias", failing("in"))
+    monkeypatch.setattr(numpy_backend, "check_bias", failing)
     with pytest.raises(MemoryError):
         numpy_backend.fold(plan, arrays)
     assert len(calls) == 4

@@ -25,8 +25,9 @@ def run(*argv):
     return cli.main([str(a) for a in argv])
 
 
-def load_run(path, network, seed=0):
-    """Outputs of ``network`` in ``path`` on seeded random inputs, plus its function types."""
+def load_run(path, network, seed=0, also=()):
+    """Outputs of ``network`` in ``path`` on seeded random inputs (and the variables named in
+    ``also``), plus its function types."""
     scope = {}
     with nn.parameter_scope("", scope):
         net = NnpLoader(str(path)).get_network(network)
@@ -34,8 +35,8 @@ def load_run(path, network, seed=0):
         for k in sorted(net.inputs):
             net.inputs[k].d = rng.standard_normal(net.inputs[k].shape)
         outs = {}
-        for k, y in sorted(net.outputs.items()):
-            y.forward()
+        for k, y in sorted(list(net.outputs.items()) + [(k, net.variables[k]) for k in also]):
+            y.forward(clear_no_need_grad=False)
             outs[k] = y.d.copy()
         types = []
         for y in net.outputs.values():
@@ -192,6 +193,54 @@ def test_onnx_imported_files_fold_and_convert_back(tmp_path, variant):
     import onnx
     ops = [n.op_type for n in onnx.load(str(back)).graph.node]
     assert "BatchNormalization" not in ops and ("Conv" in ops)
+
+
+@pytest.mark.parametrize("fmt", [".h5", ".protobuf"])
+def test_bns_that_move_through_functions_fold_in_a_file(tmp_path, fmt):
+    p = nnp_files.moves(tmp_path / "m.nnp", parameter_format=fmt)
+    out, report = tmp_path / "o.nnp", tmp_path / "r.json"
+    assert run("fold", p, "-o", out, "--verify", "--report", report, "-q") == 0
+    rep = json.loads(report.read_text())["networks"]["g"]
+    assert rep["skipped"] == [] and rep["folded_count"] == 5
+    assert sorted(m for r in rep["folded"] for m in r["maps"] if "(" in m) == \
+        ["Add2(fold3/shift)", "Mul2(fold3/scale)"]
+    want, types0 = load_run(p, "g", also=["feature"])
+    got, types1 = load_run(out, "g", also=["feature"])
+    assert types0.count("BatchNormalization") == 5 and "BatchNormalization" not in types1
+    assert "Mul2" not in types1 and types1.count("Add2") == 1    # the add of two convolutions
+    for k in ("y", "feature"):
+        assert np.abs(got[k] - want[k]).max() / np.abs(want[k]).max() < 1e-5
+    f1 = N.read(str(out))
+    assert [v.variable_name for v in f1.proto.executor[0].output_variable] == ["y", "feature"]
+    assert not [n for n in f1.params if "_folding" in n or "composed" in n]
+
+
+@pytest.mark.parametrize("variant", ["linear_bn", "residual_flatten"])
+def test_onnx_linear_and_batchnorm1d_fold_and_convert_back(tmp_path, capsys, variant):
+    """NNabla's importer turns Gemm into Reshape -> BatchMatmul -> Reshape -> Add2 (the bias): a
+    BN after it folds into the stored matrix and the add's bias; a BN flattened into it folds into
+    the matrix's rows, its shift into the bias. The folded file converts back to ONNX."""
+    pytest.importorskip("onnx", reason="the 'onnx' test extra is not installed")
+    model = nnp_files.onnx_linear_models(tmp_path / "m.onnx", variant)
+    nnp_path, out = tmp_path / "m.nnp", tmp_path / "folded.nnp"
+    nnp_files.nnabla_cli("convert", model, nnp_path)
+    report = tmp_path / "r.json"
+    assert run("fold", nnp_path, "-o", out, "--verify", "-q", "--report", report) == 0
+    rep = json.loads(report.read_text())["networks"]
+    folds = [r for n in rep.values() for r in n["folded"]]
+    assert [b for r in folds for b in r["bns"]] and not [s for n in rep.values() for s in n["skipped"]]
+    assert {r["into"] for r in folds} <= {"BatchMatmul", "Add2"}
+    name = N.read(str(nnp_path)).network_names()[0]
+    want, types0 = load_run(nnp_path, name)
+    got, types1 = load_run(out, name)
+    assert "BatchNormalization" in types0 and "BatchNormalization" not in types1
+    assert types1.count("Add2") == types0.count("Add2")   # the bias add stays, with the shift in it
+    assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
+    back = tmp_path / "back.onnx"
+    nnp_files.nnabla_cli("convert", out, back)
+    import onnx
+    ops = [n.op_type for n in onnx.load(str(back)).graph.node]
+    assert "BatchNormalization" not in ops and ("Gemm" in ops or "MatMul" in ops)
 
 
 # -- bad input ------------------------------------------------------------------------------------

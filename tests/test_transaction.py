@@ -80,8 +80,9 @@ STEPS = [
     (numpy_backend, "folded_input_bias"), (numpy_backend, "check_bias"),
     (numpy_backend, "check_weight_overflow"), (numpy_backend, "_store_bias"),
 ]
-NUMPY_STEPS = STEPS + [(numpy_backend, "channel_maps"), (numpy_backend, "folded_output_bias"),
+NUMPY_STEPS = STEPS + [(numpy_backend, "channel_maps"), (numpy_backend, "output_biases"),
                        (numpy_backend, "_rescale_tasks"), (numpy_backend, "_Threads"),
+                       (numpy_backend, "magnitude_bounds"),
                        (numpy_backend.Prepared, "commit")]
 GPU_STEPS = STEPS + [(cupy_backend, "_Staging"), (cupy_backend, "_Channels"),
                      (cupy_backend, "_register"), (cupy_backend._Staging, "run"),

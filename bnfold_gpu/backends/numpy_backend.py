@@ -67,8 +67,11 @@ def rescale(src, dst, scale, layout):
 
 def stored(values64, dtype) -> np.ndarray:
     """float64 results as ``dtype`` holds them: float16 through float32, as the CUDA kernels round."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float64:
+        return values64.astype(dtype)
     with np.errstate(all="ignore"):   # an overflow is found by the caller, by name
-        if np.dtype(dtype) == np.float16:
+        if dtype == np.float16:
             return values64.astype(np.float32).astype(np.float16)
         return values64.astype(dtype)
 
@@ -190,6 +193,36 @@ def channel_maps(plan: Plan, arrays: Mapping[str, np.ndarray]):
             for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def output_biases(plan: Plan, arrays, maps) -> dict:
+    """fold index -> its new output-side bias, float64 (:func:`folded_output_bias`); the biases
+    holding one value per channel, as convolutions' do, computed in one pass."""
+    out = {}
+    flat = []
+    for k, spec in enumerate(plan.folds):
+        if spec.side != OUTPUT_SIDE or spec.folded_bias is None:
+            continue
+        if spec.bias_layout.shape4 == (1, 1, spec.n_channels, 1):
+            flat.append(k)
+        else:
+            scale, _, mean, beta = maps[k]
+            b = arrays[spec.bias] if spec.bias else None
+            out[k] = folded_output_bias(b, mean, scale, beta, spec.bias_layout)
+    if flat:
+        def joined(part):
+            return np.concatenate([part(k) for k in flat])
+        b = joined(lambda k: np.asarray(arrays[plan.folds[k].bias], np.float64).reshape(-1)
+                   if plan.folds[k].bias else np.zeros(plan.folds[k].n_channels))
+        with np.errstate(all="ignore"):
+            values = (b - joined(lambda k: maps[k][2])) * joined(lambda k: maps[k][0]) + \
+                joined(lambda k: maps[k][3])
+        at = 0
+        for k in flat:
+            n = plan.folds[k].n_channels
+            out[k] = values[at:at + n]
+            at += n
+    return out
+
+
 def _first_bad(plan, bad, bounds, message):
     if bad.any():
         k = int(np.searchsorted(bounds, np.argmax(bad), side="right")) - 1
@@ -239,19 +272,75 @@ def _magnitude_bound(a: np.ndarray) -> float:
     return top
 
 
+def magnitude_bounds(plan: Plan, arrays, maps) -> list:
+    """The magnitude bound of each fold's weight where its overflow check needs one (a scale
+    above 1), else None; computed on every core (BLAS and NumPy's reductions release the GIL)."""
+    need = [k for k, (spec, m) in enumerate(zip(plan.folds, maps))
+            if spec.weight is not None and m[0].size and np.abs(m[0]).max() > 1]
+    bounds = [None] * len(plan.folds)
+    if not need:
+        return bounds
+    pieces = []
+    for k in need:
+        flat = arrays[plan.folds[k].weight].reshape(-1)
+        step = max(_DOT_PIECE // 8, 1)
+        pieces += [(k, flat[a:a + step]) for a in range(0, flat.size, step)]
+    workers = min(_workers(), len(pieces))
+    found = _map_threads(lambda piece: _magnitude_bound(piece[1]), pieces, workers)
+    for (k, _), value in zip(pieces, found):
+        bounds[k] = value if bounds[k] is None else max(bounds[k], value)
+    return bounds
+
+
+def _map_threads(f, items, workers: int) -> list:
+    """[f(item) for item in items], shared between this thread and up to ``workers - 1`` more
+    (fewer where one cannot start); an exception in any is raised here."""
+    out = [None] * len(items)
+    errors = []
+    lock = threading.Lock()
+    todo = iter(range(len(items)))
+
+    def run():
+        try:
+            while True:
+                with lock:
+                    k = next(todo, None)
+                if k is None:
+                    return
+                out[k] = f(items[k])
+        except BaseException as e:   # re-raised below
+            errors.append(e)
+
+    threads = []
+    for _ in range(min(workers, len(items)) - 1):
+        t = threading.Thread(target=run, name="bnfold", daemon=True)
+        try:
+            t.start()
+        except RuntimeError:   # no more threads: this one does the rest
+            break
+        threads.append(t)
+    run()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
 # products up to these (in float64) are finite once stored: the dtype's largest value (float64:
 # a margin for the bound's own rounding)
 _FINITE_LIMIT = {np.dtype(np.float16): 65504.0, np.dtype(np.float32): float(np.finfo(np.float32).max),
                  np.dtype(np.float64): 1e308}
 
 
-def weight_overflow(spec: FoldSpec, weight: np.ndarray, scale: np.ndarray):
+def weight_overflow(spec: FoldSpec, weight: np.ndarray, scale: np.ndarray, bound=None):
     """None, or (channel, |weight| there, scale there) of the first channel where folding would turn
     a finite weight into inf: the rescale's own arithmetic (multiply in max(float32, dtype), round,
     store in the weight's dtype) applied to the largest finite |weight| of each channel, which is
     exact since rounding is monotone. Cheap where it can be: a scale of at most 1 cannot overflow,
     nor can a bound of the largest |weight| of the whole array times the largest scale when that
-    stays in range (one read of the array); per-channel maxima are computed only past that."""
+    stays in range (one read of the array; ``bound``, where the caller has it already);
+    per-channel maxima are computed only past that."""
     dtype = np.dtype(weight.dtype)
     work = np.result_type(dtype, np.float32)
     s = np.abs(scale.astype(work))
@@ -262,8 +351,9 @@ def weight_overflow(spec: FoldSpec, weight: np.ndarray, scale: np.ndarray):
         with np.errstate(all="ignore"):
             return np.isfinite(stored(np.multiply(m.astype(work), k).astype(np.float64), dtype))
 
-    bound = _magnitude_bound(weight) * float(s.max()) * (1 + 1e-6)
-    if bound <= _FINITE_LIMIT[dtype]:   # the largest product is finite once stored
+    if bound is None:
+        bound = _magnitude_bound(weight)
+    if bound * float(s.max()) * (1 + 1e-6) <= _FINITE_LIMIT[dtype]:   # the largest product is finite
         return None
     layout = spec.weight_layout
     g, r, c, i = layout.shape4
@@ -282,8 +372,8 @@ def _overflow_error(spec: FoldSpec, what: str, where, dtype) -> FoldError:
                      f"nothing was changed")
 
 
-def check_weight_overflow(spec, weight, scale):
-    found = weight_overflow(spec, weight, scale)
+def check_weight_overflow(spec, weight, scale, bound=None):
+    found = weight_overflow(spec, weight, scale, bound)
     if found is not None:
         k, top, s = found
         raise _overflow_error(spec, f"weight '{spec.folded_weight}'",
@@ -317,28 +407,30 @@ class Prepared:
     def __init__(self, plan: Plan, arrays: Mapping[str, np.ndarray]):
         first, plan = split_stages(plan)
         if first is not None:   # writes only arrays of the fold's own: nothing the caller sees
-            Prepared(first, arrays).commit()
+            fold(first, arrays)
         check_plan_arrays(plan, arrays)
         check_statistics_exact(plan, arrays)
         maps = channel_maps(plan, arrays)
+        outputs = output_biases(plan, arrays, maps)
+        bounds = magnitude_bounds(plan, arrays, maps)
         self.biases = []   # (destination, values as it stores them), every one computed first
         self.tasks = []
         saved = []
         new = set(plan.new_arrays) | plan.intermediates
-        for spec, (scale, offset, mean, beta) in zip(plan.folds, maps):
+        for k, (spec, (scale, offset, mean, beta)) in enumerate(zip(plan.folds, maps)):
             w = None if spec.weight is None else arrays[spec.weight]
             if spec.folded_bias is not None:
                 b = arrays[spec.bias] if spec.bias else None
                 dst = arrays[spec.folded_bias]
                 if spec.side == OUTPUT_SIDE:
-                    values = folded_output_bias(b, mean, scale, beta, spec.bias_layout)
+                    values = outputs[k]
                 else:
-                    values = folded_input_bias(b, w, offset, spec)   # reads w before it is rescaled
+                    values = folded_input_bias(b, w, offset, spec)   # reads w before rescaling
                 self.biases.append((dst, check_bias(spec, values, dst.dtype, b, w).reshape(dst.shape)))
                 if spec.folded_bias not in new:   # restored if the writes fail before the weights
                     saved.append((dst, dst.copy()))
             if w is not None:
-                check_weight_overflow(spec, w, scale)
+                check_weight_overflow(spec, w, scale, bounds[k])
                 self.tasks += _rescale_tasks(w, arrays[spec.folded_weight], scale, spec.weight_layout,
                                              split_bytes=_SPLIT_BYTES)
         self._saved = saved
@@ -364,7 +456,6 @@ class Prepared:
             except BaseException:   # before the first multiply, this leaves all as it was
                 restore(self._saved)
                 raise
-
 
 
 def write_biases(biases, saved) -> None:
