@@ -23,7 +23,8 @@ import numpy as np
 Transform = Callable[[np.ndarray], np.ndarray]
 
 
-def _same(g: np.ndarray) -> np.ndarray:
+def same(g: np.ndarray) -> np.ndarray:
+    """The transform of a move that leaves every channel where it was."""
     return g
 
 
@@ -79,7 +80,7 @@ def on_shape(site: Site, shape: Sequence[int]) -> Tuple[Site, Transform]:
         a1 = suffix.index(inner)                                   # tightest: no trailing 1s
         a0 = max(k for k, s in enumerate(suffix) if s == inner * n and k <= a1)
         if prod(shape[a0:a1]) == n:
-            return Site(shape, a0, a1), _same
+            return Site(shape, a0, a1), same
     for b, size in enumerate(shape):
         inner_b = suffix[b + 1]
         if inner % inner_b == 0 and (size * inner_b) % (inner * n) == 0:
@@ -116,7 +117,7 @@ class Transpose:
         first = axes[site.a0]
         if axes[site.a0:site.a1] != list(range(first, first + site.a1 - site.a0)):
             raise Stop("it reorders the axes the channels span")
-        return [(0, Site(tuple(in_shapes[0]), first, first + site.a1 - site.a0), _same)]
+        return [(0, Site(tuple(in_shapes[0]), first, first + site.a1 - site.a0), same)]
 
     @staticmethod
     def forward(args, in_shapes, out_shapes, index, site, facts):
@@ -124,7 +125,7 @@ class Transpose:
         where = [axes.index(a) for a in site.axes()]
         if where != list(range(where[0], where[0] + len(where))):
             raise Stop("it reorders the axes the channels span")
-        return Site(tuple(out_shapes[0]), where[0], where[0] + len(where)), _same
+        return Site(tuple(out_shapes[0]), where[0], where[0] + len(where)), same
 
 
 class Identity:
@@ -132,11 +133,11 @@ class Identity:
 
     @staticmethod
     def backward(args, in_shapes, out_shapes, site, facts):
-        return [(0, site, _same)]
+        return [(0, site, same)]
 
     @staticmethod
     def forward(args, in_shapes, out_shapes, index, site, facts):
-        return site, _same
+        return site, same
 
 
 def _spatial_axes(args, ndim: int, n_spatial: int) -> range:
@@ -171,12 +172,12 @@ class _Spatial:
     @classmethod
     def backward(cls, args, in_shapes, out_shapes, site, facts):
         cls.check(args, in_shapes[0], site, facts)
-        return [(0, Site(tuple(in_shapes[0]), site.a0, site.a1), _same)]
+        return [(0, Site(tuple(in_shapes[0]), site.a0, site.a1), same)]
 
     @classmethod
     def forward(cls, args, in_shapes, out_shapes, index, site, facts):
         cls.check(args, in_shapes[0], site, facts)
-        return Site(tuple(out_shapes[0]), site.a0, site.a1), _same
+        return Site(tuple(out_shapes[0]), site.a0, site.a1), same
 
 
 def _shift_zero(facts: Facts) -> bool:
@@ -255,12 +256,12 @@ class ReLU:
     @classmethod
     def backward(cls, args, in_shapes, out_shapes, site, facts):
         cls.check(facts)
-        return [(0, site, _same)]
+        return [(0, site, same)]
 
     @classmethod
     def forward(cls, args, in_shapes, out_shapes, index, site, facts):
         cls.check(facts)
-        return site, _same
+        return site, same
 
 
 class Concatenate:
@@ -282,7 +283,7 @@ class Concatenate:
                             lambda g, a=start, b=start + size: g[a:b]))
                 start += size
             else:
-                out.append((k, Site(shape, site.a0, site.a1), _same))
+                out.append((k, Site(shape, site.a0, site.a1), same))
         return out
 
     @staticmethod
@@ -324,7 +325,7 @@ class Slice:
         in_shape = tuple(in_shapes[0])
         axis = cls._sliced_axis(args, in_shape, Site(in_shape, site.a0, site.a1))
         if axis is None:
-            return [(0, Site(in_shape, site.a0, site.a1), _same)]
+            return [(0, Site(in_shape, site.a0, site.a1), same)]
         kept = cls._kept(args, in_shape, axis)
 
         def spread(g, kept=kept, size=in_shape[axis]):
@@ -339,7 +340,7 @@ class Slice:
         axis = cls._sliced_axis(args, in_shape, site)
         out = Site(tuple(out_shapes[0]), site.a0, site.a1)
         if axis is None:
-            return out, _same
+            return out, same
         kept = cls._kept(args, in_shape, axis)
         return out, lambda g, kept=kept: g[kept]
 
@@ -354,7 +355,7 @@ class _Join:
     def backward(args, in_shapes, out_shapes, site, facts):
         if any(tuple(s) != tuple(out_shapes[0]) for s in in_shapes):
             raise Stop("it broadcasts one input over the other")
-        return [(k, Site(tuple(in_shapes[k]), site.a0, site.a1), _same) for k in range(2)]
+        return [(k, Site(tuple(in_shapes[k]), site.a0, site.a1), same) for k in range(2)]
 
     @staticmethod
     def forward(args, in_shapes, out_shapes, index, site, facts):

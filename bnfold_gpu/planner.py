@@ -83,6 +83,7 @@ class _Term:
     term: MapTerm
     gather: Optional[np.ndarray]     # over the group's current site; None: uniform
     scale_only: bool = False
+    identity: bool = False           # gather is 0, 1, 2...: the term's own channels, as they are
 
 
 @dataclass
@@ -95,7 +96,8 @@ class _Walk:
     park: Optional[tuple] = None     # (add map, its site, terms from it on): where a shift can stay
 
     def copy(self):
-        return _Walk(self.site, [_Term(t.term, t.gather, t.scale_only) for t in self.terms],
+        return _Walk(self.site, [_Term(t.term, t.gather, t.scale_only, t.identity)
+                                 for t in self.terms],
                      list(self.maps), list(self.region), self.park)
 
 
@@ -111,6 +113,8 @@ class _Side:
     label: str = ""
     region: List[_Fn] = field(default_factory=list)   # every function the fold rebuilds
     scale_only: bool = False         # the map's shift is zero where it lands (checked): not folded
+    layouts: tuple = ()              # what layout.output_layout / input_layout said
+    arrays: tuple = ()               # what _layer_arrays said
 
 
 def plan(graph: Graph, inplace: bool = True, reserved=(), dtypes=None, values=None, skip=()) -> Plan:
@@ -357,7 +361,7 @@ class _Planner:
     # -- backward: to a layer's output ---------------------------------------------------------------
     def _start(self, m: _Map) -> _Walk:
         gather = None if m.site is None else np.arange(m.site.n)
-        return _Walk(m.site, [_Term(m.term, gather)], [m], [m.fn])
+        return _Walk(m.site, [_Term(m.term, gather, identity=gather is not None)], [m], [m.fn])
 
     def _backward(self, m: _Map):
         walk = self._start(m)
@@ -436,11 +440,12 @@ class _Planner:
     def _compose_before(self, walk: _Walk, m: _Map):
         """``m`` applies before the walk's terms: it goes first."""
         gather = self._gather_here(walk, m)
-        walk.terms.insert(0, _Term(m.term, gather))
+        walk.terms.insert(0, _Term(m.term, gather, identity=self._identity(walk, m, gather)))
         walk.maps.append(m)
         walk.region.append(m.fn)
         if m.term.kind == "shift" and m.term.value is not None:
-            walk.park = (m, walk.site, [_Term(t.term, t.gather, t.scale_only) for t in walk.terms])
+            walk.park = (m, walk.site, [_Term(t.term, t.gather, t.scale_only, t.identity)
+                                        for t in walk.terms])
         else:
             walk.park = None
 
@@ -457,8 +462,14 @@ class _Planner:
         for t in walk.terms:
             if t.gather is not None:
                 t.gather = moves.widen(walk.site, t.gather, wider)
+                t.identity = False
         walk.site = wider
         return moves.widen(m.site, np.arange(m.site.n), wider)
+
+    @staticmethod
+    def _identity(walk: _Walk, m: _Map, gather) -> bool:
+        return gather is not None and m.site is not None and walk.site is not None and \
+            (walk.site.a0, walk.site.a1) == (m.site.a0, m.site.a1)
 
     def _site_for(self, walk: _Walk, shape) -> Site:
         """The walk's site over a tensor of ``shape`` (a uniform map takes the channel axis 1)."""
@@ -469,9 +480,11 @@ class _Planner:
     @staticmethod
     def _move(walk: _Walk, site: Site, transform):
         if walk.site is not None:
-            for t in walk.terms:
-                if t.gather is not None:
-                    t.gather = transform(t.gather)
+            if transform is not moves.same:
+                for t in walk.terms:
+                    if t.gather is not None:
+                        t.gather = transform(t.gather)
+                        t.identity = False
             walk.site = site
 
     # -- forward: to a layer's input -------------------------------------------------------------------
@@ -485,7 +498,8 @@ class _Planner:
             nxt = self.maps.get(fn.index)
             if nxt is not None and fn.index not in self.claimed and nxt.data == k and not nxt.fused:
                 gather = self._gather_here(walk, nxt)
-                walk.terms.append(_Term(nxt.term, gather))
+                walk.terms.append(_Term(nxt.term, gather,
+                                        identity=self._identity(walk, nxt, gather)))
                 walk.maps.append(nxt)
                 walk.region.append(fn)
                 var, what = fn.outputs[0], f"the output of {nxt.term.label}"
@@ -556,10 +570,12 @@ class _Planner:
     def _absorb_output(self, fn: _Fn, walk: _Walk) -> _Side:
         if (fn.index, OUTPUT_SIDE) in self.sides:
             raise _Reject(f"the {fn.type} before it already absorbs another map")
-        w, w_reshapes, _, _, _ = self._layer_arrays(fn, OUTPUT_SIDE)
+        arrays = self._layer_arrays(fn, OUTPUT_SIDE)
+        w, w_reshapes = arrays[:2]
         site = self._resite(fn, walk, OUTPUT_SIDE)
         try:
-            output_layout(fn.type, fn.args, self._matrix_shape(fn, w), fn.out_shapes[0], site)
+            layouts = output_layout(fn.type, fn.args, self._matrix_shape(fn, w), fn.out_shapes[0],
+                                    site)
         except LayoutError as e:
             raise _Reject(str(e)) from None
         park, scale_only = None, False
@@ -576,15 +592,17 @@ class _Planner:
             if park is not None and len(walk.terms) == 1:
                 raise _Reject("it is the bias of the BatchMatmul before it")
         return _Side(fn, OUTPUT_SIDE, site, walk.terms, walk.maps, park, _label(walk),
-                     walk.region + [fn] + w_reshapes, scale_only)
+                     walk.region + [fn] + w_reshapes, scale_only, layouts, arrays)
 
     def _absorb_input(self, fn: _Fn, walk: _Walk) -> _Side:
         if (fn.index, INPUT_SIDE) in self.sides:
             raise _Reject(f"the {fn.type} after it already absorbs another map")
-        w, w_reshapes, b, b_reshapes, holder = self._layer_arrays(fn, INPUT_SIDE)
+        arrays = self._layer_arrays(fn, INPUT_SIDE)
+        w, w_reshapes, b, b_reshapes, holder = arrays
         site = self._resite(fn, walk, INPUT_SIDE)
         try:
-            input_layout(fn.type, fn.args, self._matrix_shape(fn, w), fn.in_shapes[0], site)
+            layouts = input_layout(fn.type, fn.args, self._matrix_shape(fn, w), fn.in_shapes[0],
+                                   site)
         except LayoutError as e:
             raise _Reject(str(e)) from None
         facts = _Facts(self, walk)
@@ -609,7 +627,7 @@ class _Planner:
         if holder is not None and not scale_only:
             region += [holder[0].fn] + holder[1] + b_reshapes
         return _Side(fn, INPUT_SIDE, site, walk.terms, walk.maps, None, _label(walk), region,
-                     scale_only)
+                     scale_only, layouts, arrays)
 
     def _resite(self, fn: _Fn, walk: _Walk, side: str) -> Site:
         """The walk's site, or for a map that does not vary, the layer's channels."""
@@ -712,7 +730,7 @@ class _Planner:
     def _drafts(self, side: _Side) -> List[dict]:
         """The folds of one side of one layer, their arrays not yet named."""
         fn = side.fn
-        w, w_reshapes, b, b_reshapes, holder = self._layer_arrays(fn, side.side)
+        w, w_reshapes, b, b_reshapes, holder = side.arrays
         g = self.g
         w_name = g.name(w, "weight")
         w_array = (tuple(w.shape), self._dtype(w_name, w))
@@ -721,13 +739,12 @@ class _Planner:
         has_shift = not side.scale_only and side.park is None and \
             any(not t.scale_only and t.term.kind != "scale" for t in side.terms)
         if side.side == OUTPUT_SIDE:
-            wl, bl = output_layout(fn.type, fn.args, shape, fn.out_shapes[0], side.site)
+            wl, bl = side.layouts
             reduce_axes, sum_shape = (), shape
             if fn.type == "BatchMatmul":
                 b = None              # its shift stays in the add (the park), or is zero
         else:
-            wl, reduce_axes, sum_shape = input_layout(fn.type, fn.args, shape, fn.in_shapes[0],
-                                                     side.site)
+            wl, reduce_axes, sum_shape = side.layouts
             bl = None
         b_name = None if b is None else g.name(b, "bias")
         if b is not None:
@@ -818,7 +835,7 @@ class _Planner:
         terms, n = side.terms, side.site.n
         t0 = terms[0] if len(terms) == 1 else None
         if t0 is not None and t0.term.kind == "bn" and not t0.scale_only and has_shift \
-                and t0.term.n_channels == n and (t0.gather == np.arange(n)).all():
+                and t0.term.n_channels == n and t0.identity:
             t = t0.term
             return dict(gamma=t.gamma, beta=t.beta, mean=t.mean, var=t.var, eps=t.eps)
         base = side.label.replace("+", "_") or "map"

@@ -278,18 +278,32 @@ def magnitude_bounds(plan: Plan, arrays, maps) -> list:
     need = [k for k, (spec, m) in enumerate(zip(plan.folds, maps))
             if spec.weight is not None and m[0].size and np.abs(m[0]).max() > 1]
     bounds = [None] * len(plan.folds)
-    if not need:
-        return bounds
-    pieces = []
+    missing = {}
     for k in need:
-        flat = arrays[plan.folds[k].weight].reshape(-1)
-        step = max(_DOT_PIECE // 8, 1)
-        pieces += [(k, flat[a:a + step]) for a in range(0, flat.size, step)]
-    workers = min(_workers(), len(pieces))
-    found = _map_threads(lambda piece: _magnitude_bound(piece[1]), pieces, workers)
-    for (k, _), value in zip(pieces, found):
-        bounds[k] = value if bounds[k] is None else max(bounds[k], value)
+        missing.setdefault(plan.folds[k].weight, []).append(k)
+    found = weight_bounds({name: arrays[name] for name in missing})
+    for name, ks in missing.items():
+        for k in ks:
+            bounds[k] = found[name]
     return bounds
+
+
+def weight_bounds(weights, workers=None) -> dict:
+    """name -> magnitude bound (:func:`_magnitude_bound`) of each array of ``weights``, in pieces
+    shared between threads."""
+    pieces = []
+    step = max(_DOT_PIECE // 8, 1)
+    for name, w in weights.items():
+        flat = w.reshape(-1)
+        pieces += [(name, flat[a:a + step]) for a in range(0, flat.size, step)]
+    out = {}
+    if not pieces:
+        return out
+    workers = min(workers or _workers(), len(pieces))
+    for (name, _), value in zip(pieces, _map_threads(lambda piece: _magnitude_bound(piece[1]),
+                                                      pieces, workers)):
+        out[name] = max(out.get(name, value), value)
+    return out
 
 
 def _map_threads(f, items, workers: int) -> list:
