@@ -105,11 +105,18 @@ def cuda_time(fn, repeats):
     return statistics.median(times)
 
 
-def wall_time(fn, repeats):
+def wall_time(fn, repeats, setup=None):
+    """Median wall time of ``fn`` (``setup``, untimed, before each run: a fold in place must start
+    from the same weights, or repeated scales > 1 would grow them past the dtype's range)."""
+    if setup:
+        setup()
     fn()
     cp.cuda.Device().synchronize()
     times = []
     for _ in range(repeats):
+        if setup:
+            setup()
+            cp.cuda.Device().synchronize()
         t = time.perf_counter()
         fn()
         cp.cuda.Device().synchronize()
@@ -130,7 +137,11 @@ def measure(gb, nbytes, args):
     arrays, buf = device_arrays(plan)
     weight_bytes = buf.nbytes
     copy_s = copy_seconds(buf, args.repeats)
-    fold_s = wall_time(lambda: cupy_backend.fold(plan, arrays), args.repeats)
+    original = buf.copy()
+
+    def restore_device():
+        buf.data.copy_from_device(original.data, buf.nbytes)
+    fold_s = wall_time(lambda: cupy_backend.fold(plan, arrays), args.repeats, restore_device)
     # the weight kernel alone (tables built and uploaded once), timed with CUDA events
     kernels = cupy_backend._kernels()
     _, launch = weight_launch(plan, arrays)
@@ -145,14 +156,21 @@ def measure(gb, nbytes, args):
     row["fold_over_copy_bandwidth"] = row["fold_gbps"] / row["copy_gbps"]
     row["kernel_over_copy_bandwidth"] = row["weight_kernel_gbps"] / row["copy_gbps"]
     if gb <= args.numpy_max_gb:
+        restore_device()
         host = {k: v.get() for k, v in arrays.items()}
-        np_s = wall_time(lambda: numpy_backend.fold(plan, host), max(2, args.repeats // 3))
+        weights = {s.weight: host[s.weight].copy() for s in plan.folds}
+
+        def restore_host():
+            for name, values in weights.items():
+                np.copyto(host[name], values)
+        np_s = wall_time(lambda: numpy_backend.fold(plan, host), max(2, args.repeats // 3),
+                         restore_host)
         row["numpy_s"] = np_s
         row["speedup_vs_numpy"] = np_s / fold_s
         for key, pin in (("host_staged", True), ("host_staged_pageable", False)):
             cupy_backend.PIN_HOST = pin   # page-locked host weights (the default) or not
             try:
-                seconds = wall_time(lambda: cupy_backend.fold(plan, host), 2)
+                seconds = wall_time(lambda: cupy_backend.fold(plan, host), 2, restore_host)
             finally:
                 cupy_backend.PIN_HOST = True
             row[key + "_s"] = seconds
