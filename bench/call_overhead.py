@@ -2,11 +2,20 @@
 ``cupy.ndarray`` objects (their memory is never touched), with CuPy's allocations, copies, launches and
 syncs replaced by stand-ins that do nothing. What remains is the Python work per layer that a real call
 adds to its kernels: reading each array's address, size, dtype and contiguity, the checks, and the
-segment tables. Needs CuPy (importable without a driver), not nnabla. Prints microseconds per layer.
+segment tables. Needs CuPy (importable without a driver), not nnabla. Prints microseconds per layer:
+
+- call: a call with a plan the backend has seen (what follows from the plan alone is kept per plan);
+  cold: the first call with a plan (that work included);
+- facts, checks, tables: the parts of a call: reading the arrays' attributes, checking them against
+  the plan, completing the plan's segment tables;
+- floor: the attribute reads alone (address, device, size, contiguity, dtype of each array the plan
+  names, once, each attribute one ``map`` over all arrays): what any call over these ``cupy.ndarray``
+  objects costs at least in Python.
 
     python bench/call_overhead.py [--sizes-gb 1,16] [--repeats 30]
 """
 import argparse
+import operator
 import sys
 import time
 import types
@@ -16,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bnfold_gpu._synthetic import LAYOUTS, random_plan, sized_plan  # noqa: E402
-from bnfold_gpu.backends import common, cupy_backend, segments  # noqa: E402
+from bnfold_gpu.backends import cupy_backend, segments  # noqa: E402
 
 
 def device_arrays(plan, cupy):
@@ -61,7 +70,9 @@ def stand_in(cupy):
     cp = types.SimpleNamespace(ndarray=cupy.ndarray, ascontiguousarray=cupy.ascontiguousarray)
     for name in ("float16", "float32", "float64", "int32", "uint8"):
         setattr(cp, name, getattr(np, name))
-    cp.empty = cp.zeros = lambda n, dtype=np.float32: np.zeros(n, dtype).view(_HostArray)
+    # CuPy's empty does not touch the memory (NumPy's zeros would, a millisecond per 16 MB)
+    cp.empty = lambda n, dtype=np.float32: np.empty(n, dtype).view(_HostArray)
+    cp.zeros = lambda n, dtype=np.float32: np.zeros(n, dtype).view(_HostArray)
     cp.asarray = lambda a, dtype=None: np.array(a, dtype=dtype).view(_HostArray)
     cp.RawModule = None
     cp.cuda = types.SimpleNamespace(
@@ -70,21 +81,40 @@ def stand_in(cupy):
     return cp
 
 
+_READS = tuple(map(operator.attrgetter, ("data", "ptr", "device_id", "size", "_c_contiguous",
+                                          "dtype")))
+
+
+def attribute_reads(named):
+    """The floor: each attribute the fold needs of each array, read once."""
+    data, ptr, device_id, size, contiguous, dtype = _READS
+    memory = list(map(data, named))
+    return (list(map(ptr, memory)), list(map(device_id, memory)), list(map(size, named)),
+            list(map(contiguous, named)), list(map(dtype, named)))
+
+
 def measure(plan, arrays, repeats):
-    """Fastest of ``repeats`` calls (seconds): the whole call, and its parts."""
-    def best(fn):
-        times = []
-        for _ in range(repeats):
+    """Fastest of ``repeats`` runs of each (seconds): the whole call, its parts, the floor, and the
+    first call with the plan. The runs take turns, so that a busy machine slows each alike."""
+    columns = cupy_backend._columns(plan)
+    facts = cupy_backend._read(columns, arrays)
+    assert cupy_backend._fits(columns, facts)
+    named = columns.get(arrays)
+    runs = {"call": (None, lambda: cupy_backend.fold(plan, arrays)),
+            "array facts": (None, lambda: cupy_backend._read(columns, arrays)),
+            "checks": (None, lambda: cupy_backend._fits(columns, facts)),
+            "tables": (None, lambda: columns.template.fill(facts.pointer, facts.code)),
+            "floor": (None, lambda: attribute_reads(named)),
+            "cold": (segments._PER_PLAN.clear, lambda: cupy_backend.fold(plan, arrays))}
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for name, (setup, fn) in runs.items():
+            if setup:
+                setup()
             t = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-    facts, pointers, _ = cupy_backend._facts(arrays)
-    dtypes = {n: f[2] for n, f in facts.items()}
-    return {"call": best(lambda: cupy_backend.fold(plan, arrays)),
-            "array facts": best(lambda: cupy_backend._facts(arrays)),
-            "checks": best(lambda: common.check_plan_arrays(plan, arrays, facts)),
-            "tables": best(lambda: segments.build(plan, pointers, dtypes))}
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
 
 
 def main(argv=None):
@@ -105,14 +135,15 @@ def main(argv=None):
                                                                  cases=LAYOUTS)))
         print(f"CuPy {cupy.__version__}, NumPy {np.__version__}, Python {sys.version.split()[0]}; "
               "microseconds per layer, fastest of {}:".format(args.repeats))
-        print(f"{'plan':32} {'layers':>6} {'call':>6} {'facts':>6} {'checks':>6} {'tables':>6}")
+        print(f"{'plan':32} {'layers':>6} {'call':>6} {'facts':>6} {'checks':>6} {'tables':>6} "
+              f"{'floor':>6} {'cold':>6}")
         rows = []
         for label, plan in plans:
             t = measure(plan, device_arrays(plan, cupy), args.repeats)
             per = {k: v / len(plan.folds) * 1e6 for k, v in t.items()}
             rows.append((label, len(plan.folds), per))
-            print(f"{label:32} {len(plan.folds):6} {per['call']:6.1f} {per['array facts']:6.1f} "
-                  f"{per['checks']:6.1f} {per['tables']:6.1f}")
+            print(f"{label:32} {len(plan.folds):6} {per['call']:6.2f} {per['array facts']:6.2f} "
+                  f"{per['checks']:6.2f} {per['tables']:6.2f} {per['floor']:6.2f} {per['cold']:6.2f}")
         return rows
     finally:
         cupy_backend.cupy, cupy_backend.unavailable_reason, cupy_backend._kernels = saved

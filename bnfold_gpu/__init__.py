@@ -3,31 +3,57 @@
 Importing the package does not import nnabla: the plan types and the backends work without it
 (the GPU machine has none); ``fold`` and ``plan`` import it when called.
 """
+import os
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
+
 from .backends.common import FoldError
 from .plan import FoldSpec, Plan, Skip
 
+if TYPE_CHECKING:   # for the annotations alone: importing these at run time would import nnabla
+    import nnabla
+    from nnabla.utils.nnp_graph import NnpNetwork
+    from .folding import FoldResult
+    from .nnp_fold import Report
+
 __version__ = "0.1.0"
 
+# a graph's outputs: a Variable, or a list, tuple or dict of them (a dict as NnpLoader hands them)
+_Outputs = Union["nnabla.Variable", Sequence["nnabla.Variable"], Dict[str, "nnabla.Variable"]]
+_Networks = Union["NnpNetwork", Dict[str, "NnpNetwork"]]
+_PathLike = Union[str, "os.PathLike[str]"]
 
-def fold(outputs, backend: str = "auto", inplace: bool = True, skip=()):
+
+def fold(outputs: _Outputs, backend: str = "auto", inplace: bool = True, skip: Sequence[str] = (),
+         prune: bool = False) -> "FoldResult":
     """Fold every BN of the graph ending at ``outputs`` into the layers around it, wherever that is
     exact, in one call; see :func:`bnfold_gpu.folding.fold`. Returns a :class:`FoldResult`."""
     from .folding import fold as _fold
-    return _fold(outputs, backend=backend, inplace=inplace, skip=skip)
+    return _fold(outputs, backend=backend, inplace=inplace, skip=skip, prune=prune)
 
 
-def plan(outputs, inplace: bool = True, skip=()):  # noqa: F811 (the function, not the submodule)
+def plan(outputs: _Outputs, inplace: bool = True,  # noqa: F811 (the function, not the submodule)
+         skip: Sequence[str] = ()) -> Plan:
     """A dry run of :func:`fold`: the :class:`Plan` (what would fold, into what, why the rest would
     not). Changes nothing."""
     from .folding import plan as _plan
     return _plan(outputs, inplace=inplace, skip=skip)
 
 
-def fold_nnp(src, dst=None, **options):
+def fold_nnp(src: _PathLike, dst: Optional[_PathLike] = None, **options: Any) -> "Report":
     """Fold the .nnp file ``src`` into ``dst`` (or in place); see
     :func:`bnfold_gpu.nnp_fold.fold_nnp`. Returns a :class:`Report`."""
     from .nnp_fold import fold_nnp as _fold_nnp
     return _fold_nnp(src, dst, **options)
+
+
+def load(path: _PathLike, network: Optional[str] = None, *, batch_size: Optional[int] = None,
+         backend: str = "auto", skip: Sequence[str] = (),
+         with_report: bool = False) -> Union[_Networks, Tuple[_Networks, "Report"]]:
+    """The networks of the .nnp file ``path`` folded in memory, as ``NnpLoader`` hands them; see
+    :func:`bnfold_gpu.nnp_fold.load`."""
+    from .nnp_fold import load as _load
+    return _load(path, network, batch_size=batch_size, backend=backend, skip=skip,
+                 with_report=with_report)
 
 
 _LAZY = {"FoldResult": "folding", "Report": "nnp_fold", "VerificationFailed": "nnp_fold",
@@ -43,5 +69,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'bnfold_gpu' has no attribute {name!r}")
 
 
-__all__ = ["fold", "plan", "fold_nnp", "FoldResult", "Report", "NnpError", "VerificationFailed",
-           "VerificationImpossible", "FoldSpec", "Plan", "Skip", "FoldError", "__version__"]
+__all__ = ["fold", "plan", "fold_nnp", "load", "FoldResult", "Report", "NnpError",
+           "VerificationFailed", "VerificationImpossible", "FoldSpec", "Plan", "Skip", "FoldError",
+           "__version__"]

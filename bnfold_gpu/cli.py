@@ -324,6 +324,11 @@ def _print_summary(report, out):
     out.flush()
 
 
+def cmd_doctor(args, run):
+    from . import doctor
+    return doctor.main()
+
+
 def _tolerance(text: str) -> float:
     value = float(text)   # argparse turns a ValueError into a usage error
     if not (math.isfinite(value) and value >= 0):
@@ -389,6 +394,11 @@ def parser():
                     "'decoder/*'; repeatable); the summary lists them as skipped on request")
     fo.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     fo.set_defaults(run=cmd_fold)
+    doc = sub.add_parser("doctor", help="say which backend 'auto' picks and why: CuPy, NVRTC, the "
+                         "GPU, the kernel sources and whether they compile (needs no GPU)",
+                         description="Print what this machine offers the GPU backend, one fact a "
+                         "line. Exits 0 once the report is printed, whatever it says.")
+    doc.set_defaults(run=cmd_doctor)
     return ap
 
 
@@ -425,6 +435,8 @@ def main(argv=None) -> int:
 def _main(argv, run) -> int:
     args = parser().parse_args(argv)
     _safe_points.check()
+    if args.command == "doctor":    # before the imports below, which import nnabla
+        return args.run(args, run)
     quiet_nnabla_info()
     from .backends.common import FoldError
     from .nnp import NnpError

@@ -44,7 +44,8 @@ def main(argv=None) -> int:
                     help="channels of the first stage (64: ResNet-50's own, 94 MB of weights)")
     ap.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
     ap.add_argument("--save", metavar="PATH.nnp",
-                    help="also save the unfolded model as an .nnp file (for `bnfold`) and exit")
+                    help="save the unfolded model as an .nnp file (for `bnfold`) instead of running "
+                         "the demo")
     args = ap.parse_args(argv)
     quiet_nnabla_info()
     import nnabla as nn

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _interrupts, rewrite
 from .backends import get_backend
+from .backends.common import cuda_context
 from .graph import Graph, Home
 from .plan import FoldSpec, Plan, Skip
 from .planner import plan as _make_plan
@@ -33,6 +34,9 @@ class FoldResult:
     the graph, with its ``.reason``. ``parameters``: the parameters the fold created, by name, each
     registered beside the parameter it comes from (in the current scope or a module's), except those
     named in ``unregistered``, whose source is registered nowhere (a plain ``nn.Variable``).
+    ``unused``: the registered parameters the unfolded graph read and ``outputs`` no longer reads (a
+    folded BN's statistics, scale and shift; with ``inplace=False``, the weights replaced by folded
+    copies); :meth:`prune` takes them out of the registry.
     """
     outputs: object
     folded: Tuple[FoldSpec, ...]
@@ -42,9 +46,68 @@ class FoldResult:
     parameters: Dict[str, "nn.Variable"] = field(default_factory=dict)
     seconds: Dict[str, float] = field(default_factory=dict)
     unregistered: Tuple[str, ...] = ()
+    _read_before: Tuple[Tuple[Home, "nn.Variable"], ...] = field(default=(), repr=False)
+    _pruned: Tuple[str, ...] = field(default=(), repr=False)
 
     def __str__(self) -> str:
         return self.plan.table()
+
+    @property
+    def unused(self) -> Tuple[str, ...]:
+        """Names of the registered parameters that the unfolded graph read and the folded graph
+        (``outputs``, as it is now) does not, still registered."""
+        return tuple(home.name for home, _ in _unread(self._read_before, self.outputs)
+                     if home.name not in self._pruned)
+
+    def prune(self) -> Tuple[str, ...]:
+        """Take :attr:`unused` out of the parameter registry (the current scope, or a module's), so
+        that ``nnabla.utils.save`` and ``nn.get_parameters()`` no longer see them; returns their
+        names. Another graph still reading them keeps working (it holds the variables), but is
+        saved without them. Entries that now name another variable are left alone."""
+        pruned = _prune(_unread(self._read_before, self.outputs))
+        self._pruned += pruned
+        return pruned
+
+
+def _registered_reads(graph: Graph, p: Plan, variables) -> Tuple[Tuple[Home, "nn.Variable"], ...]:
+    """(home, variable) of each registered parameter the plan reads: the only ones a fold can leave
+    unread."""
+    out = []
+    for name in p.arrays:
+        var = variables.get(name)
+        home = graph.home(var) if var is not None else None
+        if home is not None:
+            out.append((home, var))
+    return tuple(out)
+
+
+def _unread(read_before, outputs) -> List[Tuple[Home, "nn.Variable"]]:
+    if not read_before:
+        return []
+    flat, _ = _flatten(outputs)
+    reads = set()
+
+    def collect(f):
+        reads.update(f.inputs)
+
+    for out in flat:
+        if out.parent is not None:
+            out.visit(collect)
+    flat_set = set(flat)
+    out = [(home, var) for home, var in read_before if var not in reads and var not in flat_set]
+    reads.clear()   # NNabla's visit keeps ``collect`` in a reference cycle: it holds nothing now
+    return out
+
+
+def _prune(entries) -> Tuple[str, ...]:
+    done = []
+    with _interrupts.held():
+        for home, var in entries:
+            current = home.scope.get(home.key)
+            if isinstance(current, nn.Variable) and current == var:
+                del home.scope[home.key]
+                done.append(home.name)
+    return tuple(done)
 
 
 def _flatten(outputs):
@@ -235,8 +298,8 @@ def _patterns(skip) -> Tuple[str, ...]:
     return tuple(skip)
 
 
-def fold(outputs, backend: str = "auto", inplace: bool = True, skip: Sequence[str] = ()
-         ) -> FoldResult:
+def fold(outputs, backend: str = "auto", inplace: bool = True, skip: Sequence[str] = (),
+         prune: bool = False) -> FoldResult:
     """Fold every BN of the graph ending at ``outputs`` (and every multiply or add by a stored
     per-channel constant) into the layers around it, wherever that is exact, in one call.
 
@@ -251,20 +314,27 @@ def fold(outputs, backend: str = "auto", inplace: bool = True, skip: Sequence[st
     A fold is all or nothing: a fold that raises (a bad statistic, a value the dtype cannot hold, a
     failed allocation...) has changed no array, registration or function of the graph; Ctrl-C during
     the writes takes effect once they are complete. The process is otherwise left as it was.
+
+    ``prune=True`` then takes the parameters the folded graph no longer reads out of the registry
+    (see :meth:`FoldResult.prune`), so that ``nnabla.utils.save`` writes a clean model.
     """
     try:
         with _relative_imports_fail_fast():
-            return _fold(outputs, backend, inplace, _patterns(skip))
+            result = _fold(outputs, backend, inplace, _patterns(skip))
     except BaseException as e:
         # what the failed fold made goes now, not when the traceback does (a session may keep it):
         # its new functions would count as consumers of the parameters they read in a later fold
         traceback.clear_frames(e.__traceback__)
         raise
+    if prune:
+        result.prune()
+    return result
 
 
 def _fold(outputs, backend: str, inplace: bool, skip) -> FoldResult:
     flat, rebuild = _flatten(outputs)
-    be = get_backend(backend)  # fails before any work on a bad name; imports CuPy once (not timed)
+    # fails before any work on a bad name; imports CuPy once (not timed)
+    be = get_backend(backend, on_device=cuda_context(nn.get_current_context()))
     t0 = time.perf_counter()
     graph = Graph(flat)
     p = _make_plan(graph, inplace, skip=skip)
@@ -296,4 +366,5 @@ def _fold(outputs, backend: str, inplace: bool, skip) -> FoldResult:
     return FoldResult(rebuild(flat_out), p.folds, p.skipped, be.name, p, new_vars,
                       {"plan": t1 - t0, "prepare": t2 - t1, "rewrite": t3 - t2, "rescale": t4 - t3,
                        "total": t4 - t0},
-                      tuple(n for n in new_vars if n not in names))
+                      tuple(n for n in new_vars if n not in names),
+                      _registered_reads(graph, p, variables) if p.folds else ())

@@ -659,12 +659,13 @@ def structure(proto):
     return out
 
 
-def build_networks(path: str, proto, names=None, parsed=False):
+def build_networks(path: str, proto, names=None, parsed=False, values=None, batch_size=None):
     """(loader scope) -> {network name: (graph outputs, NnpNetwork)} built by NNabla in a private
     parameter scope, for the networks of ``proto`` (its network definition; every network, or those
     in ``names``), which name each network's outputs. NNabla loads the file ``path``; with ``parsed``
-    it builds from ``proto`` itself, without parameter values (``path`` then only names the file in
-    errors). NnpError names the file, the network and the problem in words."""
+    it builds from ``proto`` itself (``path`` then only names the file in errors), with the parameter
+    values of ``values`` ({name: Param}, each taken out of it once copied into NNabla) or none.
+    NnpError names the file, the network and the problem in words."""
     import nnabla as nn
     from nnabla.core.graph_def import ProtoGraph
     from nnabla.utils.nnp_graph import NnpLoader, NnpNetwork
@@ -674,13 +675,21 @@ def build_networks(path: str, proto, names=None, parsed=False):
     with nn.parameter_scope("", scope):
         try:
             if parsed:   # what NnpLoader does after parsing the file
+                for name in list(values or ()):
+                    p = values.pop(name)   # one copy of each array at a time
+                    var = nn.parameter.get_parameter_or_create(name, p.value.shape,
+                                                               need_grad=p.need_grad)
+                    var.data.cast(p.value.dtype)[...] = p.value
                 graph = ProtoGraph.from_proto(structure(proto), param_scope=scope,
                                               rng=np.random.RandomState(1223))
 
                 def get_network(name):
-                    return NnpNetwork(graph.networks[name], batch_size=None, callback=None)
+                    return NnpNetwork(graph.networks[name], batch_size=batch_size, callback=None)
             else:
-                get_network = NnpLoader(path).get_network
+                loader = NnpLoader(path)
+
+                def get_network(name):
+                    return loader.get_network(name, batch_size=batch_size)
         except Exception as e:  # NNabla's own loader, on a file our checks passed
             where = _failing_network(proto, names)
             raise NnpError(f"{path}: {where}NNabla cannot load it: {nnabla_words(e)}") from None
@@ -873,7 +882,7 @@ def fold_parameters(nnp: NnpFile, fp: FilePlan, backend: str = "auto"):
     """Compute every folded parameter into ``nnp.params`` (new ones added). Returns (backend name,
     bytes rescaled)."""
     from .backends.compose import compute_derived
-    be = get_backend(backend)
+    be = get_backend(backend, on_device=False)   # a file's arrays are in host memory
     plan = fp.compute_plan()
     arrays = {}
     derived = {n for d in plan.derived for n in (d.scale, d.shift) if n}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from . import _atomic, _safe_points
+from .backends import get_backend
 from . import __version__
 
 SCHEMA_VERSION = 1   # of Report.to_json(); raised when a field changes meaning or goes away
@@ -192,11 +193,10 @@ def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
     ``progress`` (optional) receives ``add_steps(n)``, ``step(label)`` and per-byte
     ``expect``/``extend``/``advance`` calls."""
     from . import nnp as N
-    from .backends import get_backend
     clock = _Stages()
     src = os.fspath(src)
     out, target = _output(src, dst, in_place)
-    get_backend(backend)   # an unusable backend is said before a large file is read
+    get_backend(backend, on_device=False)   # an unusable backend is said before a file is read
     given = _load_inputs(inputs)
     _atomic.remove_stale(os.path.dirname(target))
     progress = progress or _Silent()
@@ -250,6 +250,45 @@ def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
         pending.discard()
         raise
     return report
+
+
+def load(path, network: Optional[str] = None, *, batch_size: Optional[int] = None,
+         backend: str = "auto", skip=(), with_report: bool = False):
+    """The networks of the .nnp file ``path``, folded in memory, as NNabla's ``NnpLoader`` hands
+    them: an ``NnpNetwork`` (``.inputs``, ``.outputs``, ``.variables``) for ``network``, or a dict of
+    every network's by name when it is None; ``batch_size`` as ``get_network`` takes it. Like
+    ``NnpLoader.get_network``, each network's parameters (the folded ones, not the folded BNs') are
+    set in the current parameter scope, so ``nnabla.utils.save`` then writes the folded model. No
+    file is written. ``with_report``: returns (networks, :class:`Report`) instead.
+
+    Raises NnpError (a file that cannot be read, an unknown network) or FoldError, having set no
+    parameter."""
+    import nnabla as nn
+    from . import nnp as N
+    from .folding import _relative_imports_fail_fast
+    clock = _Stages()
+    src = os.fspath(path)
+    get_backend(backend, on_device=False)
+    with clock("read"):
+        f = N.read(src)
+    names = f.network_names()
+    if network is not None and network not in names:
+        raise N.NnpError(f"{src}: no network named '{network}' (it has: {', '.join(names)})")
+    wanted = [network] if network is not None else names
+    with _relative_imports_fail_fast():
+        fp, used_backend, nbytes = _fold(f, backend, _Silent(), clock, skip)
+    report = Report(src, "", not_written="loaded in memory", backend=used_backend,
+                    bytes_rescaled=nbytes, networks=network_reports(fp), seconds=clock.seconds)
+    with clock("build"):
+        _, built = N.build_networks(src, f.proto, set(wanted), parsed=True, values=f.params,
+                                    batch_size=batch_size)
+    for name in wanted:   # what NnpLoader.get_network does once a network is built
+        for key, v in built[name][1].proto_network.parameters.items():
+            nn.parameter.set_parameter(key, v.variable_instance)
+    clock.seconds["total"] = clock.total()
+    nets = {name: built[name][1] for name in wanted}
+    result = nets[network] if network is not None else nets
+    return (result, report) if with_report else result
 
 
 class _Stages:

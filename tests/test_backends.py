@@ -141,3 +141,21 @@ def test_installed_package_carries_the_kernel_sources(tmp_path):
     assert r.returncode == 0, r.stderr
     where, size = r.stdout.split()
     assert Path(where) == lib / "bnfold_gpu" / "_kernels" and int(size) > 1000
+
+
+def test_auto_folds_host_arrays_with_numpy_even_when_a_device_answers(monkeypatch):
+    """Host-resident arrays (NNabla's CPU context, every .nnp file) are rescaled where they are:
+    streaming them through a GPU is bound by the host link."""
+    monkeypatch.setattr(cupy_backend, "unavailable_reason", lambda: None)
+    assert get_backend("auto", on_device=False) is numpy_backend
+    assert get_backend("auto", on_device=True) is cupy_backend
+    assert get_backend("cupy", on_device=False) is cupy_backend   # asked for by name
+
+
+def test_cuda_context_by_the_contexts_first_backend():
+    from types import SimpleNamespace
+    from bnfold_gpu.backends.common import cuda_context
+    assert cuda_context(SimpleNamespace(backend=["cudnn:float"]))
+    assert cuda_context(SimpleNamespace(backend=["cuda:float", "cpu:float"]))
+    assert not cuda_context(SimpleNamespace(backend=["cpu:float"]))
+    assert not cuda_context(SimpleNamespace(backend=[]))

@@ -2,12 +2,16 @@
 where no device answers) and on the host (``emulated``: a CuPy stand-in whose kernels are the real
 kernel code compiled for the CPU), so its Python side is tested in CI too. NumPy and CuPy only: this
 runs where nnabla is absent."""
+import dataclasses
+import gc
+
 import numpy as np
 import pytest
 
 from compare import assert_same_fold
 from bnfold_gpu._synthetic import LAYOUTS, fold_spec, in_place_cases, make_arrays, random_plan
-from bnfold_gpu.backends import FoldError, cupy_backend, numpy_backend
+from bnfold_gpu.backends import FoldError, cupy_backend, numpy_backend, segments
+from bnfold_gpu.backends.common import FLOAT_DTYPES, check_plan_arrays, check_statistics_exact
 from bnfold_gpu.plan import INPUT_SIDE, OUTPUT_SIDE, Plan
 
 
@@ -402,3 +406,185 @@ def test_integer_weight_is_refused_on_device(cp):
     dev = {k: cp.asarray(v) for k, v in host.items()}
     with pytest.raises(FoldError, match=r"f0: 'f0/W' is int32; a weight or bias of a fold must be"):
         cupy_backend.fold(plan, dev)
+
+
+# -- the checks over all layers at once (column-wise, no Python loop per layer) against the checks
+# one layer at a time, which name the BN -------------------------------------------------------
+def _per_layer_error(plan, arrays):
+    """The message of the first check the arrays fail, as the checks one layer at a time find it."""
+    try:
+        check_plan_arrays(plan, arrays)
+        check_statistics_exact(plan, arrays)
+        for spec in plan.folds:
+            if not np.isfinite(spec.eps):
+                raise FoldError(f"{spec.bn}: eps is not finite")
+    except FoldError as e:
+        return str(e)
+    return None
+
+
+def _mixed_plan(rng):
+    """Random folds of every layout, in place or into new arrays, some without bias or scale."""
+    folds, shapes = [], {}
+    for k in range(int(rng.randint(1, 7))):
+        spec, arrays = fold_spec(k, LAYOUTS[rng.randint(len(LAYOUTS))],
+                                 rng.choice([np.float16, np.float32, np.float64]),
+                                 with_bias=bool(rng.rand() < 0.6), no_scale=bool(rng.rand() < 0.3),
+                                 stat_dtype=rng.choice([np.float32, np.float64]),
+                                 inplace=bool(rng.rand() < 0.5))
+        folds.append(spec)
+        shapes.update(arrays)
+    return Plan(tuple(folds), (), shapes)
+
+
+def _corrupt(rng, plan, dev, cp):
+    """One change a caller could make to a plan's arrays: some the checks refuse, some they allow
+    (another statistic dtype, strided statistics). Returns the plan (a change of eps makes a new
+    one)."""
+    spec = plan.folds[rng.randint(len(plan.folds))]
+    keys = [k for k in (spec.gamma, spec.beta, spec.mean, spec.var, spec.weight, spec.folded_weight,
+                        spec.bias, spec.folded_bias) if k and k in dev]
+    key = keys[rng.randint(len(keys))]
+    a = dev[key]
+    change = rng.choice(["size", "dtype", "float dtype", "strided", "missing", "eps", "wide integer",
+                         "none", "none"])
+    if change == "size":
+        dev[key] = cp.zeros(a.size + int(rng.choice([-1, 1])), a.dtype)
+    elif change in ("dtype", "float dtype"):
+        dtypes = [np.float16, np.float32, np.float64]
+        if change == "dtype":
+            dtypes += [np.int32, np.int64, np.uint8, np.bool_, np.complex64]
+        dev[key] = cp.asarray(a.get().astype(dtypes[rng.randint(len(dtypes))]))
+    elif change == "strided":
+        wide = cp.zeros((a.size, 2), a.dtype)
+        wide[:, 1] = a.reshape(-1)
+        dev[key] = wide[:, 1].reshape(a.shape)
+    elif change == "missing":
+        del dev[key]
+    elif change == "eps":
+        folds = tuple(dataclasses.replace(s, eps=float(rng.choice([np.nan, np.inf])))
+                      if s is spec else s for s in plan.folds)
+        return Plan(folds, (), plan.arrays)
+    elif change == "wide integer":
+        v = np.round(a.get()).astype(np.int64)
+        v.flat[0] = rng.choice([2 ** 53, 2 ** 53 + 2])
+        dev[key] = cp.asarray(v)
+    return plan
+
+
+@pytest.mark.parametrize("seed", range(80))
+def test_checks_over_all_layers_agree_with_the_per_layer_checks(cp, seed):
+    """Whatever is wrong with the arrays, the call refuses them with the message of the per-layer
+    checks (naming the first BN they find); what those accept, it folds as the NumPy backend does."""
+    rng = np.random.RandomState(seed)
+    plan = _mixed_plan(rng)
+    host = make_arrays(plan, np, seed=seed, poison=False)
+    dev = {k: cp.asarray(v) for k, v in host.items()}
+    for _ in range(int(rng.randint(1, 3))):
+        plan = _corrupt(rng, plan, dev, cp)
+    want = _per_layer_error(plan, dev)
+    columns = cupy_backend._columns(plan)
+    facts = cupy_backend._read(columns, dev)
+    if facts is None or not columns.plan_ok or not cupy_backend._fits(columns, facts):
+        assert want is not None   # refused over all layers: refused one layer at a time too
+    # and the converse: the call refuses what the per-layer checks refuse, with their message
+    before = {k: v.get() for k, v in dev.items()}
+    if want is not None:
+        with pytest.raises(FoldError) as got:
+            cupy_backend.fold(plan, dev)
+        assert str(got.value) == want
+        for k, v in dev.items():
+            assert np.array_equal(v.get(), before[k], equal_nan=True), k
+        return
+    reference = {k: v.copy() for k, v in before.items()}
+    try:
+        numpy_backend.fold(plan, reference)
+    except FoldError:   # a value the dtype cannot hold, found by both
+        with pytest.raises(FoldError):
+            cupy_backend.fold(plan, dev)
+        for k, v in dev.items():
+            assert np.array_equal(v.get(), before[k], equal_nan=True), k
+        return
+    cupy_backend.fold(plan, dev)
+    assert_same_fold(plan, {k: v.get() for k, v in dev.items()}, reference)
+
+
+def test_dtype_columns_as_one_dtype_at_a_time():
+    dtypes = [np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.int32, np.int64,
+                                    np.uint64, np.bool_, np.complex64, np.longdouble)]
+    dtypes += [np.dtype(">f4"), np.dtype("f4", metadata={"a": 1}), np.dtype("U3"), np.dtype("M8[s]")]
+    rng = np.random.RandomState(3)
+    for n in (0, 1, 5, 200):
+        sample = [dtypes[i] for i in rng.randint(len(dtypes), size=n)]
+        for some in (sample, [np.dtype(np.float32)] * n):
+            code, statistic_ok, to_float, wide_integer = cupy_backend._dtype_columns(some)
+            for d, c, s, f, w in zip(some, code, statistic_ok, to_float, wide_integer):
+                assert c == (segments.dtype_code(d) if d in FLOAT_DTYPES else -1), d
+                assert s == (d.kind in "biuf" and d.itemsize <= 8), d
+                assert f == (d.kind != "f") and w == (d.kind in "iu" and d.itemsize == 8), d
+
+
+def test_arrays_in_any_order_and_others_beside_them_fold_alike(cp):
+    rng = np.random.RandomState(23)
+    plan = _mixed_plan(rng)
+    host = make_arrays(plan, np, seed=23)
+    want = {k: v.copy() for k, v in host.items()}
+    numpy_backend.fold(plan, want)
+    names = list(host)
+    rng.shuffle(names)
+    dev = {k: cp.asarray(host[k]) for k in names}
+    dev["unrelated"] = cp.asarray(np.arange(5, dtype=np.float64))
+    cupy_backend.fold(plan, dev)
+    assert_same_fold(plan, {k: v.get() for k, v in dev.items()}, want)
+
+
+def test_unrelated_array_of_an_unsupported_dtype_is_refused_as_before(cp):
+    plan = random_plan(np.random.RandomState(24), n_folds=2)
+    dev = {k: cp.asarray(v) for k, v in make_arrays(plan, np, poison=False).items()}
+    dev["unrelated"] = cp.asarray(np.arange(5, dtype=np.int32))
+    with pytest.raises(TypeError, match="unsupported dtype int32"):
+        cupy_backend.fold(plan, dev)
+
+
+def test_what_follows_from_a_plan_is_kept_while_it_lives(cp):
+    plan = random_plan(np.random.RandomState(25), n_folds=3)
+    host = make_arrays(plan, np, poison=False)
+    cupy_backend.fold(plan, {k: cp.asarray(v) for k, v in host.items()})
+    columns = cupy_backend._columns(plan)
+    cupy_backend.fold(plan, {k: cp.asarray(v) for k, v in host.items()})
+    assert cupy_backend._columns(plan) is columns
+    kept = [k for k in segments._PER_PLAN if k[0] == id(plan)]
+    assert len(kept) >= 3   # the fields, the tables, the backend's columns
+    del plan, columns
+    gc.collect()
+    assert not any(k in segments._PER_PLAN for k in kept)
+
+
+REFUSED = [  # (what, the array of fold f1 it changes, its new dtype or "strided", the message)
+    ("folded weight of another dtype", "f1/W_folded", np.float64,
+     "f1: folded weight 'f1/W_folded' is float64, its source 'f1/W' float32"),
+    ("complex statistic", "f1/mean", np.complex64,
+     "f1: 'f1/mean' is complex64; a statistic of a fold must be a real number type"),
+    ("strided bias", "f1/b", "strided", "f1: 'f1/b' is not C-contiguous"),
+    ("integer bias", "f1/b_folded", np.int16,
+     "f1: 'f1/b_folded' is int16; a weight or bias of a fold must be float16, float32 or float64"),
+]
+
+
+@pytest.mark.parametrize("what, key, dtype, message", REFUSED, ids=[c[0] for c in REFUSED])
+def test_arrays_the_checks_refuse(cp, what, key, dtype, message):
+    spec, shapes = fold_spec(0, LAYOUTS[2], np.float32)
+    spec2, shapes2 = fold_spec(1, LAYOUTS[0], np.float32)
+    plan = Plan((spec, spec2), (), {**shapes, **shapes2})
+    dev = {k: cp.asarray(v) for k, v in make_arrays(plan, np, poison=False).items()}
+    a = dev[key]
+    if dtype == "strided":
+        wide = cp.zeros((a.size, 2), a.dtype)
+        wide[:, 0] = a.reshape(-1)
+        dev[key] = wide[:, 0].reshape(a.shape)
+    else:
+        dev[key] = cp.asarray(a.get().astype(dtype))
+    assert _per_layer_error(plan, dev) == message
+    with pytest.raises(FoldError) as got:
+        cupy_backend.fold(plan, dev)
+    assert str(got.value) == message

@@ -615,3 +615,27 @@ def test_random_bn_before_affine(shape, out, with_bias, seed, data):
     y = PF.affine(b, tuple(out), base_axis=base_axis, with_bias=with_bias, name="fc")
     res = assert_fold_exact(prepare(rng, y, x))
     assert [(r.kind, r.side) for r in res.folded] == [("Affine", "input")]
+
+
+@pytest.mark.parametrize("cuda_context", [False, True])
+def test_auto_backend_goes_by_where_the_parameters_are(rng, monkeypatch, host, cuda_context):
+    """A device answers: parameters in NNabla's CUDA context fold on it; parameters in host memory
+    fold with NumPy, where they are."""
+    import fake_cupy
+    import nnabla.utils.dlpack
+    from bnfold_gpu import folding
+    from bnfold_gpu.backends import cupy_backend
+    fake = fake_cupy.make(host)
+    monkeypatch.setattr(cupy_backend, "cupy", fake)
+    monkeypatch.setattr(cupy_backend, "_MODULES", {})
+    monkeypatch.setattr(cupy_backend, "unavailable_reason", lambda: None)
+    if cuda_context:   # the device emulated on the host, reached as NNabla's CUDA arrays would be
+        fake.from_dlpack = lambda capsule: np.from_dlpack(capsule).view(fake_cupy.ndarray)
+        monkeypatch.setattr(folding, "cuda_context", lambda ctx: True)
+        monkeypatch.setattr(cupy_backend, "on_device", lambda ctx: True)
+        monkeypatch.setattr(nnabla.utils.dlpack, "to_dlpack",
+                            lambda a, dtype=None, ctx=None: a.get_data("rw"))
+    x = nn.Variable((2, 3, 6, 6))
+    y = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), name="bn", **BN)
+    res = assert_fold_exact(prepare(rng, y, x), backend="auto")
+    assert res.backend == ("cupy" if cuda_context else "numpy")

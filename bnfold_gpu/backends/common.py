@@ -119,3 +119,9 @@ def _bad_statistic(spec, key, f, n):
 
 def _missing(spec, key):
     raise FoldError(f"{spec.bn}: array '{key}' is missing")
+
+
+def cuda_context(ctx) -> bool:
+    """Whether NNabla's context ``ctx`` (anything with its ``backend`` list) keeps arrays on a CUDA
+    device."""
+    return bool(ctx.backend) and ctx.backend[0].split(":")[0] in ("cuda", "cudnn")

@@ -14,15 +14,18 @@ Results equal the NumPy backend bit for bit, except for BN -> layer biases, whos
 another order (within float64 rounding).
 """
 import dataclasses
+import operator
 import os
+from math import prod
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 
 from . import numpy_backend, segments
-from .common import FoldError, check_plan_arrays, check_statistics_exact, split_stages
-from .. import _interrupts
+from .common import (_STATISTIC_KINDS, FoldError, check_plan_arrays, check_statistics_exact,
+                     cuda_context, split_stages)
+from .. import _interrupts, _nvrtc
 from ..plan import OUTPUT_SIDE, Plan
 
 name = "cupy"
@@ -91,6 +94,10 @@ def _kernels(defines=()):
     ``defines`` (``("BNFOLD_UNROLL=8",)``) build a variant, as the GPU benchmark does."""
     key = (cupy.cuda.runtime.getDevice(), tuple(defines))
     if key not in _MODULES:
+        try:
+            _nvrtc.load()   # CuPy 13 alone misses the NVRTC of the nvidia-cuda-nvrtc wheel
+        except OSError:
+            pass            # CuPy then says what is missing
         module = cupy.RawModule(code=kernel_source(),
                                 options=("--std=c++14",) + tuple("-D" + x for x in defines))
         _MODULES[key] = {k: module.get_function(k) for k in KERNEL_NAMES}
@@ -99,7 +106,7 @@ def _kernels(defines=()):
 
 def on_device(ctx) -> bool:
     """Whether NNabla's context ``ctx`` keeps arrays on a CUDA device."""
-    return bool(ctx.backend) and ctx.backend[0].split(":")[0] in ("cuda", "cudnn")
+    return cuda_context(ctx)
 
 
 def from_nnabla(var, writable: bool):
@@ -210,24 +217,19 @@ def prepare(plan: Plan, arrays: Mapping[str, object]):
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(f"backend 'cupy' is not usable: {reason}")
-    first, plan = split_stages(plan)
-    if first is not None:   # writes only arrays of the fold's own: nothing the caller sees
-        prepare(first, arrays).commit()
-    facts, pointers, devices = _facts(arrays)
-    strided = check_plan_arrays(plan, arrays, facts)
-    check_statistics_exact(plan, arrays)
-    _check_eps(plan)
-    if 0 < len(pointers) < len(arrays):
-        on_host = next(n for n in arrays if n not in pointers)
-        raise FoldError(f"the arrays are partly on the GPU ('{next(iter(pointers))}') and partly on "
-                        f"the host ('{on_host}'); give all of them as CuPy arrays, or all as NumPy")
-    if len(pointers) == len(arrays):
-        if len(devices) > 1:
-            raise FoldError(f"the arrays live on several GPUs ({', '.join(map(str, sorted(devices)))}); "
-                            f"a plan folds on one")
-        return _DeviceFold(plan, arrays, facts, pointers, strided,
-                           devices.pop() if devices else None)
-    return _HostFold(plan, arrays)
+    columns = _columns(plan)
+    if columns.first is not None:   # writes only arrays of the fold's own: nothing the caller sees
+        prepare(columns.first, arrays).commit()
+    plan = columns.rest or plan
+    facts = _read(columns, arrays)
+    if facts is None or not (columns.plan_ok and _fits(columns, facts)):
+        return _prepare_per_layer(plan, arrays)
+    if facts.wide_integer[columns.statistic].any():   # rare: the values themselves are read
+        check_statistics_exact(plan, arrays)
+    if len(facts.devices) > 1:
+        raise FoldError(f"the arrays live on several GPUs "
+                        f"({', '.join(map(str, sorted(facts.devices)))}); a plan folds on one")
+    return _DeviceFold(plan, columns, arrays, facts, next(iter(facts.devices), None))
 
 
 def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
@@ -235,9 +237,25 @@ def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
     prepare(plan, arrays).commit()
 
 
+def _prepare_per_layer(plan, arrays):
+    """The checks one layer at a time: the path of host arrays, and of device arrays that the checks
+    over all layers at once (:func:`_fits`) refused, to name the BN in the error."""
+    facts, pointers, devices = _facts(arrays)
+    check_plan_arrays(plan, arrays, facts)
+    check_statistics_exact(plan, arrays)
+    _check_eps(plan)
+    if 0 < len(pointers) < len(arrays):
+        on_host = next(n for n in arrays if n not in pointers)
+        raise FoldError(f"the arrays are partly on the GPU ('{next(iter(pointers))}') and partly on "
+                        f"the host ('{on_host}'); give all of them as CuPy arrays, or all as NumPy")
+    if len(pointers) == len(arrays):
+        raise RuntimeError("bnfold_gpu: the checks over all layers at once refused arrays that the "
+                           "checks one layer at a time accept; please report this")
+    return _HostFold(plan, arrays)
+
+
 def _facts(arrays):
-    """(``common.array_facts``, device pointers, device ids) in one pass over the arrays: a model may
-    hold thousands of layers, and this runs on every call."""
+    """(``common.array_facts``, device pointers, device ids) in one pass over the arrays."""
     facts, pointers, devices = {}, {}, set()
     ndarray = cupy.ndarray
     for n, a in arrays.items():
@@ -255,22 +273,158 @@ def _facts(arrays):
     return facts, pointers, devices
 
 
+def _columns(plan) -> "_Columns":
+    return segments.per_plan(plan, "cupy_backend", _Columns)
+
+
+class _Columns:
+    """What ``plan`` asks of its arrays, as columns over every array it names (``names``, once each,
+    in the order of ``plan.arrays``), so that a call checks all layers at once; built once per plan.
+    ``first``/``rest``: the stages of ``common.split_stages`` (``rest`` None: the plan itself, which
+    this must not hold, being cached while the plan lives)."""
+
+    def __init__(self, plan):
+        self.first, rest = split_stages(plan) if plan.intermediates else (None, plan)
+        self.rest = None if rest is plan else rest
+        c = segments.fold_columns(rest)
+        self.names = names = c["names"]
+        self.get = (operator.itemgetter(*names) if len(names) > 1 else
+                    lambda arrays, names=names: tuple(arrays[n] for n in names))
+        # what common.check_plan_arrays asks of each array, by its roles
+        at = c["at"]
+        b_size, w_size = (np.fromiter(map(prod, c[field]), np.int64, len(c[field]))
+                          for field in ("bias_shape", "weight_shape"))
+        roles = [(at[field][at[field] >= 0], size[at[field] >= 0]) for field, size in
+                 zip(segments.NAMES, [c["n_channels"]] * 4 + [b_size] * 2 + [w_size] * 2)]
+        sizes = np.zeros(len(names), np.int64)
+        for a, size in roles:
+            sizes[a] = size
+        conflict = any((sizes[a] != size).any() for a, size in roles)
+        self.sizes = None if conflict else sizes.tolist()   # None: no array fits every role it has
+        self.statistic, self.tensor = np.zeros((2, len(names)), bool)   # tensor: a weight or bias
+        self.statistic[np.concatenate([a for a, _ in roles[:4]])] = True
+        self.tensor[np.concatenate([a for a, _ in roles[4:]])] = True
+        with_weight = c["with_weight"]
+        self.pairs = np.array([at["weight"][with_weight], at["folded_weight"][with_weight]])
+        self.plan_ok = (bool(np.isfinite(np.array(c["eps"], float)).all()) and
+                        not (self.pairs < 0).any() and   # a weight without a folded weight
+                        _layouts_cover(segments.take(c["weight_layout"], with_weight),
+                                       w_size[with_weight]))
+        # the dtypes the plan expects: a call whose arrays have them skips working them out
+        self.dtypes = self.dtype_columns = None
+        if all(map(rest.arrays.__contains__, names)):
+            described = (rest.arrays.values() if len(names) == len(rest.arrays) else
+                         map(rest.arrays.__getitem__, names))   # the same, in the same order
+            self.dtypes = list(map(operator.itemgetter(1), described))
+            try:
+                self.dtype_columns = _dtype_columns(self.dtypes)
+            except TypeError:   # not dtypes: each call works its arrays' dtypes out
+                self.dtypes = None
+        self.template = segments.template(rest)   # over the same names
+
+
+def _layouts_cover(layouts, sizes) -> bool:
+    """Whether each of ``layouts`` covers as many elements as ``sizes`` says."""
+    try:
+        return np.array_equal(segments.layout_sizes(layouts), sizes)
+    except AttributeError:   # no layout: the per-layer checks raise as they always did
+        return False
+
+
+# Attribute reads over every array of a call, each one ``map`` (the loop runs in C): on thousands of
+# arrays they are most of what a call costs in Python.
+_DATA, _PTR, _DEVICE_ID, _SIZE, _DTYPE = map(operator.attrgetter,
+                                             ("data", "ptr", "device_id", "size", "dtype"))
+_C_CONTIGUOUS = operator.attrgetter("_c_contiguous")   # CuPy's own flag: a.flags builds an object
+_FLAGS_C_CONTIGUOUS = operator.attrgetter("flags.c_contiguous")
+
+
+class _Facts(NamedTuple):
+    """What a call's arrays are, by position in ``_Columns.names``."""
+    pointer: np.ndarray                 # device addresses (uint64)
+    sizes: list
+    contiguous: Optional[np.ndarray]    # None: all are C-contiguous
+    dtypes: list
+    code: np.ndarray                    # segments.dtype_code; -1 where there is none
+    statistic_ok: np.ndarray            # a dtype a statistic may have
+    to_float: np.ndarray                # not floating point: read as float64
+    wide_integer: np.ndarray            # a 64-bit integer: float64 may not hold it exactly
+    devices: set                        # of every array of the call
+
+
+def _read(columns, arrays) -> Optional[_Facts]:
+    """The facts of the arrays ``columns`` names, one attribute at a time over all of them; None
+    where not every array is a CuPy array, or a name is missing (the per-layer checks say why)."""
+    values = arrays.values()
+    types = set(map(type, values))
+    if not all(issubclass(t, cupy.ndarray) for t in types):
+        return None
+    if len(arrays) == len(columns.names) and tuple(arrays) == columns.names:
+        named = tuple(values)   # in the plan's order: no lookups
+    else:
+        try:
+            named = columns.get(arrays)
+        except KeyError:
+            return None
+    memory = list(map(_DATA, named))
+    pointer = np.fromiter(map(_PTR, memory), np.uint64, len(memory))
+    # every array is named where there are as many (names are distinct)
+    devices = set(map(_DEVICE_ID, memory if len(named) == len(arrays) else map(_DATA, values)))
+    contiguous = list(map(_C_CONTIGUOUS if all(hasattr(t, "_c_contiguous") for t in types)
+                          else _FLAGS_C_CONTIGUOUS, named))
+    dtypes = list(map(_DTYPE, named))
+    dtype_columns = (columns.dtype_columns if dtypes == columns.dtypes else   # identity first
+                     _dtype_columns(dtypes))
+    return _Facts(pointer, list(map(_SIZE, named)),
+                  None if all(contiguous) else np.array(contiguous, bool), dtypes,
+                  *dtype_columns, devices)
+
+
+def _dtype_columns(dtypes):
+    """(dtype code or -1, a statistic's dtype, not floating point, a 64-bit integer) of each of
+    ``dtypes``, worked out once per distinct dtype. (The dtypes with a code are
+    ``common.FLOAT_DTYPES``: those a weight or bias may have.)"""
+    n = len(dtypes)
+    if n and dtypes.count(dtypes[0]) == n:   # one dtype (list.count compares by identity first)
+        distinct, inverse = dtypes[:1], np.zeros(n, np.intp)
+    else:
+        ids = np.fromiter(map(id, dtypes), np.intp, n)
+        _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+        distinct = [dtypes[i] for i in first]
+    table = np.array([(segments.DTYPE_CODES.get(d, -1),
+                       d.kind in _STATISTIC_KINDS and d.itemsize <= 8,
+                       d.kind != "f",
+                       d.kind in "iu" and d.itemsize == 8) for d in map(np.dtype, distinct)],
+                     np.int64).reshape(-1, 4)[inverse.reshape(-1)]
+    return table[:, 0], table[:, 1].astype(bool), table[:, 2].astype(bool), table[:, 3].astype(bool)
+
+
+def _fits(columns, facts) -> bool:
+    """Whether the arrays pass ``common.check_plan_arrays``, checked over all layers at once: every
+    array of its planned size; weights and biases C-contiguous and float16, float32 or float64, a
+    folded weight of its source's dtype; statistics of a real number type."""
+    if columns.sizes is None or facts.sizes != columns.sizes:
+        return False
+    if facts.contiguous is not None and not facts.contiguous[columns.tensor].all():
+        return False
+    weight, folded = columns.pairs
+    return bool((facts.code[columns.tensor] >= 0).all() and
+                facts.statistic_ok[columns.statistic].all() and
+                (facts.code[weight] == facts.code[folded]).all())
+
+
 class _DeviceFold:
     """A fold of device-resident arrays, checked and computed up to its writes: the maps, the
     overflow check of the weights, and every new bias computed into scratch memory. ``commit`` copies
     the biases into place and rescales the weights: two launches."""
 
-    def __init__(self, plan, arrays, facts, pointers, strided, device):
+    def __init__(self, plan, columns, arrays, facts, device):
         self.device = device
         with cupy.cuda.Device(device):
             k = _kernels()
-            dtypes = {n: f[2] for n, f in facts.items()}
-            converted = _statistics_to_convert(plan, dtypes, strided)
-            if converted:
-                arrays, pointers, dtypes = _float_statistics(arrays, pointers, dtypes, converted)
-            for d in set(dtypes.values()):
-                segments.dtype_code(d)
-            t = segments.build(plan, pointers, dtypes)
+            pointer, code, arrays = _float_statistics(columns, arrays, facts)
+            _check_dtypes(columns, arrays, facts, code)
+            t = columns.template.fill(pointer, code)
             scratch_bytes, bias_at, input_at = segments.bias_scratch(t)
             self.scratch = cupy.empty(max(1, scratch_bytes), cupy.uint8)
             base = _ptr(self.scratch)
@@ -299,27 +453,33 @@ class _DeviceFold:
             cupy.cuda.get_current_stream().synchronize()
 
 
-def _statistics_to_convert(plan, dtypes, strided):
-    """The statistics the kernels cannot read by address as they are: strided views, and integers
-    (read as float64)."""
-    out = set(strided)
-    for spec in plan.folds:
-        for key in (spec.gamma, spec.beta, spec.mean, spec.var):
-            if key is not None and dtypes[key].kind != "f":
-                out.add(key)
-    return out
-
-
-def _float_statistics(arrays, pointers, dtypes, keys):
-    """Contiguous floating-point copies of the statistics ``keys``: they are only read, so the
-    caller's arrays are unaffected. Returns the arrays, pointers and dtypes, updated."""
-    copies = {}
-    for key in keys:
+def _float_statistics(columns, arrays, facts):
+    """Contiguous floating-point copies of the statistics the kernels cannot read by address as they
+    are: strided views, and integers (read as float64). They are only read, so the caller's arrays
+    are unaffected. Returns the pointers, dtype codes and arrays, updated."""
+    convert = columns.statistic & facts.to_float
+    if facts.contiguous is not None:
+        convert |= columns.statistic & ~facts.contiguous
+    if not convert.any():
+        return facts.pointer, facts.code, arrays
+    pointer, code, copies = facts.pointer.copy(), facts.code.copy(), {}
+    for i in np.flatnonzero(convert):
+        key = columns.names[i]
         a = arrays[key]
-        copies[key] = cupy.ascontiguousarray(a) if a.dtype.kind == "f" else \
+        copies[key] = copy = cupy.ascontiguousarray(a) if a.dtype.kind == "f" else \
             cupy.asarray(a, dtype=cupy.float64)
-    return ({**arrays, **copies}, {**pointers, **{key: _ptr(a) for key, a in copies.items()}},
-            {**dtypes, **{key: a.dtype for key, a in copies.items()}})
+        pointer[i], code[i] = _ptr(copy), segments.DTYPE_CODES.get(copy.dtype, -1)
+    return pointer, code, {**arrays, **copies}
+
+
+def _check_dtypes(columns, arrays, facts, code):
+    """TypeError for a dtype the kernels do not read (a statistic in a floating-point type other
+    than float16, float32 or float64), or that any other array of the call has."""
+    for i in np.flatnonzero(code < 0)[:1]:
+        segments.dtype_code(facts.dtypes[i])
+    if len(arrays) > len(columns.names):
+        for d in {arrays[n].dtype for n in arrays.keys() - set(columns.names)}:
+            segments.dtype_code(d)
 
 
 def _raise_for_status(plan, status, t, arrays):
