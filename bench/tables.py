@@ -2,8 +2,10 @@
 committed run measured: ``python bench/tables.py bench/results/X.json`` prints the Markdown (a test
 checks the README against the newest committed results). NumPy-free: the JSON alone."""
 import json
+import subprocess
 import sys
 from pathlib import Path
+from typing import Dict, Iterable, Optional
 
 
 def _row(cells) -> str:
@@ -22,6 +24,25 @@ def _table(header, rows) -> str:
     return "\n".join([_row(header), _row(["---"] * len(header))] + [_row(r) for r in rows])
 
 
+def _seconds(s) -> str:
+    if s >= 10:
+        return f"{s:.0f} s"
+    if s >= 1:
+        return f"{s:.1f} s"
+    ms = s * 1e3
+    return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.1f} ms" if ms >= 1 else f"{ms:.2f} ms"
+
+
+def _mb(nbytes) -> str:
+    return f"{nbytes / 1e6:.1f} MB"
+
+
+def _model(row) -> str:
+    """"ResNet-50 width 64, 64x64" -> "ResNet-50, width 64"."""
+    name, width = row["model"].split(",")[0].split(" width ")
+    return f"{name}, width {width}"
+
+
 def cpu_caption(result: dict, path: str) -> str:
     v = result["versions"]
     python = ".".join(v["python"].split(".")[:2])
@@ -29,9 +50,13 @@ def cpu_caption(result: dict, path: str) -> str:
             f"NumPy {v['numpy']}, NNabla {v['nnabla']}; medians of {result['repeats']}, one run):")
 
 
-def cpu_markdown(result: dict) -> str:
-    """``bench_cpu.py``'s rows: NNabla's converter against ``fold()``, and the rescale pass and the
-    whole call against a NumPy multiply over the same bytes."""
+def _legacy(result: dict) -> bool:
+    """Whether ``result`` predates the API floor and the files (it has one table)."""
+    return "floor_s" not in result["rows"][0]
+
+
+def _legacy_cpu_markdown(result: dict) -> str:
+    """The table of results written before the API floor and the files were measured."""
     rows = []
     for r in result["rows"]:
         model = r["model"].split(",")[0].replace("ResNet-50 ", "ResNet-50, ")
@@ -42,6 +67,82 @@ def cpu_markdown(result: dict) -> str:
     size = result["rows"][0]["model"].split(", ")[-1]
     return _table([f"model ({size} input)", "weights", "NNabla converter", "`fold()`", "speed-up",
                    "rescale pass", "NumPy `w *= 1.0`, same bytes", "`fold()` / multiply"], rows)
+
+
+def _converter(r) -> tuple:
+    """(the converter's time, the speed-up): a run stopped at its timeout gives bounds."""
+    if r.get("nnabla_converter_stopped_after_s"):
+        return (f"> {_seconds(r['nnabla_converter_s'])} (stopped)",
+                f">= {_times(r['speedup_vs_converter'])}")
+    once = " (once)" if r["nnabla_converter_runs"] == 1 else ""
+    return _seconds(r["nnabla_converter_s"]) + once, _times(r["speedup_vs_converter"])
+
+
+def cpu_markdown(result: dict) -> str:
+    """``bench_cpu.py``'s rows: ``fold()`` against NNabla's converter and against NNabla's API floor
+    on the same graph (results before the floor was measured: their own table)."""
+    if _legacy(result):
+        return _legacy_cpu_markdown(result)
+    rows = [[_model(r), str(r["bns"]), _mb(r["weight_bytes"]), *_converter(r)[:1],
+             _seconds(r["fold_total_s"]), _converter(r)[1], _seconds(r["floor_s"]),
+             _times(r["fold_over_floor"]), _times(r["fold_over_floor_plus_multiply"])]
+            for r in result["rows"]]
+    size = result["rows"][0]["model"].split(", ")[-1]
+    us = result["accessor_us"]
+    return _table([f"model ({size} input)", "BNs", "weights", "NNabla converter", "`fold()`",
+                   "speed-up (target >= 30x)", "NNabla API floor",
+                   "`fold()` / floor (target <= 1.5x)", "`fold()` / (floor + multiply)"], rows) + (
+        "\n\nNNabla API floor: one `visit` of the graph, `Variable.data.data_ptr(dtype, ctx)` for "
+        "each array the plan touches (a new `Variable` first for each it creates; "
+        f"{us['Variable.data.data_ptr(dtype, ctx)']:.1f} us a call, against "
+        f"{us['Variable.d']:.0f} us for `Variable.d`), one new function per fold.")
+
+
+def cpu_memory_markdown(result: dict) -> str:
+    """The rescale pass and the whole call against a NumPy multiply over the same bytes."""
+    rows = [[_model(r), _mb(r["weight_bytes"]), _seconds(r["rescale_s"]),
+             _seconds(r["numpy_multiply_s"]), _times(r["rescale_over_multiply"]),
+             _times(r["fold_total_over_multiply"])] for r in result["rows"]]
+    return _table(["model", "weights", "rescale pass", "NumPy `w *= 1.0`, same bytes",
+                   "rescale / multiply (target <= 1.5x)", "`fold()` / multiply"], rows)
+
+
+def cpu_stages_markdown(result: dict) -> str:
+    """Where the time goes: ``fold()`` by stage, and the floor by part (medians of each)."""
+    rows = []
+    for r in result["rows"]:
+        phases, floor = r["fold_phases_s"], r["floor_parts_s"]
+        rows.append([_model(r), _seconds(r["fold_call_s"])]
+                    + [_seconds(phases[k]) for k in ("plan", "prepare", "rewrite", "rescale")]
+                    + [_seconds(floor[k]) for k in ("visit", "data_access", "new_parameters",
+                                                    "new_functions")])
+    return _table(["model", "`fold()` call, wall", "its plan", "prepare", "rewrite", "rescale",
+                   "floor: `visit`", "`data_ptr` each array", "new parameters", "new functions"],
+                  rows)
+
+
+def files_markdown(result: dict) -> str:
+    """``fold_nnp`` of the demo's file, in one process, against copying the file; the whole
+    command, and its peak resident memory against the parameters' bytes."""
+    files = result["files"]
+    rows = []
+    for r in files["rows"]:
+        stages = r["fold_nnp_stages_s"]
+        rows.append([r["file"], _mb(r["parameter_bytes"]), _seconds(r["fold_nnp_s"]),
+                     " / ".join(_seconds(stages[k]) for k in ("read", "plan", "fold", "write")),
+                     _seconds(r["copy_s"]), _times(r["fold_over_copy"]), _seconds(r["command_s"]),
+                     f"{r['command_peak_rss_bytes'] / 1e6:.0f} MB",
+                     _times(r["command_peak_rss_over_parameters"]),
+                     _times(r["command_peak_rss_above_imports_over_parameters"])])
+    table = _table([f"{files['model']}", "parameters", "`fold_nnp()`", "read / plan / fold / write",
+                    f"`{files['copy']}`", "`fold_nnp()` / copy (target <= 5x, goal 3x)",
+                    "`bnfold fold` command", "its peak RSS",
+                    "peak RSS / parameters (target <= 1.5x)", "(peak RSS - imports' peak) / parameters"],
+                   rows)
+    return (table + f"\n\nPython start + `{files['imports']['cli']}`: "
+            f"{_seconds(files['import_cli_s'])}; with what a fold imports (NNabla): "
+            f"{_seconds(files['import_fold_s'])}, peak RSS "
+            f"{files['import_fold_peak_rss_bytes'] / 1e6:.0f} MB.")
 
 
 def gpu_caption(result: dict, path: str) -> str:
@@ -93,14 +194,39 @@ def gpu_sweep_markdown(result: dict) -> str:
 
 def markdown(result: dict, path: str) -> str:
     if result["benchmark"] == "cpu":
-        return cpu_caption(result, path) + "\n\n" + cpu_markdown(result)
+        if _legacy(result):
+            return cpu_caption(result, path) + "\n\n" + cpu_markdown(result)
+        return "\n\n".join([cpu_caption(result, path), cpu_markdown(result),
+                            cpu_memory_markdown(result), cpu_stages_markdown(result),
+                            files_markdown(result)])
     return "\n\n".join([gpu_caption(result, path), gpu_markdown(result), gpu_staged_markdown(result),
                         gpu_sweep_markdown(result)])
 
 
-def newest(kind: str, folder: Path) -> Path:
-    """The newest committed result of a kind (``cpu``, ``gpu``): dates sort as text."""
-    found = sorted(folder.glob(f"{kind}-*.json"), key=lambda p: p.stem[-10:])
+def tracked(folder: Path) -> Optional[Dict[str, str]]:
+    """The results in ``folder`` that git tracks (committed, or added to be), as {file name: text},
+    the text read from git's index rather than from disk: a ``make bench`` run that adds a file, or
+    rewrites one on the day it was committed, changes nothing here until that file is added. None
+    when git tracks nothing there (not a git checkout, or git missing)."""
+    def git(*args):
+        return subprocess.run(("git",) + args, cwd=folder, capture_output=True, text=True,
+                              check=True, timeout=60).stdout
+    try:
+        entries = [e for e in git("ls-files", "--stage", "-z", "--", ".").split("\0") if e]
+        found = {}
+        for entry in entries:            # "<mode> <blob> <stage>\t<path>"
+            meta, path = entry.split("\t", 1)
+            if "/" not in path and path.endswith(".json"):
+                found[path] = git("cat-file", "blob", meta.split()[1])
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found or None
+
+
+def newest(kind: str, names: Iterable[str]) -> Optional[str]:
+    """The newest result of a kind (``cpu``, ``gpu``) among file ``names``: dates sort as text."""
+    found = sorted((n for n in names if n.startswith(f"{kind}-") and n.endswith(".json")),
+                   key=lambda n: n[:-len(".json")][-10:])
     return found[-1] if found else None
 
 
