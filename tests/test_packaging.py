@@ -320,7 +320,12 @@ def test_gpu_backend_loads_nvrtc_before_it_compiles(monkeypatch):
 
 # -- the Makefile ----------------------------------------------------------------------------------
 def _make(tmp_path, target):
-    r = _run(["make", "-n", target, "PYTHON=python3"], cwd=tmp_path)
+    # as a user runs it: not as a sub-make of the `make test` running this (which would add
+    # "Entering directory" lines and pass its own flags down)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    r = _run(["make", "--no-print-directory", "-n", target, "PYTHON=python3"], cwd=tmp_path,
+             env=env)
     assert r.returncode == 0, r.stderr
     return r.stdout.splitlines()
 
