@@ -24,24 +24,12 @@ from . import _atomic, protobuf_params
 from .backends import get_backend
 from .backends.common import FoldError
 from .graph import BN_TYPES, Graph
+from .nnp_fold import _Silent   # the progress of a caller that shows none
 from .plan import OUTPUT_SIDE, FoldSpec, Plan, Skip
 from .planner import plan as make_plan
 
 
 _COPY_CHUNK = 16 << 20   # bytes per read when a member is copied between a scratch file and the archive
-
-
-class _Silent:
-    """The progress of a caller that shows none."""
-
-    def expect(self, nbytes):
-        pass
-
-    def extend(self, nbytes):
-        pass
-
-    def advance(self, nbytes):
-        pass
 
 
 class _Counted:

@@ -387,13 +387,7 @@ class _Planner:
                 return self._join_back(fn, walk)
             if fn.type in BN_TYPES or m is not None:
                 raise _Reject(f"the function before it is {self._map_name(fn, m)}")
-            site = self._site_for(walk, fn.out_shapes[0])
-            try:
-                ways = moves.backward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, site,
-                                      _Facts(self, walk))
-            except Stop as s:
-                raise _Reject(f"the function before it is {fn.type}: {s}") from None
-            walk.region.append(fn)
+            ways = self._through(fn, walk)
             if len(ways) == 1:
                 k, site, transform = ways[0]
                 self._move(walk, site, transform)
@@ -407,6 +401,18 @@ class _Planner:
                 sides += self._walk_back(fn.inputs[k], branch, f"input {k} of {fn.type}")
             return sides
 
+    def _through(self, fn: _Fn, walk: _Walk):
+        """The rule's ways through ``fn`` for the walk's map (``moves.backward``), ``fn`` added to
+        the walk's region; _Reject with the rule's reason where the map stops."""
+        site = self._site_for(walk, fn.out_shapes[0])
+        try:
+            ways = moves.backward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, site,
+                                  _Facts(self, walk))
+        except Stop as s:
+            raise _Reject(f"the function before it is {fn.type}: {s}") from None
+        walk.region.append(fn)
+        return ways
+
     def _map_name(self, fn: _Fn, m: Optional[_Map]) -> str:
         """A map function that a walk meets and cannot compose, and why."""
         if m is None:
@@ -419,13 +425,7 @@ class _Planner:
 
     def _join_back(self, fn: _Fn, walk: _Walk) -> List[_Side]:
         """``map(a + b)``: the map's scale goes to both inputs' layers, its shift to the first."""
-        site = self._site_for(walk, fn.out_shapes[0])
-        try:
-            ways = moves.backward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, site,
-                                  _Facts(self, walk))
-        except Stop as s:
-            raise _Reject(f"the function before it is {fn.type}: {s}") from None
-        walk.region.append(fn)
+        ways = self._through(fn, walk)
         sides = []
         for k, site, transform in ways:
             branch = walk.copy()
