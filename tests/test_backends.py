@@ -159,3 +159,46 @@ def test_cuda_context_by_the_contexts_first_backend():
     assert cuda_context(SimpleNamespace(backend=["cuda:float", "cpu:float"]))
     assert not cuda_context(SimpleNamespace(backend=["cpu:float"]))
     assert not cuda_context(SimpleNamespace(backend=[]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape4", [(1, 1, 37, 300), (1, 1, 40, 9), (1, 6, 33, 9), (3, 5, 70, 1),
+                                    (2, 4, 3, 1000), (1, 3, 40000, 3)])
+def test_rescale_each_loop_shape_gives_the_multiplys_bits(dtype, shape4, rng):
+    """The rescale picks its loop by the length of each channel's run (long runs, short runs
+    through a repeated scale, one element); each gives the bits of a plain multiply, in place,
+    out of place and cut into pieces, and leaves NumPy's buffer size as it was."""
+    from bnfold_gpu.layout import ChannelLayout
+    layout = ChannelLayout(*shape4)
+    w = (rng.randn(layout.size) * 3).astype(dtype)
+    scale = rng.randn(shape4[0] * shape4[2]) * 2   # negative scales too
+    work = np.result_type(dtype, np.float32)
+    want = (w.reshape(shape4).astype(work) * scale.astype(work).reshape(shape4[0], 1, shape4[2], 1))
+    want = want.astype(dtype).reshape(-1)
+    before = np.getbufsize()
+    out = np.empty_like(w)
+    numpy_backend.rescale(w, out, scale, layout)
+    assert out.tobytes() == want.tobytes()
+    pieces = w.copy()
+    for task in numpy_backend._rescale_tasks(pieces, pieces, scale, layout, split_bytes=pieces.nbytes // 5):
+        numpy_backend._multiply(task)
+    assert pieces.tobytes() == want.tobytes()
+    numpy_backend.rescale(w, w, scale, layout)
+    assert w.tobytes() == want.tobytes()
+    assert np.getbufsize() == before
+
+
+def test_rescale_puts_the_buffer_size_back_when_the_multiply_fails(monkeypatch):
+    from bnfold_gpu.layout import ChannelLayout
+    layout = ChannelLayout(1, 1, 8, 512)
+    w = np.ones(layout.size, np.float32)
+    before = np.getbufsize()
+
+    def failing(*args, **kwargs):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(np, "multiply", failing)
+    with pytest.raises(MemoryError, match="injected"):
+        numpy_backend.rescale(w, w, np.full(8, 3.0), layout)
+    monkeypatch.undo()
+    assert np.getbufsize() == before and (w == 1).all()

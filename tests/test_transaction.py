@@ -472,7 +472,7 @@ def test_fold_leaves_the_process_as_it_was():
         import bnfold_gpu
 
         def snapshot():
-            return (repr(nn.get_current_context()), np.geterr(), signal.getsignal(signal.SIGINT),
+            return (repr(nn.get_current_context()), (np.geterr(), np.getbufsize()), signal.getsignal(signal.SIGINT),
                     logging.getLogger().level, list(logging.getLogger().handlers),
                     logging.getLogger("nnabla").level, list(logging.getLogger("nnabla").handlers),
                     {k: v for k, v in sys.modules.items() if k.split(".")[0] in ("nnabla", "nnabla_ext")})

@@ -8,6 +8,7 @@ per-channel maps, every new bias, the overflow checks); its ``commit()`` then wr
 """
 import os
 import threading
+from contextlib import contextmanager
 from typing import List, Mapping
 
 import numpy as np
@@ -108,7 +109,56 @@ def _multiply(task):
     s4, d4, k4 = task
     # overflow was ruled out beforehand (``weight_overflow``); a NaN or inf weight stays one
     with np.errstate(all="ignore"):
-        np.multiply(s4, k4, out=d4, casting="same_kind")
+        if not s4.dtype == d4.dtype == k4.dtype:   # float16 through float32: the casts need buffers
+            np.multiply(s4, k4, out=d4, casting="same_kind")
+            return
+        with _unbuffered():
+            if s4.shape[3] == 1 or s4.shape[3] >= _LONG_ROW:
+                np.multiply(s4, k4, out=d4)
+            else:
+                _multiply_short_rows(s4, d4, k4)
+
+
+def _multiply_short_rows(s4, d4, k4):
+    """The multiply where each channel's run of elements (the last axis) is short, as in the input
+    side of a 3x3 convolution: NumPy would loop once per run. The scale is repeated along the run
+    for a block of channels at a time (a block that stays in cache), so that each loop covers
+    a whole block, scale and weights both contiguous."""
+    g, r, c, i = s4.shape
+    step = max(1, _SCALE_BLOCK // i)
+    for a in range(0, c, step):
+        b = min(a + step, c)
+        k = np.repeat(k4[:, :, a:b], i, axis=3).reshape(g, 1, (b - a) * i)
+        np.multiply(_runs(s4[:, :, a:b]), k, out=_runs(d4[:, :, a:b]))
+
+
+def _runs(a4):
+    """(g, r, c, i) -> (g, r, c * i), a view (setting ``shape`` raises rather than copy)."""
+    v = a4.view()
+    v.shape = a4.shape[:2] + (a4.shape[2] * a4.shape[3],)
+    return v
+
+
+_ROW_BUFFER = 16        # elements: the smallest buffer NumPy accepts, shorter than a long row
+_LONG_ROW = 256         # elements per channel from which a plain broadcast loops at memory speed
+_SCALE_BLOCK = 1 << 16  # elements of repeated scale per block (256 KiB of float32)
+
+
+@contextmanager
+def _unbuffered():
+    """This thread's ufunc buffer made shorter than a weight row, for the duration.
+
+    A per-channel multiply broadcasts the scale along each row. With NumPy's default buffer (8192
+    elements) the ufunc iterator lets one inner loop span several rows, so it copies the broadcast
+    scale into its buffer first: twice the time of a plain multiply. With a buffer shorter than a
+    row, each row is one loop straight over memory (same arithmetic, same bits). The setting is the
+    calling thread's own (NumPy keeps it per thread, or per context) and is put back."""
+    before = np.getbufsize()
+    np.setbufsize(_ROW_BUFFER)
+    try:
+        yield
+    finally:
+        np.setbufsize(before)
 
 
 def _balanced(tasks, workers: int) -> List[list]:
