@@ -439,10 +439,7 @@ def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress):
 def _h5_parameters(where, hd, member_size: int):
     """[(name, Param)] of the open HDF5 file ``hd``, in the order of their ``index``. Every dataset
     is checked before any is read; ``where`` names the file and member in messages."""
-    import h5py
-    datasets = []
-    hd.visititems(lambda name, obj: datasets.append((name, obj))
-                  if isinstance(obj, h5py.Dataset) else None)
+    datasets = _datasets(hd)
     entries, need = [], 0
     for name, ds in datasets:
         need += _check_dataset(where, name, ds, member_size)
@@ -460,6 +457,28 @@ def _h5_parameters(where, hd, member_size: int):
             raise NnpError(f"{where}: parameter '{name}' cannot be read ({_h5_reason(e)})") from None
         out.append((name, Param(value, need_grad)))
     return out
+
+
+def _datasets(hd):
+    """[(name, Dataset)] of every dataset of the open HDF5 file, as ``visititems`` finds them (each
+    object once, through hard links, in name order), without opening the other objects."""
+    import h5py
+    names = []
+
+    def visit(name, info):
+        if info.type == h5py.h5o.TYPE_DATASET:
+            names.append(name)
+
+    h5py.h5o.visit(hd.id, visit, info=True)
+    return [(_decoded(name), h5py.Dataset(h5py.h5d.open(hd.id, name))) for name in names]
+
+
+def _decoded(name: bytes):
+    """A name as h5py gives it: text where it is UTF-8, else the bytes."""
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        return name
 
 
 def _h5_type_words(ds) -> Optional[str]:
@@ -518,16 +537,22 @@ def _attribute(where, name, ds, key: str):
     or 1, default False), refused in words where it is anything else. NNabla writes one scalar; its
     shape and type are checked before it is read."""
     import h5py
-    if key not in ds.attrs:
+    if not h5py.h5a.exists(ds.id, key.encode()):
         return 0 if key == "index" else False
-    attr = h5py.h5a.open(ds.id, key.encode())
-    count = math.prod(attr.shape) if attr.shape is not None else 0
+    attr = h5py.h5a.open(ds.id, key.encode())   # opened once, read in place: h5py's own way is slow
+    shape = attr.shape
+    count = math.prod(shape) if shape is not None else 0
     if count != 1:
         raise NnpError(f"{where}: parameter '{name}': {key} attribute holds {count} values, not one")
     cls = attr.get_type().get_class()
     t = h5py.h5t
-    boolean = cls == t.ENUM and attr.dtype.kind == "b"
-    value = np.asarray(ds.attrs[key]).reshape(-1)[0] if cls == t.INTEGER or boolean else None
+    dtype = attr.dtype if cls in (t.INTEGER, t.ENUM) else None   # each h5py call costs ~10-30 us
+    boolean = cls == t.ENUM and dtype.kind == "b"
+    value = None
+    if cls == t.INTEGER or boolean:
+        value = np.empty(shape, dtype)
+        attr.read(value)
+        value = value.reshape(-1)[0]
     if key == "index" and cls == t.INTEGER:
         return int(value)
     if key == "need_grad" and (boolean or value in (0, 1)):
@@ -1116,10 +1141,10 @@ def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, scratc
     progress.expect(sum(p.value.nbytes for p in params.values()))
     with _atomic.scratch(scratch) as d, open(os.path.join(d, "parameter.h5"), "w+b") as local:
         with h5py.File(local, "w") as hd:
-            for i, (name, p) in enumerate(params.items()):
-                hd[name] = p.value
-                hd[name].attrs["need_grad"] = p.need_grad
-                hd[name].attrs["index"] = i
+            for i, (name, p) in enumerate(params.items()):   # as NNabla writes them
+                ds = hd.create_dataset(name, data=p.value)
+                ds.attrs["need_grad"] = p.need_grad
+                ds.attrs["index"] = i
                 progress.advance(p.value.nbytes)
         local.flush()
         member.file_size = os.fstat(local.fileno()).st_size   # sizes the member's header

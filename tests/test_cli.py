@@ -1069,6 +1069,9 @@ def test_write_failures_are_one_line_and_leave_nothing(tmp_path, capsys, monkeyp
             RuntimeError("Can't decrement id ref count (unable to flush file's cached information)")
 
         class Failing(h5py.File):
+            def create_dataset(self, name, *args, **kwargs):
+                raise error
+
             def __setitem__(self, name, value):
                 raise error
         monkeypatch.setattr(h5py, "File", Failing)

@@ -361,6 +361,23 @@ def test_integer_need_grad_is_read_as_a_boolean(tmp_path, scratch):
     assert f.params["c1/conv/W"].need_grad is False and f.params["bn2/bn/mean"].need_grad is True
 
 
+def test_missing_attributes_read_as_nnabla_reads_them(tmp_path, scratch):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    want = N.read(str(good))
+
+    def edit(hd):
+        for key in ("index", "need_grad"):
+            del hd["c1/conv/W"].attrs[key]
+        hd["bn2/bn/mean"].attrs["need_grad"] = True
+        hd["bn2/bn/mean"].attrs["index"] = np.uint16(1000)   # any integer type, sorted last
+    f = N.read(str(_edit_h5(good, tmp_path / "attr.nnp", edit)))
+    names = list(f.params)
+    assert names[0] == "c1/conv/W" and names[-1] == "bn2/bn/mean"   # index 0 by default
+    assert f.params["c1/conv/W"].need_grad is False and f.params["bn2/bn/mean"].need_grad is True
+    assert set(names) == set(want.params)
+    assert all(np.array_equal(f.params[n].value, want.params[n].value) for n in names)
+
+
 def test_hdf5_read_failure_is_said_without_hdf5_internals(tmp_path, capsys, scratch, monkeypatch):
     good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
 
