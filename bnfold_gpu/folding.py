@@ -341,10 +341,10 @@ def _fold(outputs, backend: str, inplace: bool, skip) -> FoldResult:
     t1 = time.perf_counter()
     variables, new_vars, arrays = prepare_arrays(graph, p, be.name)
     job = be.prepare(p, arrays)       # checks everything, computes the new biases: writes nothing
-    functions, flat_out = graph.functions, flat
+    functions, flat_out, inputs = graph.functions, flat, graph.inputs
     if not inplace and p.folds:
-        functions, flat_out = rewrite.clone(graph.functions, flat)
-    rewiring = rewrite.prepare(p, functions, variables, flat_out)
+        functions, flat_out, inputs = rewrite.clone(graph.functions, flat, graph.inputs)
+    rewiring = rewrite.prepare(p, functions, variables, flat_out, inputs)
     registrations = _registrations(graph, p, new_vars, variables)
     t2 = time.perf_counter()
     with _interrupts.held():

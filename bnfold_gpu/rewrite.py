@@ -29,27 +29,34 @@ def new_function(type_name: str, args: dict, inputs: Sequence["nn.Variable"], n_
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
-def clone(functions: List, outputs: List["nn.Variable"]):
-    """Copies of ``functions`` (same order) and of ``outputs``, sharing leaf variables only."""
+def clone(functions: List, outputs: List["nn.Variable"], inputs=None):
+    """Copies of ``functions`` (same order), of ``outputs`` and of each function's inputs, sharing
+    leaf variables only. ``inputs``: each function's inputs, where the caller has them already."""
     mapped: Dict = {}
-    new_functions = []
-    for f in functions:
-        outs = call_like(f, [mapped.get(v, v) for v in f.inputs])
+    new_functions, new_inputs = [], []
+    for k, f in enumerate(functions):
+        ins = [mapped.get(v, v) for v in (f.inputs if inputs is None else inputs[k])]
+        outs = call_like(f, ins)
         for old, new in zip(f.outputs, outs):
             new.need_grad = old.need_grad
             mapped[old] = new
         new_functions.append(outs[0].parent)
-    return new_functions, [mapped.get(v, v) for v in outputs]
+        new_inputs.append(ins)
+    return new_functions, [mapped.get(v, v) for v in outputs], new_inputs
 
 
-def prepare(plan: Plan, functions: List, variables: Dict[str, "nn.Variable"], outputs=()):
+def prepare(plan: Plan, functions: List, variables: Dict[str, "nn.Variable"], outputs=(),
+            inputs=None):
     """The new functions for the plan's edit over ``functions`` (the graph the plan was made for, or
     its clone); ``variables`` maps every folded array's name to its parameter variable, ``outputs``
-    are the graph's outputs. Returns the rewiring to do, (variable, its new value) pairs: every
-    variable of a region that is read outside it; the graph itself is not touched."""
+    are the graph's outputs, ``inputs`` each function's inputs where the caller has them (NNabla
+    makes new objects on each ask). Returns the rewiring to do, (variable, its new value) pairs:
+    every variable of a region that is read outside it; the graph itself is not touched."""
     edit = plan.edit
     if not edit.region:
         return []
+    if inputs is None:
+        inputs = [f.inputs for f in functions]
     removed = dict(edit.removed)
     fused = set(edit.fused)
     new_inputs: Dict[int, Dict[int, str]] = {}
@@ -57,32 +64,32 @@ def prepare(plan: Plan, functions: List, variables: Dict[str, "nn.Variable"], ou
         new_inputs.setdefault(index, {})[position] = name
     region = set(edit.region)
     read_outside = set(outputs)
-    for k, f in enumerate(functions):
+    for k, ins in enumerate(inputs):
         if k not in region:
-            read_outside.update(f.inputs)
+            read_outside.update(ins)
     mapped: Dict = {}
     made = set()
     for index in edit.region:
         f = functions[index]
         # a variable the rest of the graph reads is rewired onto its new value: functions rebuilt
         # after it read it, not the new value (which the rewiring leaves without a parent)
-        inputs = [v if v in read_outside and v in mapped else mapped.get(v, v) for v in f.inputs]
+        ins = [v if v in read_outside and v in mapped else mapped.get(v, v) for v in inputs[index]]
         if index in removed:                       # a map: its output is its data input's value
-            mapped[f.outputs[0]] = inputs[removed[index]]
+            mapped[f.outputs[0]] = ins[removed[index]]
             continue
         if index in fused:                         # relu(BN(x) + z): the BN part is folded
-            h = inputs[0]
-            if len(inputs) > 5:
-                h = new_function("Add2", {"inplace": False}, [h, inputs[5]])[0]
+            h = ins[0]
+            if len(ins) > 5:
+                h = new_function("Add2", {"inplace": False}, [h, ins[5]])[0]
             mapped[f.outputs[0]] = new_function("ReLU", {"inplace": False}, [h])[0]
             made.add(mapped[f.outputs[0]])
             continue
         for position, name in new_inputs.get(index, {}).items():
-            if position < len(inputs):
-                inputs[position] = variables[name]
+            if position < len(ins):
+                ins[position] = variables[name]
             else:
-                inputs.append(variables[name])     # a layer's new bias
-        outs = call_like(f, inputs)
+                ins.append(variables[name])        # a layer's new bias
+        outs = call_like(f, ins)
         for old, new in zip(f.outputs, outs):
             new.need_grad = old.need_grad
             if tuple(new.shape) != tuple(old.shape):   # same function, same shapes: cannot happen
