@@ -153,9 +153,10 @@ def time_floor_and_multiply(model: Model):
         for w in weights:
             np.multiply(w, np.float32(1.0), out=w)
     multiply_s, _ = _seconds(multiply)
-    rescale_s, _ = _seconds(lambda: numpy_backend.fold(p, arrays))  # checks, biases, weights
+    checks_s, job = _seconds(lambda: numpy_backend.prepare(p, arrays))  # checks, biases, overflow
+    writes_s, _ = _seconds(job.commit)                                  # the writes alone
     bns = sum(t in BN_TYPES for t in graph.types)
-    return floor, multiply_s, rescale_s, p.bytes_rescaled(), bns
+    return floor, multiply_s, {"checks": checks_s, "writes": writes_s}, p.bytes_rescaled(), bns
 
 
 def time_fold(model: Model, bns: int) -> dict:
@@ -212,7 +213,9 @@ def measure_model(model: Model, repeats: int, converter_repeats: bool, timeout: 
     floor = {k: median(r[0][k] for r in runs) for k in runs[0][0]}
     phases = {k: median(r[3][k] for r in runs) for k in runs[0][3]}
     call = phases.pop("call")
-    multiply, rescale = median(r[1] for r in runs), median(r[2] for r in runs)
+    multiply = median(r[1] for r in runs)
+    checks, writes = (median(r[2][k] for r in runs) for k in ("checks", "writes"))
+    rescale = median(r[2]["checks"] + r[2]["writes"] for r in runs)
     total = phases["total"]
     converter = median(conv[1:] or conv)
     row = {
@@ -223,12 +226,14 @@ def measure_model(model: Model, repeats: int, converter_repeats: bool, timeout: 
         "nnabla_converter_stopped_after_s": timeout if stopped else None,
         "fold_total_s": total, "fold_phases_s": phases, "fold_call_s": call,
         "floor_s": floor["total"], "floor_parts_s": {k: v for k, v in floor.items() if k != "total"},
-        "rescale_s": rescale, "numpy_multiply_s": multiply,
+        "rescale_s": rescale, "rescale_checks_s": checks, "rescale_writes_s": writes,
+        "numpy_multiply_s": multiply,
         "speedup_vs_converter": converter / total,
         "fold_over_floor": total / floor["total"],
         "fold_over_floor_plus_multiply": total / (floor["total"] + multiply),
         "fold_total_over_multiply": total / multiply,
         "rescale_over_multiply": rescale / multiply,
+        "rescale_writes_over_multiply": writes / multiply,
     }
     if converter_repeats:   # the names of earlier results
         row["nnabla_converter_warm_s"] = converter

@@ -99,12 +99,21 @@ def cpu_markdown(result: dict) -> str:
 
 
 def cpu_memory_markdown(result: dict) -> str:
-    """The rescale pass and the whole call against a NumPy multiply over the same bytes."""
-    rows = [[_model(r), _mb(r["weight_bytes"]), _seconds(r["rescale_s"]),
-             _seconds(r["numpy_multiply_s"]), _times(r["rescale_over_multiply"]),
+    """The rescale pass and the whole call against a NumPy multiply over the same bytes; where the
+    result has them, the pass's checks (the overflow read among them) and writes apart."""
+    if "rescale_writes_s" not in result["rows"][0]:
+        rows = [[_model(r), _mb(r["weight_bytes"]), _seconds(r["rescale_s"]),
+                 _seconds(r["numpy_multiply_s"]), _times(r["rescale_over_multiply"]),
+                 _times(r["fold_total_over_multiply"])] for r in result["rows"]]
+        return _table(["model", "weights", "rescale pass", "NumPy `w *= 1.0`, same bytes",
+                       "rescale / multiply (target <= 1.5x)", "`fold()` / multiply"], rows)
+    rows = [[_model(r), _mb(r["weight_bytes"]), _seconds(r["numpy_multiply_s"]),
+             _seconds(r["rescale_s"]), _seconds(r["rescale_checks_s"]), _seconds(r["rescale_writes_s"]),
+             _times(r["rescale_over_multiply"]), _times(r["rescale_writes_over_multiply"]),
              _times(r["fold_total_over_multiply"])] for r in result["rows"]]
-    return _table(["model", "weights", "rescale pass", "NumPy `w *= 1.0`, same bytes",
-                   "rescale / multiply (target <= 1.5x)", "`fold()` / multiply"], rows)
+    return _table(["model", "weights", "NumPy `w *= 1.0`, same bytes", "rescale pass",
+                   "its checks (overflow read)", "its writes", "rescale / multiply (target <= 1.5x)",
+                   "writes / multiply", "`fold()` / multiply"], rows)
 
 
 def cpu_stages_markdown(result: dict) -> str:

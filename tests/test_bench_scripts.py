@@ -92,8 +92,10 @@ def test_bench_cpu_records_the_floor_the_converter_and_the_files(quick_cpu_run):
         assert r["fold_call_s"] >= r["fold_total_s"] > 0
         assert r["weight_bytes"] < r["parameter_bytes"]
         for key in ("speedup_vs_converter", "fold_over_floor", "fold_over_floor_plus_multiply",
-                    "rescale_over_multiply", "fold_total_over_multiply"):
+                    "rescale_over_multiply", "fold_total_over_multiply",
+                    "rescale_writes_over_multiply"):
             assert r[key] > 0, key
+        assert r["rescale_s"] >= r["rescale_writes_s"] > 0 and r["rescale_checks_s"] > 0
     assert rows[-1]["nnabla_converter_runs"] == 1
     assert rows[-1]["nnabla_converter_stopped_after_s"] is None
     assert "Variable.data.data_ptr(dtype, ctx)" in result["accessor_us"]
