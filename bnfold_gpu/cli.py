@@ -191,6 +191,7 @@ def cmd_inspect(args, run):
     progress.step("planning")
     reports = network_reports(N.plan_file(f, skip=args.skip))
     progress.finish()
+    _say_unmatched(args.skip, reports)
     if args.json:
         print(json.dumps({"input": args.input, "networks": {n.name: n.to_json() for n in reports}},
                          indent=2))
@@ -200,6 +201,19 @@ def cmd_inspect(args, run):
         print(f"{sum(n.folded_count for n in reports)} BN(s) would fold, {len(skipped)} would stay")
     sys.stdout.flush()
     return EXIT_OK
+
+
+def _say_unmatched(patterns, reports) -> None:
+    """A line on stderr for each --skip pattern that named no BN of the file (a typo would
+    otherwise fold what the user meant to keep), with a few names it could have matched."""
+    import fnmatch
+    names = [b for n in reports for f in n.folded for b in f["bns"]] + \
+        [s["bn"] for n in reports for s in n.skipped]
+    for pattern in dict.fromkeys(patterns):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            sample = ", ".join(repr(n) for n in list(dict.fromkeys(names))[:3])
+            _say(f"bnfold: note: --skip {pattern!r} matches no BN of the file"
+                 + (f" (their names are like {sample})" if sample else " (it has none)"))
 
 
 def _check_report_path(args, out_path):
@@ -260,6 +274,7 @@ def cmd_fold(args, run):
         return EXIT_MISMATCH if isinstance(e, VerificationFailed) else EXIT_CANNOT_VERIFY
     run.output = out_path
     progress.finish()
+    _say_unmatched(args.skip, report.networks)
     problems = []
     if args.report:
         try:
