@@ -314,11 +314,17 @@ def time_file(src: Path, folder: Path, repeats: int, command_repeats: int) -> di
     ``shutil.copyfile`` of ``src``, in turns; then whole ``bnfold fold`` commands."""
     dst, copy = folder / "folded.nnp", folder / "copy.nnp"
     bnfold_gpu.fold_nnp(src, dst, backend="numpy")
-    folds, copies = [], []
+
+    def durable_copy():     # as bnfold writes its output: the copy flushed to disk
+        shutil.copyfile(src, copy)
+        with open(copy, "rb+") as fh:
+            os.fsync(fh.fileno())
+    folds, copies, durable = [], [], []
     for _ in range(repeats):
         _, report = _seconds(lambda: bnfold_gpu.fold_nnp(src, dst, backend="numpy"))
         folds.append(report.seconds)
         copies.append(_seconds(lambda: shutil.copyfile(src, copy))[0])
+        durable.append(_seconds(durable_copy)[0])
     commands = [run_child(bnfold_command() + ["fold", str(src), "-o", str(dst), "--backend",
                                               "numpy", "--quiet"])
                 for _ in range(command_repeats)]
@@ -326,6 +332,7 @@ def time_file(src: Path, folder: Path, repeats: int, command_repeats: int) -> di
     return {"file_bytes": src.stat().st_size, "fold_nnp_s": stages["total"],
             "fold_nnp_stages_s": stages, "copy_s": median(copies),
             "fold_over_copy": stages["total"] / median(copies),
+            "copy_fsync_s": median(durable), "fold_over_copy_fsync": stages["total"] / median(durable),
             "command_s": median(c[0] for c in commands),
             "command_peak_rss_bytes": max(c[1] for c in commands)}
 

@@ -134,19 +134,28 @@ def files_markdown(result: dict) -> str:
     """``fold_nnp`` of the demo's file, in one process, against copying the file; the whole
     command, and its peak resident memory against the parameters' bytes."""
     files = result["files"]
+    durable = "copy_fsync_s" in files["rows"][0]   # results since the copy was also made durable
     rows = []
     for r in files["rows"]:
         stages = r["fold_nnp_stages_s"]
+        write = _seconds(stages["write"])
+        if "write_sync" in stages:
+            write += f" (fsync {_seconds(stages['write_sync'])})"
         rows.append([r["file"], _mb(r["parameter_bytes"]), _seconds(r["fold_nnp_s"]),
-                     " / ".join(_seconds(stages[k]) for k in ("read", "plan", "fold", "write")),
-                     _seconds(r["copy_s"]), _times(r["fold_over_copy"]), _seconds(r["command_s"]),
-                     f"{r['command_peak_rss_bytes'] / 1e6:.0f} MB",
-                     _times(r["command_peak_rss_over_parameters"]),
-                     _times(r["command_peak_rss_above_imports_over_parameters"])])
+                     " / ".join([_seconds(stages[k]) for k in ("read", "plan", "fold")] + [write]),
+                     _seconds(r["copy_s"]), _times(r["fold_over_copy"])]
+                    + ([_seconds(r["copy_fsync_s"]), _times(r["fold_over_copy_fsync"])] if durable
+                       else [])
+                    + [_seconds(r["command_s"]), f"{r['command_peak_rss_bytes'] / 1e6:.0f} MB",
+                       _times(r["command_peak_rss_over_parameters"]),
+                       _times(r["command_peak_rss_above_imports_over_parameters"])])
     table = _table([f"{files['model']}", "parameters", "`fold_nnp()`", "read / plan / fold / write",
-                    f"`{files['copy']}`", "`fold_nnp()` / copy (target <= 5x, goal 3x)",
-                    "`bnfold fold` command", "its peak RSS",
-                    "peak RSS / parameters (target <= 1.5x)", "(peak RSS - imports' peak) / parameters"],
+                    f"`{files['copy']}`", "`fold_nnp()` / copy (target <= 5x, goal 3x)"]
+                   + (["copy + fsync (as bnfold writes)", "`fold_nnp()` / (copy + fsync)"] if durable
+                      else [])
+                   + ["`bnfold fold` command", "its peak RSS",
+                      "peak RSS / parameters (target <= 1.5x)",
+                      "(peak RSS - imports' peak) / parameters"],
                    rows)
     return (table + f"\n\nPython start + `{files['imports']['cli']}`: "
             f"{_seconds(files['import_cli_s'])}; with what a fold imports (NNabla): "

@@ -19,6 +19,7 @@ import socket
 import stat
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from typing import List, Optional
 
@@ -250,12 +251,15 @@ class AtomicFile:
         track(self.path)
         self.file = os.fdopen(fd, "wb")
         self.committed = self.finished = False
+        self.sync_seconds = 0.0   # how long flushing it to disk took
 
     def finish(self) -> None:
         if self.finished:
             return
         self.file.flush()
+        since = time.perf_counter()
         os.fsync(self.file.fileno())
+        self.sync_seconds = time.perf_counter() - since
         self.file.close()
         try:
             like = os.stat(self.target)

@@ -226,6 +226,7 @@ def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
         except _atomic.TargetError as e:
             raise N.NnpError(str(e)) from None
         pending = N.write_temp(f, target, progress)
+    clock.seconds["write_sync"] = pending.sync_seconds   # part of "write": the file made durable
     try:
         f.params.clear()   # written; --verify loads both files, so hold no third copy of the weights
         if verify:

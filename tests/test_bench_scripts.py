@@ -106,6 +106,8 @@ def test_bench_cpu_records_the_floor_the_converter_and_the_files(quick_cpu_run):
     for f in files["rows"]:
         assert set(f["fold_nnp_stages_s"]) >= {"read", "plan", "fold", "write", "total"}
         assert f["fold_over_copy"] > 0 and f["command_s"] > 0
+        assert f["copy_fsync_s"] > 0 and f["fold_over_copy_fsync"] > 0
+        assert 0 < f["fold_nnp_stages_s"]["write_sync"] < f["fold_nnp_stages_s"]["write"]
         assert f["command_peak_rss_bytes"] > f["parameter_bytes"] > 0
         assert 0 < f["command_peak_rss_above_imports_over_parameters"] < \
             f["command_peak_rss_over_parameters"]

@@ -966,6 +966,7 @@ def test_report_schema(tmp_path):
     assert nets["Main"]["kept_count"] == 3 and nets["Main"]["uses_batch_statistics"]
     assert all(s["reason"] for s in nets["Main"]["skipped"])
     assert {"read", "plan", "fold", "write"} <= set(rep["seconds"]) and "verify" not in rep["seconds"]
+    assert 0 < rep["seconds"]["write_sync"] < rep["seconds"]["write"]
     assert rep["verify"] is None
     assert run("fold", p, "-o", out, "--report", report, "-q", "--verify") == 0
     assert "verify" in json.loads(report.read_text())["seconds"]
