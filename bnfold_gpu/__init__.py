@@ -7,7 +7,7 @@ import os
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 
 from .backends.common import FoldError
-from .plan import FoldSpec, Plan, Skip
+from .plan import FoldSpec, Plan, Skip, SkipPatternWarning
 
 if TYPE_CHECKING:   # for the annotations alone: importing these at run time would import nnabla
     import nnabla
@@ -71,4 +71,4 @@ def __getattr__(name):
 
 __all__ = ["fold", "plan", "fold_nnp", "load", "FoldResult", "Report", "NnpError",
            "VerificationFailed", "VerificationImpossible", "FoldSpec", "Plan", "Skip", "FoldError",
-           "__version__"]
+           "SkipPatternWarning", "__version__"]

@@ -206,14 +206,11 @@ def cmd_inspect(args, run):
 def _say_unmatched(patterns, reports) -> None:
     """A line on stderr for each --skip pattern that named no BN of the file (a typo would
     otherwise fold what the user meant to keep), with a few names it could have matched."""
-    import fnmatch
-    names = [b for n in reports for f in n.folded for b in f["bns"]] + \
-        [s["bn"] for n in reports for s in n.skipped]
-    for pattern in dict.fromkeys(patterns):
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            sample = ", ".join(repr(n) for n in list(dict.fromkeys(names))[:3])
-            _say(f"bnfold: note: --skip {pattern!r} matches no BN of the file"
-                 + (f" (their names are like {sample})" if sample else " (it has none)"))
+    from .plan import unmatched_skips, unmatched_words
+    names = list(dict.fromkeys([b for n in reports for f in n.folded for b in f["bns"]] +
+                               [s["bn"] for n in reports for s in n.skipped]))
+    for pattern in unmatched_skips(patterns, names):
+        _say(f"bnfold: note: --{unmatched_words(pattern, names, 'the file')}")
 
 
 def _check_report_path(args, out_path):
@@ -240,7 +237,9 @@ def _write_report(path, report) -> None:
 
 
 def cmd_fold(args, run):
+    import warnings
     from .nnp import NnpError
+    from .plan import SkipPatternWarning
     from .nnp_fold import VerificationFailed, VerificationImpossible, fold_nnp
     if args.output is None and not args.in_place:
         raise NnpError("give -o OUT.nnp, or --in-place to replace the input")
@@ -252,10 +251,12 @@ def cmd_fold(args, run):
     summary_to = sys.stderr if args.report == "-" else sys.stdout   # stdout holds the JSON then
     progress = Progress(1, args.quiet)    # its last step, finish(); fold_nnp adds the others
     try:
-        report = fold_nnp(args.input, args.output, backend=args.backend, verify=args.verify,
-                          tolerance=args.tolerance, atol=args.atol, seed=args.seed,
-                          inputs=dict(args.inputs), in_place=args.in_place, skip=args.skip,
-                          progress=progress)
+        with warnings.catch_warnings():   # said as a note once the fold is done
+            warnings.simplefilter("ignore", SkipPatternWarning)
+            report = fold_nnp(args.input, args.output, backend=args.backend, verify=args.verify,
+                              tolerance=args.tolerance, atol=args.atol, seed=args.seed,
+                              inputs=dict(args.inputs), in_place=args.in_place, skip=args.skip,
+                              progress=progress)
     except (VerificationFailed, VerificationImpossible) as e:
         progress.close()
         line = f"bnfold: {e}"

@@ -21,7 +21,7 @@ from . import _interrupts, rewrite
 from .backends import get_backend
 from .backends.common import cuda_context
 from .graph import Graph, Home
-from .plan import FoldSpec, Plan, Skip
+from .plan import FoldSpec, Plan, Skip, warn_unmatched_skips
 from .planner import plan as _make_plan
 
 
@@ -288,8 +288,11 @@ def plan(outputs, inplace: bool = True, skip: Sequence[str] = ()) -> Plan:
     """A dry run: what ``fold(outputs, inplace=inplace, skip=skip)`` would fold, into what, and why
     the rest would not. Changes nothing."""
     flat, _ = _flatten(outputs)
+    skip = _patterns(skip)
     with _relative_imports_fail_fast():
-        return _make_plan(Graph(flat), inplace, skip=_patterns(skip))
+        p = _make_plan(Graph(flat), inplace, skip=skip)
+    warn_unmatched_skips(skip, [p], "the graph")
+    return p
 
 
 def _patterns(skip) -> Tuple[str, ...]:
@@ -338,6 +341,7 @@ def _fold(outputs, backend: str, inplace: bool, skip) -> FoldResult:
     t0 = time.perf_counter()
     graph = Graph(flat)
     p = _make_plan(graph, inplace, skip=skip)
+    warn_unmatched_skips(skip, [p], "the graph")
     t1 = time.perf_counter()
     variables, new_vars, arrays = prepare_arrays(graph, p, be.name)
     job = be.prepare(p, arrays)       # checks everything, computes the new biases: writes nothing

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 
 from . import _atomic, _safe_points
 from .backends import get_backend
+from .plan import warn_unmatched_skips
 from . import __version__
 
 SCHEMA_VERSION = 1   # of Report.to_json(); raised when a field changes meaning or goes away
@@ -334,8 +335,10 @@ def _output(src: str, dst, in_place: bool):
 def _fold(f, backend, progress, clock, skip=()):
     """Plan and fold ``f`` in memory. Returns (the FilePlan, backend name, bytes rescaled)."""
     from . import nnp as N
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
     with clock("plan"):
         fp = N.plan_file(f, progress, skip=skip)
+    warn_unmatched_skips(skip, [n.plan for n in fp.networks if n.plan is not None], "the file")
     progress.step("folding")
     with clock("fold"):
         name, nbytes = N.fold_parameters(f, fp, backend)

@@ -2,9 +2,11 @@
 
 A backend needs nothing but a plan and a dict of arrays keyed by the names in it.
 """
+import fnmatch
+import warnings
 from dataclasses import dataclass, field
 from math import prod
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 from .layout import ChannelLayout
 
@@ -200,3 +202,34 @@ def format_table(rows) -> str:
         if k == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+class SkipPatternWarning(UserWarning):
+    """A ``skip`` pattern that matches no BN: a misspelt one would fold what it was meant to keep."""
+
+
+def bn_names(plans: Iterable[Plan]) -> Tuple[str, ...]:
+    """Every BN of ``plans``, folded or kept, once."""
+    plans = list(plans)
+    return tuple(dict.fromkeys([b for p in plans for b in p.folded_bns] +
+                               [s.bn for p in plans for s in p.skipped]))
+
+
+def unmatched_skips(patterns: Sequence[str], names: Sequence[str]) -> Tuple[str, ...]:
+    """The ``patterns`` (names or globs) that match none of ``names``."""
+    return tuple(pattern for pattern in dict.fromkeys(patterns)
+                 if not any(fnmatch.fnmatchcase(name, pattern) for name in names))
+
+
+def unmatched_words(pattern: str, names: Sequence[str], where: str) -> str:
+    sample = ", ".join(repr(n) for n in names[:3])
+    return (f"skip pattern {pattern!r} matches no BN of {where}"
+            + (f" (their names are like {sample})" if sample else " (it has none)"))
+
+
+def warn_unmatched_skips(patterns: Sequence[str], plans: Iterable[Plan], where: str) -> None:
+    """A :class:`SkipPatternWarning` for each pattern that matches no BN of ``plans``, naming a few
+    of the BNs of ``where`` ("the graph", "the file")."""
+    names = bn_names(plans)
+    for pattern in unmatched_skips(patterns, names):
+        warnings.warn(unmatched_words(pattern, names, where), SkipPatternWarning, stacklevel=2)

@@ -72,8 +72,8 @@ def test_a_skip_pattern_that_names_no_bn_is_said(console_file, tmp_path, capsys)
     assert run("fold", console_file, "-o", out, "--quiet", "--skip", "bn1/*",
                "--skip", "bn9/*", "--skip", "bn9/*") == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("bnfold: note: --skip 'bn9/*' matches no BN of the "
-                                               "file (their names are like 'bn")
+    assert len(err) == 1 and err[0].startswith(
+        "bnfold: note: --skip pattern 'bn9/*' matches no BN of the file (their names are like 'bn")
     assert run("inspect", console_file, "--skip", "bn1/bn", "--json") == 0
     captured = capsys.readouterr()
     assert captured.err == ""    # bn1/bn is a BN's name: nothing to say

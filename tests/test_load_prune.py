@@ -92,6 +92,16 @@ def test_load_skip_keeps_the_named_bn(tmp_path):
         assert rel_err(a, b) < 1e-5
 
 
+def test_load_and_fold_nnp_warn_of_a_skip_pattern_that_matches_no_bn(tmp_path):
+    path = nnp_files.single(tmp_path / "m.nnp")
+    with pytest.warns(bnfold_gpu.SkipPatternWarning, match="'bn9' matches no BN of the file"):
+        net = bnfold_gpu.load(path, "net", backend="numpy", skip=["bn9", "bn1*"])
+    assert bn_count(list(net.outputs.values())) == 1
+    # a single pattern may be given as a string
+    report = bnfold_gpu.fold_nnp(path, tmp_path / "out.nnp", backend="numpy", skip="bn1/bn")
+    assert [s["bn"] for n in report.networks for s in n.skipped] == ["bn1/bn"]
+
+
 def test_load_unknown_network_or_bad_file_sets_nothing(tmp_path):
     path = nnp_files.single(tmp_path / "m.nnp")
     with pytest.raises(bnfold_gpu.NnpError, match="no network named 'nope'.*net"):

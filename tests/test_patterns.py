@@ -2,6 +2,8 @@
 computes what the original did (random shapes, statistics far from identity, negative scales), in
 place and into new parameters, on the NumPy backend and the emulated GPU backend; a map that cannot
 move says which function stopped it and why; a second fold finds nothing more to fold."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -386,3 +388,23 @@ def test_skip_patterns_keep_those_bns():
     assert res.skipped[0].reason == "skipped on request (matches 'block2/*')"
     _, y = build(model)
     check(y, skip="block1/bn/bn", kept=["block1/bn/bn"], folded=["block2/bn/bn"])
+
+
+def test_a_skip_pattern_that_matches_no_bn_warns_and_folds_the_rest():
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        return [x], PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c1"), name="block1/bn",
+                                           **BN)
+    _, y = build(model)
+    with pytest.warns(bnfold_gpu.SkipPatternWarning,
+                      match=r"skip pattern 'blok1/\*' matches no BN of the graph \(their names are "
+                            r"like 'block1/bn/bn'\)"):
+        plan = bnfold_gpu.plan(y, skip=["blok1/*", "block1/*"])
+    assert [s.bn for s in plan.skipped] == ["block1/bn/bn"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a pattern that matches: nothing said
+        res = bnfold_gpu.fold(y, backend="numpy", skip="block1/bn/bn")
+    assert [s.bn for s in res.skipped] == ["block1/bn/bn"]
+    with pytest.warns(bnfold_gpu.SkipPatternWarning, match="'nothing' matches no BN of the graph"):
+        res = bnfold_gpu.fold(y, backend="numpy", skip="nothing")
+    assert res.folded and not res.skipped
