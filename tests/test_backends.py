@@ -202,3 +202,12 @@ def test_rescale_puts_the_buffer_size_back_when_the_multiply_fails(monkeypatch):
         numpy_backend.rescale(w, w, np.full(8, 3.0), layout)
     monkeypatch.undo()
     assert np.getbufsize() == before and (w == 1).all()
+
+
+def test_short_row_views_never_write_into_a_copy():
+    a = np.zeros((1, 4, 6, 3), np.float32)
+    view = numpy_backend._runs(a[:, :, 1:4])
+    view[...] = 1
+    assert a[:, :, 1:4].all() and not a[:, :, :1].any()   # written through
+    with pytest.raises(ValueError, match="cannot be merged"):
+        numpy_backend._runs(a[:, :, :, ::2])

@@ -133,9 +133,10 @@ def _multiply_short_rows(s4, d4, k4):
 
 
 def _runs(a4):
-    """(g, r, c, i) -> (g, r, c * i), a view (setting ``shape`` raises rather than copy)."""
-    v = a4.view()
-    v.shape = a4.shape[:2] + (a4.shape[2] * a4.shape[3],)
+    """(g, r, c, i) -> (g, r, c * i), a view of the same memory (the multiply writes through it)."""
+    v = a4.reshape(a4.shape[:2] + (a4.shape[2] * a4.shape[3],))
+    if not np.may_share_memory(v, a4):   # a copy: the last two axes were not one run of memory
+        raise ValueError(f"bnfold_gpu: a weight view of strides {a4.strides} cannot be merged")
     return v
 
 
