@@ -1075,7 +1075,6 @@ def serialize(nnp: NnpFile, out, scratch: Optional[str] = None, progress=None) -
     (default: the system's) and copied into the archive, so the weights are never held twice.
     ``progress.advance`` counts the parameter bytes written."""
     progress = progress or _Silent()
-    from google.protobuf import text_format
     from nnabla.utils import nnabla_pb2
     proto = nnabla_pb2.NNablaProtoBuf()
     proto.CopyFrom(nnp.proto)
@@ -1086,7 +1085,7 @@ def serialize(nnp: NnpFile, out, scratch: Optional[str] = None, progress=None) -
         for m in map(_new_entry, nnp.members):
             name = m.filename
             if name == nnp.network_member:
-                z.writestr(m, text_format.MessageToString(proto))
+                z.writestr(m, _textproto.to_string(proto))   # text_format's own text, faster
             elif name == nnp.param_member and _is_h5_params(name):
                 _write_h5_member(nnp.params, z, m, scratch, progress)
             elif name == nnp.param_member:

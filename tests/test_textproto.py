@@ -131,3 +131,47 @@ def test_deep_nesting_fails_as_text_format_fails():
         text_format.Merge(text, nnabla_pb2.NNablaProtoBuf())
     with pytest.raises(type(want.value)):
         _textproto.merge(text, nnabla_pb2.NNablaProtoBuf())
+
+
+def printed_both(message):
+    return _textproto.to_string(message), text_format.MessageToString(message)
+
+
+def test_written_text_is_text_formats_character_for_character(tmp_path):
+    for text in list(definitions(tmp_path)) + [PLAIN]:
+        message = nnabla_pb2.NNablaProtoBuf()
+        text_format.Merge(text, message)
+        fast, slow = printed_both(message)
+        assert fast == slow
+    message = nnabla_pb2.NNablaProtoBuf()
+    variable = message.network.add().variable.add()
+    for value in (0.1, -0.0, 1e-45, 3.4028234663852886e38, float("inf"), float("-inf"),
+                  float("nan"), 16777217.0, 1 / 3):
+        variable.initializer.multiplier = value   # float32: printed at its shortest
+        fast, slow = printed_both(message)
+        assert fast == slow, value
+    message.network[0].function.add().elu_param.alpha = 1 / 3   # a double: printed by repr
+    message.network[0].name = 'ünïcode "quoted" \\ \n\t\x01'
+    message.global_config.SetInParent()                         # present and empty
+    fast, slow = printed_both(message)
+    assert fast == slow and "global_config {\n}\n" in fast
+
+
+def test_written_enums_bytes_and_the_forms_left_to_text_format():
+    message = descriptor_pb2.FileDescriptorProto()
+    text_format.Merge('''name: "m" message_type { name: "M" field { name: "a" number: 1
+                         label: LABEL_REPEATED type: TYPE_INT64 } }
+                         options { uninterpreted_option { string_value: "\\000\\377\\"b" } }''', message)
+    fast, slow = printed_both(message)
+    assert fast == slow and "type: TYPE_INT64" in fast
+    from google.protobuf import any_pb2, struct_pb2
+    for number in (0, 7):   # an open enum: a number it does not name is printed as the number
+        value = struct_pb2.Value(null_value=number)
+        assert printed_both(value)[0] == printed_both(value)[1]
+    wrapped = any_pb2.Any()
+    wrapped.Pack(descriptor_pb2.FileDescriptorProto(name="x"))
+    assert printed_both(wrapped)[0] == printed_both(wrapped)[1]          # Any
+    mapped = struct_pb2.Struct()
+    mapped.fields["b"].number_value = 1
+    mapped.fields["a"].string_value = "s"
+    assert printed_both(mapped)[0] == printed_both(mapped)[1]            # a map, sorted by key
