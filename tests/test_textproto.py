@@ -175,3 +175,35 @@ def test_written_enums_bytes_and_the_forms_left_to_text_format():
     mapped.fields["b"].number_value = 1
     mapped.fields["a"].string_value = "s"
     assert printed_both(mapped)[0] == printed_both(mapped)[1]            # a map, sorted by key
+
+
+def _outcome(merge, text):
+    message = nnabla_pb2.NNablaProtoBuf()
+    try:
+        merge(text, message)
+    except text_format.ParseError as e:
+        return "refused", str(e)
+    return "read", message.SerializeToString(deterministic=True)
+
+
+def test_damaged_definitions_are_read_or_refused_as_text_format_does(tmp_path):
+    """Random edits of a real definition (characters and tokens inserted, deleted, copied): the
+    same message, or the same ParseError, as text_format."""
+    import random
+    base = next(definitions(tmp_path))[:5000]
+    pieces = list('{}:;,[]<>"\'\\#-+.eE0123456789 \nabfntxF_') + [
+        "inf", "nan", "true", "0x1", "1e999", "\\303", '"a" "b"', "name", "dim", "network",
+        "function", "affine_param", "base_axis"]
+    rng = random.Random(0)
+    for _ in range(400):
+        text = base
+        for _ in range(rng.randint(1, 4)):
+            k, op = rng.randrange(len(text)), rng.random()
+            if op < 0.4:
+                text = text[:k] + rng.choice(pieces) + text[k:]
+            elif op < 0.7:
+                text = text[:k] + text[k + rng.randint(1, 5):]
+            else:
+                j = rng.randrange(len(text))
+                text = text[:k] + text[j:j + 10] + text[k:]
+        assert _outcome(_textproto.merge, text) == _outcome(text_format.Merge, text), text
