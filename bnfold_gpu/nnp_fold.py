@@ -267,7 +267,6 @@ def load(path, network: Optional[str] = None, *, batch_size: Optional[int] = Non
     parameter."""
     import nnabla as nn
     from . import nnp as N
-    from .folding import _relative_imports_fail_fast
     clock = _Stages()
     src = os.fspath(path)
     get_backend(backend, on_device=False)
@@ -277,8 +276,7 @@ def load(path, network: Optional[str] = None, *, batch_size: Optional[int] = Non
     if network is not None and network not in names:
         raise N.NnpError(f"{src}: no network named '{network}' (it has: {', '.join(names)})")
     wanted = [network] if network is not None else names
-    with _relative_imports_fail_fast():
-        fp, used_backend, nbytes = _fold(f, backend, _Silent(), clock, skip)
+    fp, used_backend, nbytes = _fold(f, backend, _Silent(), clock, skip)
     report = Report(src, "", not_written="loaded in memory", backend=used_backend,
                     bytes_rescaled=nbytes, networks=network_reports(fp), seconds=clock.seconds)
     with clock("build"):
@@ -335,14 +333,16 @@ def _output(src: str, dst, in_place: bool):
 def _fold(f, backend, progress, clock, skip=()):
     """Plan and fold ``f`` in memory. Returns (the FilePlan, backend name, bytes rescaled)."""
     from . import nnp as N
+    from .folding import _relative_imports_fail_fast   # NNabla's failing imports, failed at once
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    with clock("plan"):
-        fp = N.plan_file(f, progress, skip=skip)
-    warn_unmatched_skips(skip, [n.plan for n in fp.networks if n.plan is not None], "the file")
-    progress.step("folding")
-    with clock("fold"):
-        name, nbytes = N.fold_parameters(f, fp, backend)
-        N.rewrite_proto(f, fp)
+    with _relative_imports_fail_fast():
+        with clock("plan"):
+            fp = N.plan_file(f, progress, skip=skip)
+        warn_unmatched_skips(skip, [n.plan for n in fp.networks if n.plan is not None], "the file")
+        progress.step("folding")
+        with clock("fold"):
+            name, nbytes = N.fold_parameters(f, fp, backend)
+            N.rewrite_proto(f, fp)
     return fp, name, nbytes
 
 
