@@ -28,8 +28,16 @@ class _Unsupported(Exception):
     """Not in the plain form :func:`merge` reads: ``text_format`` reads it."""
 
 
+# texts past this go to text_format whole: the reader holds every token at once (about 6 bytes of
+# Python objects per byte of text), text_format a line at a time
+FAST_LIMIT = 8 << 20
+
+
 def merge(text: str, message) -> None:
     """Merge the text-format ``text`` into ``message``, as ``text_format.Merge`` does."""
+    if len(text) > FAST_LIMIT:
+        text_format.Merge(text, message)
+        return
     target = message if message.ByteSize() == 0 else type(message)()
     try:
         tokens = [t for t in _TOKEN.findall(text) if t[0] != "#"]

@@ -207,3 +207,12 @@ def test_damaged_definitions_are_read_or_refused_as_text_format_does(tmp_path):
                 j = rng.randrange(len(text))
                 text = text[:k] + text[j:j + 10] + text[k:]
         assert _outcome(_textproto.merge, text) == _outcome(text_format.Merge, text), text
+
+
+def test_a_long_text_goes_to_text_format_whole(monkeypatch):
+    def no(*args):
+        raise AssertionError("the fast reader ran")
+    monkeypatch.setattr(_textproto, "FAST_LIMIT", len(PLAIN) - 1)
+    monkeypatch.setattr(_textproto, "_message", no)
+    fast, slow = both(PLAIN)
+    assert same(fast, slow)
