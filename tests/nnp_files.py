@@ -141,8 +141,7 @@ def onnx_model(path, variant, seed=0):
     """An ONNX model built with the onnx package: Conv->BN->Relu, then either ConvTranspose (groups
     2, no bias)->BN, or GlobalAveragePool->Flatten->Gemm (imported as Reshape+BatchMatmul+Add2). Both
     carry an unused initializer, which NNabla's importer keeps."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
     rng = np.random.RandomState(seed)
 
     def init(name, arr):
@@ -170,14 +169,7 @@ def onnx_model(path, variant, seed=0):
                   helper.make_node("Flatten", ["p"], ["f"]),
                   helper.make_node("Gemm", ["f", "fc_W", "fc_b"], ["y"])]
         out_shape = [2, 5]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
-    model.ir_version = 7
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return _save_onnx(path, nodes, inits, [2, 3, 8, 8], out_shape)
 
 
 def onnx_linear_models(path, variant, seed=0):
@@ -185,8 +177,7 @@ def onnx_linear_models(path, variant, seed=0):
     BatchNormalization, which NNabla's importer makes Reshape -> BatchMatmul -> Reshape -> Add2 ->
     BatchNormalization), and of a BN after a residual add, flattened into a Linear ("residual_flatten":
     the BN folds forward into the BatchMatmul, its shift into the add of the Gemm's bias)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
     rng = np.random.RandomState(seed)
 
     def init(name, arr):
@@ -216,6 +207,13 @@ def onnx_linear_models(path, variant, seed=0):
                  helper.make_node("Flatten", ["b"], ["f"]),
                  helper.make_node("Gemm", ["f", "fc_W", "fc_b"], ["y"], transB=1)]
         in_shape, out_shape = [2, 3, 6, 6], [2, 5]
+    return _save_onnx(path, nodes, inits, in_shape, out_shape)
+
+
+def _save_onnx(path, nodes, inits, in_shape, out_shape):
+    """An opset-11 model of ``nodes`` from input x to output y, checked and saved at ``path``."""
+    import onnx
+    from onnx import TensorProto, helper
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
