@@ -230,6 +230,8 @@ def unmatched_words(pattern: str, names: Sequence[str], where: str) -> str:
 def warn_unmatched_skips(patterns: Sequence[str], plans: Iterable[Plan], where: str) -> None:
     """A :class:`SkipPatternWarning` for each pattern that matches no BN of ``plans``, naming a few
     of the BNs of ``where`` ("the graph", "the file")."""
+    if not patterns:
+        return
     names = bn_names(plans)
     for pattern in unmatched_skips(patterns, names):
         warnings.warn(unmatched_words(pattern, names, where), SkipPatternWarning, stacklevel=2)
