@@ -104,6 +104,22 @@ def test_load_and_fold_nnp_warn_of_a_skip_pattern_that_matches_no_bn(tmp_path):
     assert not [k for k in sys.modules if k.startswith(("nnabla.nnabla", "nnabla.nnabla_ext"))]
 
 
+def test_a_file_fold_that_fails_midway_leaves_no_file_and_no_module_entries(tmp_path, monkeypatch):
+    import sys
+    from bnfold_gpu import nnp as N
+    path = nnp_files.single(tmp_path / "m.nnp")
+    before = set(sys.modules)
+
+    def failing(*args, **kwargs):
+        raise MemoryError("injected")
+    monkeypatch.setattr(N, "rewrite_proto", failing)   # after planning and the parameters' fold
+    with pytest.raises(MemoryError, match="injected"):
+        bnfold_gpu.fold_nnp(path, tmp_path / "out.nnp", backend="numpy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.nnp"]
+    assert not [k for k in set(sys.modules) - before if k.startswith("nnabla.nnabla")]
+    assert None not in [sys.modules.get(k, 0) for k in ("nnabla.nnabla", "nnabla.nnabla_ext")]
+
+
 def test_load_unknown_network_or_bad_file_sets_nothing(tmp_path):
     path = nnp_files.single(tmp_path / "m.nnp")
     with pytest.raises(bnfold_gpu.NnpError, match="no network named 'nope'.*net"):
@@ -136,16 +152,22 @@ def _model(rng, x, name="", batch_stat=False):
     return PF.affine(F.relu(h), 5, name=name + "fc")
 
 
+def _built(seed):
+    """(rng, x, y): ``_model`` with every parameter randomized."""
+    rng = np.random.RandomState(seed)
+    x = nn.Variable((2, 3, 6, 6))
+    y = _model(rng, x)
+    randomize_all(rng)
+    return rng, x, y
+
+
 def _saved_parameters(path):
     return set(N.read(str(path)).params)
 
 
 @pytest.mark.parametrize("inplace", [True, False])
 def test_prune_then_save_writes_a_clean_model_with_the_same_output(inplace, tmp_path):
-    rng = np.random.RandomState(7)
-    x = nn.Variable((2, 3, 6, 6))
-    y = _model(rng, x)
-    randomize_all(rng)
+    rng, x, y = _built(7)
     feed(rng, x)
     y.forward(clear_buffer=False)
     expected = y.d.copy()
@@ -174,10 +196,7 @@ def test_prune_then_save_writes_a_clean_model_with_the_same_output(inplace, tmp_
 
 
 def test_unused_lists_what_nothing_reads_and_prune_removes_only_that(tmp_path):
-    rng = np.random.RandomState(8)
-    x = nn.Variable((2, 3, 6, 6))
-    y = _model(rng, x)
-    randomize_all(rng)
+    rng, x, y = _built(8)
     result = bnfold_gpu.fold(y, backend="numpy")
     expected = {f"bn{i}/bn/{p}" for i in (1, 2) for p in ("beta", "gamma", "mean", "var")}
     assert set(result.unused) == expected
@@ -188,10 +207,7 @@ def test_unused_lists_what_nothing_reads_and_prune_removes_only_that(tmp_path):
 
 
 def test_prune_leaves_an_entry_that_names_another_variable(tmp_path):
-    rng = np.random.RandomState(9)
-    x = nn.Variable((2, 3, 6, 6))
-    y = _model(rng, x)
-    randomize_all(rng)
+    rng, x, y = _built(9)
     result = bnfold_gpu.fold(y, backend="numpy")
     replacement = nn.Variable((4,))
     nn.parameter.set_parameter("bn1/bn/mean", replacement)    # the user reused the name
@@ -201,10 +217,7 @@ def test_prune_leaves_an_entry_that_names_another_variable(tmp_path):
 
 
 def test_a_kept_bn_keeps_its_parameters(tmp_path):
-    rng = np.random.RandomState(10)
-    x = nn.Variable((2, 3, 6, 6))
-    y = _model(rng, x)
-    randomize_all(rng)
+    rng, x, y = _built(10)
     result = bnfold_gpu.fold(y, backend="numpy", skip=["bn2*"], prune=True)
     registered = set(nn.get_parameters(grad_only=False))
     assert {f"bn2/bn/{p}" for p in ("beta", "gamma", "mean", "var")} <= registered
@@ -229,10 +242,7 @@ def test_prune_keeps_parameters_the_training_graph_shares_until_asked(tmp_path):
 
 def test_save_without_prune_keeps_the_dead_bn_parameters(tmp_path):
     """What prune is for: NNabla saves every registered parameter."""
-    rng = np.random.RandomState(12)
-    x = nn.Variable((2, 3, 6, 6))
-    y = _model(rng, x)
-    randomize_all(rng)
+    rng, x, y = _built(12)
     result = bnfold_gpu.fold(y, backend="numpy")
     out = tmp_path / "unpruned.nnp"
     save(str(out), {"networks": [{"name": "net", "batch_size": 2, "outputs": {"y": result.outputs},
