@@ -21,7 +21,7 @@ from . import _interrupts, rewrite
 from .backends import get_backend
 from .backends.common import cuda_context
 from .graph import Graph, Home
-from .plan import FoldSpec, Plan, Skip, warn_unmatched_skips
+from .plan import FoldSpec, Plan, Skip, skip_patterns, warn_unmatched_skips
 from .planner import plan as _make_plan
 
 
@@ -288,17 +288,11 @@ def plan(outputs, inplace: bool = True, skip: Sequence[str] = ()) -> Plan:
     """A dry run: what ``fold(outputs, inplace=inplace, skip=skip)`` would fold, into what, and why
     the rest would not. Changes nothing."""
     flat, _ = _flatten(outputs)
-    skip = _patterns(skip)
+    skip = skip_patterns(skip)
     with _relative_imports_fail_fast():
         p = _make_plan(Graph(flat), inplace, skip=skip)
     warn_unmatched_skips(skip, [p], "the graph")
     return p
-
-
-def _patterns(skip) -> Tuple[str, ...]:
-    if isinstance(skip, str):
-        return (skip,)
-    return tuple(skip)
 
 
 def fold(outputs, backend: str = "auto", inplace: bool = True, skip: Sequence[str] = (),
@@ -323,7 +317,7 @@ def fold(outputs, backend: str = "auto", inplace: bool = True, skip: Sequence[st
     """
     try:
         with _relative_imports_fail_fast():
-            result = _fold(outputs, backend, inplace, _patterns(skip))
+            result = _fold(outputs, backend, inplace, skip_patterns(skip))
     except BaseException as e:
         # what the failed fold made goes now, not when the traceback does (a session may keep it):
         # its new functions would count as consumers of the parameters they read in a later fold

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 from . import _atomic, _safe_points
 from .backends import get_backend
-from .plan import warn_unmatched_skips
+from .plan import skip_patterns, warn_unmatched_skips
 from . import __version__
 
 SCHEMA_VERSION = 1   # of Report.to_json(); raised when a field changes meaning or goes away
@@ -334,7 +334,7 @@ def _fold(f, backend, progress, clock, skip=()):
     """Plan and fold ``f`` in memory. Returns (the FilePlan, backend name, bytes rescaled)."""
     from . import nnp as N
     from .folding import _relative_imports_fail_fast   # NNabla's failing imports, failed at once
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    skip = skip_patterns(skip)
     with _relative_imports_fail_fast():
         with clock("plan"):
             fp = N.plan_file(f, progress, skip=skip)

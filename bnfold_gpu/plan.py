@@ -208,6 +208,11 @@ class SkipPatternWarning(UserWarning):
     """A ``skip`` pattern that matches no BN: a misspelt one would fold what it was meant to keep."""
 
 
+def skip_patterns(skip) -> Tuple[str, ...]:
+    """``skip`` as a tuple of patterns: one pattern may be given as a string."""
+    return (skip,) if isinstance(skip, str) else tuple(skip)
+
+
 def bn_names(plans: Iterable[Plan]) -> Tuple[str, ...]:
     """Every BN of ``plans``, folded or kept, once."""
     plans = list(plans)
