@@ -72,24 +72,33 @@ def test_folded_weight_of_another_dtype_is_refused():
 
 
 def test_numpy_backend_writes_nothing_when_a_later_bias_runs_out_of_memory(monkeypatch):
-    # the new biases are all computed before the first is stored: a MemoryError on a later fold's
-    # float64 temporaries leaves the earlier folds' arrays as they were
+    # the new biases are all computed before the first is stored: a MemoryError on the last
+    # conversion of new biases to their dtype (a float64 temporary) leaves every array as it was
     plan = random_plan(np.random.RandomState(9), n_folds=5, dtype=np.float32)
     arrays = make_arrays(plan, np, poison=False)
     before = {k: v.copy() for k, v in arrays.items()}
-    calls = []
-    real = numpy_backend.check_bias
+    real = numpy_backend.stored
+    calls = [0]
 
-    def failing(*args):   # each fold's new bias, as it is stored: a float64 temporary
-        calls.append(args[0].bn)
-        if len(calls) == 4:
+    def counting(*args):
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(numpy_backend, "stored", counting)
+    numpy_backend.prepare(plan, arrays)   # computes, writes nothing
+    last, calls[0] = calls[0], 0
+    assert last >= 2
+
+    def failing(*args):
+        calls[0] += 1
+        if calls[0] == last:
             raise MemoryError("no room for the float64 temporaries")
         return real(*args)
 
-    monkeypatch.setattr(numpy_backend, "check_bias", failing)
+    monkeypatch.setattr(numpy_backend, "stored", failing)
     with pytest.raises(MemoryError):
         numpy_backend.fold(plan, arrays)
-    assert len(calls) == 4
+    assert calls[0] == last
     assert all(np.array_equal(arrays[k], before[k]) for k in arrays)
 
 

@@ -81,7 +81,8 @@ STEPS = [
     (numpy_backend, "check_weight_overflow"), (numpy_backend, "_store_bias"),
 ]
 NUMPY_STEPS = STEPS + [(numpy_backend, "channel_maps"), (numpy_backend, "output_biases"),
-                       (numpy_backend, "_rescale_tasks"), (numpy_backend, "_Threads"),
+                       (numpy_backend, "stored_output_biases"), (numpy_backend, "_rescale_tasks"),
+                       (numpy_backend, "_Threads"),
                        (numpy_backend, "magnitude_bounds"),
                        (numpy_backend.Prepared, "commit")]
 GPU_STEPS = STEPS + [(cupy_backend, "_Staging"), (cupy_backend, "_Channels"),

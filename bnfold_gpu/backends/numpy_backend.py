@@ -89,7 +89,7 @@ def _rescale_tasks(src, dst, scale, layout, split_bytes):
     g, r, c, i = layout.shape4
     s4 = src.reshape(layout.shape4)
     d4 = dst.reshape(layout.shape4)
-    k4 = scale.astype(work).reshape(g, 1, c, 1)
+    k4 = scale.astype(work, copy=False).reshape(g, 1, c, 1)
     pieces = 1 if split_bytes is None else max(1, min(src.nbytes // split_bytes, max(g, r, c)))
     if pieces == 1:
         return [(s4, d4, k4)]
@@ -222,26 +222,45 @@ class _Threads:
             t.join()
 
 
-def channel_maps(plan: Plan, arrays: Mapping[str, np.ndarray]):
+class Maps(list):
+    """[(scale, offset, mean, beta)] per fold (float64), slices of ``scale``, the scales of every
+    fold one after the other (fold k's are ``scale[starts[k]:starts[k + 1]]``)."""
+
+    def __init__(self, items, scale, starts):
+        super().__init__(items)
+        self.scale = scale
+        self.starts = starts
+
+    def largest_scales(self) -> np.ndarray:
+        """max |scale| of each fold (0 where it has no channel), in one pass."""
+        out = np.zeros(len(self))
+        sizes = np.diff(self.starts)
+        some = sizes > 0
+        if some.any():
+            out[some] = np.maximum.reduceat(np.abs(self.scale), self.starts[:-1][some])
+        return out
+
+
+def channel_maps(plan: Plan, arrays: Mapping[str, np.ndarray]) -> Maps:
     """[(scale, offset, mean, beta)] per fold, all BNs computed in one vectorized pass after checking
     their statistics; raises FoldError naming the BN, changes nothing."""
     if not plan.folds:
-        return []
-    stats = {label: [] for label in ("gamma", "beta", "mean", "var", "eps")}
-    for spec in plan.folds:
-        n = spec.n_channels
-        for label in ("gamma", "beta", "mean", "var"):
+        return Maps([], np.zeros(0), np.zeros(1, np.intp))
+    counts = [s.n_channels for s in plan.folds]
+    cat = {}
+    for label, missing in (("gamma", 1.0), ("beta", 0.0), ("mean", 0.0), ("var", 1.0)):
+        parts = []
+        for spec, n in zip(plan.folds, counts):
             key = getattr(spec, label)
-            stats[label].append(np.full(n, 1.0 if label in ("gamma", "var") else 0.0) if key is None
-                                else np.asarray(arrays[key]).reshape(-1))
-        stats["eps"].append(np.full(n, spec.eps))
-    cat = {label: np.concatenate(parts).astype(np.float64) for label, parts in stats.items()}
-    bounds = np.cumsum([0] + [s.n_channels for s in plan.folds])
+            parts.append(np.full(n, missing) if key is None else np.asarray(arrays[key]).reshape(-1))
+        cat[label] = np.concatenate(parts).astype(np.float64)
+    cat["eps"] = np.repeat(np.array([s.eps for s in plan.folds], np.float64), counts)
+    bounds = np.cumsum([0] + counts)
     _check_stats(plan, cat, bounds)
     scale, offset = bn_scale_offset(cat["gamma"], cat["beta"], cat["mean"], cat["var"], cat["eps"])
     _check_map(plan, scale, offset, cat, bounds)
-    return [(scale[a:b], offset[a:b], cat["mean"][a:b], cat["beta"][a:b])
-            for a, b in zip(bounds[:-1], bounds[1:])]
+    return Maps([(scale[a:b], offset[a:b], cat["mean"][a:b], cat["beta"][a:b])
+                 for a, b in zip(bounds[:-1], bounds[1:])], scale, bounds)
 
 
 def output_biases(plan: Plan, arrays, maps) -> dict:
@@ -270,6 +289,26 @@ def output_biases(plan: Plan, arrays, maps) -> dict:
         for k in flat:
             n = plan.folds[k].n_channels
             out[k] = values[at:at + n]
+            at += n
+    return out
+
+
+def stored_output_biases(plan: Plan, arrays, outputs) -> dict:
+    """fold index -> its new output-side bias (``outputs``, float64) as its destination stores it,
+    one conversion and one check per dtype; a dtype where a value is not finite is left out, for
+    :func:`check_bias` to name it."""
+    groups = {}
+    for k in outputs:
+        groups.setdefault(np.dtype(arrays[plan.folds[k].folded_bias].dtype), []).append(k)
+    out = {}
+    for dtype, ks in groups.items():
+        joined = stored(np.concatenate([outputs[k].reshape(-1) for k in ks]), dtype)
+        if not np.isfinite(joined).all():
+            continue
+        at = 0
+        for k in ks:
+            n = outputs[k].size
+            out[k] = joined[at:at + n]
             at += n
     return out
 
@@ -323,11 +362,13 @@ def _magnitude_bound(a: np.ndarray) -> float:
     return top
 
 
-def magnitude_bounds(plan: Plan, arrays, maps) -> list:
+def magnitude_bounds(plan: Plan, arrays, maps, largest=None) -> list:
     """The magnitude bound of each fold's weight where its overflow check needs one (a scale
-    above 1), else None; computed on every core (BLAS and NumPy's reductions release the GIL)."""
-    need = [k for k, (spec, m) in enumerate(zip(plan.folds, maps))
-            if spec.weight is not None and m[0].size and np.abs(m[0]).max() > 1]
+    above 1), else None; computed on every core (BLAS and NumPy's reductions release the GIL).
+    ``largest``: each fold's max |scale|, where the caller has it."""
+    if largest is None:
+        largest = [float(np.abs(m[0]).max()) if m[0].size else 0.0 for m in maps]
+    need = [k for k, spec in enumerate(plan.folds) if spec.weight is not None and largest[k] > 1]
     bounds = [None] * len(plan.folds)
     missing = {}
     for k in need:
@@ -398,15 +439,20 @@ _FINITE_LIMIT = {np.dtype(np.float16): 65504.0, np.dtype(np.float32): float(np.f
                  np.dtype(np.float64): 1e308}
 
 
-def weight_overflow(spec: FoldSpec, weight: np.ndarray, scale: np.ndarray, bound=None):
+def weight_overflow(spec: FoldSpec, weight: np.ndarray, scale: np.ndarray, bound=None,
+                    largest=None):
     """None, or (channel, |weight| there, scale there) of the first channel where folding would turn
     a finite weight into inf: the rescale's own arithmetic (multiply in max(float32, dtype), round,
     store in the weight's dtype) applied to the largest finite |weight| of each channel, which is
     exact since rounding is monotone. Cheap where it can be: a scale of at most 1 cannot overflow,
     nor can a bound of the largest |weight| of the whole array times the largest scale when that
-    stays in range (one read of the array; ``bound``, where the caller has it already);
+    stays in range (one read of the array; ``bound``, where the caller has it already, and
+    ``largest``, the float64 max |scale|, whose rounding to the multiply's dtype the margin covers);
     per-channel maxima are computed only past that."""
     dtype = np.dtype(weight.dtype)
+    if largest is not None and (largest <= 1 or (
+            bound is not None and bound * largest * (1 + 1e-6) <= _FINITE_LIMIT[dtype])):
+        return None
     work = np.result_type(dtype, np.float32)
     s = np.abs(scale.astype(work))
     if not s.size or not s.max() > 1:
@@ -437,8 +483,8 @@ def _overflow_error(spec: FoldSpec, what: str, where, dtype) -> FoldError:
                      f"nothing was changed")
 
 
-def check_weight_overflow(spec, weight, scale, bound=None):
-    found = weight_overflow(spec, weight, scale, bound)
+def check_weight_overflow(spec, weight, scale, bound=None, largest=None):
+    found = weight_overflow(spec, weight, scale, bound, largest)
     if found is not None:
         k, top, s = found
         raise _overflow_error(spec, f"weight '{spec.folded_weight}'",
@@ -477,7 +523,11 @@ class Prepared:
         check_statistics_exact(plan, arrays)
         maps = channel_maps(plan, arrays)
         outputs = output_biases(plan, arrays, maps)
-        bounds = magnitude_bounds(plan, arrays, maps)
+        ready = stored_output_biases(plan, arrays, outputs)
+        largest = maps.largest_scales().tolist()
+        bounds = magnitude_bounds(plan, arrays, maps, largest)
+        scale32 = maps.scale.astype(np.float32)   # what float32 and float16 weights multiply by
+        starts = maps.starts.tolist()
         self.biases = []   # (destination, values as it stores them), every one computed first
         self.tasks = []
         saved = []
@@ -485,17 +535,22 @@ class Prepared:
         for k, (spec, (scale, offset, mean, beta)) in enumerate(zip(plan.folds, maps)):
             w = None if spec.weight is None else arrays[spec.weight]
             if spec.folded_bias is not None:
-                b = arrays[spec.bias] if spec.bias else None
                 dst = arrays[spec.folded_bias]
-                if spec.side == OUTPUT_SIDE:
-                    values = outputs[k]
-                else:
-                    values = folded_input_bias(b, w, offset, spec)   # reads w before rescaling
-                self.biases.append((dst, check_bias(spec, values, dst.dtype, b, w).reshape(dst.shape)))
+                values = ready.get(k)
+                if values is None:
+                    b = arrays[spec.bias] if spec.bias else None
+                    if spec.side == OUTPUT_SIDE:
+                        values = outputs[k]
+                    else:
+                        values = folded_input_bias(b, w, offset, spec)   # reads w before rescaling
+                    values = check_bias(spec, values, dst.dtype, b, w)
+                self.biases.append((dst, values.reshape(dst.shape)))
                 if spec.folded_bias not in new:   # restored if the writes fail before the weights
                     saved.append((dst, dst.copy()))
             if w is not None:
-                check_weight_overflow(spec, w, scale, bounds[k])
+                check_weight_overflow(spec, w, scale, bounds[k], largest[k])
+                if w.dtype != np.float64:
+                    scale = scale32[starts[k]:starts[k + 1]]
                 self.tasks += _rescale_tasks(w, arrays[spec.folded_weight], scale, spec.weight_layout,
                                              split_bytes=_SPLIT_BYTES)
         self._saved = saved
