@@ -79,7 +79,7 @@ def on_shape(site: Site, shape: Sequence[int]) -> Tuple[Site, Transform]:
     if inner in suffix and inner * n in suffix:
         a1 = suffix.index(inner)                                   # tightest: no trailing 1s
         a0 = max(k for k, s in enumerate(suffix) if s == inner * n and k <= a1)
-        if prod(shape[a0:a1]) == n:
+        if a0 < a1 and prod(shape[a0:a1]) == n:
             return Site(shape, a0, a1), same
     for b, size in enumerate(shape):
         inner_b = suffix[b + 1]

@@ -178,6 +178,7 @@ class _Planner:
         self.claimed = set()                          # map functions taken by a fold
         self.sides: Dict[Tuple[int, str], _Side] = {}
         self._values_cache = {}
+        self._holders = None                          # array -> the graph's variables holding it
 
     # -- reading the graph ---------------------------------------------------------------------------
     def _uses(self, var) -> int:
@@ -275,7 +276,9 @@ class _Planner:
             self.arrays[names[k]] = (tuple(v.shape), self._dtype(names[k], v))
         term = MapTerm(label, "bn", site.n, gamma=names.get("gamma"), beta=names.get("beta"),
                        mean=names["mean"], var=names["var"], eps=float(args["eps"]))
-        return _Map(fn, term, 0, site, True, fused=fn.type == "FusedBatchNormalization")
+        # one channel: the same map for every element, moved as a uniform map (a scalar's)
+        return _Map(fn, term, 0, site if site.n > 1 else None, True,
+                    fused=fn.type == "FusedBatchNormalization")
 
     def _constant_map(self, fn: _Fn) -> Optional[_Map]:
         """A multiply or add by a stored constant as a map, or None."""
@@ -478,13 +481,27 @@ class _Planner:
         return walk.site
 
     @staticmethod
-    def _move(walk: _Walk, site: Site, transform):
-        if walk.site is not None:
-            if transform is not moves.same:
-                for t in walk.terms:
-                    if t.gather is not None:
-                        t.gather = transform(t.gather)
-                        t.identity = False
+    def _move(walk: _Walk, site: Site, transform, before: Optional[Site] = None):
+        """The walk moved to ``site``. ``before``, for a forward move: the site the rule was given,
+        over which a uniform term (a scalar's, a one-channel BN's) takes a gather where the move
+        leaves elements the map does not reach (-1: another input of a concatenation), instead of
+        covering them too."""
+        if transform is moves.same:
+            if walk.site is not None:
+                walk.site = site
+            return
+        gathered = walk.site is not None
+        for t in walk.terms:
+            if t.gather is not None:
+                t.gather = transform(t.gather)
+                t.identity = False
+            elif before is not None:
+                g = transform(np.zeros(before.n, np.int64))
+                if (g < 0).any():
+                    t.gather = g
+                    t.identity = False
+                    gathered = True
+        if gathered:
             walk.site = site
 
     # -- forward: to a layer's input -------------------------------------------------------------------
@@ -509,14 +526,14 @@ class _Planner:
                 return
             if fn.type in BN_TYPES or nxt is not None:
                 raise _Reject(f"the function after it is {self._map_name(fn, nxt)}")
-            site = self._site_for(walk, fn.in_shapes[k])
+            before = self._site_for(walk, fn.in_shapes[k])
             try:
                 site, transform = moves.forward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, k,
-                                                site, _Facts(self, walk))
+                                                before, _Facts(self, walk))
             except Stop as s:
                 raise _Reject(f"the function after it is {fn.type}: {s}") from None
             walk.region.append(fn)
-            self._move(walk, site, transform)
+            self._move(walk, site, transform, before)
             var, what = fn.outputs[0], f"the output of {fn.type}"
 
     # -- absorbing ------------------------------------------------------------------------------------
@@ -591,8 +608,11 @@ class _Planner:
                 scale_only = True
             if park is not None and len(walk.terms) == 1:
                 raise _Reject("it is the bias of the BatchMatmul before it")
+        region = walk.region + [fn] + w_reshapes
+        if park is not None:   # the add's constant is rewritten: the reshapes it passes are rebuilt
+            region += park[0].constant[1][1]
         return _Side(fn, OUTPUT_SIDE, site, walk.terms, walk.maps, park, _label(walk),
-                     walk.region + [fn] + w_reshapes, scale_only, layouts, arrays)
+                     region, scale_only, layouts, arrays)
 
     def _absorb_input(self, fn: _Fn, walk: _Walk) -> _Side:
         if (fn.index, INPUT_SIDE) in self.sides:
@@ -736,8 +756,7 @@ class _Planner:
         w_array = (tuple(w.shape), self._dtype(w_name, w))
         self.arrays.setdefault(w_name, w_array)
         shape = self._matrix_shape(fn, w)
-        has_shift = not side.scale_only and side.park is None and \
-            any(not t.scale_only and t.term.kind != "scale" for t in side.terms)
+        has_shift = _has_shift(side)
         if side.side == OUTPUT_SIDE:
             wl, bl = side.layouts
             reduce_axes, sum_shape = (), shape
@@ -756,6 +775,10 @@ class _Planner:
         else:
             bias_shape = (wl.n_channels,) if side.side == OUTPUT_SIDE else (w.shape[0],)
         writes_bias = has_shift or (side.side == OUTPUT_SIDE and b is not None)
+        if side.side == OUTPUT_SIDE and b is None and fn.type != "BatchMatmul":
+            # the input side's shift makes the layer a bias (written before): it scales too
+            other = self.sides.get((fn.index, INPUT_SIDE))
+            writes_bias = writes_bias or (other is not None and _has_shift(other))
         if fn.type == "BatchMatmul":
             b_key = None if holder is None else "bias of " + holder[0].term.label
             b_at = None if holder is None else ((b_reshapes[0].index, 0) if b_reshapes else
@@ -804,9 +827,17 @@ class _Planner:
             bias_shape=tuple(param.shape), notes=["the map's shift stays in this add"])
 
     def _shared(self, v) -> bool:
-        """Read elsewhere (another function, the same one twice, or the caller, as a graph output):
-        that reader must keep seeing the original values."""
-        return self._uses(v) > 1 or v in self.outputs
+        """Read elsewhere (another function, the same one twice, or the caller, as a graph output),
+        or its array is also another variable's of the graph (``w2.data = w.data``): that reader
+        must keep seeing the original values."""
+        return self._uses(v) > 1 or v in self.outputs or self._array_shared(v)
+
+    def _array_shared(self, v) -> bool:
+        if self._holders is None:   # NNabla's arrays compare and hash by identity
+            self._holders = {}
+            for var in {u for inputs in self.g.inputs for u in inputs if u.parent is None}:
+                self._holders.setdefault(var.data, []).append(var)
+        return len(self._holders.get(v.data, ())) > 1
 
     def _spec(self, d: dict, names, derived, intermediates) -> FoldSpec:
         side = d["side"]
@@ -864,6 +895,12 @@ def _flat_layout(site: Site, param):
     """A stored constant broadcast over a site holds one value per channel, in order."""
     from .layout import ChannelLayout
     return ChannelLayout(1, 1, site.n, int(np.prod(param.shape)) // site.n)
+
+
+def _has_shift(side: _Side) -> bool:
+    """Whether the fold of ``side`` writes a shift into the layer's bias."""
+    return not side.scale_only and side.park is None and \
+        any(not t.scale_only and t.term.kind != "scale" for t in side.terms)
 
 
 def _map_type(side: _Side) -> str:

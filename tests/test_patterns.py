@@ -291,6 +291,115 @@ def test_slice_of_channels(backend, inplace):
     check(y, backend, inplace, folded=["bn/bn"])
 
 
+@pytest.mark.parametrize("scalar", ["MulScalar", "AddScalar", "Mul2", "one-channel BN"])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_uniform_map_then_concatenate_covers_its_own_input_only(backend, inplace, scalar):
+    # a map with one value for every element, moved forward through a concatenation: the other
+    # input's channels take no map
+    def model():
+        x = nn.Variable((2, 4, 3, 3))
+        h = F.relu(x)
+        if scalar == "MulScalar":
+            h = F.mul_scalar(h, -2.5)
+        elif scalar == "AddScalar":
+            h = F.add_scalar(h, 1.5)
+        elif scalar == "Mul2":
+            h = F.mul2(h, nn.parameter.get_parameter_or_create("k", (1, 1, 1, 1)))
+        else:
+            h = F.reshape(PF.batch_normalization(F.reshape(h, (2, 36, 1)), axes=[2], name="bn", **BN),
+                          (2, 4, 3, 3))
+        return [x], PF.convolution(F.concatenate(h, F.relu(-x), axis=1), 5, (1, 1), name="c")
+    _, y = build(model)
+    res = check(y, backend, inplace)
+    assert [(s.kind, s.side) for s in res.folded] == [("Convolution", "input")]
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_one_channel_bn_through_reshape_and_transpose(backend, inplace):
+    # a BN over an axis of size 1 is one map for every element: it moves as a scalar does
+    def model():
+        x = nn.Variable((2, 3, 3, 3))
+        h = PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c1")
+        h = F.reshape(F.transpose(h, (0, 2, 3, 1)), (2, 9, 4, 1))
+        a = PF.batch_normalization(h, axes=[3], name="bn1", **BN)
+        h = PF.batch_normalization(F.relu(F.reshape(a, (2, 4, 9, 1))), axes=[3], name="bn2", **BN)
+        h = F.transpose(F.reshape(h, (2, 4, 3, 3)), (0, 1, 3, 2))
+        return [x], PF.convolution(h, 4, (1, 1), name="c2")
+    _, y = build(model)
+    res = check(y, backend, inplace, folded=["bn1/bn", "bn2/bn"])
+    assert sorted((s.kind, s.side) for s in res.folded) == [("Convolution", "input"),
+                                                           ("Convolution", "output")]
+
+
+def _onnx_linear(x, rows, name, bias_reader=None):
+    """A Linear as NNabla's ONNX importer builds it: Reshape -> BatchMatmul -> Reshape, then Add2
+    of its bias, reshaped."""
+    w = nn.parameter.get_parameter_or_create(f"{name}_W", (x.shape[1], rows))
+    b = nn.parameter.get_parameter_or_create(f"{name}_b", (rows,))
+    h = F.batch_matmul(F.reshape(x, (1,) + x.shape), F.reshape(w, (1,) + w.shape))
+    return F.add2(F.reshape(h, (x.shape[0], rows)), F.reshape(b, (1, rows))), b
+
+
+@pytest.mark.parametrize("bias_read_elsewhere", [False, True])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_onnx_linear_then_bn_rewires_its_reshaped_bias(backend, inplace, bias_read_elsewhere):
+    # the map's shift goes into the bias behind its Reshape: a folded copy of the bias (inplace=False,
+    # or a bias another function reads) must be what the rebuilt Reshape reads
+    def model():
+        x = nn.Variable((3, 8))
+        h, b = _onnx_linear(x, 6, "fc")
+        outputs = [PF.batch_normalization(h, name="bn", **BN)]
+        if bias_read_elsewhere:
+            outputs.append(F.mul_scalar(b, 2.0))
+        return [x], outputs
+    _, ys = build(model)
+    res = check(ys, backend, inplace, folded=["bn/bn"])
+    copied = not inplace or bias_read_elsewhere
+    assert ("fc_b_folded" in res.parameters) == copied
+
+
+@pytest.mark.parametrize("layer", ["Convolution", "Affine", "ONNX Linear"])
+@pytest.mark.parametrize("after", ["MulScalar", "Mul2"])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_layer_without_bias_between_a_bn_and_a_scale(backend, inplace, layer, after):
+    # the BN's shift gives the layer a bias, which the scale after the layer scales too
+    def model():
+        x = nn.Variable((2, 3, 5, 5))
+        h = PF.batch_normalization(F.relu(x), name="bn", **BN)
+        if layer == "Convolution":
+            h = PF.convolution(h, 4, (1, 1), with_bias=False, name="c")
+            shape = (1, 4, 1, 1)
+        elif layer == "Affine":
+            h = PF.affine(h, 4, with_bias=False, name="fc")
+            shape = (1, 4)
+        else:
+            h, _ = _onnx_linear(F.reshape(h, (2, 75)), 4, "fc")
+            shape = (1, 4)
+        if after == "MulScalar":
+            return [x], F.mul_scalar(h, -1.75)
+        return [x], F.mul2(h, nn.parameter.get_parameter_or_create("k", shape))
+    _, y = build(model)
+    res = check(y, backend, inplace)
+    assert len(res.plan.folded_maps) == 2
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_weights_sharing_one_array_are_not_rescaled_in_place(backend, inplace):
+    # two variables over one array (w2.data = w.data): the layer without a BN keeps its weights
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        y1 = PF.batch_normalization(PF.convolution(x, 4, (3, 3), pad=(1, 1), name="a"), name="bn",
+                                    **BN)
+        w = nn.get_parameters()["a/conv/W"]
+        w2 = nn.Variable(w.shape)
+        w2.data = w.data
+        return [x], [y1, F.convolution(x, w2, None, pad=(1, 1))]
+    _, ys = build(model)
+    res = check(ys, backend, inplace, folded=["bn/bn"])
+    assert "a/conv/W_folded" in res.parameters
+    assert "shared" in res.folded[0].note
+
+
 # -- maps that compose, layers on both sides --------------------------------------------------------
 @pytest.mark.parametrize("inplace", INPLACE)
 def test_bn_affine_bn_in_one_call(backend, inplace):

@@ -88,9 +88,9 @@ def random_graph(rng, base_axis=1, made=None):
 
 
 def _mover(rng, h, axis, made, name):
-    """A function a map moves through (or not, by its statistics), a constant multiply or add, or
-    two layers added."""
-    kind = rng.randint(8)
+    """A function a map moves through (or not, by its statistics), a constant multiply or add, two
+    layers added, or a BN of one channel (one map for every element, as a scalar's)."""
+    kind = rng.randint(9)
     c = h.shape[axis]
     if kind == 0:   # the spatial axes merged and split again
         flat = F.reshape(h, h.shape[:axis + 1] + (h.shape[-2] * h.shape[-1],))
@@ -120,6 +120,10 @@ def _mover(rng, h, axis, made, name):
         b = PF.convolution(h, out, (3, 3), pad=(1, 1), base_axis=axis, with_bias=rng.rand() < 0.5,
                            name=f"{name}b")
         return a + b
+    if kind == 7:
+        one = F.reshape(h, h.shape + (1,))
+        bn = PF.batch_normalization(one, axes=[len(h.shape)], batch_stat=False, name=name)
+        return F.reshape(bn, h.shape)
     start = [0] * len(h.shape)
     stop = list(h.shape)
     start[axis] = int(rng.randint(0, c))
