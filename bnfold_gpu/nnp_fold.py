@@ -221,14 +221,15 @@ def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
             if s.folded_weight in f.params) else DEFAULT_TOLERANCE
 
     progress.step("writing")
-    with clock("write"):
-        try:
-            _atomic.check_room(out, os.path.dirname(target), _space_needed(f), size_words)
-        except _atomic.TargetError as e:
-            raise N.NnpError(str(e)) from None
-        pending = N.write_temp(f, target, progress)
-    clock.seconds["write_sync"] = pending.sync_seconds   # part of "write": the file made durable
+    pending = None
     try:
+        with clock("write"):   # leaving it is a safe point: Ctrl-C there discards the written file
+            try:
+                _atomic.check_room(out, os.path.dirname(target), _space_needed(f), size_words)
+            except _atomic.TargetError as e:
+                raise N.NnpError(str(e)) from None
+            pending = N.write_temp(f, target, progress)
+        clock.seconds["write_sync"] = pending.sync_seconds   # part of "write": made durable
         f.params.clear()   # written; --verify loads both files, so hold no third copy of the weights
         if verify:
             # every network that can run, folded or not: one that folds nothing may still read a
@@ -249,7 +250,8 @@ def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
             raise N.NnpError(f"{out}: cannot replace it: {_atomic.reason(e)}; nothing written") \
                 from None
     except BaseException:
-        pending.discard()
+        if pending is not None:
+            pending.discard()
         raise
     return report
 

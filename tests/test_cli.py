@@ -1147,6 +1147,25 @@ def test_ctrl_c_at_each_stage_writes_nothing(tmp_path, capsys, monkeypatch, stag
     assert out.read_bytes() == b"previous output" and _listing(tmp_path) == ["m.nnp", "o.nnp"]
 
 
+@pytest.mark.parametrize("verify", [False, True])
+def test_ctrl_c_as_the_output_is_flushed_leaves_no_file(tmp_path, capsys, monkeypatch, verify):
+    # the Ctrl-C lands during the last flush of the temporary file: it is acted on as the write
+    # stage ends, and the temporary file goes
+    import signal
+    real = N.write_temp
+
+    def write_then_interrupt(*args, **kwargs):
+        pending = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return pending
+    p = nnp_files.single(tmp_path / "m.nnp", parameter_format=".h5")
+    out = tmp_path / "o.nnp"
+    monkeypatch.setattr(N, "write_temp", write_then_interrupt)
+    assert _run_interrupted("fold", p, "-o", out, "-q", *(["--verify"] if verify else [])) == 130
+    assert capsys.readouterr().err == "bnfold: interrupted; nothing written\n"
+    assert _listing(tmp_path) == ["m.nnp"]
+
+
 def test_ctrl_c_while_nnabla_runs_is_acted_on_back_in_bnfold(tmp_path, capsys, monkeypatch):
     # a KeyboardInterrupt raised inside code NNabla runs (its C++ calling back into Python, or a
     # forward) can leave NNabla's state broken (segfaults were seen): Ctrl-C waits for bnfold's code
