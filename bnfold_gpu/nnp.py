@@ -287,6 +287,7 @@ def _check_definition(path, proto):
             raise NnpError(f"{path}: two networks are named '{net.name}'")
         networks.add(net.name)
         where = f"{path}: network '{net.name}'"
+        _check_sizes(where, net)
         declared = {v.name: v.type for v in net.variable}
         producer: Dict[str, int] = {}
         names = set()
@@ -303,6 +304,7 @@ def _check_definition(path, proto):
                     if kind not in ("Buffer", "Parameter"):   # NNabla keeps these two kinds only
                         raise NnpError(f"{where}: function '{f.name}' {verb} '{v}', which the "
                                        f"network declares as '{kind}', neither Buffer nor Parameter")
+            _check_arguments(where, f)
             for v in f.output:
                 if v in producer:
                     raise NnpError(f"{where}: variable '{v}' is the output of both "
@@ -313,6 +315,52 @@ def _check_definition(path, proto):
             shown = cycle if len(cycle) <= 6 else cycle[:4] + ["..."] + cycle[-1:]
             raise NnpError(f"{where}: function '{cycle[0]}' depends on its own output "
                            f"({' -> '.join(shown)}); NNabla cannot build it")
+
+
+# arguments NNabla's builder divides by (a 0 there ends the process with SIGFPE): each value >= 1
+_POSITIVE = frozenset(("group", "stride", "dilation", "kernel", "output_size", "multiplier",
+                       "divisor", "num_groups", "deformable_group"))
+# elements of a variable NNabla's builder can count without overflowing its 64-bit sizes
+_MAX_ELEMENTS = 1 << 48
+MAX_BATCH = (1 << 31) - 1
+
+
+def _check_arguments(where, f):
+    """The arguments of function ``f`` that NNabla divides by are at least 1."""
+    which = f.WhichOneof("parameter")
+    if which is None:
+        return
+    param = getattr(f, which)
+    for field in param.DESCRIPTOR.fields:   # unset ones too: they read 0, and NNabla takes that 0
+        if field.name not in _POSITIVE or field.type not in (field.TYPE_INT32, field.TYPE_INT64,
+                                                             field.TYPE_MESSAGE):
+            continue
+        value = getattr(param, field.name)
+        if field.type == field.TYPE_MESSAGE:   # a Shape
+            if field.label == field.LABEL_REPEATED or not hasattr(value, "dim"):
+                continue
+            values = list(value.dim)
+        else:
+            values = list(value) if field.label == field.LABEL_REPEATED else [value]
+        if any(v < 1 for v in values):
+            shown = values if field.type == field.TYPE_MESSAGE or len(values) > 1 else values[0]
+            raise NnpError(f"{where}: function '{f.name}' ({f.type}) has {field.name} {shown}; "
+                           f"NNabla divides by it, so it must be at least 1")
+
+
+def _check_sizes(where, net):
+    """The network's batch size and each declared variable's element count (its -1 dimensions
+    being the batch) stay where NNabla's builder counts them without overflowing."""
+    batch = net.batch_size
+    if batch > MAX_BATCH:
+        raise NnpError(f"{where}: batch_size {batch} is too large (at most {MAX_BATCH})")
+    for v in net.variable:
+        n = 1
+        for d in v.shape.dim:
+            n *= max(batch, 1) if d == -1 else abs(d)
+            if n > _MAX_ELEMENTS:
+                raise NnpError(f"{where}: variable '{v.name}' of shape {list(v.shape.dim)} would "
+                               f"hold more than 2^48 elements")
 
 
 def _cycle(functions, producer) -> Optional[List[str]]:

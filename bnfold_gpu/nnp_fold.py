@@ -272,6 +272,8 @@ def load(path, network: Optional[str] = None, *, batch_size: Optional[int] = Non
     clock = _Stages()
     src = os.fspath(path)
     get_backend(backend, on_device=False)
+    if batch_size is not None and not 1 <= batch_size <= N.MAX_BATCH:
+        raise ValueError(f"batch_size must be from 1 to {N.MAX_BATCH}, not {batch_size}")
     with clock("read"):
         f = N.read(src)
     names = f.network_names()

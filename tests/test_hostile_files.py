@@ -22,6 +22,7 @@ import h5py  # noqa: E402
 from google.protobuf import text_format  # noqa: E402
 from nnabla.utils import nnabla_pb2  # noqa: E402
 
+import bnfold_gpu  # noqa: E402
 from bnfold_gpu import cli, nnp as N, protobuf_params as P  # noqa: E402
 import nnp_files  # noqa: E402
 
@@ -535,6 +536,61 @@ def test_definition_nnabla_cannot_build_is_refused_before_it_reaches_nnabla(
     p = _edit_definition(good, tmp_path / "bad.nnp", edit)
     msg = _refused(tmp_path, capsys, p, command)
     assert "'net'" in msg and words in msg
+
+
+def _param_of(proto, kind):
+    return next(getattr(f, f.WhichOneof("parameter")) for f in proto.network[0].function
+                if f.type == kind)
+
+
+def _group_0(proto):
+    _param_of(proto, "Convolution").group = 0
+
+
+def _group_missing(proto):   # an unset field reads 0, as NNabla takes it
+    _param_of(proto, "Convolution").ClearField("group")
+
+
+def _stride_0(proto):
+    _param_of(proto, "Deconvolution").stride.dim[:] = [1, 0]
+
+
+def _dilation_0(proto):
+    _param_of(proto, "Convolution").dilation.dim[:] = [0, 0]
+
+
+def _huge_batch(proto):
+    proto.network[0].batch_size = 1 << 62
+
+
+def _huge_variable(proto):
+    proto.network[0].variable[0].shape.dim[:] = [-1, 3, 1 << 30, 1 << 30]
+
+
+@pytest.mark.parametrize("edit, words", [
+    (_group_0, "function '@net/Convolution' (Convolution) has group 0; NNabla divides by it, so it "
+               "must be at least 1"),
+    (_group_missing, "(Convolution) has group 0"),
+    (_stride_0, "function '@net/Deconvolution' (Deconvolution) has stride [1, 0]"),
+    (_dilation_0, "(Convolution) has dilation [0, 0]"),
+    (_huge_batch, f"batch_size {1 << 62} is too large (at most 2147483647)"),
+    (_huge_variable, "of shape [-1, 3, 1073741824, 1073741824] would hold more than 2^48 elements"),
+], ids=["group-0", "group-missing", "stride-0", "dilation-0", "huge-batch", "huge-variable"])
+@pytest.mark.parametrize("command", ["fold", "inspect"])
+def test_arguments_nnabla_would_divide_by_zero_or_overflow_on_are_refused(
+        tmp_path, capsys, scratch, nnabla_never_builds, edit, words, command):
+    # NNabla's builder ends the process (SIGFPE) on these: they must not reach it
+    good = nnp_files.single(tmp_path / "good.nnp")
+    p = _edit_definition(good, tmp_path / "bad.nnp", edit)
+    msg = _refused(tmp_path, capsys, p, command)
+    assert "network 'net'" in msg and words in msg
+
+
+def test_load_refuses_a_batch_size_nnabla_cannot_count(tmp_path):
+    good = nnp_files.single(tmp_path / "good.nnp")
+    for bad in (0, 1 << 40):
+        with pytest.raises(ValueError, match="batch_size must be from 1 to 2147483647"):
+            bnfold_gpu.load(good, batch_size=bad)
 
 
 def _loop_network(back):
