@@ -1,5 +1,8 @@
 """Ctrl-C for the command line, acted on only at safe points of bnfold's own code.
 
+SIGTERM (what ``timeout`` and service managers send) is taken the same way where its handler is
+the default, so that a terminated command also leaves no temporary file; it exits with 143.
+
 Python's own SIGINT handler raises KeyboardInterrupt wherever the main thread happens to be,
 including inside Python code that NNabla's C++ is running (graph building, callbacks, function
 hooks): C++ unwound by a Python exception can leave NNabla's state broken, and a later call crashes
@@ -24,6 +27,7 @@ class _Guard:
         self.on_second = on_second
         self.pending = False        # a Ctrl-C that check() has not yet raised
         self.seen = False           # any Ctrl-C while active
+        self.signal = None          # the first signal taken (SIGINT or SIGTERM)
         self.counts = {"handler": 0, "watcher": 0}
         self._exiting = threading.Lock()
         try:   # stderr as it is now: file descriptor 2 may be redirected when the line is due
@@ -31,16 +35,22 @@ class _Guard:
         except OSError:
             self.stderr = None
 
-    def _count(self, who):
+    def _count(self, who, signum=signal.SIGINT):
         # the handler (main thread) and the watcher (its own thread) each see every signal: each
         # counts its own, so a signal is never counted twice
         self.counts[who] += 1
+        if self.signal is None:
+            self.signal = signum
         self.pending = self.seen = True
         if self.counts[who] >= 2:
             self._exit_now()
 
     def handler(self, signum, frame):
-        self._count("handler")
+        self._count("handler", signum)
+
+    def exit_status(self) -> int:
+        """128 + the first signal's number: 130 for Ctrl-C, 143 for SIGTERM."""
+        return 128 + int(self.signal or signal.SIGINT)
 
     def watch(self, fd):
         while True:
@@ -53,8 +63,8 @@ class _Guard:
             for byte in data:
                 if byte == 0:       # the guard is leaving
                     return
-                if byte == signal.SIGINT:
-                    self._count("watcher")
+                if byte in (signal.SIGINT, signal.SIGTERM):
+                    self._count("watcher", signal.Signals(byte))
 
     def _exit_now(self):
         if not self._exiting.acquire(blocking=False):
@@ -67,7 +77,7 @@ class _Guard:
                 os.write(2 if self.stderr is None else self.stderr,
                          (message + "\n").encode(errors="replace"))
             finally:
-                os._exit(EXIT_INTERRUPTED)
+                os._exit(self.exit_status())
 
     def close(self):
         if self.stderr is not None:
@@ -120,12 +130,20 @@ def ctrl_c_at_safe_points(on_second):
                                    daemon=True)
         watcher.start()
     signal.signal(signal.SIGINT, guard.handler)
+    try:
+        previous_term = signal.getsignal(signal.SIGTERM)
+    except ValueError:
+        previous_term = None
+    if previous_term is signal.SIG_DFL:   # a handler the program set, or SIG_IGN, stays
+        signal.signal(signal.SIGTERM, guard.handler)
     outer, _active = _active, guard
     try:
         yield guard
     finally:
         _active = outer
         signal.signal(signal.SIGINT, previous)
+        if previous_term is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous_term)
         if previous_wakeup is not None:
             signal.set_wakeup_fd(previous_wakeup)
         if watcher is not None:

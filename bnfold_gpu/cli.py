@@ -30,7 +30,7 @@ exit status:
   2    bad input, or the output cannot be written; one line on stderr, nothing written
   3    --verify cannot run the original file in NNabla's current context; nothing written
   4    the output was written, but the report or the summary could not be
-  130  interrupted (Ctrl-C); the message says whether the output was written
+  130  interrupted (Ctrl-C; 143: terminated, SIGTERM); the message says whether the output was written
 """
 
 
@@ -438,11 +438,11 @@ def main(argv=None) -> int:
             return status
         except KeyboardInterrupt:
             _say(run.interrupted())
-            return EXIT_INTERRUPTED
+            return EXIT_INTERRUPTED if guard is None else guard.exit_status()
         except SystemExit:                  # argparse: --help, --version, a usage error
             if guard is not None and guard.pending:
                 _say(run.interrupted())
-                return EXIT_INTERRUPTED
+                return guard.exit_status()
             raise
         finally:
             nnabla_log.setLevel(level)      # the caller's process keeps its logging as it was

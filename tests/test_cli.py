@@ -1166,6 +1166,24 @@ def test_ctrl_c_as_the_output_is_flushed_leaves_no_file(tmp_path, capsys, monkey
     assert _listing(tmp_path) == ["m.nnp"]
 
 
+def test_sigterm_while_writing_leaves_nothing_and_exits_143(tmp_path):
+    # what `timeout` and service managers send: taken as a Ctrl-C, in a process of its own
+    p = nnp_files.single(tmp_path / "m.nnp", parameter_format=".h5")
+    out = tmp_path / "o.nnp"
+    code = ("import os, signal, sys\n"
+            "from bnfold_gpu import cli, nnp as N\n"
+            "real = N.serialize\n"
+            "def serialize(*args, **kwargs):\n"
+            "    real(*args, **kwargs)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "N.serialize = serialize\n"
+            f"sys.exit(cli.main(['fold', {str(p)!r}, '-o', {str(out)!r}, '-q']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 143, r.stderr
+    assert r.stderr.splitlines()[-1] == "bnfold: interrupted; nothing written"
+    assert _listing(tmp_path) == ["m.nnp"]
+
+
 def test_ctrl_c_while_nnabla_runs_is_acted_on_back_in_bnfold(tmp_path, capsys, monkeypatch):
     # a KeyboardInterrupt raised inside code NNabla runs (its C++ calling back into Python, or a
     # forward) can leave NNabla's state broken (segfaults were seen): Ctrl-C waits for bnfold's code

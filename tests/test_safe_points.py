@@ -41,11 +41,43 @@ def _wakeup_fd():
 
 def test_signal_state_is_restored():
     before, wakeup = signal.getsignal(signal.SIGINT), _wakeup_fd()
+    term = signal.getsignal(signal.SIGTERM)
     threads = threading.active_count()
     with _safe_points.ctrl_c_at_safe_points(lambda: "unused"):
         assert signal.getsignal(signal.SIGINT) is not before and _wakeup_fd() != wakeup
+        assert signal.getsignal(signal.SIGTERM) is not term or term is not signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) is before and _wakeup_fd() == wakeup
+    assert signal.getsignal(signal.SIGTERM) is term
     assert threading.active_count() == threads
+
+
+def test_sigterm_is_taken_as_ctrl_c_and_exits_143():
+    code = ("import os, signal, sys, time\n"
+            "from bnfold_gpu import _safe_points\n"
+            "with _safe_points.ctrl_c_at_safe_points(lambda: 'unused') as guard:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    try:\n"
+            "        _safe_points.check()\n"
+            "    except KeyboardInterrupt:\n"
+            "        print('at the check', guard.exit_status())\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(30)\n"
+            "print('not reached')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout == "at the check 143\n" and r.returncode == 143 and r.stderr == "unused\n"
+
+
+def test_a_sigterm_handler_of_the_program_is_left_alone():
+    def mine(signum, frame):
+        pass
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with _safe_points.ctrl_c_at_safe_points(lambda: "unused"):
+            assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_ignored_ctrl_c_stays_ignored():
