@@ -473,6 +473,9 @@ def _main(argv, run) -> int:
             _release_broken_stdout()
         elif isinstance(e, (ValueError, RuntimeError)):   # e.g. an unusable backend
             _say(f"bnfold: {' '.join(str(e).split())}")
+        elif isinstance(e, MemoryError):
+            what = f"{args.input}: " if getattr(args, "input", None) else ""
+            _say(f"bnfold: {what}out of memory; nothing written")
         else:
             raise
         return EXIT_BAD_INPUT

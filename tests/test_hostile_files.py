@@ -196,6 +196,35 @@ def test_zip_bomb_is_refused_before_it_is_read(tmp_path, capsys, scratch, monkey
     assert member not in opened
 
 
+def test_many_members_each_under_the_bomb_floor_are_refused_together(tmp_path, capsys, scratch,
+                                                                     monkeypatch):
+    # each member too small for the per-member ratio check, the archive as a whole a zip bomb
+    good = nnp_files.single(tmp_path / "good.nnp")
+    zeros = bytes(2 * MiB)
+    with zipfile.ZipFile(good) as a, zipfile.ZipFile(tmp_path / "bomb.nnp", "w",
+                                                     zipfile.ZIP_DEFLATED) as z:
+        for m in a.infolist():
+            z.writestr(m.filename, a.read(m))
+        for k in range(40):
+            z.writestr(f"extra/{k}.bin", zeros)
+    opened = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *args, **kwargs: (
+        opened.append(getattr(name, "filename", name)), real_open(self, name, *args, **kwargs))[1])
+    msg = _refused(tmp_path, capsys, tmp_path / "bomb.nnp")
+    assert "members expand" in msg and "zip bomb" in msg and opened == []
+
+
+def test_running_out_of_memory_is_one_line(tmp_path, capsys, scratch, monkeypatch):
+    good = nnp_files.single(tmp_path / "good.nnp")
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+    monkeypatch.setattr(N, "plan_file", no_memory)
+    msg = _refused(tmp_path, capsys, good)
+    assert msg == f"bnfold: {good}: out of memory; nothing written"
+
+
 def test_member_compressed_by_a_method_without_bounded_output_is_refused(tmp_path, capsys, scratch):
     good = nnp_files.single(tmp_path / "good.nnp")
     p = _rezip(good, tmp_path / "lzma.nnp", compression=zipfile.ZIP_LZMA)
