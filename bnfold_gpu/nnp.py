@@ -577,6 +577,15 @@ def _check_dataset(where, name, ds, member_size: int) -> int:
     what = f"{_amount(declared)} ({'x'.join(map(str, ds.shape)) or 'a scalar'} {ds.dtype})"
     if layout == h5py.h5d.CHUNKED:   # compressed, or chunks never written
         stored = ds.id.get_storage_size()
+        chunk = plist.get_chunk()
+        # a read decompresses every chunk it touches whole: chunks far larger than the dataset
+        # would make a few bytes of file inflate to gigabytes
+        inflated = math.prod(-(-n // c) for n, c in zip(ds.shape, chunk)) * \
+            math.prod(chunk) * ds.dtype.itemsize
+        if inflated > max(2 * declared, _RATIO_FREE):
+            raise NnpError(f"{where}: parameter '{name}' of {what} is stored in chunks of "
+                           f"{'x'.join(map(str, chunk))}, which a read decompresses to "
+                           f"{_amount(inflated)}")
         if declared > _RATIO_FREE and declared > _RATIO_LIMIT * stored:
             raise NnpError(f"{where}: parameter '{name}' declares {what} from {_amount(stored)} "
                            f"stored (a dataset over {_amount(_RATIO_FREE)} may expand at most "

@@ -294,6 +294,19 @@ def test_dataset_declaring_more_than_it_stores_is_refused(tmp_path, capsys, scra
     assert "parameter.h5" in msg and "'bn2/bn/mean' declares" in msg and words in msg
 
 
+def test_dataset_in_chunks_far_larger_than_itself_is_refused(tmp_path, capsys, scratch):
+    # a few values, in one chunk of 20 M elements: a read would decompress all of it
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+
+    def edit(hd):
+        values = hd["bn2/bn/mean"][...]
+        _replace("bn2/bn/mean", data=values, maxshape=(None,) + values.shape[1:],
+                 chunks=(20 * MiB // 4,) + values.shape[1:], compression="gzip")(hd)
+    p = _edit_h5(good, tmp_path / "chunks.nnp", edit)
+    msg = _refused(tmp_path, capsys, p)
+    assert "parameter 'bn2/bn/mean'" in msg and "which a read decompresses to" in msg
+
+
 def test_dataset_with_external_storage_is_refused(tmp_path, capsys, scratch):
     # its values would be read from a file of this machine, named by the input
     secret = tmp_path / "secret.bin"
