@@ -198,13 +198,6 @@ def _check_members(path, members: List[zipfile.ZipInfo]):
     there)."""
     seen = set()
     need, largest = 0, None
-    expanded = sum(m.file_size for m in members)
-    stored = sum(m.compress_size for m in members)
-    if expanded > _RATIO_FREE and expanded > _RATIO_LIMIT * stored:   # many members, each small
-        raise NnpError(
-            f"{path}: its {len(members)} members expand {expanded / max(stored, 1):.0f}-fold "
-            f"({_amount(stored)} to {_amount(expanded)}), refused as a likely zip bomb (an archive "
-            f"over {_amount(_RATIO_FREE)} may expand at most {_RATIO_LIMIT}-fold)")
     for m in members:
         name = m.filename
         if name in seen:
@@ -229,6 +222,13 @@ def _check_members(path, members: List[zipfile.ZipInfo]):
             need += held
             if largest is None or m.file_size > largest.file_size:
                 largest = m
+    expanded = sum(m.file_size for m in members)
+    stored = sum(m.compress_size for m in members)
+    if expanded > _RATIO_FREE and expanded > _RATIO_LIMIT * stored:   # many members, each small
+        raise NnpError(
+            f"{path}: its {len(members)} members expand {expanded / max(stored, 1):.0f}-fold "
+            f"({_amount(stored)} to {_amount(expanded)}), refused as a likely zip bomb (an archive "
+            f"over {_amount(_RATIO_FREE)} may expand at most {_RATIO_LIMIT}-fold)")
     available = _memory_available()
     if available is not None and need > available:
         raise NnpError(f"{path}: reading it needs {_amount(need)} of memory ({largest.filename}: "

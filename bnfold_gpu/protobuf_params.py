@@ -134,7 +134,7 @@ def _read_pieces(stream, n: int) -> bytes:
     return b"".join(pieces)
 
 
-def _parameter(body: bytes, schema):
+def _parameter(body: bytes, schema, repacked=False):
     pb2, _, data_field = schema
     view = memoryview(body)
     stream = io.BytesIO(body)
@@ -151,23 +151,41 @@ def _parameter(body: bytes, schema):
                 raise ProtobufError("packed float data of a bad length")
             pieces.append(np.frombuffer(view[at:at + n], _F32))
             stream.seek(at + n)
-        elif field == data_field and wire == _I32:   # one value, unpacked (parsers must accept it)
-            raw = stream.read(4)
-            if len(raw) != 4:
-                raise ProtobufError("truncated float")
-            pieces.append(np.frombuffer(raw, _F32))
+            if len(pieces) > _MAX_PIECES and not repacked:
+                return _parameter(_repacked(body, pb2), schema, True)
+        elif field == data_field and wire == _I32 and not repacked:   # unpacked, as parsers accept
+            return _parameter(_repacked(body, pb2), schema, True)
         else:
             _skip(stream, wire)
             rest += view[start:stream.tell()]
-    try:
-        p = pb2.Parameter.FromString(bytes(rest))
-    except _decode_error() as e:
-        raise ProtobufError(f"a parameter's name, shape or need_grad does not parse ({e})") from None
+    p = _message(pb2, bytes(rest))
     if not pieces:
         values = np.zeros(0, np.float32)
     else:   # own memory (aligned, writable, not a view of the message), native byte order
         values = np.concatenate(pieces) if len(pieces) > 1 else pieces[0].copy()
         values = values.astype(np.float32, copy=False)
+    return _checked(p, values)
+
+
+# pieces of packed values past which the protobuf library parses the parameter instead
+_MAX_PIECES = 64
+
+
+def _repacked(body: bytes, pb2) -> bytes:
+    """A parameter whose values are unpacked (one field per value) or packed in many pieces, written
+    again by the protobuf library with its values in one packed piece: one step per value in its
+    compiled parser, not in Python, and the values' bits as they were (never Python floats)."""
+    return _message(pb2, body).SerializeToString()
+
+
+def _message(pb2, data: bytes):
+    try:
+        return pb2.Parameter.FromString(data)
+    except _decode_error() as e:
+        raise ProtobufError(f"a parameter's name, shape or need_grad does not parse ({e})") from None
+
+
+def _checked(p, values: np.ndarray):
     shape = tuple(p.shape.dim)
     if any(d < 0 for d in shape):
         raise ProtobufError(f"parameter '{p.variable_name}' has a negative dimension in its shape "
