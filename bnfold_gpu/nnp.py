@@ -80,6 +80,10 @@ class NnpFile:
 _RATIO_LIMIT = 200            # the most a zip member or chunked dataset may expand (size / stored)...
 _RATIO_FREE = 16 << 20        # ...once it is larger than this
 _DEFINITION_LIMIT = 256 << 20  # the network definition: held as text, parsed at about 1 MB/s
+# a definition expands at most this much once over _DEFINITION_RATIO_FREE (real ones about 20-fold:
+# each function's text differs in its names); parsing costs time per byte of text
+_DEFINITION_RATIO = 64
+_DEFINITION_RATIO_FREE = 1 << 20
 
 # zipfile bounds what a deflated member yields to what each read asks for; its bzip2 and LZMA
 # readers decompress a whole block of input at once, however far it expands
@@ -217,6 +221,14 @@ def _check_members(path, members: List[zipfile.ZipInfo]):
         if _is_definition(name) and m.file_size > _DEFINITION_LIMIT:
             raise NnpError(f"{path}: network definition {name} is {_amount(m.file_size)}; bnfold "
                            f"reads definitions up to {_amount(_DEFINITION_LIMIT)}")
+        if _is_definition(name) and m.file_size > _DEFINITION_RATIO_FREE and \
+                m.file_size > _DEFINITION_RATIO * m.compress_size:
+            raise NnpError(
+                f"{path}: network definition {name} expands "
+                f"{m.file_size / max(m.compress_size, 1):.0f}-fold ({_amount(m.compress_size)} to "
+                f"{_amount(m.file_size)}), refused as text made to take long to parse (a definition "
+                f"over {_amount(_DEFINITION_RATIO_FREE)} may expand at most {_DEFINITION_RATIO}-fold; "
+                f"real ones about 20-fold)")
         if not _is_h5_params(name):
             held = m.file_size * (2 if _is_definition(name) else 1)   # a definition: bytes, then text
             need += held

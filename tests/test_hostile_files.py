@@ -251,6 +251,15 @@ def test_more_than_the_available_memory_is_refused(tmp_path, capsys, scratch, mo
     assert ("parameter.h5" in msg) == (fmt == ".h5")
 
 
+def test_network_definition_expanding_far_more_than_real_ones_is_refused(tmp_path, capsys, scratch):
+    # a few kB of file, megabytes of text to parse: real definitions deflate about 20-fold
+    good = nnp_files.single(tmp_path / "good.nnp")
+    text = _member(good, "network.nntxt") + b"# padding\n" * (300 << 10)
+    p = _rezip(good, tmp_path / "dense.nnp", {"network.nntxt": text}, compression=zipfile.ZIP_DEFLATED)
+    msg = _refused(tmp_path, capsys, p)
+    assert "network definition network.nntxt expands" in msg and "at most 64-fold" in msg
+
+
 def test_network_definition_over_its_limit_is_refused(tmp_path, capsys, scratch, monkeypatch):
     good = nnp_files.single(tmp_path / "good.nnp")
     monkeypatch.setattr(N, "_DEFINITION_LIMIT", 1000)
