@@ -509,6 +509,8 @@ def _h5_parameters(where, hd, member_size: int):
     datasets = _datasets(hd)
     entries, need = [], 0
     for name, ds in datasets:
+        if isinstance(name, bytes):   # NNabla names parameters in text
+            raise NnpError(f"{where}: a parameter's name is not UTF-8 text ({name!r})")
         need += _check_dataset(where, name, ds, member_size)
         entries.append((_attribute(where, name, ds, "index"), name, ds,
                         _attribute(where, name, ds, "need_grad")))
@@ -522,6 +524,8 @@ def _h5_parameters(where, hd, member_size: int):
             value = ds[...]
         except _H5_ERRORS as e:
             raise NnpError(f"{where}: parameter '{name}' cannot be read ({_h5_reason(e)})") from None
+        if value.dtype.byteorder not in "=|":   # stored big-endian: the same values, this machine's order
+            value = value.astype(value.dtype.newbyteorder("="))
         out.append((name, Param(value, need_grad)))
     return out
 

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 
 from . import _atomic, _safe_points
 from .backends import get_backend
+from .backends.common import FoldError
 from .plan import skip_patterns, warn_unmatched_skips
 from . import __version__
 
@@ -345,7 +346,10 @@ def _fold(f, backend, progress, clock, skip=()):
         warn_unmatched_skips(skip, [n.plan for n in fp.networks if n.plan is not None], "the file")
         progress.step("folding")
         with clock("fold"):
-            name, nbytes = N.fold_parameters(f, fp, backend)
+            try:
+                name, nbytes = N.fold_parameters(f, fp, backend)
+            except FoldError as e:   # named by BN and array: the file first, as every refusal
+                raise FoldError(f"{f.path}: {e}") from None
             N.rewrite_proto(f, fp)
     return fp, name, nbytes
 

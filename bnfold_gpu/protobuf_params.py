@@ -169,6 +169,7 @@ def _parameter(body: bytes, schema, repacked=False):
 
 # pieces of packed values past which the protobuf library parses the parameter instead
 _MAX_PIECES = 64
+_MAX_DIM = 1 << 48
 
 
 def _repacked(body: bytes, pb2) -> bytes:
@@ -190,6 +191,9 @@ def _checked(p, values: np.ndarray):
     if any(d < 0 for d in shape):
         raise ProtobufError(f"parameter '{p.variable_name}' has a negative dimension in its shape "
                             f"{shape}")
+    if len(shape) > 32 or any(d > _MAX_DIM for d in shape):   # NumPy's limits, even with no values
+        raise ProtobufError(f"parameter '{p.variable_name}' has a shape of {len(shape)} dimensions "
+                            f"up to {max(shape)}; an array has at most 32, each up to 2^48")
     if values.size != math.prod(shape):
         raise ProtobufError(f"parameter '{p.variable_name}' holds {values.size} values for shape "
                             f"{shape}")

@@ -386,6 +386,36 @@ def test_integer_parameters_are_read_as_integers(tmp_path, scratch):
     assert not os.listdir(scratch)
 
 
+def test_big_endian_parameters_fold_as_their_values(tmp_path, scratch):
+    # the same numbers in the other byte order: read into this machine's order, folded, verified
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+
+    def edit(hd):
+        names = []
+        hd.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        for name in names:
+            _replace(name, data=hd[name][...].astype(">f4"))(hd)
+    p = _edit_h5(good, tmp_path / "be.nnp", edit)
+    assert cli.main(["fold", str(p), "-o", str(tmp_path / "o.nnp"), "--verify", "-q"]) == 0
+    assert all(v.value.dtype == np.float32 for v in N.read(str(p)).params.values())
+
+
+def test_parameter_name_that_is_not_utf8_is_refused(tmp_path, capsys, scratch):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    p = _edit_h5(good, tmp_path / "name.nnp", lambda hd: hd.create_dataset(
+        b"\xff\xfebad", data=np.ones(3, np.float32)))
+    msg = _refused(tmp_path, capsys, p)
+    assert "a parameter's name is not UTF-8 text" in msg
+
+
+def test_integer_weight_is_named_with_the_file(tmp_path, capsys, scratch):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    p = _edit_h5(good, tmp_path / "int.nnp", _replace(
+        "c1/conv/W", data=np.ones((6, 3, 3, 3), np.int32)))
+    msg = _refused(tmp_path, capsys, p)
+    assert "'c1/conv/W' is int32; a weight or bias of a fold must be" in msg
+
+
 @pytest.mark.parametrize("attribute, value, words", [
     ("index", "abc", "index attribute is not an integer"),
     ("index", 1.5, "index attribute is not an integer"),
@@ -463,7 +493,8 @@ def test_protobuf_parameter_declaring_more_than_the_member_holds(tmp_path, capsy
     assert "parameter.protobuf does not parse" in msg and f"declares {1 << 40} bytes" in msg
 
 
-@pytest.mark.parametrize("dims, values", [([1 << 32, 1 << 32], []), ([-1, -1], [1.0])])
+@pytest.mark.parametrize("dims, values", [([1 << 32, 1 << 32], []), ([-1, -1], [1.0]),
+                                          ([0] + [1] * 32, []), ([0, 1 << 62, 1 << 62], [])])
 def test_protobuf_parameter_of_impossible_shape(tmp_path, capsys, scratch, dims, values):
     good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".protobuf")
 

@@ -42,20 +42,21 @@ def check_plan_arrays(plan, arrays, facts=None) -> list:
                 _bad_dtype(spec, key, f[2], "a statistic", "a real number type")
             if not f[1]:
                 strided.append(key)
-        b_size = prod(spec.bias_shape)
+        if spec.weight is not None:   # first: a new bias takes the weight's dtype
+            w_size = prod(spec.weight_shape)
+            w = _fact(spec, spec.weight, w_size, spec.weight_shape, facts)
+            if spec.folded_weight != spec.weight:   # an array rescaled in place is checked once
+                if _fact(spec, spec.folded_weight, w_size, spec.weight_shape, facts)[2] != w[2]:
+                    raise FoldError(f"{spec.bn}: folded weight '{spec.folded_weight}' is "
+                                    f"{facts[spec.folded_weight][2]}, its source '{spec.weight}' "
+                                    f"{w[2]}")
+            if layout.size != w_size:
+                raise FoldError(f"{spec.bn}: layout {layout} does not cover weight "
+                                f"{spec.weight_shape}")
+        b_size = prod(spec.bias_shape)   # the shift of a map into an add's constant: no weight
         _fact(spec, spec.bias, b_size, spec.bias_shape, facts)
         if spec.folded_bias != spec.bias:
             _fact(spec, spec.folded_bias, b_size, spec.bias_shape, facts)
-        if spec.weight is None:   # the shift of a map into an add's constant: no weight
-            continue
-        w_size = prod(spec.weight_shape)
-        w = _fact(spec, spec.weight, w_size, spec.weight_shape, facts)
-        if spec.folded_weight != spec.weight:   # an array rescaled in place is checked once
-            if _fact(spec, spec.folded_weight, w_size, spec.weight_shape, facts)[2] != w[2]:
-                raise FoldError(f"{spec.bn}: folded weight '{spec.folded_weight}' is "
-                                f"{facts[spec.folded_weight][2]}, its source '{spec.weight}' {w[2]}")
-        if layout.size != w_size:
-            raise FoldError(f"{spec.bn}: layout {layout} does not cover weight {spec.weight_shape}")
     return strided
 
 
