@@ -835,7 +835,7 @@ class _Planner:
     def _array_shared(self, v) -> bool:
         if self._holders is None:   # NNabla's arrays compare and hash by identity
             self._holders = {}
-            for var in {u for inputs in self.g.inputs for u in inputs if u.parent is None}:
+            for var in self.g.uses:   # every variable a function reads, once
                 self._holders.setdefault(var.data, []).append(var)
         return len(self._holders.get(v.data, ())) > 1
 
