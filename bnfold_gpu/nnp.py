@@ -1079,6 +1079,13 @@ def _edit_network(net, edit, functions, nnp, declared):
                 for v in list(ex.data_variable) + list(ex.output_variable)}
     gone = set()
     replacements = {}
+
+    def current():
+        """The functions as edited so far: a fused BN's add and ReLU in its place."""
+        for g in net.function:
+            if g.name not in gone:
+                yield from replacements.get(g.name, (g,))
+
     for index, data in sorted(edit.removed + tuple((i, 0) for i in edit.fused)):
         f = proto(index)
         x, y = f.input[data], f.output[0]
@@ -1086,16 +1093,15 @@ def _edit_network(net, edit, functions, nnp, declared):
             replacements[f.name] = _fused_rest(net, f, x, y, declared)
             continue
         gone.add(f.name)
-        readers = [g for g in net.function if g.name not in gone and x in g.input]
-        producer = next((g for g in net.function if g.name not in gone and x in g.output), None)
+        readers = [g for g in current() if x in g.input]
+        producer = next((g for g in current() if x in g.output), None)
         if producer is not None and not readers and x not in io_names:
             producer.output[list(producer.output).index(x)] = y   # the producer writes y itself
         else:
-            for g in net.function:
-                if g.name not in gone:
-                    for k, name in enumerate(g.input):
-                        if name == y:
-                            g.input[k] = x
+            for g in current():
+                for k, name in enumerate(g.input):
+                    if name == y:
+                        g.input[k] = x
             if y in io_names:
                 raise NnpError(f"network '{net.name}': {f.name}'s output {y} is an executor's "
                                f"variable and cannot be taken out")

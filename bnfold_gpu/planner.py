@@ -384,6 +384,18 @@ class _Planner:
                 self._compose_before(walk, m)
                 var, what = fn.inputs[m.data], f"the input of {m.term.label}"
                 continue
+            if m is not None and m.fused and fn.index not in self.claimed and len(fn.inputs) <= 5 \
+                    and m.fn.outputs[0] == var:
+                # relu(BN(x)) without an add: a map that passes the ReLU (no shift, no negative
+                # scale) composes with the BN before it; the ReLU stays
+                try:
+                    moves.ReLU.check(_Facts(self, walk))
+                except Stop as s:
+                    raise _Reject(f"the function before it is {fn.type} {m.term.label}, whose ReLU "
+                                  f"it does not pass: {s}") from None
+                self._compose_before(walk, m)
+                var, what = fn.inputs[m.data], f"the input of {m.term.label}"
+                continue
             if fn.type in FOLDABLE_INTO and fn.outputs[0] == var:
                 return [self._absorb_output(fn, walk)]
             if fn.type in ("Add2", "Sub2") and self.maps.get(fn.index) is None:

@@ -438,6 +438,61 @@ def test_fused_bn_composes_with_the_bn_before_it(backend, inplace):
     assert function_types(res.outputs).count("ReLU") == 2
 
 
+@pytest.mark.parametrize("scale, folds", [(1.75, True), (-1.75, False)])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_scale_after_a_fused_bn_passes_its_relu(backend, inplace, scale, folds):
+    # relu(BN(x)) * s == relu(s * BN(x)) for s >= 0: both fold into the layer, the ReLU stays
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        h = PF.fused_batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), name="bn", **BN)
+        return [x], F.mul_scalar(h, scale)
+    _, y = build(model)
+    res = check(y, backend, inplace, folded=["bn/bn", "MulScalar(1.75) #2"] if folds else ["bn/bn"])
+    assert function_types(res.outputs) == ["Convolution", "ReLU"] + ([] if folds else ["MulScalar"])
+
+
+def _folds_in_a_file(tmp_path, x, y, fmt=".h5"):
+    """``y`` saved as a .nnp file and folded by ``bnfold fold --verify``; returns the report."""
+    import json
+    from nnabla.utils.save import save
+    from bnfold_gpu import cli
+    path, out, report = tmp_path / "m.nnp", tmp_path / "o.nnp", tmp_path / "r.json"
+    save(str(path), {"networks": [{"name": "net", "batch_size": 2, "outputs": {"y": y},
+                                   "names": {"x": x}}],
+                     "executors": [{"name": "runtime", "network": "net", "data": ["x"],
+                                    "output": ["y"]}]}, parameter_format=fmt)
+    assert cli.main([str(a) for a in ("fold", path, "-o", out, "--verify", "--report", report,
+                                      "-q")]) == 0
+    return json.loads(report.read_text())
+
+
+@pytest.mark.parametrize("fmt", [".h5", ".protobuf"])
+def test_scale_after_a_fused_bn_in_a_file(tmp_path, fmt):
+    # the scale's output is the executor's: the fused BN's ReLU writes it
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        h = PF.fused_batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), name="bn", **BN)
+        return [x], F.mul_scalar(h, 1.75)
+    (x,), y = build(model)
+    report = _folds_in_a_file(tmp_path, x, y, fmt)
+    assert report["networks"]["net"]["folded"] and report["verify"]["outputs"]
+
+
+@pytest.mark.parametrize("scalar", ["MulScalar", "one-channel BN"])
+def test_uniform_map_then_concatenate_in_a_file(tmp_path, scalar):
+    def model():
+        x = nn.Variable((2, 4, 3, 3))
+        h = F.relu(x)
+        if scalar == "MulScalar":
+            h = F.mul_scalar(h, -2.5)
+        else:
+            h = F.reshape(PF.batch_normalization(F.reshape(h, (2, 36, 1)), axes=[2], name="bn", **BN),
+                          (2, 4, 3, 3))
+        return [x], PF.convolution(F.concatenate(h, F.relu(-x), axis=1), 5, (1, 1), name="c")
+    (x,), y = build(model)
+    assert _folds_in_a_file(tmp_path, x, y)["verify"]["outputs"]
+
+
 @pytest.mark.parametrize("inplace", INPLACE)
 def test_self_folding_modifier_leftovers(backend, inplace):
     # what NNabla's SelfFoldingModifier leaves: Mul2 and Add2 by per-channel parameters; and scalars
