@@ -10,6 +10,7 @@ without a bias of its own (the matrix product NNabla's ONNX importer makes of Ge
 shift in the add of its bias that follows it. Every BN that stays says which function stopped it.
 """
 import fnmatch
+import math
 from dataclasses import dataclass, field, replace
 from math import prod
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -176,6 +177,7 @@ class _Planner:
         self.arrays: Dict[str, Tuple[tuple, np.dtype]] = {}
         self.sources: Dict[str, str] = {}
         self.claimed = set()                          # map functions taken by a fold
+        self.held = set()                             # adds whose constant holds a layer's bias
         self.sides: Dict[Tuple[int, str], _Side] = {}
         self._values_cache = {}
         self._holders = None                          # array -> the graph's variables holding it
@@ -620,6 +622,11 @@ class _Planner:
                 scale_only = True
             if park is not None and len(walk.terms) == 1:
                 raise _Reject("it is the bias of the BatchMatmul before it")
+            if park is not None and park[1] is None:   # one value for every output: one output
+                if math.prod(park[0].constant[1][0].shape) != site.n:
+                    raise _Reject("the add after the BatchMatmul adds one value to all its outputs, "
+                                  "not one per output")
+                park = (park[0], site, park[2])
         region = walk.region + [fn] + w_reshapes
         if park is not None:   # the add's constant is rewritten: the reshapes it passes are rebuilt
             region += park[0].constant[1][1]
@@ -657,6 +664,9 @@ class _Planner:
             scale_only = True
         region = walk.region + [fn] + w_reshapes
         if holder is not None and not scale_only:
+            add = holder[0].fn.index
+            if add in self.claimed and add not in self.held:
+                raise _Reject(f"the add of the {fn.type}'s bias after it folds into another layer")
             region += [holder[0].fn] + holder[1] + b_reshapes
         return _Side(fn, INPUT_SIDE, site, walk.terms, walk.maps, None, _label(walk), region,
                      scale_only, layouts, arrays)
@@ -687,6 +697,14 @@ class _Planner:
         self.sides[(side.fn.index, side.side)] = side
         for m in side.maps:
             self.claimed.add(m.fn.index)
+        # the add holding a matrix product's bias stays, its constant rewritten: no other fold may
+        # move it (it would take the old constant, without the shift written into it)
+        if side.park is not None:
+            self.held.add(side.park[0].fn.index)
+        holder = side.arrays[4] if side.arrays else None
+        if side.side == INPUT_SIDE and holder is not None and not side.scale_only:
+            self.claimed.add(holder[0].fn.index)
+            self.held.add(holder[0].fn.index)
 
     # -- specs, names, the graph edit --------------------------------------------------------------
     def _specs(self):

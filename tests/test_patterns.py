@@ -358,6 +358,45 @@ def test_onnx_linear_then_bn_rewires_its_reshaped_bias(backend, inplace, bias_re
     assert ("fc_b_folded" in res.parameters) == copied
 
 
+@pytest.mark.parametrize("bn_after", [False, True])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_bn_then_two_onnx_linears(backend, inplace, bn_after):
+    # the first Linear's bias add takes the BN's shift: it stays, and is not moved into the second
+    # in the same call (it would carry its constant without the shift); every BN folds in one call,
+    # the add into the second Linear in the next
+    def model():
+        x = nn.Variable((3, 8))
+        h = PF.batch_normalization(F.relu(x), name="bn1", **BN)
+        h, _ = _onnx_linear(h, 6, "fc1")
+        h, _ = _onnx_linear(h, 5, "fc2")
+        return [x], PF.batch_normalization(h, name="bn2", **BN) if bn_after else h
+    _, y = build(model)
+    before = forward_all(y)
+    res = bnfold_gpu.fold(y, backend=backend, inplace=inplace)
+    assert rel_err(forward_all(res.outputs)[0], before[0]) < 1e-5
+    assert bn_count(res.outputs) == 0 and not res.skipped
+    again = bnfold_gpu.fold(res.outputs, backend=backend, inplace=inplace)
+    assert all(m.startswith("Add2(fc1_b") for s in again.folded for m in s.maps)
+    assert rel_err(forward_all(again.outputs)[0], before[0]) < 1e-5
+
+
+@pytest.mark.parametrize("after", ["BN", "Mul2", "MulScalar"])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_onnx_linear_of_one_output_then_a_map(backend, inplace, after):
+    # the bias add holds one value, the map one channel: both uniform, the shift stays in the add
+    def model():
+        x = nn.Variable((2, 4))
+        h, _ = _onnx_linear(x, 1, "fc")
+        if after == "BN":
+            return [x], PF.batch_normalization(h, name="bn", **BN)
+        if after == "Mul2":
+            return [x], F.mul2(h, nn.parameter.get_parameter_or_create("k", (1, 1)))
+        return [x], F.mul_scalar(h, -3.0)
+    _, y = build(model)
+    res = check(y, backend, inplace)
+    assert len(res.plan.folded_maps) == 1
+
+
 @pytest.mark.parametrize("layer", ["Convolution", "Affine", "ONNX Linear"])
 @pytest.mark.parametrize("after", ["MulScalar", "Mul2"])
 @pytest.mark.parametrize("inplace", INPLACE)
