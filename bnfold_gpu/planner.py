@@ -634,8 +634,9 @@ class _Planner:
                      region, scale_only, layouts, arrays)
 
     def _absorb_input(self, fn: _Fn, walk: _Walk) -> _Side:
-        if (fn.index, INPUT_SIDE) in self.sides:
-            raise _Reject(f"the {fn.type} after it already absorbs another map")
+        existing = self.sides.get((fn.index, INPUT_SIDE))
+        if existing is not None:
+            walk = self._joined(existing, walk, fn)
         arrays = self._layer_arrays(fn, INPUT_SIDE)
         w, w_reshapes, b, b_reshapes, holder = arrays
         site = self._resite(fn, walk, INPUT_SIDE)
@@ -668,8 +669,29 @@ class _Planner:
             if add in self.claimed and add not in self.held:
                 raise _Reject(f"the add of the {fn.type}'s bias after it folds into another layer")
             region += [holder[0].fn] + holder[1] + b_reshapes
-        return _Side(fn, INPUT_SIDE, site, walk.terms, walk.maps, None, _label(walk), region,
-                     scale_only, layouts, arrays)
+        return _Side(fn, INPUT_SIDE, site, walk.terms, walk.maps, None, _label(walk),
+                     list(dict.fromkeys(region)), scale_only, layouts, arrays)
+
+    def _joined(self, side: _Side, walk: _Walk, fn: _Fn) -> _Walk:
+        """The walk joined with the map a layer's input already absorbs, where both reach it over
+        the same channels of its input and cover none in common (each on its own input of a
+        concatenation): one map, applied term after term, each the identity off its channels."""
+        n = side.site.n if side.site is not None else 0
+
+        def covered(terms):
+            c = np.zeros(n, bool)
+            for t in terms:
+                if t.gather is None or t.gather.size != n:
+                    return None
+                c |= t.gather >= 0
+            return c
+        a = covered(side.terms) if side.site == walk.site else None
+        b = covered(walk.terms) if a is not None else None
+        if a is None or b is None or (a & b).any():
+            raise _Reject(f"the {fn.type} after it already absorbs another map on its channels")
+        terms = [_Term(t.term, t.gather, t.scale_only, t.identity) for t in side.terms] + walk.terms
+        return _Walk(walk.site, terms, list(side.maps) + walk.maps,
+                     list(dict.fromkeys(side.region + walk.region)))
 
     def _resite(self, fn: _Fn, walk: _Walk, side: str) -> Site:
         """The walk's site, or for a map that does not vary, the layer's channels."""

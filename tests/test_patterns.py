@@ -281,6 +281,30 @@ def test_bn_then_concatenate_then_convolution(backend, inplace):
     assert [(s.kind, s.side) for s in res.folded] == [("Convolution", "input")]
 
 
+@pytest.mark.parametrize("kinds", [("bn", "bn"), ("scalar", "bn"), ("one-channel bn", "bn"),
+                                   ("scalar", "scalar")])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_maps_on_each_input_of_a_concatenation_join_in_the_layer_after(backend, inplace, kinds):
+    # each covers its own input's channels: the layer takes both, in one call
+    def model():
+        xs = [nn.Variable((2, 3, 4, 4)), nn.Variable((2, 2, 4, 4))]
+
+        def mapped(x, kind, name):
+            if kind == "bn":
+                return PF.batch_normalization(F.relu(x), name=name, **BN)
+            if kind == "scalar":
+                return F.relu(x) * 2.0
+            s = x.shape
+            return F.reshape(PF.batch_normalization(F.reshape(F.relu(x), (s[0], 1) + s[1:]),
+                                                    name=name, **BN), s)
+        h = F.concatenate(*[mapped(x, k, f"bn{i}") for i, (x, k) in enumerate(zip(xs, kinds))],
+                          axis=1)
+        return xs, PF.convolution(h, 2, (1, 1), name="c")
+    _, y = build(model)
+    res = check(y, backend, inplace)
+    assert len(res.folded) == 1 and len(res.plan.folded_maps) == 2
+
+
 @pytest.mark.parametrize("inplace", INPLACE)
 def test_slice_of_channels(backend, inplace):
     def model():
