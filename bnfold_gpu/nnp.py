@@ -763,6 +763,14 @@ def build_networks(path: str, proto, names=None, parsed=False, values=None, batc
     from nnabla.core.graph_def import ProtoGraph
     from nnabla.utils.nnp_graph import NnpLoader, NnpNetwork
     _check_declared(path, proto, names)
+    declared_batch = {net.name: net.batch_size for net in proto.network}
+
+    def _batch(name):
+        # a network without a batch size (0, -1, or none written, as NNabla's ONNX converter leaves
+        # a dynamic one) is built with 1 for its -1 dimensions: NNabla's builder would divide by 0
+        if batch_size is not None or declared_batch.get(name, 1) >= 1:
+            return batch_size
+        return 1
     nets = {}
     scope = OrderedDict()
     with nn.parameter_scope("", scope):
@@ -777,12 +785,13 @@ def build_networks(path: str, proto, names=None, parsed=False, values=None, batc
                                               rng=np.random.RandomState(1223))
 
                 def get_network(name):
-                    return NnpNetwork(graph.networks[name], batch_size=batch_size, callback=None)
+                    return NnpNetwork(graph.networks[name], batch_size=_batch(name),
+                                      callback=None)
             else:
                 loader = NnpLoader(path)
 
                 def get_network(name):
-                    return loader.get_network(name, batch_size=batch_size)
+                    return loader.get_network(name, batch_size=_batch(name))
         except Exception as e:  # NNabla's own loader, on a file our checks passed
             where = _failing_network(proto, names)
             raise NnpError(f"{path}: {where}NNabla cannot load it: {nnabla_words(e)}") from None

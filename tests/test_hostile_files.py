@@ -668,6 +668,28 @@ def test_arguments_nnabla_would_divide_by_zero_or_overflow_on_are_refused(
     assert "network 'net'" in msg and words in msg
 
 
+@pytest.mark.parametrize("batch", [None, 0, -1])
+def test_network_without_a_batch_size_folds_and_verifies(tmp_path, scratch, batch):
+    # as NNabla's ONNX converter writes a dynamic batch: built with 1 for its -1 dimensions
+    # (NNabla's builder, given none, divides by 0 in a convolution and ends the process)
+    good = nnp_files.single(tmp_path / "good.nnp")
+
+    def edit(proto):
+        if batch is None:
+            proto.network[0].ClearField("batch_size")
+        else:
+            proto.network[0].batch_size = batch
+    p = _edit_definition(good, tmp_path / "nobatch.nnp", edit)
+    # in processes of their own: were it to reach NNabla with no batch size, SIGFPE would end them
+    r = subprocess.run([sys.executable, "-m", "bnfold_gpu", "fold", str(p), "-o",
+                        str(tmp_path / "o.nnp"), "--verify", "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-c", f"import bnfold_gpu; "
+                        f"print(len(bnfold_gpu.load({str(p)!r}, 'net').outputs))"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "1", r.stderr
+
+
 def test_load_refuses_a_batch_size_nnabla_cannot_count(tmp_path):
     good = nnp_files.single(tmp_path / "good.nnp")
     for bad in (0, 1 << 40):
