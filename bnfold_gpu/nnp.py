@@ -1088,29 +1088,49 @@ def _edit_network(net, edit, functions, nnp, declared):
                 for v in list(ex.data_variable) + list(ex.output_variable)}
     gone = set()
     replacements = {}
+    # who reads and who writes each variable, kept up to date as maps are taken out: linear in the
+    # network's size, however many BNs fold
+    readers_of: Dict[str, List] = {}
+    producer_of: Dict[str, object] = {}
 
-    def current():
-        """The functions as edited so far: a fused BN's add and ReLU in its place."""
-        for g in net.function:
-            if g.name not in gone:
-                yield from replacements.get(g.name, (g,))
+    def add(g):
+        for v in set(g.input):
+            readers_of.setdefault(v, []).append(g)
+        for v in g.output:
+            producer_of[v] = g
 
+    def drop(g):
+        for v in set(g.input):
+            readers_of[v] = [r for r in readers_of.get(v, ()) if r is not g]
+        for v in g.output:
+            if producer_of.get(v) is g:
+                del producer_of[v]
+
+    for g in net.function:
+        add(g)
+    taken = {g.name for g in net.function}
     for index, data in sorted(edit.removed + tuple((i, 0) for i in edit.fused)):
         f = proto(index)
         x, y = f.input[data], f.output[0]
-        if index in edit.fused:
-            replacements[f.name] = _fused_rest(net, f, x, y, declared)
+        if index in edit.fused:   # its add and ReLU take its place
+            drop(f)
+            replacements[f.name] = _fused_rest(net, f, x, y, declared, taken)
+            for g in replacements[f.name]:
+                add(g)
             continue
         gone.add(f.name)
-        readers = [g for g in current() if x in g.input]
-        producer = next((g for g in current() if x in g.output), None)
-        if producer is not None and not readers and x not in io_names:
+        drop(f)
+        producer = producer_of.get(x)
+        if producer is not None and not readers_of.get(x) and x not in io_names:
             producer.output[list(producer.output).index(x)] = y   # the producer writes y itself
+            del producer_of[x]
+            producer_of[y] = producer
         else:
-            for g in current():
+            for g in readers_of.pop(y, []):
                 for k, name in enumerate(g.input):
                     if name == y:
                         g.input[k] = x
+                readers_of.setdefault(x, []).append(g)
             if y in io_names:
                 raise NnpError(f"network '{net.name}': {f.name}'s output {y} is an executor's "
                                f"variable and cannot be taken out")
@@ -1123,15 +1143,16 @@ def _edit_network(net, edit, functions, nnp, declared):
     net.function.extend(rebuilt)
 
 
-def _fused_rest(net, bn, x, out, declared):
+def _fused_rest(net, bn, x, out, declared, taken=None):
     """The add and ReLU of a FusedBatchNormalization whose BN part is folded, writing its output."""
     last = x
     functions = []
     if len(bn.input) > 5:
         summed = _fresh(declared, out + "_sum", declared.get(out), net)
-        functions.append(_new_function(net, "Add2", bn.name + "_add", [x, bn.input[5]], [summed]))
+        functions.append(_new_function(net, "Add2", bn.name + "_add", [x, bn.input[5]], [summed],
+                                       taken))
         last = summed
-    functions.append(_new_function(net, "ReLU", bn.name + "_relu", [last], [out]))
+    functions.append(_new_function(net, "ReLU", bn.name + "_relu", [last], [out], taken))
     return functions
 
 
@@ -1148,14 +1169,17 @@ def _fresh(declared, base, like, net):
     return name
 
 
-def _new_function(net, type_name, name, inputs, outputs):
-    """A function proto named ``name`` (made unique within ``net``), not yet placed in it."""
+def _new_function(net, type_name, name, inputs, outputs, taken=None):
+    """A function proto named ``name`` (made unique within ``net``, and among ``taken``, the names
+    used so far, which it extends), not yet placed in it."""
     from nnabla.utils import nnabla_pb2
-    taken = {g.name for g in net.function}
+    if taken is None:
+        taken = {g.name for g in net.function}
     unique, k = name, 2
     while unique in taken:
         unique = f"{name}_{k}"
         k += 1
+    taken.add(unique)
     f = nnabla_pb2.Function()
     f.name, f.type = unique, type_name
     f.input.extend(inputs)
