@@ -473,7 +473,8 @@ def test_fold_leaves_the_process_as_it_was():
         import bnfold_gpu
 
         def snapshot():
-            return (repr(nn.get_current_context()), (np.geterr(), np.getbufsize()), signal.getsignal(signal.SIGINT),
+            return (repr(nn.get_current_context()), (np.geterr(), np.getbufsize()),
+                    (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)),
                     logging.getLogger().level, list(logging.getLogger().handlers),
                     logging.getLogger("nnabla").level, list(logging.getLogger("nnabla").handlers),
                     {k: v for k, v in sys.modules.items() if k.split(".")[0] in ("nnabla", "nnabla_ext")})
@@ -490,6 +491,29 @@ def test_fold_leaves_the_process_as_it_was():
         assert not [k for k in sys.modules if k.startswith(("nnabla.nnabla", "nnabla.nnabla_ext"))]
         assert all(before[7][k] is after[7][k] for k in before[7])
         assert all(after[7][k].__name__ == k for k in new), new
+
+        # the file API and the command line, in this process: nothing global changes either, and
+        # the current parameter scope is not touched
+        import os, tempfile
+        from nnabla.utils.save import save
+        from bnfold_gpu import cli
+        d = tempfile.mkdtemp()
+        m = os.path.join(d, "m.nnp")
+        y2 = PF.batch_normalization(PF.convolution(x, 2, (1, 1), name="c3"), batch_stat=False,
+                                    name="b3")
+        save(m, {"networks": [{"name": "net", "batch_size": 2, "outputs": {"y": y2},
+                               "names": {"x": x}}]})
+        before = snapshot()
+        registry = dict(nn.get_parameters(grad_only=False))
+        bnfold_gpu.fold_nnp(m, os.path.join(d, "o.nnp"), backend="numpy", verify=True)
+        assert cli.main(["fold", m, "-o", os.path.join(d, "o2.nnp"), "-q", "--verify"]) == 0
+        assert cli.main(["fold", os.path.join(d, "missing.nnp"), "-o", os.path.join(d, "o3.nnp"),
+                         "-q"]) == 2
+        after = snapshot()
+        assert before[:7] == after[:7], (before[:7], after[:7])
+        assert all(before[7][k] is after[7][k] for k in before[7])
+        now = dict(nn.get_parameters(grad_only=False))
+        assert now.keys() == registry.keys() and all(now[k] is registry[k] for k in now)
         import nnabla.utils.save as save
         assert save.save is sys.modules["nnabla.utils.save"].save
         half = nn.Context(["cpu:half"], "CpuCachedArray", "0")
