@@ -10,7 +10,6 @@ without a bias of its own (the matrix product NNabla's ONNX importer makes of Ge
 shift in the add of its bias that follows it. Every BN that stays says which function stopped it.
 """
 import fnmatch
-import math
 from dataclasses import dataclass, field, replace
 from math import prod
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -382,19 +381,7 @@ class _Planner:
                 raise _Reject(f"no layer before it ({what} is not computed by a function)")
             m = self.maps.get(fn.index)
             if m is not None and fn.index not in self.claimed and m.fn.outputs[0] == var \
-                    and not m.fused:
-                self._compose_before(walk, m)
-                var, what = fn.inputs[m.data], f"the input of {m.term.label}"
-                continue
-            if m is not None and m.fused and fn.index not in self.claimed and len(fn.inputs) <= 5 \
-                    and m.fn.outputs[0] == var:
-                # relu(BN(x)) without an add: a map that passes the ReLU (no shift, no negative
-                # scale) composes with the BN before it; the ReLU stays
-                try:
-                    moves.ReLU.check(_Facts(self, walk))
-                except Stop as s:
-                    raise _Reject(f"the function before it is {fn.type} {m.term.label}, whose ReLU "
-                                  f"it does not pass: {s}") from None
+                    and (not m.fused or self._through_relu(fn, m, walk)):
                 self._compose_before(walk, m)
                 var, what = fn.inputs[m.data], f"the input of {m.term.label}"
                 continue
@@ -417,6 +404,19 @@ class _Planner:
                 self._move(branch, site, transform)
                 sides += self._walk_back(fn.inputs[k], branch, f"input {k} of {fn.type}")
             return sides
+
+    def _through_relu(self, fn: _Fn, m: _Map, walk: _Walk) -> bool:
+        """relu(BN(x)) without an add: whether the walk's map passes the ReLU (no shift, no negative
+        scale), and so composes with the BN before it, the ReLU staying. _Reject where it does not;
+        False where the fused BN adds another input (the map stops there, as for any fused BN)."""
+        if len(fn.inputs) > 5:
+            return False
+        try:
+            moves.ReLU.check(_Facts(self, walk))
+        except Stop as s:
+            raise _Reject(f"the function before it is {fn.type} {m.term.label}, whose ReLU it "
+                          f"does not pass: {s}") from None
+        return True
 
     def _through(self, fn: _Fn, walk: _Walk):
         """The rule's ways through ``fn`` for the walk's map (``moves.backward``), ``fn`` added to
@@ -623,7 +623,7 @@ class _Planner:
             if park is not None and len(walk.terms) == 1:
                 raise _Reject("it is the bias of the BatchMatmul before it")
             if park is not None and park[1] is None:   # one value for every output: one output
-                if math.prod(park[0].constant[1][0].shape) != site.n:
+                if prod(park[0].constant[1][0].shape) != site.n:
                     raise _Reject("the add after the BatchMatmul adds one value to all its outputs, "
                                   "not one per output")
                 park = (park[0], site, park[2])
@@ -690,8 +690,7 @@ class _Planner:
         if a is None or b is None or (a & b).any():
             raise _Reject(f"the {fn.type} after it already absorbs another map on its channels")
         terms = [_Term(t.term, t.gather, t.scale_only, t.identity) for t in side.terms] + walk.terms
-        return _Walk(walk.site, terms, list(side.maps) + walk.maps,
-                     list(dict.fromkeys(side.region + walk.region)))
+        return _Walk(walk.site, terms, list(side.maps) + walk.maps, side.region + walk.region)
 
     def _resite(self, fn: _Fn, walk: _Walk, side: str) -> Site:
         """The walk's site, or for a map that does not vary, the layer's channels."""

@@ -362,12 +362,10 @@ def _magnitude_bound(a: np.ndarray) -> float:
     return top
 
 
-def magnitude_bounds(plan: Plan, arrays, maps, largest=None) -> list:
+def magnitude_bounds(plan: Plan, arrays, largest) -> list:
     """The magnitude bound of each fold's weight where its overflow check needs one (a scale
-    above 1), else None; computed on every core (BLAS and NumPy's reductions release the GIL).
-    ``largest``: each fold's max |scale|, where the caller has it."""
-    if largest is None:
-        largest = [float(np.abs(m[0]).max()) if m[0].size else 0.0 for m in maps]
+    above 1: ``largest`` holds each fold's max |scale|), else None; computed on every core (BLAS and
+    NumPy's reductions release the GIL)."""
     need = [k for k, spec in enumerate(plan.folds) if spec.weight is not None and largest[k] > 1]
     bounds = [None] * len(plan.folds)
     missing = {}
@@ -525,7 +523,7 @@ class Prepared:
         outputs = output_biases(plan, arrays, maps)
         ready = stored_output_biases(plan, arrays, outputs)
         largest = maps.largest_scales().tolist()
-        bounds = magnitude_bounds(plan, arrays, maps, largest)
+        bounds = magnitude_bounds(plan, arrays, largest)
         scale32 = maps.scale.astype(np.float32)   # what float32 and float16 weights multiply by
         starts = maps.starts.tolist()
         self.biases = []   # (destination, values as it stores them), every one computed first
