@@ -32,6 +32,11 @@ class _Reject(Exception):
     """This map cannot fold this way; the message is the reason."""
 
 
+class _LayerBias(_Reject):
+    """The add is the bias of the matrix product before it (NNabla's ONNX importer builds a Linear
+    as Reshape -> BatchMatmul -> Reshape -> Add2): part of that layer, not a map to move."""
+
+
 class _Fn:
     """A function's type and inputs (read by the Graph), and its arguments, outputs and shapes, each
     asked of NNabla once, when first needed."""
@@ -343,6 +348,8 @@ class _Planner:
                 continue
             try:
                 self._backward(maps[index])
+            except _LayerBias:   # stays with its layer: moving it on would take a layer's bias away
+                continue
             except _Reject as r:
                 why_back[index] = str(r)
         for index in sorted(why_back):              # upstream first: it composes those after it
@@ -368,10 +375,32 @@ class _Planner:
         return _Walk(m.site, [_Term(m.term, gather, identity=gather is not None)], [m], [m.fn])
 
     def _backward(self, m: _Map):
+        if self._is_layer_bias(m):
+            raise _LayerBias("it is the bias of the BatchMatmul before it")
         walk = self._start(m)
         sides = self._walk_back(m.fn.inputs[m.data], walk, "its input")
         for side in sides:   # every branch reached a layer: commit
             self._claim_side(side)
+
+    def _is_layer_bias(self, m: _Map) -> bool:
+        """Whether ``m`` is the add of a layer's bias: the stored constant added after a BatchMatmul
+        by a stored matrix, through reshapes only (:meth:`_matmul_bias`)."""
+        if m.term.kind != "shift" or m.term.value is None:
+            return False
+        var = m.fn.inputs[m.data]
+        while var.parent is not None:
+            fn = self.by_f.get(var.parent)
+            if fn is None:
+                return False
+            if fn.type == "BatchMatmul":
+                if len(fn.inputs) != 2 or self._stored(fn.inputs[1]) is None:
+                    return False
+                bias = self._matmul_bias(fn)
+                return bias is not None and bias[2] is m
+            if fn.type != "Reshape":
+                return False
+            var = fn.inputs[0]
+        return False
 
     def _walk_back(self, var, walk: _Walk, what: str) -> List[_Side]:
         while True:
@@ -620,8 +649,6 @@ class _Planner:
                               "the map passes no add of a stored bias")
             else:
                 scale_only = True
-            if park is not None and len(walk.terms) == 1:
-                raise _Reject("it is the bias of the BatchMatmul before it")
             if park is not None and park[1] is None:   # one value for every output: one output
                 if prod(park[0].constant[1][0].shape) != site.n:
                     raise _Reject("the add after the BatchMatmul adds one value to all its outputs, "

@@ -385,9 +385,8 @@ def test_onnx_linear_then_bn_rewires_its_reshaped_bias(backend, inplace, bias_re
 @pytest.mark.parametrize("bn_after", [False, True])
 @pytest.mark.parametrize("inplace", INPLACE)
 def test_bn_then_two_onnx_linears(backend, inplace, bn_after):
-    # the first Linear's bias add takes the BN's shift: it stays, and is not moved into the second
-    # in the same call (it would carry its constant without the shift); every BN folds in one call,
-    # the add into the second Linear in the next
+    # the first Linear's bias add takes the BN's shift and stays that Linear's bias: one call folds
+    # everything, a second finds nothing
     def model():
         x = nn.Variable((3, 8))
         h = PF.batch_normalization(F.relu(x), name="bn1", **BN)
@@ -399,9 +398,37 @@ def test_bn_then_two_onnx_linears(backend, inplace, bn_after):
     res = bnfold_gpu.fold(y, backend=backend, inplace=inplace)
     assert rel_err(forward_all(res.outputs)[0], before[0]) < 1e-5
     assert bn_count(res.outputs) == 0 and not res.skipped
-    again = bnfold_gpu.fold(res.outputs, backend=backend, inplace=inplace)
-    assert all(m.startswith("Add2(fc1_b") for s in again.folded for m in s.maps)
-    assert rel_err(forward_all(again.outputs)[0], before[0]) < 1e-5
+    again = bnfold_gpu.plan(res.outputs, inplace=inplace)
+    assert again.folds == () and not again.skipped
+
+
+@pytest.mark.parametrize("between", [None, "MulScalar", "Mul2"])
+def test_onnx_linears_keep_their_biases(backend, between):
+    # an ONNX Linear's bias add is part of the Linear, not a map to move into the next one: a plain
+    # MLP folds nothing, and a scale between two Linears folds into the first (its matrix and bias)
+    def model():
+        x = nn.Variable((3, 8))
+        h, _ = _onnx_linear(F.relu(x), 6, "fc1")
+        if between == "MulScalar":
+            h = F.mul_scalar(h, -1.7)
+        elif between == "Mul2":
+            h = F.mul2(h, nn.parameter.get_parameter_or_create("s", (1, 6)))
+        h, _ = _onnx_linear(h, 5, "fc2")
+        h, _ = _onnx_linear(h, 4, "fc3")
+        return [x], h
+    _, y = build(model)
+    params = {k: v.d.copy() for k, v in nn.get_parameters(grad_only=False).items()}
+    before = forward_all(y)
+    res = bnfold_gpu.fold(y, backend=backend)
+    assert rel_err(forward_all(res.outputs)[0], before[0]) < 1e-5
+    if between is None:
+        assert res.folded == () and res.parameters == {}
+        for k, v in nn.get_parameters(grad_only=False).items():
+            assert np.array_equal(v.d, params[k]), k
+    else:
+        assert {s.weight for s in res.plan.folds} - {None} == {"fc1_W"}
+    assert bnfold_gpu.plan(res.outputs).folds == ()
+    assert function_types(res.outputs).count("Add2") == 3
 
 
 @pytest.mark.parametrize("after", ["BN", "Mul2", "MulScalar"])
