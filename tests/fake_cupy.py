@@ -119,7 +119,7 @@ def make(host_lib, build=None):
     cp.cuda = types.SimpleNamespace(
         runtime=runtime, Stream=_Context, get_current_stream=_Context, Event=_Event,
         get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3,
-        Device=_Context)
+        Device=_Context, nvrtc=types.SimpleNamespace(getVersion=lambda: (12, 9)))
 
     def ptr(a):
         return ctypes.c_void_p(a.ctypes.data)

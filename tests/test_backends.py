@@ -24,6 +24,39 @@ def test_cupy_not_installed_says_how(monkeypatch):
     assert "CuPy is not installed" in reason and "bnfold_gpu[cuda]" in reason
 
 
+def _device_without_nvrtc(monkeypatch, cupy_finds_one: bool):
+    """A device answers; NVRTC is neither in the wheel nor on the loader's path; CuPy's own
+    loader finds one or not."""
+    import types
+    from bnfold_gpu import _nvrtc
+
+    def get_version():
+        if not cupy_finds_one:
+            raise RuntimeError("libnvrtc.so.12: cannot open shared object file")
+        return (12, 9)
+    cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+                                 nvrtc=types.SimpleNamespace(getVersion=get_version))
+    monkeypatch.setattr(cupy_backend, "cupy", types.SimpleNamespace(cuda=cuda))
+
+    def load():
+        raise OSError("libnvrtc.so.12: cannot open shared object file")
+    monkeypatch.setattr(_nvrtc, "load", load)
+
+
+def test_auto_falls_back_to_numpy_without_nvrtc(monkeypatch):
+    # a device but no compiler for the kernels: 'auto' folds with NumPy, 'cupy' says what is missing
+    _device_without_nvrtc(monkeypatch, cupy_finds_one=False)
+    assert get_backend("auto") is numpy_backend
+    with pytest.raises(RuntimeError, match=r"not usable: NVRTC.*not found.*bnfold_gpu\[cuda\]"):
+        get_backend("cupy")
+
+
+def test_nvrtc_found_by_cupy_itself_is_enough(monkeypatch):
+    _device_without_nvrtc(monkeypatch, cupy_finds_one=True)
+    assert cupy_backend.unavailable_reason() is None
+    assert get_backend("auto") is cupy_backend
+
+
 def test_auto_picks_cupy_when_a_device_answers(monkeypatch):
     monkeypatch.setattr(cupy_backend, "unavailable_reason", lambda: None)
     assert get_backend("auto") is cupy_backend

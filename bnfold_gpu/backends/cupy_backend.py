@@ -14,6 +14,7 @@ Results equal the NumPy backend bit for bit, except for BN -> layer biases, whos
 another order (within float64 rounding).
 """
 import dataclasses
+import importlib
 import operator
 import os
 from math import prod
@@ -60,7 +61,26 @@ def unavailable_reason():
         return f"no usable CUDA device ({type(e).__name__}: {e})"
     if n == 0:
         return "no CUDA device found"
-    return None
+    return _nvrtc_missing()
+
+
+def _nvrtc_missing():
+    """None when NVRTC, which builds the kernels, is there (the wheel's, the loader's, or where
+    CuPy itself finds one), else why not: without it the first fold would fail to compile."""
+    try:
+        _nvrtc.load()
+        return None
+    except OSError as e:
+        first = e
+    try:
+        nvrtc = getattr(cupy.cuda, "nvrtc", None)
+        if nvrtc is None:
+            nvrtc = importlib.import_module("cupy.cuda.nvrtc")
+        nvrtc.getVersion()
+        return None
+    except Exception as e:   # CuPy's own loader found none either
+        return (f"NVRTC, which compiles the kernels, is not found ({_nvrtc.SONAME}: {first}; "
+                f"CuPy: {type(e).__name__}: {e}); pip install 'bnfold_gpu[cuda]'")
 
 
 def kernel_dir() -> Path:
