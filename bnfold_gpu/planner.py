@@ -604,24 +604,31 @@ class _Planner:
 
     def _matmul_bias(self, fn: _Fn):
         """(bias parameter, its reshapes, the add, the reshapes between) of the add of a stored
-        constant that follows a BatchMatmul through reshapes, varying along its columns; or None."""
+        constant that follows a BatchMatmul through reshapes, varying along its columns (one value,
+        where the product has one column); or None."""
         var = fn.outputs[0]
-        site = Site(fn.out_shapes[0], len(fn.out_shapes[0]) - 1, len(fn.out_shapes[0]))
+        shape = fn.out_shapes[0]
+        one = shape[-1] == 1
+        site = Site(shape, len(shape) - 1, len(shape))
         path = []
         while var not in self.outputs and self._uses(var) == 1 and var in self.consumers:
             nxt, k = self.consumers[var][0]
             if nxt.type == "Reshape":
-                try:
-                    site, _ = moves.on_shape(site, nxt.out_shapes[0])
-                except Stop:
-                    return None
+                if not one:
+                    try:
+                        site, _ = moves.on_shape(site, nxt.out_shapes[0])
+                    except Stop:
+                        return None
                 path.append(nxt)
                 var = nxt.outputs[0]
                 continue
             m = self.maps.get(nxt.index)
-            if m is not None and m.term.kind == "shift" and m.term.value is not None \
-                    and not m.term.negate and m.data == k and m.site is not None \
-                    and (m.site.a0, m.site.a1) == (site.a0, site.a1):
+            if m is None:
+                return None
+            along = m.site is None if one else \
+                m.site is not None and (m.site.a0, m.site.a1) == (site.a0, site.a1)
+            if along and m.term.kind == "shift" and m.term.value is not None \
+                    and not m.term.negate and m.data == k:
                 param, reshapes = m.constant[1]
                 return param, reshapes, m, path
             return None

@@ -402,17 +402,21 @@ def test_bn_then_two_onnx_linears(backend, inplace, bn_after):
     assert again.folds == () and not again.skipped
 
 
-@pytest.mark.parametrize("between", [None, "MulScalar", "Mul2"])
-def test_onnx_linears_keep_their_biases(backend, between):
+@pytest.mark.parametrize("rows", [6, 1])
+@pytest.mark.parametrize("between", [None, "MulScalar", "Mul2", "BN"])
+def test_onnx_linears_keep_their_biases(backend, between, rows):
     # an ONNX Linear's bias add is part of the Linear, not a map to move into the next one: a plain
-    # MLP folds nothing, and a scale between two Linears folds into the first (its matrix and bias)
+    # MLP folds nothing, and a map between two Linears folds into the first (its matrix and bias);
+    # a Linear of one output has a bias of one value, added to all its rows
     def model():
         x = nn.Variable((3, 8))
-        h, _ = _onnx_linear(F.relu(x), 6, "fc1")
+        h, _ = _onnx_linear(F.relu(x), rows, "fc1")
         if between == "MulScalar":
             h = F.mul_scalar(h, -1.7)
         elif between == "Mul2":
-            h = F.mul2(h, nn.parameter.get_parameter_or_create("s", (1, 6)))
+            h = F.mul2(h, nn.parameter.get_parameter_or_create("s", (1, rows)))
+        elif between == "BN":
+            h = PF.batch_normalization(h, name="bn", **BN)
         h, _ = _onnx_linear(h, 5, "fc2")
         h, _ = _onnx_linear(h, 4, "fc3")
         return [x], h

@@ -18,9 +18,11 @@ def _divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def random_graph(rng, base_axis=1, made=None):
+def random_graph(rng, base_axis=1, made=None, onnx_linear=True):
     """A random graph from one input of (2,)*base_axis + (C, 7, 7); returns (input, outputs).
-    ``made`` (a list) receives every variable made on the way."""
+    ``made`` (a list) receives every variable made on the way. ``onnx_linear=False``: no ONNX-style
+    Linear, whose reshapes to a batch of 1 ``nnabla.utils.save`` refuses (files from NNabla's ONNX
+    importer are written by the importer)."""
     x = nn.Variable((2,) * base_axis + (int(rng.randint(1, 5)), 7, 7))
     axis = base_axis
     made = [] if made is None else made
@@ -75,7 +77,7 @@ def random_graph(rng, base_axis=1, made=None):
             extra_outputs.append(h)     # an intermediate result is also a graph output
             continue
         else:
-            h = _mover(rng, h, axis, made, name)
+            h = _mover(rng, h, axis, made, name, onnx_linear)
         made.append(h)
     y = made[-1]
     if rng.rand() < 0.6:
@@ -87,10 +89,10 @@ def random_graph(rng, base_axis=1, made=None):
     return x, outputs or [F.relu(x)]
 
 
-def _mover(rng, h, axis, made, name):
+def _mover(rng, h, axis, made, name, onnx_linear=True):
     """A function a map moves through (or not, by its statistics), a constant multiply or add, two
-    layers added, or a BN of one channel (one map for every element, as a scalar's)."""
-    kind = rng.randint(9)
+    layers added, a BN of one channel (one map for every element, as a scalar's), or an ONNX Linear."""
+    kind = rng.randint(10)
     c = h.shape[axis]
     if kind == 0:   # the spatial axes merged and split again
         flat = F.reshape(h, h.shape[:axis + 1] + (h.shape[-2] * h.shape[-1],))
@@ -124,6 +126,18 @@ def _mover(rng, h, axis, made, name):
         one = F.reshape(h, h.shape + (1,))
         bn = PF.batch_normalization(one, axes=[len(h.shape)], batch_stat=False, name=name)
         return F.reshape(bn, h.shape)
+    if kind == 8 and onnx_linear:   # a Linear over the channels as NNabla's ONNX importer builds it, between transposes
+        out = int(rng.randint(1, 5))
+        perm = [a for a in range(len(h.shape)) if a != axis] + [axis]
+        t = F.transpose(h, perm)
+        w = nn.parameter.get_parameter_or_create(f"{name}_W", (c, out))
+        rows = int(np.prod(t.shape[:-1]))
+        m = F.batch_matmul(F.reshape(t, (1, rows, c)), F.reshape(w, (1, c, out)))
+        m = F.reshape(m, t.shape[:-1] + (out,))
+        if rng.rand() < 0.7:
+            b = nn.parameter.get_parameter_or_create(f"{name}_b", (out,))
+            m = F.add2(m, F.reshape(b, (1,) * (len(t.shape) - 1) + (out,)))
+        return F.transpose(m, [perm.index(a) for a in range(len(perm))])
     start = [0] * len(h.shape)
     stop = list(h.shape)
     start[axis] = int(rng.randint(0, c))
@@ -198,10 +212,11 @@ def test_random_graphs_in_a_file_fold_and_verify(tmp_path, seed):
     from nnabla.utils.save import save
     from bnfold_gpu import cli
     nn.clear_parameters()
-    x, outputs = random_graph(np.random.RandomState(seed))
+    x, outputs = random_graph(np.random.RandomState(seed), onnx_linear=False)
     randomize_all(np.random.RandomState(seed + 1))
     made = []
-    x_b, _ = random_graph(np.random.RandomState(seed), made=made)   # reuses "a"'s parameters
+    x_b, _ = random_graph(np.random.RandomState(seed), made=made,   # reuses "a"'s parameters
+                          onnx_linear=False)
     rng = np.random.RandomState(seed + 2)
     middle = [v for v in made if v.parent is not None]
     networks = [{"name": "a", "batch_size": 2, "outputs": {f"y{i}": y for i, y in enumerate(outputs)},
