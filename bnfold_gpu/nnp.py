@@ -895,8 +895,10 @@ def plan_file(nnp: NnpFile, progress=None, skip=()) -> FilePlan:
                 fp.networks.append(NetworkPlan(net.name, None, training, "no outputs"))
                 continue
             graph = Graph(outputs)
+            # a network that trains (a BN on batch statistics) keeps its parametrization: only
+            # BNs on running statistics fold there, not the multiplies and adds of its own
             p = make_plan(graph, inplace=True, reserved=taken, dtypes=dtypes, values=values,
-                          skip=skip)
+                          skip=skip, constants=not training)
             taken.update(p.arrays)
             producer = {o: f.name for f in net.function for o in f.output}
             functions = [producer.get(f.outputs[0].name) for f in graph.functions]
@@ -923,12 +925,15 @@ def _settle(p: Plan, network: str, uses, taken, seen, fp: FilePlan):
 
     rename: Dict[str, str] = {}
     keys: Dict[str, tuple] = {}      # an array this plan writes -> how it is computed
+    origin: Dict[str, str] = {}      # an array between two folds of a layer -> the array it came from
     derived = {d.scale: d for d in p.derived}
     derived.update({d.shift: d for d in p.derived if d.shift})
     final = []
     for spec in p.folds:
         key = _fold_key(spec, keys, derived, p.intermediates)
-        if key in seen:
+        # an array between two folds of a layer is this plan's own: never shared with another's
+        between = spec.folded_weight in p.intermediates or spec.folded_bias in p.intermediates
+        if key in seen and not between:
             prev = seen[key]
             for mine, theirs in ((spec.folded_weight, prev.folded_weight),
                                  (spec.folded_bias, prev.folded_bias)):
@@ -946,7 +951,9 @@ def _settle(p: Plan, network: str, uses, taken, seen, fp: FilePlan):
             if name is None:
                 continue
             keys[name] = key
+            source = origin.get(source, source)   # a layer folded on both sides: where it started
             if name in p.intermediates:
+                origin[name] = source
                 continue
             if name == source and elsewhere(name):
                 changes[field_name] = rename[name] = new(name + "_folded")
@@ -955,7 +962,8 @@ def _settle(p: Plan, network: str, uses, taken, seen, fp: FilePlan):
             elif name in p.sources:
                 fp.sources[name] = p.sources[name]
         spec = replace(spec, **changes)
-        seen[key] = spec
+        if not between:
+            seen[key] = spec
         fp.unique.append(spec)
         final.append(spec)
         for d in p.derived:

@@ -122,13 +122,15 @@ class _Side:
     arrays: tuple = ()               # what _layer_arrays said
 
 
-def plan(graph: Graph, inplace: bool = True, reserved=(), dtypes=None, values=None, skip=()) -> Plan:
+def plan(graph: Graph, inplace: bool = True, reserved=(), dtypes=None, values=None, skip=(),
+         constants: bool = True) -> Plan:
     """The plan for ``graph``. ``inplace=False`` sends every folded array to a new name; new names
     avoid every name of the graph and of ``reserved``. ``dtypes`` (name -> dtype) gives the arrays'
     dtypes where the graph's parameters hold no data; otherwise they are read from the parameters.
     ``values(var, name)`` gives a parameter's values, for the moves whose exactness depends on them
-    (default: read from the variable). ``skip``: BN names or glob patterns not to fold."""
-    return _Planner(graph, inplace, reserved, dtypes, values, skip).run()
+    (default: read from the variable). ``skip``: BN names or glob patterns not to fold.
+    ``constants=False``: multiplies and adds by stored constants are not maps (they stay)."""
+    return _Planner(graph, inplace, reserved, dtypes, values, skip, constants).run()
 
 
 class _Facts(moves.Facts):
@@ -163,8 +165,10 @@ class _Facts(moves.Facts):
 
 
 class _Planner:
-    def __init__(self, graph: Graph, inplace: bool, reserved=(), dtypes=None, values=None, skip=()):
+    def __init__(self, graph: Graph, inplace: bool, reserved=(), dtypes=None, values=None, skip=(),
+                 constants: bool = True):
         self.g = graph
+        self.constants = constants
         self.dtypes = dtypes or {}
         self.inplace = inplace
         self.values = values
@@ -337,7 +341,7 @@ class _Planner:
                     maps[fn.index] = self._bn_map(fn)
                 except _Reject as r:
                     results[fn.index] = str(r)
-            elif fn.type in _CONSTANT_OPS:
+            elif self.constants and fn.type in _CONSTANT_OPS:
                 m = self._constant_map(fn)
                 if m is not None:
                     maps[fn.index] = m

@@ -230,3 +230,36 @@ def nnabla_cli(*args):
     r = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return r
+
+
+def _shared_layer_net(x, batch_stat, kind, last=True):
+    if kind == "both_sides":      # a 1x1 convolution takes a BN on each side
+        h = PF.batch_normalization(F.relu(x), batch_stat=batch_stat, name="bn_in")
+        h = PF.convolution(h, 4, (1, 1), name="conv")
+        return F.relu(PF.batch_normalization(h, batch_stat=batch_stat, name="bn_out") if last else h)
+    # MobileNetV3's hard-swish: its "/ 6" folds into the depthwise convolution's input side, the
+    # BN after it into its output side
+    h = PF.convolution(x, 4, (1, 1), with_bias=False, name="pw")
+    h = PF.batch_normalization(h, batch_stat=batch_stat, name="bn1")
+    h = h * F.relu6(h + 3) / 6
+    h = PF.depthwise_convolution(h, (3, 3), pad=(1, 1), with_bias=False, name="dw")
+    return PF.batch_normalization(h, batch_stat=batch_stat, name="bn2") if last else h
+
+
+def shared_layer(path, kind, main, parameter_format=".h5", seed=3):
+    """Two networks over the same parameters, one layer of which folds on both of its sides in the
+    second, MainRuntime. The first, Main, is the same network training (batch_stat=True), "plain"
+    (the same folds), or "shorter": without the last BN, so that the layer folds on one side only."""
+    nn.clear_parameters()
+    rng = np.random.RandomState(seed)
+    xa, xb = nn.Variable((2, 3, 5, 5)), nn.Variable((2, 3, 5, 5))
+    ya = _shared_layer_net(xa, main == "training", kind, last=main != "shorter")
+    yb = _shared_layer_net(xb, False, kind)
+    randomize_all(rng)
+    save(str(path), {"networks": [
+        {"name": "Main", "batch_size": 2, "outputs": {"y": ya}, "names": {"x": xa}},
+        {"name": "MainRuntime", "batch_size": 2, "outputs": {"y": yb}, "names": {"x": xb}}],
+        "executors": [{"name": "Runtime", "network": "MainRuntime", "data": ["x"], "output": ["y"]}]},
+        parameter_format=parameter_format)
+    nn.clear_parameters()
+    return path

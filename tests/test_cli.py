@@ -1356,6 +1356,35 @@ def test_verify_compares_every_executor_output(tmp_path, capsys, monkeypatch):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("parameter_format", [".h5", ".protobuf"])
+@pytest.mark.parametrize("main", ["training", "plain", "shorter"])
+@pytest.mark.parametrize("kind", ["both_sides", "hard_swish"])
+def test_a_layer_folded_on_both_sides_leaves_the_other_network_alone(tmp_path, kind, main,
+                                                                      parameter_format):
+    # the layer's weight is also read by the other network: the fold writes a copy (it was folded
+    # in place, changing the other network, or failed with a KeyError on a copy never made)
+    src = nnp_files.shared_layer(tmp_path / "m.nnp", kind, main, parameter_format)
+    out = tmp_path / "o.nnp"
+    assert run("fold", src, "-o", out, "--verify", "--quiet") == 0
+    f0, f1 = N.read(str(src)), N.read(str(out))
+    nets = {n.name: n for n in f1.proto.network}
+    run1 = [f.type for f in nets["MainRuntime"].function]
+    assert "BatchNormalization" not in run1 and "MulScalar" not in run1
+    main0 = next(n for n in f0.proto.network if n.name == "Main")
+    main1 = nets["Main"]
+    if main == "training":   # the training network keeps its functions and its parameters
+        assert [f.type for f in main0.function] == [f.type for f in main1.function]
+        for f in main1.function:
+            for name in f.input:
+                if name in f0.params:
+                    assert np.array_equal(f1.params[name].value, f0.params[name].value), name
+    for name in ("Main", "MainRuntime"):
+        want, _ = load_run(src, name)
+        got, _ = load_run(out, name)
+        for k in want:
+            assert np.abs(got[k] - want[k]).max() / np.abs(want[k]).max() < 1e-5, (name, k)
+
+
 def test_networks_using_batch_statistics_are_verified(console_file, tmp_path, capsys):
     out, report = tmp_path / "o.nnp", tmp_path / "r.json"
     assert run("fold", console_file, "-o", out, "--verify", "--report", report) == 0
