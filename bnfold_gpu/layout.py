@@ -54,6 +54,18 @@ FOLDABLE_FROM = ("Convolution", "DepthwiseConvolution", "Affine", "BatchMatmul",
 SHIFT_FREE_ONLY = ("Deconvolution", "DepthwiseDeconvolution")
 
 
+def pointwise_deconvolution(kind: str, args: dict, weight_shape: Sequence[int]) -> bool:
+    """A Deconvolution of one group, a 1x1 kernel, stride 1 and no padding: every output element
+    takes exactly one input element through the whole kernel, so it takes a map's shift as a
+    convolution does (other deconvolutions sum a varying set of kernel taps per output)."""
+    if kind != "Deconvolution" or args.get("group", 1) != 1:
+        return False
+    w = tuple(weight_shape)
+    kernel = w[1:-1] if args.get("channel_last", False) else w[2:]
+    return (all(k == 1 for k in kernel) and all(s == 1 for s in args.get("stride", ()))
+            and not any(args.get("pad", ())) and not any(args.get("output_padding", ())))
+
+
 class LayoutError(ValueError):
     """A layer and a map disagree on where the channels are; the message says why."""
 
@@ -187,8 +199,11 @@ def input_layout(kind: str, args: dict, weight_shape: Sequence[int], in_shape: S
         m = args.get("multiplier", 1)
         return ChannelLayout(w[0] // m, m, 1, _kernel_size(w, 1, len(w))), reduce_axes, w
     if kind in ("Deconvolution", "DepthwiseDeconvolution"):
-        # the input channel is the weight's first axis; a map folds here only without shift, so
-        # the bias is never summed (no reduce axes)
+        # the input channel is the weight's first axis; a map folds here only without shift (the
+        # bias is never summed: no reduce axes), except into a pointwise deconvolution, a matrix
+        # (inputs, outputs) like an Affine's
+        if pointwise_deconvolution(kind, args, w):
+            return ChannelLayout(1, 1, w[0], prod(w[1:])), (0,), (w[0], prod(w[1:]))
         return ChannelLayout(1, 1, w[0], prod(w[1:])), (), w
     if kind == "BatchMatmul":
         rows, cols = _matrix(kind, w)

@@ -241,6 +241,116 @@ class GlobalAveragePooling(_Spatial):
         return range(2, ndim)
 
 
+class Mean:
+    """A mean over axes the channels do not span (``F.mean(x, axis=(2, 3))``, as ONNX's
+    ReduceMean and many global poolings are written): each output averages elements of one
+    channel with weights summing to 1, so ``mean(s * x + t) == s * mean(x) + t``. A mean over an
+    axis the channels span stops the map. The reduced axes go (``keep_dims=False``) or stay as 1s."""
+    condition = None
+
+    @staticmethod
+    def _reduced(args, ndim):
+        return sorted({int(a) % ndim for a in args.get("axes", range(ndim))})
+
+    @classmethod
+    def _check(cls, facts):
+        if cls.condition is not None:
+            holds, reason = cls.condition
+            if not holds(facts):
+                raise Stop(reason.format(map=facts.describe()))
+
+    @classmethod
+    def backward(cls, args, in_shapes, out_shapes, site, facts):
+        in_shape = tuple(in_shapes[0])
+        reduced = cls._reduced(args, len(in_shape))
+        kept = list(range(len(in_shape))) if args.get("keep_dims", False) else \
+            [a for a in range(len(in_shape)) if a not in reduced]
+        axes = kept[site.a0:site.a1]
+        if not axes or any(a in reduced for a in axes) \
+                or axes != list(range(axes[0], axes[0] + len(axes))):
+            raise Stop(f"it {cls.verb} across the axes the channels span")
+        cls._check(facts)
+        return [(0, Site(in_shape, axes[0], axes[0] + len(axes)), same)]
+
+    @classmethod
+    def forward(cls, args, in_shapes, out_shapes, index, site, facts):
+        ndim = len(in_shapes[0])
+        reduced = cls._reduced(args, ndim)
+        if set(reduced) & set(site.axes()):
+            raise Stop(f"it {cls.verb} across the axes the channels span")
+        cls._check(facts)
+        gone = 0 if args.get("keep_dims", False) else sum(a < site.a0 for a in reduced)
+        return Site(tuple(out_shapes[0]), site.a0 - gone, site.a1 - gone), same
+
+    verb = "averages"
+
+
+class Sum(Mean):
+    """A sum over axes the channels do not span adds the shift once per element summed: exact only
+    for a map whose shift is 0."""
+    condition = (_shift_zero, "{map} has a shift that is not zero, which a sum multiplies")
+    verb = "sums"
+
+
+class Broadcast:
+    """Broadcast and Tile copy each element along other axes: exact both ways where the axes the
+    channels span keep their size (a tile's new leading axes are other axes)."""
+
+    @staticmethod
+    def _offset(in_shape, out_shape, a0, a1):
+        d = len(out_shape) - len(in_shape)
+        if d < 0 or any(in_shape[a] != out_shape[a + d] for a in range(a0, a1)):
+            raise Stop("it repeats elements along the axes the channels span")
+        return d
+
+    @classmethod
+    def backward(cls, args, in_shapes, out_shapes, site, facts):
+        d = len(out_shapes[0]) - len(in_shapes[0])
+        if site.a0 < d:
+            raise Stop("it adds the axes the channels span")
+        cls._offset(tuple(in_shapes[0]), tuple(out_shapes[0]), site.a0 - d, site.a1 - d)
+        return [(0, Site(tuple(in_shapes[0]), site.a0 - d, site.a1 - d), same)]
+
+    @classmethod
+    def forward(cls, args, in_shapes, out_shapes, index, site, facts):
+        d = cls._offset(tuple(in_shapes[0]), tuple(out_shapes[0]), site.a0, site.a1)
+        return Site(tuple(out_shapes[0]), site.a0 + d, site.a1 + d), same
+
+
+class Pad:
+    """``reflect`` and ``repeat`` padding copy elements of each channel: exact for any map. Constant
+    padding writes a value the map would change (``s * c + t`` for ``c``): exact for ``c == 0`` and a
+    map whose shift is 0. Padding along an axis the channels span stops the map."""
+
+    @staticmethod
+    def _check(args, in_shape, site, facts):
+        widths = list(args.get("pad_width", ()))
+        first = len(in_shape) - len(widths) // 2
+        padded = {first + k // 2 for k, w in enumerate(widths) if w}
+        if padded & set(site.axes()):
+            raise Stop("it pads along the axes the channels span")
+        if args.get("mode", "constant") in ("reflect", "repeat") or not padded:
+            return
+        if args.get("mode", "constant") != "constant":
+            raise Stop(f"its mode {args.get('mode')!r} is not a copy of the channel's elements")
+        value = float(args.get("constant_value", 0.0))
+        if value != 0:
+            raise Stop(f"it pads with the constant {value:g}, which the map would change")
+        if not facts.shift_is_zero():
+            raise Stop(f"{facts.describe()} has a shift that is not zero, and the padding's zeros "
+                       f"would not be shifted")
+
+    @classmethod
+    def backward(cls, args, in_shapes, out_shapes, site, facts):
+        cls._check(args, in_shapes[0], site, facts)
+        return [(0, Site(tuple(in_shapes[0]), site.a0, site.a1), same)]
+
+    @classmethod
+    def forward(cls, args, in_shapes, out_shapes, index, site, facts):
+        cls._check(args, in_shapes[0], site, facts)
+        return Site(tuple(out_shapes[0]), site.a0, site.a1), same
+
+
 class ReLU:
     """``relu(s * x) == s * relu(x)`` for ``s >= 0``; a shift moves the kink, so only a map with
     shift 0 and no negative scale passes (LeakyReLU alike). Other activations stop a map."""
@@ -347,14 +457,16 @@ class Slice:
 
 class _Join:
     """``map(a + b) == map(a) + (s * b)``: backward, both inputs carry the map, the shift only the
-    first (the planner gives the second a scale-only copy); ``map(a - b)`` alike. Each input must then
+    first (the planner gives the second a scale-only copy); ``map(a - b)`` alike. An input broadcast
+    along other axes than the channels' (a pooled branch of shape (N, C, 1, 1)) carries it too. Each input must then
     reach a layer that absorbs it, and feed nothing else. Forward, the other input would have to carry
     the map too: the map stops."""
 
     @staticmethod
     def backward(args, in_shapes, out_shapes, site, facts):
-        if any(tuple(s) != tuple(out_shapes[0]) for s in in_shapes):
-            raise Stop("it broadcasts one input over the other")
+        out = tuple(out_shapes[0])
+        if any(len(s) != len(out) or any(s[a] != out[a] for a in site.axes()) for s in in_shapes):
+            raise Stop("it broadcasts one input over the other along the axes the channels span")
         return [(k, Site(tuple(in_shapes[k]), site.a0, site.a1), same) for k in range(2)]
 
     @staticmethod
@@ -368,7 +480,8 @@ RULES = {
     "Reshape": Reshape, "Transpose": Transpose, "Identity": Identity,
     "Interpolate": Interpolate, "Unpooling": Unpooling, "AveragePooling": AveragePooling,
     "SumPooling": SumPooling, "MaxPooling": MaxPooling, "GlobalAveragePooling": GlobalAveragePooling,
-    "ReLU": ReLU, "LeakyReLU": ReLU, "Concatenate": Concatenate, "Slice": Slice,
+    "Mean": Mean, "Sum": Sum, "Pad": Pad, "Broadcast": Broadcast,
+    "Tile": Broadcast, "ReLU": ReLU, "LeakyReLU": ReLU, "Concatenate": Concatenate, "Slice": Slice,
     "Add2": Add2, "Sub2": Sub2,
 }
 
@@ -377,8 +490,9 @@ WHY_NOT = {
     "Sigmoid": "a nonlinear activation", "Tanh": "a nonlinear activation", "ELU": "a nonlinear activation",
     "SELU": "a nonlinear activation", "Swish": "a nonlinear activation", "GELU": "a nonlinear activation",
     "ReLU6": "a clipped activation", "HardSigmoid": "a clipped activation", "Softmax": "a softmax across channels",
-    "Mul2": "a product of two computed tensors", "Div2": "a quotient of two computed tensors",
-    "Dropout": "random in training", "Sum": "a sum across elements", "Mean": "a mean that may span channels",
+    "Mul2": "a product with a tensor that is computed, or stored but not one value per channel",
+    "Div2": "a quotient with a tensor that is computed, or stored but not one value per channel",
+    "Dropout": "random in training",
     "Split": "it removes an axis", "BatchMatmul": "a matrix product with a computed operand",
 }
 

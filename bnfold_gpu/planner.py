@@ -21,7 +21,7 @@ from .backends.common import FoldError
 from .backends.compose import compose, term_values
 from .graph import BN_TYPES, Graph
 from .layout import (FOLDABLE_FROM, FOLDABLE_INTO, SHIFT_FREE_ONLY, LayoutError, input_channel_axis,
-                     input_layout, output_channel_axis, output_layout)
+                     input_layout, output_channel_axis, output_layout, pointwise_deconvolution)
 from .moves import Site, Stop
 from .plan import (INPUT_SIDE, OUTPUT_SIDE, DerivedMap, FoldSpec, GraphEdit, MapTerm, Plan, Skip)
 
@@ -322,7 +322,13 @@ class _Planner:
 
     def _dtype(self, name: str, var) -> np.dtype:
         dtype = self.dtypes.get(name)
-        return np.dtype(var.data.dtype) if dtype is None else np.dtype(dtype)
+        if dtype is not None:
+            return np.dtype(dtype)
+        try:
+            return np.dtype(var.data.dtype)
+        except RuntimeError:    # NNabla: "Array is not initialized"
+            raise FoldError(f"parameter '{name}' holds no values (created without an initializer "
+                            f"and never set)") from None
 
     # -- the plan -----------------------------------------------------------------------------------
     def run(self) -> Plan:
@@ -685,16 +691,17 @@ class _Planner:
             raise _Reject(str(e)) from None
         facts = _Facts(self, walk)
         scale_only = False
-        if any(p != 0 for p in fn.args.get("pad", ())):
+        if fn.type in SHIFT_FREE_ONLY:
+            if not pointwise_deconvolution(fn.type, fn.args, self._matrix_shape(fn, w)):
+                if not facts.shift_is_zero():
+                    raise _Reject(f"the {fn.type} after it sums a varying number of inputs at its "
+                                  f"borders, which a shift does not survive ({facts.describe()} "
+                                  f"has a shift that is not zero)")
+                scale_only = True
+        elif any(p != 0 for p in fn.args.get("pad", ())):
             if not facts.shift_is_zero():
                 raise _Reject(f"the {fn.type} after it zero-pads, and the padding would not be "
                               f"shifted ({facts.describe()} has a shift that is not zero)")
-            scale_only = True
-        if fn.type in SHIFT_FREE_ONLY:
-            if not facts.shift_is_zero():
-                raise _Reject(f"the {fn.type} after it sums a varying number of inputs at its "
-                              f"borders, which a shift does not survive ({facts.describe()} has a "
-                              f"shift that is not zero)")
             scale_only = True
         if fn.type == "BatchMatmul" and holder is None:
             if not facts.shift_is_zero():
@@ -862,7 +869,8 @@ class _Planner:
         elif b is not None:
             bias_shape = tuple(b.shape)
         else:
-            bias_shape = (wl.n_channels,) if side.side == OUTPUT_SIDE else (w.shape[0],)
+            bias_shape = (wl.n_channels,) if side.side == OUTPUT_SIDE else \
+                (sum_shape[1],) if fn.type == "Deconvolution" else (w.shape[0],)
         writes_bias = has_shift or (side.side == OUTPUT_SIDE and b is not None)
         if side.side == OUTPUT_SIDE and b is None and fn.type != "BatchMatmul":
             # the input side's shift makes the layer a bias (written before): it scales too

@@ -170,6 +170,113 @@ def test_unpooling_and_global_average_pooling(backend, inplace):
     check(ys, backend, inplace, folded=["bn1/bn", "bn2/bn"])
 
 
+@pytest.mark.parametrize("keep_dims", [False, True])
+@pytest.mark.parametrize("channel_last", [False, True])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_mean_over_space_is_a_global_pooling(backend, inplace, channel_last, keep_dims):
+    # F.mean(h, axis=(2, 3)): ONNX's ReduceMean, and how many models write a global pooling;
+    # backward into the convolution before it, and forward into the affine after it
+    space = (1, 2) if channel_last else (2, 3)
+
+    def model():
+        x = nn.Variable((2, 5, 5, 3) if channel_last else (2, 3, 5, 5))
+        if channel_last:   # NNabla's CPU convolution is channel-first: a dense layer then
+            h = F.reshape(PF.affine(x, 5 * 5 * 4, name="c"), (2, 5, 5, 4))
+        else:
+            h = PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c")
+        a = PF.batch_normalization(F.mean(h, axis=space, keepdims=keep_dims), name="bn1",
+                                   axes=[3 if channel_last and keep_dims else 1], **BN)
+        b = PF.batch_normalization(F.relu(x), name="bn2", axes=[3 if channel_last else 1], **BN)
+        b = PF.affine(F.mean(b, axis=space, keepdims=keep_dims), 3, name="fc")
+        return [x], [F.relu(a), b]
+    (x,), ys = build(model)
+    res = check(ys, backend, inplace, folded=["bn1/bn", "bn2/bn"])
+    assert sorted((s.kind, s.side) for s in res.folded) == sorted(
+        [("Affine", "input"), ("Affine" if channel_last else "Convolution", "output")])
+
+
+def test_mean_or_sum_across_the_channels_stops_the_map():
+    def model():
+        x = nn.Variable((2, 3, 5, 5))
+        h = PF.convolution(x, 4, (3, 3), name="c")
+        return [x], [PF.batch_normalization(F.mean(h, axis=(1, 2), keepdims=True), name="bn",
+                                            **BN),
+                     PF.batch_normalization(F.sum(h, axis=1, keepdims=True), name="bn2", **BN)]
+    _, ys = build(model)
+    res = check(ys, kept=["bn/bn", "bn2/bn"])
+    reasons = {s.bn: s.reason for s in res.skipped}
+    assert "Mean: it averages across the axes the channels span" in reasons["bn/bn"]
+    assert "Sum: it sums across the axes the channels span" in reasons["bn2/bn"]
+
+
+def test_sum_over_space_needs_a_map_without_shift(backend):
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        h = F.sum(PF.convolution(x, 4, (1, 1), name="c"), axis=(2, 3))
+        return [x], F.relu(PF.batch_normalization(h, name="bn", **BN))
+    (x,), y = build(model)
+    res = check(y, backend, kept=["bn/bn"])
+    assert "Sum: its map has a shift that is not zero, which a sum multiplies" in \
+        res.skipped[0].reason
+    (x,), y = build(model, shift_free=["bn"])
+    check(y, backend, folded=["bn/bn"])
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+@pytest.mark.parametrize("mode", ["reflect", "repeat"])
+def test_reflect_and_repeat_padding_copy_the_channel(backend, inplace, mode):
+    # BN -> Pad(reflect) -> convolution, as ONNX exports of reflection-padded generators hold
+    def model():
+        x = nn.Variable((2, 3, 5, 6))
+        h = PF.batch_normalization(F.relu(x), name="bn", **BN)
+        a = PF.convolution(F.pad(h, (1, 1, 2, 1), mode=mode), 4, (3, 3), name="c")
+        b = PF.convolution(F.relu(x), 4, (3, 3), name="c2")
+        b = F.pad(b, (1, 1, 1, 1), mode=mode)
+        return [x], [a, F.relu(PF.batch_normalization(b, name="bn2", **BN))]
+    _, ys = build(model)
+    res = check(ys, backend, inplace, folded=["bn/bn", "bn2/bn"])
+    assert sorted((s.kind, s.side) for s in res.folded) == [("Convolution", "input"),
+                                                          ("Convolution", "output")]
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_broadcast_and_tile_along_other_axes(backend, inplace):
+    def model():
+        x = nn.Variable((2, 3, 4, 4))
+        g = F.mean(PF.convolution(x, 5, (3, 3), name="c"), axis=(2, 3), keepdims=True)
+        a = F.relu(PF.batch_normalization(F.broadcast(g, (2, 5, 4, 4)), name="bn", **BN))
+        h = F.tile(PF.batch_normalization(F.relu(x), name="bn2", **BN), (2, 1, 1, 2))
+        b = PF.convolution(h, 4, (3, 3), name="c2")
+        t = PF.batch_normalization(F.tile(F.relu(x), (3, 1, 1, 1, 1)), name="bn3", axes=[2],
+                                   **BN)   # tile adds a leading axis
+        t = PF.affine(F.reshape(t, (3 * 2, 3 * 4 * 4)), 2, name="fc")
+        w = PF.batch_normalization(F.tile(F.relu(x), (1, 2, 1, 1)), name="bn4", **BN)
+        return [x], [a, b, t, F.relu(w)]
+    _, ys = build(model)
+    res = check(ys, backend, inplace, folded=["bn/bn", "bn2/bn", "bn3/bn"], kept=["bn4/bn"])
+    assert "Tile: it repeats elements along the axes the channels span" in res.skipped[0].reason
+
+
+def test_constant_padding_takes_a_map_without_shift():
+    def model():
+        x = nn.Variable((2, 3, 5, 5))
+        h = PF.batch_normalization(F.relu(x), name="bn", **BN)
+        a = PF.convolution(F.pad(h, (1, 1, 1, 1)), 4, (3, 3), name="c")
+        c = PF.batch_normalization(F.relu(x), name="bn3", **BN)
+        c = PF.convolution(F.pad(c, (1, 1), constant_value=0.5), 4, (3, 3), name="c3")
+        d = PF.batch_normalization(F.relu(x), name="bn4", **BN)
+        d = PF.convolution(F.pad(d, (1, 1, 0, 0, 0, 0)), 4, (3, 3), name="c4")
+        return [x], [a, c, d]
+    _, ys = build(model)
+    res = check(ys, kept=["bn/bn", "bn3/bn", "bn4/bn"])
+    reasons = {s.bn: s.reason for s in res.skipped}
+    assert "Pad: its map has a shift that is not zero, and the padding's zeros" in reasons["bn/bn"]
+    assert "Pad: it pads with the constant 0.5, which the map would change" in reasons["bn3/bn"]
+    assert "Pad: it pads along the axes the channels span" in reasons["bn4/bn"]
+    _, ys = build(model, positive=True, shift_free=["bn"])
+    check(ys, folded=["bn/bn"], kept=["bn3/bn", "bn4/bn"])
+
+
 @pytest.mark.parametrize("pad, including_pad, folds", [((0, 0), True, True), ((1, 1), False, True),
                                                         ((1, 1), True, False)])
 def test_average_pooling_folds_where_windows_sum_to_one(backend, pad, including_pad, folds):
@@ -244,6 +351,27 @@ def test_add_of_two_convolutions_then_bn(backend, inplace, op, with_bias):
     _, y = build(model)
     res = check(y, backend, inplace, folded=["bn/bn"])
     assert sorted(s.kind for s in res.folded) == ["Convolution", "Convolution"]
+
+
+@pytest.mark.parametrize("pooled_first", [False, True])
+@pytest.mark.parametrize("op", [F.add2, F.sub2])
+def test_add_of_a_pooled_branch_then_bn(backend, op, pooled_first):
+    # BN(conv(x) + conv(pool(x))): the pooled branch (N, C, 1, 1) is broadcast over space, which
+    # the map survives (its channels are not broadcast); either input takes the shift
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        a = PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c1")
+        b = PF.convolution(F.global_average_pooling(x), 4, (1, 1), with_bias=False, name="c2")
+        h = op(b, a) if pooled_first else op(a, b)
+        c = PF.convolution(x, 4, (1, 1), name="c3")
+        w = op(c, F.reshape(PF.affine(F.relu(x), 6, name="fc"), (2, 1, 6, 1)))   # over channels
+        return [x], [F.relu(PF.batch_normalization(h, name="bn", **BN)),
+                     F.relu(PF.batch_normalization(w, name="bn2", **BN))]
+    _, ys = build(model)
+    res = check(ys, backend, folded=["bn/bn"], kept=["bn2/bn"])
+    assert sorted(s.kind for s in res.folded) == ["Convolution", "Convolution"]
+    assert "it broadcasts one input over the other along the axes the channels span" in \
+        res.skipped[0].reason
 
 
 def test_add_whose_branch_feeds_elsewhere_keeps_the_bn():
@@ -477,6 +605,25 @@ def test_layer_without_bias_between_a_bn_and_a_scale(backend, inplace, layer, af
     assert len(res.plan.folded_maps) == 2
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_pointwise_deconvolution_takes_a_shift(backend, inplace, with_bias):
+    # a 1x1 deconvolution of stride 1 gives each output one input through its whole kernel: the
+    # map's shift goes into its bias as into a convolution's; a 2x2 stride-2 one sums different
+    # taps per output and keeps a BN with a shift
+    def model():
+        x = nn.Variable((2, 3, 5, 5))
+        h = PF.batch_normalization(F.relu(x), name="bn", **BN)
+        a = PF.deconvolution(h, 4, (1, 1), with_bias=with_bias, name="d")
+        b = PF.deconvolution(PF.batch_normalization(F.relu(x), name="bn2", **BN), 4, (2, 2),
+                             stride=(2, 2), name="d2")
+        return [x], [a, b]
+    _, ys = build(model)
+    res = check(ys, backend, inplace, folded=["bn/bn"], kept=["bn2/bn"])
+    assert [(s.kind, s.side) for s in res.folded] == [("Deconvolution", "input")]
+    assert "sums a varying number of inputs at its borders" in res.skipped[0].reason
+
+
 @pytest.mark.parametrize("inplace", INPLACE)
 def test_weights_sharing_one_array_are_not_rescaled_in_place(backend, inplace):
     # two variables over one array (w2.data = w.data): the layer without a BN keeps its weights
@@ -572,6 +719,19 @@ def test_scale_after_a_fused_bn_in_a_file(tmp_path, fmt):
     assert report["networks"]["net"]["folded"] and report["verify"]["outputs"]
 
 
+def test_pointwise_deconvolution_and_mean_in_a_file(tmp_path):
+    def model():
+        x = nn.Variable((2, 3, 5, 5))
+        h = PF.deconvolution(PF.batch_normalization(F.relu(x), name="bn", **BN), 4, (1, 1),
+                             with_bias=False, name="d")
+        h = PF.batch_normalization(F.mean(PF.convolution(h, 3, (3, 3), name="c"), axis=(2, 3)),
+                                   name="bn2", **BN)
+        return [x], F.relu(h)
+    (x,), y = build(model)
+    report = _folds_in_a_file(tmp_path, x, y)
+    assert report["folded_count"] == 2 and report["kept_count"] == 0
+
+
 @pytest.mark.parametrize("scalar", ["MulScalar", "one-channel BN"])
 def test_uniform_map_then_concatenate_in_a_file(tmp_path, scalar):
     def model():
@@ -603,6 +763,16 @@ def test_self_folding_modifier_leftovers(backend, inplace):
     assert sorted(m.split(" #")[0] for m in res.plan.folded_maps) == [
         "Add2(fold/shift)", "AddScalar(0.25)", "Mul2(fold/scale)", "MulScalar(0.5)"]
     assert function_types(res.outputs) == ["Convolution", "ReLU", "Convolution"]
+
+
+def test_a_parameter_without_values_is_named():
+    nn.clear_parameters()
+    x = nn.Variable((2, 3, 6, 6))
+    k = nn.parameter.get_parameter_or_create("k", (1, 3, 1, 1))   # no initializer, never set
+    y = PF.convolution(F.mul2(F.relu(x), k), 2, (1, 1), name="c")
+    with pytest.raises(bnfold_gpu.FoldError, match="parameter 'k' holds no values"):
+        bnfold_gpu.fold(y)
+    assert function_types(y) == ["ReLU", "Mul2", "Convolution"]
 
 
 def test_a_data_input_is_not_a_constant():

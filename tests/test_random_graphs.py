@@ -91,7 +91,8 @@ def random_graph(rng, base_axis=1, made=None, onnx_linear=True):
 
 def _mover(rng, h, axis, made, name, onnx_linear=True):
     """A function a map moves through (or not, by its statistics), a constant multiply or add, two
-    layers added, a BN of one channel (one map for every element, as a scalar's), or an ONNX Linear."""
+    layers added, a BN of one channel (one map for every element, as a scalar's), an ONNX Linear,
+    a mean or sum over space, a padding, or a slice of channels."""
     kind = rng.randint(10)
     c = h.shape[axis]
     if kind == 0:   # the spatial axes merged and split again
@@ -138,6 +139,13 @@ def _mover(rng, h, axis, made, name, onnx_linear=True):
             b = nn.parameter.get_parameter_or_create(f"{name}_b", (out,))
             m = F.add2(m, F.reshape(b, (1,) * (len(t.shape) - 1) + (out,)))
         return F.transpose(m, [perm.index(a) for a in range(len(perm))])
+    r = rng.rand() if kind == 9 else 1.0
+    if r < 0.35 and len(h.shape) > axis + 1:   # ONNX's ReduceMean over space
+        space = tuple(range(axis + 1, len(h.shape)))[-int(rng.randint(1, 3)):]
+        return (F.mean if rng.rand() < 0.7 else F.sum)(h, axis=space, keepdims=True)
+    if r < 0.6 and len(h.shape) > axis + 1 and h.shape[-1] >= 2:
+        mode = ["constant", "reflect", "repeat"][rng.randint(3)]
+        return F.pad(h, (int(rng.randint(0, 2)), 1), mode=mode)
     start = [0] * len(h.shape)
     stop = list(h.shape)
     start[axis] = int(rng.randint(0, c))
