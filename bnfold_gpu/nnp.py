@@ -1128,6 +1128,15 @@ def _edit_network(net, edit, functions, nnp, declared):
             continue
         gone.add(f.name)
         drop(f)
+        feeding = [producer_of.get(v) for k, v in enumerate(f.input) if k != data]
+        while feeding:   # what computed only the map's operand (a constant's reshapes) goes too
+            g = feeding.pop()
+            if g is None or g.name in gone or any(readers_of.get(v) or v in io_names
+                                                  for v in g.output):
+                continue
+            gone.add(g.name)
+            drop(g)
+            feeding += [producer_of.get(v) for v in g.input]
         producer = producer_of.get(x)
         if producer is not None and not readers_of.get(x) and x not in io_names:
             producer.output[list(producer.output).index(x)] = y   # the producer writes y itself

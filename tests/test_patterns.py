@@ -765,6 +765,26 @@ def test_self_folding_modifier_leftovers(backend, inplace):
     assert function_types(res.outputs) == ["Convolution", "ReLU", "Convolution"]
 
 
+@pytest.mark.parametrize("fmt", [".h5", ".protobuf"])
+def test_constants_behind_reshapes_leave_the_file_with_their_maps(tmp_path, fmt):
+    # a per-channel constant stored flat and reshaped in the graph (as ONNX's importer feeds
+    # initializers): once its multiply is folded, its reshape and the parameter go too
+    from bnfold_gpu.nnp import read
+
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        k = nn.parameter.get_parameter_or_create("k", (3,))
+        t = nn.parameter.get_parameter_or_create("t", (3,))
+        h = F.add2(F.mul2(F.relu(x), F.reshape(k, (1, 3, 1, 1))), F.reshape(t, (1, 3, 1, 1)))
+        return [x], PF.convolution(h, 2, (1, 1), name="c")
+    (x,), y = build(model)
+    report = _folds_in_a_file(tmp_path, x, y, fmt)
+    assert len(report["networks"]["net"]["folded"]) == 1
+    out = read(str(tmp_path / "o.nnp"))
+    assert [f.type for f in out.proto.network[0].function] == ["ReLU", "Convolution"]
+    assert "c/conv/W" in out.params and not {"k", "t"} & set(out.params)
+
+
 def test_a_parameter_without_values_is_named():
     nn.clear_parameters()
     x = nn.Variable((2, 3, 6, 6))
