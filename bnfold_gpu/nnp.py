@@ -1114,6 +1114,18 @@ def _edit_network(net, edit, functions, nnp, declared):
             if producer_of.get(v) is g:
                 del producer_of[v]
 
+    def take_out_feeding(operands):
+        """What computed only a removed map's operands (a constant's or statistics' reshapes)."""
+        feeding = [producer_of.get(v) for v in operands]
+        while feeding:
+            g = feeding.pop()
+            if g is None or g.name in gone or any(readers_of.get(v) or v in io_names
+                                                  for v in g.output):
+                continue
+            gone.add(g.name)
+            drop(g)
+            feeding += [producer_of.get(v) for v in g.input]
+
     for g in net.function:
         add(g)
     taken = {g.name for g in net.function}
@@ -1125,18 +1137,11 @@ def _edit_network(net, edit, functions, nnp, declared):
             replacements[f.name] = _fused_rest(net, f, x, y, declared, taken)
             for g in replacements[f.name]:
                 add(g)
+            take_out_feeding([v for k, v in enumerate(f.input) if 0 < k < 5])
             continue
         gone.add(f.name)
         drop(f)
-        feeding = [producer_of.get(v) for k, v in enumerate(f.input) if k != data]
-        while feeding:   # what computed only the map's operand (a constant's reshapes) goes too
-            g = feeding.pop()
-            if g is None or g.name in gone or any(readers_of.get(v) or v in io_names
-                                                  for v in g.output):
-                continue
-            gone.add(g.name)
-            drop(g)
-            feeding += [producer_of.get(v) for v in g.input]
+        take_out_feeding([v for k, v in enumerate(f.input) if k != data])
         producer = producer_of.get(x)
         if producer is not None and not readers_of.get(x) and x not in io_names:
             producer.output[list(producer.output).index(x)] = y   # the producer writes y itself

@@ -243,12 +243,29 @@ class _Planner:
         """A constant operand is a parameter, not a data input fed at run time: it is registered."""
         return self.g.home(var) is not None
 
+    def _statistic(self, var):
+        """The parameter holding a BN's statistic ``var``: ``var`` itself, or the parameter it is
+        reshaped from (as NNabla's BN over several axes feeds them: through Transposes that keep
+        the order of the elements, and Reshapes); None where ``var`` is computed otherwise."""
+        while var.parent is not None:
+            fn = self.by_f.get(var.parent)
+            if fn is None or fn.type not in ("Reshape", "Transpose"):
+                return None
+            if fn.type == "Transpose":
+                shape = fn.in_shapes[0]
+                moved = [a for a in fn.args["axes"] if shape[a] != 1]
+                if moved != sorted(moved):
+                    return None
+            var = fn.inputs[0]
+        return var
+
     def _bn_label(self, fn: _Fn) -> str:
         inputs = fn.inputs
         mean_at = 3 if fn.type == "FusedBatchNormalization" else len(inputs) - 2
         if len(inputs) < 3:
             return f"<{fn.type} #{fn.index}>"
-        name = self.g.name(inputs[mean_at], fn.type)
+        mean = self._statistic(inputs[mean_at])
+        name = self.g.name(inputs[mean_at] if mean is None else mean, fn.type)
         return name[:-len("/mean")] if name.endswith("/mean") else name
 
     # -- the maps of the graph -------------------------------------------------------------------------
@@ -270,7 +287,8 @@ class _Planner:
             labels = ["beta", "gamma", "mean", "var"]
         params = dict(zip(labels, inputs[1:]))
         for label, v in params.items():
-            if v.parent is not None:
+            params[label] = self._statistic(v)
+            if params[label] is None:
                 raise _Reject(f"its {label} is computed in the graph, not a stored parameter")
         x = inputs[0]
         axes = sorted(a + (x.ndim if a < 0 else 0) for a in args["axes"])

@@ -112,6 +112,43 @@ def test_bn_flatten_affine(backend, inplace, channel_last):
     assert [(s.kind, s.side) for s in res.folded] == [("Affine", "input")]
 
 
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_bn_over_two_axes(backend, inplace):
+    # NNabla's BN over axes [1, 2] transposes and reshapes its input and its statistics: the
+    # statistics are the parameters behind those reshapes, one map over (C, H)
+    def model():
+        x = nn.Variable((2, 3, 4, 5))
+        h = F.reshape(PF.affine(x, (3, 4), name="fc"), (2, 3, 4, 1))
+        a = PF.batch_normalization(h, axes=[1, 2], name="bn", **BN)
+        b = PF.batch_normalization(F.relu(x), axes=[1, 2], name="bn2", **BN)
+        b = PF.affine(b, 6, name="fc2")
+        c = PF.batch_normalization(PF.convolution(x, 4, (1, 1), name="c"), axes=[1, 2],
+                                   name="bn3", **BN)
+        return [x], [F.relu(a), b, F.relu(c)]
+    _, ys = build(model)
+    res = check(ys, backend, inplace, folded=["bn/bn", "bn2/bn"], kept=["bn3/bn"])
+    assert sorted((s.kind, s.side) for s in res.folded) == [("Affine", "input"),
+                                                          ("Affine", "output")]
+    assert "the map's channels (axes 1..2) are not the Convolution's output channel axis 1" in \
+        res.skipped[0].reason
+
+
+def test_bn_over_two_axes_in_a_file(tmp_path):
+    from bnfold_gpu.nnp import read
+
+    def model():
+        x = nn.Variable((2, 3, 4, 5))
+        h = F.reshape(PF.affine(x, (3, 4), name="fc"), (2, 3, 4, 1))
+        return [x], F.relu(PF.batch_normalization(h, axes=[1, 2], name="bn", **BN))
+    (x,), y = build(model)
+    report = _folds_in_a_file(tmp_path, x, y)
+    assert report["folded_count"] == 1
+    out = read(str(tmp_path / "o.nnp"))   # the statistics' transposes and reshapes went with it
+    assert [f.type for f in out.proto.network[0].function] == [
+        "Affine", "Reshape", "Transpose", "Reshape", "Reshape", "Transpose", "ReLU"]
+    assert not [n for n in out.params if n.startswith("bn/")]
+
+
 def test_reshape_that_spreads_channels_stops_the_map():
     def model():
         x = nn.Variable((2, 6))
