@@ -189,6 +189,17 @@ class _Planner:
         self.sides: Dict[Tuple[int, str], _Side] = {}
         self._values_cache = {}
         self._holders = None                          # array -> the graph's variables holding it
+        # running statistics a BN on batch statistics updates as the graph runs: not constants
+        self.updated: Dict = {}
+        for fn in self.fns:
+            if fn.type in BN_TYPES and fn.args.get("batch_stat") and len(fn.inputs) >= 3:
+                at = (3, 4) if fn.type == "FusedBatchNormalization" else \
+                    (len(fn.inputs) - 2, len(fn.inputs) - 1)
+                for k in at:
+                    if k < len(fn.inputs):
+                        for v in (fn.inputs[k], self._statistic(fn.inputs[k])):
+                            if v is not None:
+                                self.updated.setdefault(v, fn)
 
     # -- reading the graph ---------------------------------------------------------------------------
     def _uses(self, var) -> int:
@@ -259,6 +270,13 @@ class _Planner:
             var = fn.inputs[0]
         return var
 
+    def _not_updated(self, var, what: str):
+        """_Reject where ``var`` is a running statistic that a BN on batch statistics updates."""
+        writer = self.updated.get(var)
+        if writer is not None:
+            raise _Reject(f"{what} is a running statistic that the {writer.type} "
+                          f"{self._bn_label(writer)} (batch_stat=True) updates as the network runs")
+
     def _bn_label(self, fn: _Fn) -> str:
         inputs = fn.inputs
         mean_at = 3 if fn.type == "FusedBatchNormalization" else len(inputs) - 2
@@ -290,6 +308,7 @@ class _Planner:
             params[label] = self._statistic(v)
             if params[label] is None:
                 raise _Reject(f"its {label} is computed in the graph, not a stored parameter")
+            self._not_updated(params[label], f"its {label}")
         x = inputs[0]
         axes = sorted(a + (x.ndim if a < 0 else 0) for a in args["axes"])
         if axes != list(range(axes[0], axes[0] + len(axes))):
@@ -323,7 +342,7 @@ class _Planner:
             if tuple(x.shape) != fn.out_shapes[0] or x.parent is None:
                 continue
             stored = self._stored(c)
-            if stored is None or not self._registered(stored[0]):
+            if stored is None or not self._registered(stored[0]) or stored[0] in self.updated:
                 continue
             site = _constant_site(tuple(c.shape), tuple(x.shape))
             if site is False:
@@ -617,10 +636,12 @@ class _Planner:
             stored = self._stored(fn.inputs[1]) if len(fn.inputs) == 2 else None
             if stored is None:
                 raise _Reject("the BatchMatmul's second operand is computed in the graph, not stored")
+            self._not_updated(stored[0], "the BatchMatmul's matrix")
             bias = self._matmul_bias(fn)
             if bias is None:
                 return stored[0], stored[1], None, [], None
             param, reshapes, add, path = bias
+            self._not_updated(param, "the BatchMatmul's bias")
             return stored[0], stored[1], param, reshapes, (add, path)
         inputs = fn.inputs
         w, b = inputs[1], (inputs[2] if len(inputs) > 2 else None)
@@ -628,6 +649,8 @@ class _Planner:
             if v is not None and v.parent is not None:
                 raise _Reject(f"the {fn.type}'s {label} is computed in the graph, not a stored "
                               f"parameter")
+            if v is not None:
+                self._not_updated(v, f"the {fn.type}'s {label}")
         return w, [], b, [], None
 
     def _matmul_bias(self, fn: _Fn):

@@ -822,6 +822,44 @@ def test_constants_behind_reshapes_leave_the_file_with_their_maps(tmp_path, fmt)
     assert "c/conv/W" in out.params and not {"k", "t"} & set(out.params)
 
 
+@pytest.mark.parametrize("shared", ["statistic", "weight", "constant"])
+def test_running_statistics_a_training_bn_updates_are_not_constants(backend, shared):
+    # a BN on batch statistics updates its running mean and variance as the graph runs: a BN
+    # reading one as a statistic, a layer as its weight or a multiply as its constant keeps it
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        t = PF.batch_normalization(x, batch_stat=True, name="train")
+        mean = nn.get_parameters(grad_only=False)["train/bn/mean"]
+        h = PF.convolution(t, 3, (3, 3), pad=(1, 1), name="c")
+        if shared == "statistic":
+            beta, gamma = (nn.Variable.from_numpy_array(np.full((1, 3, 1, 1), v, np.float32))
+                           for v in (0.3, -1.5))
+            var = nn.Variable.from_numpy_array(np.full((1, 3, 1, 1), 2.0, np.float32))
+            h = F.batch_normalization(h, beta, gamma, mean, var, batch_stat=False)
+        elif shared == "weight":   # a 1x1 convolution of 3 channels into 1: weight (1, 3, 1, 1)
+            h = F.convolution(PF.batch_normalization(F.relu(h), name="bn", **BN), mean, None)
+        else:
+            h = F.mul2(h, mean)
+        return [x], F.relu(PF.convolution(h, 2, (1, 1), name="c2"))
+    (x,), y = build(model)
+    values = {k: v.d.copy() for k, v in nn.get_parameters(grad_only=False).items()}
+
+    def run(out):
+        for k, v in nn.get_parameters(grad_only=False).items():
+            if k in values:
+                v.d = values[k]
+        out.forward()
+        return out.d.copy()
+    before = run(y)
+    res = bnfold_gpu.fold(y, backend=backend, inplace=False)
+    assert rel_err(run(res.outputs), before) < 1e-5
+    if shared == "constant":
+        assert not res.plan.folded_maps
+    else:
+        assert any("a running statistic that the BatchNormalization train/bn (batch_stat=True) "
+                   "updates" in s.reason for s in res.skipped)
+
+
 def test_a_parameter_without_values_is_named():
     nn.clear_parameters()
     x = nn.Variable((2, 3, 6, 6))
