@@ -16,7 +16,7 @@ import zipfile
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -130,17 +130,38 @@ def read(path: str, progress=None) -> NnpFile:
     if not proto.network:
         raise NnpError(f"{path}: the network definition holds no network")
     _check_definition(path, proto)
-    params: "OrderedDict[str, Param]" = OrderedDict()
-    for p in proto.parameter:
-        params[p.variable_name] = Param(_proto_value(path, p), p.need_grad)
+    params = _loaded_values(path, members, nets[0], proto, stored)
     param_member = None   # several parameter members are merged into the last one on output
-    for name, entries in stored.items():
+    for name in stored:
         param_member = name
-        params.update(entries)
     del raw[nets[0]]      # rewritten on output: its bytes need not stay in memory
     nnp = NnpFile(path, members, raw, nets[0], proto, param_member, params)
     _check_parameters(nnp)
     return nnp
+
+
+def _loaded_values(path, members, definition, proto, stored) -> "OrderedDict[str, Param]":
+    """Each parameter's value as NNabla's loader leaves it, reading the members in archive order:
+    an HDF5 member sets its parameters; the definition's inline parameters and each protobuf member
+    are added to one list of entries, and each of them sets every entry of that list again (so an
+    inline value read after an HDF5 member, or again by a later protobuf member, wins)."""
+    params: "OrderedDict[str, Param]" = OrderedDict()
+    entries: List[Tuple[str, Param]] = []
+    inline = [(p.variable_name, Param(_proto_value(path, p), p.need_grad)) for p in proto.parameter]
+    for m in members:
+        if m.filename == definition:
+            if not inline:
+                continue
+            entries += inline
+        elif m.filename in stored and _is_h5_params(m.filename):
+            params.update(stored[m.filename])
+            continue
+        elif m.filename in stored:
+            entries += stored[m.filename]
+        else:
+            continue
+        params.update(entries)
+    return params
 
 
 def _proto_value(path, p) -> np.ndarray:

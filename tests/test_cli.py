@@ -315,6 +315,45 @@ def test_two_parameter_members_fold_into_one(tmp_path):
     assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
 
 
+@pytest.mark.parametrize("order", [("nntxt", "pb"), ("pb", "nntxt"), ("h5", "nntxt"),
+                                   ("nntxt", "h5"), ("nntxt", "h5", "pb without W")])
+def test_a_parameter_both_inline_and_in_a_member_takes_the_value_nnabla_loads(tmp_path, order):
+    # NNabla's loader reads the members in archive order: an HDF5 member sets its parameters; the
+    # definition's inline parameters and each protobuf member join one list, set again whole by
+    # each (an inline value read after a member, or again by a later protobuf member, wins)
+    from google.protobuf import text_format
+    from nnabla.utils import nnabla_pb2
+    h5 = nnp_files.single(tmp_path / "h5.nnp", parameter_format=".h5")
+    pb = nnp_files.single(tmp_path / "pb.nnp", parameter_format=".protobuf", seed=5)
+    with zipfile.ZipFile(h5) as a, zipfile.ZipFile(pb) as b:
+        proto = nnabla_pb2.NNablaProtoBuf()
+        text_format.Merge(a.read("network.nntxt").decode(), proto)
+        q = proto.parameter.add()
+        q.variable_name = "c1/conv/W"
+        q.shape.dim.extend([6, 3, 3, 3])
+        q.data.extend(np.random.RandomState(7).normal(size=162).tolist())
+        rest = nnabla_pb2.NNablaProtoBuf()
+        rest.MergeFromString(b.read("parameter.protobuf"))
+        kept = [p for p in rest.parameter if p.variable_name != "c1/conv/W"]
+        del rest.parameter[:]
+        rest.parameter.extend(kept)
+        data = {"nntxt": ("network.nntxt", text_format.MessageToString(proto)),
+                "pb": ("parameter.protobuf", b.read("parameter.protobuf")),
+                "h5": ("parameter.h5", a.read("parameter.h5")),
+                "pb without W": ("more.protobuf", rest.SerializeToString())}
+        p = tmp_path / "both.nnp"
+        with zipfile.ZipFile(p, "w") as z:
+            z.writestr("nnp_version.txt", a.read("nnp_version.txt"))
+            for key in order:
+                z.writestr(*data[key])
+    want, _ = load_run(p, "net")
+    out = tmp_path / "out.nnp"
+    assert run("fold", p, "-o", out, "--verify", "-q") == 0
+    got, types = load_run(out, "net")
+    assert "BatchNormalization" not in types
+    assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
+
+
 @pytest.mark.parametrize("fmt", [".h5", ".protobuf"])
 def test_parameter_member_of_any_name(tmp_path, fmt):
     # NNabla's loader takes every .h5 / .protobuf member for parameters, whatever its name
