@@ -108,7 +108,7 @@ def read(path: str, progress=None) -> NnpFile:
         try:
             with zipfile.ZipFile(fh) as z:
                 members = z.infolist()
-                _check_members(path, members)
+                _check_members(path, members, getattr(z, "start_dir", None))
                 raw = {m.filename: _read_member(z, m) for m in members if not _is_params(m.filename)}
                 progress.expect(sum(m.file_size for m in members if _is_params(m.filename)))
                 stored = {m.filename: _read_h5(path, z, m, progress) if _is_h5_params(m.filename)
@@ -215,12 +215,21 @@ def _is_definition(name: str) -> bool:
     return name.endswith((".nntxt", ".prototxt"))
 
 
-def _check_members(path, members: List[zipfile.ZipInfo]):
+def _check_members(path, members: List[zipfile.ZipInfo], directory: Optional[int] = None):
     """Refuses, from the archive's directory alone, what reading the members could not survive or
-    would get wrong: two entries of one name (which one a reader takes varies), encryption, methods
-    whose output is not bounded, members expanding like a zip bomb, a definition over its limit, and
-    members that memory cannot hold (HDF5 members are copied to disk: their datasets are checked
-    there)."""
+    would get wrong: two entries of one name (which one a reader takes varies), entries overlapping
+    one another (one compressed stream read as many: a zip bomb's trick) or the directory at
+    ``directory``, encryption, methods whose output is not bounded, members expanding like a zip
+    bomb, a definition over its limit, and members that memory cannot hold (HDF5 members are copied
+    to disk: their datasets are checked there)."""
+    placed = sorted(members, key=lambda m: m.header_offset)
+    for m, nxt in zip(placed, placed[1:] + [None]):
+        end = m.header_offset + 30 + m.compress_size   # its local header and data, at the least
+        limit = nxt.header_offset if nxt is not None else directory
+        if limit is not None and end > limit:
+            other = f"entry {nxt.filename}" if nxt is not None else "the archive's directory"
+            raise NnpError(f"{path}: entry {m.filename} overlaps {other}, refused (a zip bomb "
+                           f"reads one compressed stream as many entries)")
     seen = set()
     need, largest = 0, None
     for m in members:
@@ -528,13 +537,26 @@ def _h5_parameters(where, hd, member_size: int):
     """[(name, Param)] of the open HDF5 file ``hd``, in the order of their ``index``. Every dataset
     is checked before any is read; ``where`` names the file and member in messages."""
     datasets = _datasets(hd)
-    entries, need = [], 0
+    entries, need, in_place, chunked, stored = [], 0, 0, 0, 0
     for name, ds in datasets:
         if isinstance(name, bytes):   # NNabla names parameters in text
             raise NnpError(f"{where}: a parameter's name is not UTF-8 text ({name!r})")
-        need += _check_dataset(where, name, ds, member_size)
+        declared, chunks = _check_dataset(where, name, ds, member_size)
+        need += declared
+        if chunks is None:
+            in_place += declared
+        else:
+            chunked, stored = chunked + declared, stored + chunks
         entries.append((_attribute(where, name, ds, "index"), name, ds,
                         _attribute(where, name, ds, "need_grad")))
+    # each dataset passed alone; together, many small ones could still declare gigabytes
+    if in_place > member_size:
+        raise NnpError(f"{where}: its {len(datasets)} parameters declare {_amount(in_place)} stored "
+                       f"as declared, more than the {_amount(member_size)} the member holds")
+    if chunked > _RATIO_FREE and chunked > _RATIO_LIMIT * stored:
+        raise NnpError(f"{where}: its parameters stored in chunks declare {_amount(chunked)} from "
+                       f"{_amount(stored)} stored (together they may expand at most "
+                       f"{_RATIO_LIMIT}-fold once over {_amount(_RATIO_FREE)})")
     available = _memory_available()
     if available is not None and need > available:
         raise NnpError(f"{where}: its parameters need {_amount(need)} of memory, "
@@ -591,9 +613,10 @@ def _h5_type_words(ds) -> Optional[str]:
             t.TIME: "time values"}.get(cls, f"values of HDF5 type class {cls}")
 
 
-def _check_dataset(where, name, ds, member_size: int) -> int:
+def _check_dataset(where, name, ds, member_size: int) -> Tuple[int, Optional[int]]:
     """Refuses a dataset that is not an array of numbers, keeps its values outside the member, or
-    declares more bytes than it stores; returns the bytes it declares. Compared before any value is
+    declares more bytes than it stores; returns the bytes it declares, and those it stores where it
+    is stored in chunks (None where it is stored as declared). Compared before any value is
     read: a few kB of file can declare a dataset of terabytes."""
     import h5py
     what = _h5_type_words(ds)
@@ -612,6 +635,7 @@ def _check_dataset(where, name, ds, member_size: int) -> int:
         raise NnpError(f"{where}: parameter '{name}' keeps its values outside the member (in {files})")
     declared = math.prod(ds.shape) * ds.dtype.itemsize
     what = f"{_amount(declared)} ({'x'.join(map(str, ds.shape)) or 'a scalar'} {ds.dtype})"
+    stored = None
     if layout == h5py.h5d.CHUNKED:   # compressed, or chunks never written
         stored = ds.id.get_storage_size()
         chunk = plist.get_chunk()
@@ -630,7 +654,7 @@ def _check_dataset(where, name, ds, member_size: int) -> int:
     elif declared > member_size:     # contiguous or compact: stored as declared, or never written
         raise NnpError(f"{where}: parameter '{name}' declares {what}, more than the "
                        f"{_amount(member_size)} the member holds")
-    return declared
+    return declared, stored
 
 
 def _attribute(where, name, ds, key: str):

@@ -215,6 +215,50 @@ def test_many_members_each_under_the_bomb_floor_are_refused_together(tmp_path, c
     assert "members expand" in msg and "zip bomb" in msg and opened == []
 
 
+def _raw_zip(path, entries, extra_central=()):
+    """A stored zip written byte by byte: ``entries`` [(name, data)], and central directory entries
+    [(name, index of the entry whose local record it points at)] beside their own."""
+    import zlib
+    out, central, offsets = bytearray(), [], []
+
+    def cd(name, data, off):
+        n = name.encode()
+        crc = zlib.crc32(data)
+        return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014b50, 20, 20, 0, 0, 0, 0x21, crc, len(data),
+                           len(data), len(n), 0, 0, 0, 0, 0, off) + n
+    for name, data in entries:
+        n = name.encode()
+        offsets.append(len(out))
+        out += struct.pack("<IHHHHHIIIHH", 0x04034b50, 20, 0, 0, 0, 0x21, zlib.crc32(data),
+                           len(data), len(data), len(n), 0) + n + data
+        central.append(cd(name, data, offsets[-1]))
+    for name, k in extra_central:
+        central.append(cd(name, entries[k][1], offsets[k]))
+    start, table = len(out), b"".join(central)
+    out += table + struct.pack("<IHHHHIIH", 0x06054b50, 0, 0, len(central), len(central),
+                               len(table), start, 0)
+    path.write_bytes(bytes(out))
+    return path
+
+
+def test_entries_sharing_their_bytes_are_refused(tmp_path, capsys, scratch, monkeypatch):
+    # the "overlapping entries" zip bomb reads one compressed stream as many members, each of
+    # which, and their declared total, passes the expansion checks
+    good = nnp_files.single(tmp_path / "good.nnp")
+    with zipfile.ZipFile(good) as a:
+        entries = [(m.filename, a.read(m)) for m in a.infolist()]
+    last = len(entries) - 1
+    bomb = _raw_zip(tmp_path / "bomb.nnp", entries, [("copy.protobuf", last)])
+    opened = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *args, **kwargs: (
+        opened.append(getattr(name, "filename", name)), real_open(self, name, *args, **kwargs))[1])
+    msg = _refused(tmp_path, capsys, bomb)
+    assert "overlaps entry" in msg and "zip bomb" in msg and opened == []
+    plain = _raw_zip(tmp_path / "plain.nnp", entries)     # the same archive without the copy
+    assert cli.main(["fold", str(plain), "-o", str(tmp_path / "o.nnp"), "-q"]) == 0
+
+
 def test_running_out_of_memory_is_one_line(tmp_path, capsys, scratch, monkeypatch):
     good = nnp_files.single(tmp_path / "good.nnp")
 
@@ -301,6 +345,26 @@ def test_dataset_declaring_more_than_it_stores_is_refused(tmp_path, capsys, scra
     p = _edit_h5(good, tmp_path / "huge.nnp", _replace("bn2/bn/mean", **create))
     msg = _refused(tmp_path, capsys, p)
     assert "parameter.h5" in msg and "'bn2/bn/mean' declares" in msg and words in msg
+
+
+@pytest.mark.parametrize("create, words", [
+    (dict(shape=(4 * MiB,), dtype="f4", chunks=(MiB // 4,)), "stored in chunks declare"),
+    (dict(data=np.zeros(4 * MiB, np.float32), compression="gzip", chunks=(MiB // 4,)),
+     "stored in chunks declare"),
+    (dict(shape=(4096,), dtype="f4"), "stored as declared, more than the"),
+], ids=["chunked-empty", "compressed-zeros", "contiguous-unwritten"])
+def test_many_datasets_each_passing_alone_are_refused_together(tmp_path, capsys, scratch, create,
+                                                              words):
+    # each under the size a dataset may expand freely (or the member's size), together gigabytes
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+
+    def edit(hd):
+        for k in range(40):
+            ds = hd.create_dataset(f"unused/{k}", **create)
+            ds.attrs["index"], ds.attrs["need_grad"] = 1000 + k, False
+    p = _edit_h5(good, tmp_path / "many.nnp", edit)
+    msg = _refused(tmp_path, capsys, p)
+    assert "parameter.h5: its" in msg and words in msg
 
 
 def test_dataset_in_chunks_far_larger_than_itself_is_refused(tmp_path, capsys, scratch):
