@@ -29,6 +29,18 @@ def _schema():
             nnabla_pb2.Parameter.DESCRIPTOR.fields_by_name["data"].number)
 
 
+_TEXT_FIELDS = {}
+
+
+def _text_fields(pb2) -> frozenset:
+    """Field numbers of Parameter's text fields (its name), whose bytes must be UTF-8."""
+    got = _TEXT_FIELDS.get(pb2)
+    if got is None:
+        fields = pb2.Parameter.DESCRIPTOR.fields
+        got = _TEXT_FIELDS[pb2] = frozenset(f.number for f in fields if f.type == f.TYPE_STRING)
+    return got
+
+
 def _decode_error():
     from google.protobuf.message import DecodeError
     return DecodeError
@@ -155,6 +167,15 @@ def _parameter(body: bytes, schema, repacked=False):
                 return _parameter(_repacked(body, pb2), schema, True)
         elif field == data_field and wire == _I32 and not repacked:   # unpacked, as parsers accept
             return _parameter(_repacked(body, pb2), schema, True)
+        elif wire == _LEN and field in _text_fields(pb2):   # said here, not in protobuf's log
+            n = _read_varint(stream)
+            at = stream.tell()
+            try:
+                str(view[at:at + n], "utf-8")
+            except UnicodeDecodeError:
+                raise ProtobufError("a parameter's name is not UTF-8 text") from None
+            stream.seek(at + n)
+            rest += view[start:at + n]
         else:
             _skip(stream, wire)
             rest += view[start:stream.tell()]

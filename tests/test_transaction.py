@@ -9,6 +9,8 @@ import sys
 import textwrap
 import threading
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -307,6 +309,24 @@ def test_float32_weights_with_extreme_statistics_are_refused(request, backend):
     before = state(y)
     with pytest.raises(FoldError, match="bn/bn: the folded weight 'c/conv/W' would overflow float32"):
         bnfold_gpu.fold(y, backend=backend)
+    assert_unchanged(before, y)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cupy"])
+def test_a_scale_past_float32_is_refused_without_a_warning(request, backend):
+    # gamma near float32's largest over a tiny variance: a scale float32 cannot hold (NumPy's cast
+    # warned on stderr before the refusal)
+    if backend == "cupy":
+        request.getfixturevalue("emulated")
+    y = _conv_bn()
+    params = nn.get_parameters(grad_only=False)
+    params["bn/bn/var"].data.get_data("rw").flat[0] = 0.0
+    params["bn/bn/gamma"].data.get_data("rw").flat[0] = 3e38
+    before = state(y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(FoldError, match="would overflow float32"):
+            bnfold_gpu.fold(y, backend=backend)
     assert_unchanged(before, y)
 
 

@@ -452,7 +452,8 @@ def weight_overflow(spec: FoldSpec, weight: np.ndarray, scale: np.ndarray, bound
             bound is not None and bound * largest * (1 + 1e-6) <= _FINITE_LIMIT[dtype])):
         return None
     work = np.result_type(dtype, np.float32)
-    s = np.abs(scale.astype(work))
+    with np.errstate(over="ignore"):   # a scale past the dtype's range: found below
+        s = np.abs(scale.astype(work))
     if not s.size or not s.max() > 1:
         return None
 
@@ -524,7 +525,8 @@ class Prepared:
         ready = stored_output_biases(plan, arrays, outputs)
         largest = maps.largest_scales().tolist()
         bounds = magnitude_bounds(plan, arrays, largest)
-        scale32 = maps.scale.astype(np.float32)   # what float32 and float16 weights multiply by
+        with np.errstate(over="ignore"):   # a scale past float32: the overflow check names it
+            scale32 = maps.scale.astype(np.float32)   # what float32 and float16 weights multiply by
         starts = maps.starts.tolist()
         self.biases = []   # (destination, values as it stores them), every one computed first
         self.tasks = []
