@@ -2,8 +2,10 @@
 removed, layers pointed at folded parameters), so executors, other networks, untouched parameters'
 names and need_grad flags stay exactly as they were.
 """
+import contextlib
 import copy
 import errno
+import logging
 import math
 import os
 import re
@@ -833,7 +835,8 @@ def build_networks(path: str, proto, names=None, parsed=False, values=None, batc
                     return NnpNetwork(graph.networks[name], batch_size=_batch(name),
                                       callback=None)
             else:
-                loader = NnpLoader(path)
+                with _nnabla_logs_silenced():   # its failure is said once, below, in words
+                    loader = NnpLoader(path)
 
                 def get_network(name):
                     return loader.get_network(name, batch_size=_batch(name))
@@ -857,6 +860,19 @@ def build_networks(path: str, proto, names=None, parsed=False, values=None, batc
                             outputs.append(v)
             nets[net.name] = (outputs, built)
     return scope, nets
+
+
+@contextlib.contextmanager
+def _nnabla_logs_silenced():
+    """NNabla's logger says nothing meanwhile (its loader logs CRITICAL lines before it raises);
+    its level is put back after."""
+    log = logging.getLogger("nnabla")
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _check_declared(path, proto, names):
