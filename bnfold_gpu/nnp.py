@@ -950,8 +950,12 @@ def plan_file(nnp: NnpFile, progress=None, skip=()) -> FilePlan:
         for net in nnp.proto.network:
             if progress:
                 progress.step(f"planning {net.name}")
-            outputs, _ = built[net.name]
+            outputs, network = built[net.name]
             training = _is_training(net)
+            written = {o for f in net.function for o in f.output}
+            fed = {network.variables[v.name]: v.name for v in net.variable
+                   if v.type != "Parameter" and v.name not in written
+                   and v.name in network.variables}
             if not outputs:
                 fp.networks.append(NetworkPlan(net.name, None, training, "no outputs"))
                 continue
@@ -959,7 +963,7 @@ def plan_file(nnp: NnpFile, progress=None, skip=()) -> FilePlan:
             # a network that trains (a BN on batch statistics) keeps its parametrization: only
             # BNs on running statistics fold there, not the multiplies and adds of its own
             p = make_plan(graph, inplace=True, reserved=taken, dtypes=dtypes, values=values,
-                          skip=skip, constants=not training)
+                          skip=skip, constants=not training, fed=fed)
             taken.update(p.arrays)
             producer = {o: f.name for f in net.function for o in f.output}
             functions = [producer.get(f.outputs[0].name) for f in graph.functions]

@@ -123,14 +123,16 @@ class _Side:
 
 
 def plan(graph: Graph, inplace: bool = True, reserved=(), dtypes=None, values=None, skip=(),
-         constants: bool = True) -> Plan:
+         constants: bool = True, fed=None) -> Plan:
     """The plan for ``graph``. ``inplace=False`` sends every folded array to a new name; new names
     avoid every name of the graph and of ``reserved``. ``dtypes`` (name -> dtype) gives the arrays'
     dtypes where the graph's parameters hold no data; otherwise they are read from the parameters.
     ``values(var, name)`` gives a parameter's values, for the moves whose exactness depends on them
     (default: read from the variable). ``skip``: BN names or glob patterns not to fold.
-    ``constants=False``: multiplies and adds by stored constants are not maps (they stay)."""
-    return _Planner(graph, inplace, reserved, dtypes, values, skip, constants).run()
+    ``constants=False``: multiplies and adds by stored constants are not maps (they stay).
+    ``fed``: {variable: name} of the graph's inputs fed as it runs (a file declares them), never
+    taken for stored statistics or weights."""
+    return _Planner(graph, inplace, reserved, dtypes, values, skip, constants, fed).run()
 
 
 class _Facts(moves.Facts):
@@ -166,8 +168,9 @@ class _Facts(moves.Facts):
 
 class _Planner:
     def __init__(self, graph: Graph, inplace: bool, reserved=(), dtypes=None, values=None, skip=(),
-                 constants: bool = True):
+                 constants: bool = True, fed=None):
         self.g = graph
+        self.fed = fed or {}
         self.constants = constants
         self.dtypes = dtypes or {}
         self.inplace = inplace
@@ -271,7 +274,11 @@ class _Planner:
         return var
 
     def _not_updated(self, var, what: str):
-        """_Reject where ``var`` is a running statistic that a BN on batch statistics updates."""
+        """_Reject where ``var`` is a running statistic that a BN on batch statistics updates, or
+        an input of the graph fed as it runs."""
+        if var in self.fed:
+            raise _Reject(f"{what} is '{self.fed[var]}', an input of the network fed as it runs, "
+                          f"not a stored parameter")
         writer = self.updated.get(var)
         if writer is not None:
             raise _Reject(f"{what} is a running statistic that the {writer.type} "
@@ -283,7 +290,8 @@ class _Planner:
         if len(inputs) < 3:
             return f"<{fn.type} #{fn.index}>"
         mean = self._statistic(inputs[mean_at])
-        name = self.g.name(inputs[mean_at] if mean is None else mean, fn.type)
+        mean = inputs[mean_at] if mean is None else mean
+        name = self.fed.get(mean) or self.g.name(mean, fn.type)
         return name[:-len("/mean")] if name.endswith("/mean") else name
 
     # -- the maps of the graph -------------------------------------------------------------------------

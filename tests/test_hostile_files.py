@@ -883,3 +883,23 @@ def test_a_file_nnabla_cannot_load_is_said_once_when_verifying(tmp_path):
     err = done.stderr.splitlines()
     assert done.returncode == 2 and len(err) == 1 and "NNabla cannot load it" in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("declared", ["bn1/bn/mean", "c1/conv/W"])
+def test_a_statistic_or_weight_declared_as_an_input_is_not_folded(tmp_path, declared):
+    # a variable the definition declares a Buffer that no function writes is fed as the network
+    # runs (NNabla gives it no stored value): never a BN's statistics or a layer's weight to fold
+    import json
+    good = nnp_files.single(tmp_path / "good.nnp")
+
+    def edit(proto):
+        for v in proto.network[0].variable:
+            if v.name == declared:
+                v.type = "Buffer"
+    p = _edit_definition(good, tmp_path / "fed.nnp", edit)
+    report = tmp_path / "r.json"
+    assert cli.main(["fold", str(p), "-o", str(tmp_path / "o.nnp"), "--verify", "--report",
+                     str(report), "-q"]) == 0
+    kept = json.loads(report.read_text())["networks"]["net"]["skipped"]
+    assert any(f"is '{declared}', an input of the network fed as it runs" in s["reason"]
+               for s in kept), kept

@@ -346,17 +346,18 @@ def test_float16_bias_that_would_overflow_is_refused(request, backend):
     assert_unchanged(before, y)
 
 
+@pytest.mark.parametrize("eps, words", [(float("nan"), "eps is not finite"),
+                                        (-100.0, "variance \\+ eps is not positive")])
 @pytest.mark.parametrize("backend", ["numpy", "cupy"])
-def test_nan_eps_is_refused(request, backend):
+def test_nan_or_negative_eps_is_refused(request, backend, eps, words):
     if backend == "cupy":
         request.getfixturevalue("emulated")
     nn.clear_parameters()
     x = nn.Variable((2, 3, 5, 5))
-    y = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), eps=float("nan"),
-                               name="bn", **BN)
+    y = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), eps=eps, name="bn", **BN)
     randomize_all(np.random.RandomState(0))
     before = state(y)
-    with pytest.raises(FoldError, match="bn/bn: eps is not finite"):
+    with pytest.raises(FoldError, match=f"bn/bn: {words}"):
         bnfold_gpu.fold(y, backend=backend)
     assert_unchanged(before, y)
 

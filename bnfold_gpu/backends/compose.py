@@ -25,7 +25,7 @@ def term_values(term, get, xp):
             (not bool(xp.isfinite(xp.asarray(term.eps, f64))), "eps is not finite"),
             (not bool(xp.isfinite(var).all()), "variance has non-finite values"),
             (bool((var < 0).any()), "variance has negative values"),
-            (bool((var + term.eps <= 0).any()), "variance + eps is zero: the BN divides by zero"),
+            (bool((var + term.eps <= 0).any()), "variance + eps is not positive: the BN divides by zero or by the root of a negative number"),
             (not bool(xp.isfinite(mean).all()), "mean has non-finite values"),
             (not bool(xp.isfinite(gamma).all()), "gamma has non-finite values"),
             (not bool(xp.isfinite(beta).all()), "beta has non-finite values")))

@@ -326,7 +326,7 @@ def _check_stats(plan, cat, bounds):
             (~np.isfinite(cat["eps"]), "eps is not finite"),
             (~np.isfinite(var), "variance has non-finite values"),
             (var < 0, "variance has negative values"),
-            (var + cat["eps"] <= 0, "variance + eps is zero: the BN divides by zero"),
+            (var + cat["eps"] <= 0, "variance + eps is not positive: the BN divides by zero or by the root of a negative number"),
             (~np.isfinite(cat["mean"]), "mean has non-finite values"),
             (~np.isfinite(cat["gamma"]), "gamma has non-finite values"),
             (~np.isfinite(cat["beta"]), "beta has non-finite values"),

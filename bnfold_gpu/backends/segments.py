@@ -33,7 +33,7 @@ STATISTICS = ("gamma", "beta", "mean", "var")   # the order of their fields in C
 STATUS_BITS = (
     (1, "variance has non-finite values"),
     (2, "variance has negative values"),
-    (4, "variance + eps is zero: the BN divides by zero"),
+    (4, "variance + eps is not positive: the BN divides by zero or by the root of a negative number"),
     (8, "mean has non-finite values"),
     (16, "gamma has non-finite values"),
     (32, "beta has non-finite values"),
