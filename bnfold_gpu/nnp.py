@@ -1414,6 +1414,22 @@ _INDEX_INPUTS = {"SoftmaxCrossEntropy": (1,), "CategoricalCrossEntropy": (1,), "
 _BN_STATISTICS = (3, 4)   # mean and variance among a (Fused)BatchNormalization's inputs
 
 
+def check_verify_memory(path, proto):
+    """NnpError where running a network of ``proto`` (as ``verify`` does: every variable of it held
+    at once, as float32) would need more memory than is available: a few bytes of definition can
+    declare inputs of gigabytes."""
+    available = _memory_available()
+    if available is None:
+        return
+    for net in proto.network:
+        batch = net.batch_size if net.batch_size >= 1 else 1
+        need = sum(math.prod(batch if d < 0 else d for d in v.shape.dim)
+                   for v in net.variable if v.type != "Parameter") * 4
+        if need > available:
+            raise NnpError(f"{path}: --verify would hold {_amount(need)} of values running network "
+                           f"'{net.name}' (batch size {batch}), {_amount(available)} is available")
+
+
 def verify(original, folded, networks, seed: int = 0, progress=None, inputs=None):
     """Run each network of ``networks`` from both files on the same inputs (``inputs``: {input name:
     array}, seeded random values for the rest); one record per output the network has or its

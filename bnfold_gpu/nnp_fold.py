@@ -210,6 +210,8 @@ def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
         f = N.read(src, progress)
     if given:
         _check_inputs(src, f.proto, given)
+    if verify:
+        N.check_verify_memory(src, f.proto)
     n_nets = len(f.proto.network)
     verify_steps = 2 + 2 * n_nets if verify else 0   # corrected once the networks to run are known
     progress.add_steps(n_nets + 2 + verify_steps)     # planning each network, folding, writing

@@ -47,13 +47,14 @@ def _refused(tmp_path, capsys, path, command="fold"):
     out.write_bytes(b"previous output")
     temp = Path(tempfile.gettempdir())
     temp_before = sorted(os.listdir(temp))
-    argv = ["fold", str(path), "--quiet", "-o", str(out)] if command == "fold" else [command, str(path)]
+    argv = command.split() + [str(path), "--quiet", "-o", str(out)] if command.startswith("fold") \
+        else [command, str(path)]
     rc = cli.main(argv)
     captured = capsys.readouterr()
     err = captured.err.splitlines()
     assert rc == 2, captured.err
     assert "Traceback" not in captured.err
-    if command == "fold":
+    if command.startswith("fold"):
         assert len(err) == 1, captured.err
     assert err[-1].startswith("bnfold: ") and str(path) in err[-1], captured.err
     assert out.read_bytes() == b"previous output"
@@ -903,3 +904,20 @@ def test_a_statistic_or_weight_declared_as_an_input_is_not_folded(tmp_path, decl
     kept = json.loads(report.read_text())["networks"]["net"]["skipped"]
     assert any(f"is '{declared}', an input of the network fed as it runs" in s["reason"]
                for s in kept), kept
+
+
+def test_verify_that_memory_cannot_hold_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    # a few bytes of definition can declare inputs of gigabytes: --verify would run the network
+    # with every variable held; said before the fold, with nothing written
+    good = nnp_files.single(tmp_path / "good.nnp")
+
+    def edit(proto):
+        for v in proto.network[0].variable:
+            if v.name == "x":
+                v.shape.dim[2:] = [1 << 20, 1 << 20]   # 26 TB of float32
+    p = _edit_definition(good, tmp_path / "big.nnp", edit)
+    planned = []
+    monkeypatch.setattr(N, "plan_file", lambda *a, **k: planned.append(1))
+    msg = _refused(tmp_path, capsys, p, command="fold --verify")
+    assert "--verify would hold" in msg and "of values running network 'net'" in msg
+    assert planned == []
