@@ -28,9 +28,10 @@ class _Unsupported(Exception):
     """Not in the plain form :func:`merge` reads: ``text_format`` reads it."""
 
 
-# texts past this go to text_format whole: the reader holds every token at once (about 6 bytes of
-# Python objects per byte of text), text_format a line at a time
-FAST_LIMIT = 8 << 20
+# texts past this go to text_format whole: the reader holds every token at once (about 8 bytes of
+# Python objects per byte of text), text_format a line at a time, 3-4 times slower. The limit of
+# the definitions bnfold reads (32 MiB) is this one: every definition it reads takes the fast way
+FAST_LIMIT = 32 << 20
 
 
 def merge(text: str, message) -> None:

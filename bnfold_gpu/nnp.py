@@ -81,7 +81,9 @@ class NnpFile:
 # a thousandfold.
 _RATIO_LIMIT = 200            # the most a zip member or chunked dataset may expand (size / stored)...
 _RATIO_FREE = 16 << 20        # ...once it is larger than this
-_DEFINITION_LIMIT = 256 << 20  # the network definition: held as text, parsed at about 1 MB/s
+# the network definition, held as bytes, text and tokens (about 8 bytes a byte), parsed at about
+# 3 MB/s: real ones are well under a megabyte (a ResNet-50's: 139 KB)
+_DEFINITION_LIMIT = 32 << 20
 # a definition expands at most this much once over _DEFINITION_RATIO_FREE (real ones about 20-fold:
 # each function's text differs in its names); parsing costs time per byte of text
 _DEFINITION_RATIO = 64
@@ -262,7 +264,7 @@ def _check_members(path, members: List[zipfile.ZipInfo], directory: Optional[int
                 f"over {_amount(_DEFINITION_RATIO_FREE)} may expand at most {_DEFINITION_RATIO}-fold; "
                 f"real ones about 20-fold)")
         if not _is_h5_params(name):
-            held = m.file_size * (2 if _is_definition(name) else 1)   # a definition: bytes, then text
+            held = m.file_size * (10 if _is_definition(name) else 1)   # a definition: see above
             need += held
             if largest is None or m.file_size > largest.file_size:
                 largest = m
