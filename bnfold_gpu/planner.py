@@ -711,15 +711,16 @@ class _Planner:
             if walk.park is not None and walk.terms[0].term is walk.park[0].term:
                 park = walk.park
             elif not _Facts(self, walk).shift_is_zero():
-                raise _Reject("the BatchMatmul before it has no bias to take the map's shift, and "
-                              "the map passes no add of a stored bias")
+                raise _Reject("the BatchMatmul before it has no bias to take the map's shift (the "
+                              "map passes no add of a stored value per output)")
             else:
                 scale_only = True
-            if park is not None and park[1] is None:   # one value for every output: one output
-                if prod(park[0].constant[1][0].shape) != site.n:
+            if park is not None:
+                if prod(park[0].constant[1][0].shape) != site.n:   # its bias: one value per output
                     raise _Reject("the add after the BatchMatmul adds one value to all its outputs, "
-                                  "not one per output")
-                park = (park[0], site, park[2])
+                                  "not one per output, and cannot take the map's shift")
+                if park[1] is None:   # one value for every output: one output
+                    park = (park[0], site, park[2])
         region = walk.region + [fn] + w_reshapes
         if park is not None:   # the add's constant is rewritten: the reshapes it passes are rebuilt
             region += park[0].constant[1][1]
@@ -754,8 +755,8 @@ class _Planner:
             scale_only = True
         if fn.type == "BatchMatmul" and holder is None:
             if not facts.shift_is_zero():
-                raise _Reject("the BatchMatmul after it has no bias to take the map's shift, and "
-                              "no add of a stored bias follows it")
+                raise _Reject("the BatchMatmul after it has no bias to take the map's shift (no add "
+                              "of a stored value per output follows it)")
             scale_only = True
         region = walk.region + [fn] + w_reshapes
         if holder is not None and not scale_only:

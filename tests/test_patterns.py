@@ -529,6 +529,25 @@ def _onnx_linear(x, rows, name, bias_reader=None):
     return F.add2(F.reshape(h, (x.shape[0], rows)), F.reshape(b, (1, rows))), b
 
 
+@pytest.mark.parametrize("scalar", [(1,), ()])
+def test_onnx_linear_with_one_bias_value_keeps_the_bn_and_folds_the_rest(backend, scalar):
+    # a Gemm whose bias is one value for all outputs ((1,) or 0-d): its add cannot take a shift
+    # per output, so the BN after it stays (and the one before the next Linear); the others fold
+    def model():
+        x = nn.Variable((4, 5))
+        w = nn.parameter.get_parameter_or_create("g_W", (5, 6))
+        b = nn.parameter.get_parameter_or_create("g_b", scalar)
+        h = F.batch_matmul(F.reshape(x, (1, 4, 5)), F.reshape(w, (1, 5, 6)))
+        h = F.add2(F.reshape(h, (4, 6)), F.reshape(b, (1, 1)))
+        a = PF.batch_normalization(h, name="bn", **BN)
+        c = PF.batch_normalization(PF.affine(x, 3, name="fc"), name="bn2", **BN)
+        return [x], [F.relu(a), F.relu(c)]
+    _, ys = build(model)
+    res = check(ys, backend, folded=["bn2/bn"], kept=["bn/bn"])
+    assert "the add after the BatchMatmul adds one value to all its outputs, not one per output" \
+        in res.skipped[0].reason
+
+
 @pytest.mark.parametrize("bias_read_elsewhere", [False, True])
 @pytest.mark.parametrize("inplace", INPLACE)
 def test_onnx_linear_then_bn_rewires_its_reshaped_bias(backend, inplace, bias_read_elsewhere):

@@ -92,7 +92,7 @@ def random_graph(rng, base_axis=1, made=None, onnx_linear=True):
 def _mover(rng, h, axis, made, name, onnx_linear=True):
     """A function a map moves through (or not, by its statistics), a constant multiply or add, two
     layers added, a BN of one channel (one map for every element, as a scalar's), an ONNX Linear,
-    a mean or sum over space, a padding, or a slice of channels."""
+    a mean or sum over space, a padding, a tile, a BN over two axes, or a slice of channels."""
     kind = rng.randint(10)
     c = h.shape[axis]
     if kind == 0:   # the spatial axes merged and split again
@@ -146,6 +146,11 @@ def _mover(rng, h, axis, made, name, onnx_linear=True):
     if r < 0.6 and len(h.shape) > axis + 1 and h.shape[-1] >= 2:
         mode = ["constant", "reflect", "repeat"][rng.randint(3)]
         return F.pad(h, (int(rng.randint(0, 2)), 1), mode=mode)
+    if r < 0.7 and len(h.shape) > axis + 1:   # copies along the last axis
+        reps = [1] * (len(h.shape) - 1) + [2]
+        return F.tile(h, reps)
+    if r < 0.8 and len(h.shape) > axis + 1:   # a BN over the channel and the next axis
+        return PF.batch_normalization(h, axes=[axis, axis + 1], batch_stat=False, name=name)
     start = [0] * len(h.shape)
     stop = list(h.shape)
     start[axis] = int(rng.randint(0, c))
