@@ -156,8 +156,22 @@ class _Spatial:
         return _spatial_axes(args, ndim, len(args["kernel"]))
 
     @classmethod
+    def touched(cls, args, ndim) -> List[int]:
+        """The spatial axes it changes: not those of a 1-wide window that moves 1 at a time without
+        padding (a kernel (1, 2, 2) over (C, H, W) leaves the channels alone)."""
+        axes = list(cls.spatial(args, ndim))
+        kernel = list(args.get("kernel", ()))
+        if len(kernel) != len(axes):
+            return axes
+        stride = list(args.get("stride", [1] * len(axes)))
+        pad = list(args.get("pad", [0] * len(axes)))
+        return [a for k, a in enumerate(axes)
+                if not (kernel[k] == 1 and (stride[k] if k < len(stride) else 1) == 1
+                        and not (pad[k] if k < len(pad) else 0))]
+
+    @classmethod
     def check(cls, args, in_shape, site, facts):
-        if set(cls.spatial(args, len(in_shape))) & set(site.axes()):
+        if set(cls.touched(args, len(in_shape))) & set(site.axes()):
             raise Stop("it works along the axes the channels span")
         condition = cls.condition_for(args)
         if condition is not None:

@@ -314,6 +314,24 @@ def test_constant_padding_takes_a_map_without_shift():
     check(ys, folded=["bn/bn"], kept=["bn3/bn", "bn4/bn"])
 
 
+@pytest.mark.parametrize("kernel", [(1, 1, 2, 2), (1, 2, 2), (2, 1)])
+def test_windows_one_wide_on_the_channels_leave_them_alone(backend, kernel):
+    # ONNX's Upsample (opset 9) imports as Unpooling with kernel (1, 1, 2, 2); a pooling window of
+    # 1 moved by 1 over the channels, alike
+    def model():
+        x = nn.Variable((2, 3, 4, 4))
+        h = PF.convolution(x, 6, (3, 3), pad=(1, 1), name="c")
+        a = PF.batch_normalization(F.unpooling(h, kernel), name="bn", **BN)
+        p = F.max_pooling(PF.convolution(x, 5, (1, 1), name="c2"), (1, 2, 2))
+        b = PF.batch_normalization(p, name="bn2", **BN)
+        q = F.average_pooling(PF.convolution(x, 4, (1, 1), name="c3"), (2, 2, 2), (1, 2, 2))
+        c = PF.batch_normalization(q, name="bn3", **BN)     # a window 2 wide over the channels
+        return [x], [F.relu(a), F.relu(b), F.relu(c)]
+    _, ys = build(model, positive=True)
+    res = check(ys, backend, folded=["bn/bn", "bn2/bn"], kept=["bn3/bn"])
+    assert "AveragePooling: it works along the axes the channels span" in res.skipped[0].reason
+
+
 @pytest.mark.parametrize("pad, including_pad, folds", [((0, 0), True, True), ((1, 1), False, True),
                                                         ((1, 1), True, False)])
 def test_average_pooling_folds_where_windows_sum_to_one(backend, pad, including_pad, folds):
