@@ -744,9 +744,16 @@ class _Planner:
         if fn.type in SHIFT_FREE_ONLY:
             if not pointwise_deconvolution(fn.type, fn.args, self._matrix_shape(fn, w)):
                 if not facts.shift_is_zero():
-                    raise _Reject(f"the {fn.type} after it sums a varying number of inputs at its "
-                                  f"borders, which a shift does not survive ({facts.describe()} "
-                                  f"has a shift that is not zero)")
+                    w_shape = self._matrix_shape(fn, w)
+                    if fn.type == "Deconvolution" and fn.args.get("group", 1) != 1 and \
+                            pointwise_deconvolution(fn.type, dict(fn.args, group=1), w_shape):
+                        why = "is grouped: a shift into a grouped deconvolution's bias is not " \
+                              "computed"
+                    else:
+                        why = "adds each input through different kernel taps (or none) at " \
+                              "different outputs, so a shift is not one bias per output"
+                    raise _Reject(f"the {fn.type} after it {why} ({facts.describe()} has a shift "
+                                  f"that is not zero)")
                 scale_only = True
         elif any(p != 0 for p in fn.args.get("pad", ())):
             if not facts.shift_is_zero():
