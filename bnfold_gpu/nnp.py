@@ -1037,7 +1037,8 @@ def _settle(p: Plan, network: str, uses, taken, seen, fp: FilePlan):
             if d.scale in (spec.gamma, spec.beta) and d not in fp.derived:
                 fp.derived.append(d)
     fp.intermediates.update(p.intermediates)
-    edit = replace(p.edit, inputs=tuple((f, k, rename.get(n, n)) for f, k, n in p.edit.inputs))
+    edit = replace(p.edit, inputs=tuple((f, k, rename.get(n, n)) for f, k, n in p.edit.inputs),
+                   adds=tuple((f, rename.get(n, n)) for f, n in p.edit.adds))
     return final, edit
 
 
@@ -1196,6 +1197,13 @@ def _edit_network(net, edit, functions, nnp, declared):
     for g in net.function:
         add(g)
     taken = {g.name for g in net.function}
+    for index, array in edit.adds:   # a BN become the add of a new bias
+        f = proto(index)
+        drop(f)
+        replacements[f.name] = [_new_function(net, "Add2", f.name + "_bias",
+                                              [f.input[0], array], [f.output[0]], taken)]
+        add(replacements[f.name][0])
+        take_out_feeding(list(f.input[1:]))
     for index, data in sorted(edit.removed + tuple((i, 0) for i in edit.fused)):
         f = proto(index)
         x, y = f.input[data], f.output[0]

@@ -121,11 +121,13 @@ class GraphEdit:
     (each with the input that carries the data), the FusedBatchNormalizations whose BN part is taken
     out (their add and ReLU stay), the parameters given to functions ((function, input position,
     array); a position past the last input appends one, a layer's new bias), and every function of
-    the regions the folds touch, which the rewriter rebuilds."""
+    the regions the folds touch, which the rewriter rebuilds; the BNs that become the add of a new
+    array ((function, array): ``x + array``, the bias of a matrix product that had none)."""
     removed: Tuple[Tuple[int, int], ...] = ()
     fused: Tuple[int, ...] = ()
     inputs: Tuple[Tuple[int, int, str], ...] = ()
     region: Tuple[int, ...] = ()
+    adds: Tuple[Tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)

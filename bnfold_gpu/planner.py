@@ -711,21 +711,43 @@ class _Planner:
             if walk.park is not None and walk.terms[0].term is walk.park[0].term:
                 park = walk.park
             elif not _Facts(self, walk).shift_is_zero():
-                raise _Reject("the BatchMatmul before it has no bias to take the map's shift (the "
-                              "map passes no add of a stored value per output)")
+                bn = self._bn_as_bias(walk, site)
+                if bn is None:
+                    raise _Reject("the BatchMatmul before it has no bias to take the map's shift "
+                                  "(the map passes no add of a stored value per output)")
+                park = (bn, site, walk.terms)   # the BN becomes the add of a new bias
             else:
                 scale_only = True
-            if park is not None:
+            if park is not None and not park[0].is_bn:
                 if prod(park[0].constant[1][0].shape) != site.n:   # its bias: one value per output
                     raise _Reject("the add after the BatchMatmul adds one value to all its outputs, "
                                   "not one per output, and cannot take the map's shift")
                 if park[1] is None:   # one value for every output: one output
                     park = (park[0], site, park[2])
         region = walk.region + [fn] + w_reshapes
-        if park is not None:   # the add's constant is rewritten: the reshapes it passes are rebuilt
-            region += park[0].constant[1][1]
+        if park is not None and not park[0].is_bn:   # the add's constant is rewritten: the
+            region += park[0].constant[1][1]         # reshapes it passes are rebuilt
         return _Side(fn, OUTPUT_SIDE, site, walk.terms, walk.maps, park, _label(walk),
                      region, scale_only, layouts, arrays)
+
+    def _bn_as_bias(self, walk: _Walk, site: Site) -> Optional[_Map]:
+        """The BN that can become the add of a new bias after a matrix product without one (a
+        Linear without bias, then a BatchNorm1d): the walk's one map, a BN of its own statistics
+        stored in a shape that broadcasts over its input, reached through reshapes only, over the
+        product's columns as they are; else None."""
+        if len(walk.maps) != 1 or len(walk.terms) != 1:
+            return None
+        m, t = walk.maps[0], walk.terms[0]
+        if not m.is_bn or m.fused or t.term is not m.term or not t.identity or t.scale_only \
+                or m.site is None or m.site.n != site.n:
+            return None
+        if any(f.type != "Reshape" for f in walk.region if f is not m.fn):
+            return None
+        mean = m.fn.inputs[len(m.fn.inputs) - 2]
+        if mean.parent is not None or \
+                _constant_site(tuple(mean.shape), tuple(m.fn.inputs[0].shape)) != m.site:
+            return None
+        return m
 
     def _absorb_input(self, fn: _Fn, walk: _Walk) -> _Side:
         existing = self.sides.get((fn.index, INPUT_SIDE))
@@ -855,7 +877,7 @@ class _Planner:
         current: Dict[str, Optional[str]] = {}
         derived: List[DerivedMap] = []
         intermediates = set()
-        inputs = []
+        inputs, adds = [], []
         first, rest = [], []
         for k, d in enumerate(drafts):
             names = {}
@@ -877,16 +899,19 @@ class _Planner:
                     between = True
                 else:
                     dst = self._final(d, role)
-                    inputs.append(d[role + "_at"] + (dst,))
+                    if d.get("bn_add") is not None:
+                        adds.append((d["bn_add"], dst))
+                    else:
+                        inputs.append(d[role + "_at"] + (dst,))
                 self.arrays[dst] = d[role + "_array"]
                 if dst != d[role + "_name"] and dst not in intermediates:
-                    self.sources[dst] = d[role + "_name"] or d["weight_name"]
+                    self.sources[dst] = d[role + "_name"] or d["weight_name"] or d.get("source")
                 current[key] = dst
                 names[role] = (now, dst)
             spec = self._spec(d, names, derived, intermediates)
             (first if between else rest).append(spec)
         edit = GraphEdit(tuple(sorted(removed.items())), tuple(sorted(fused)),
-                         tuple(dict.fromkeys(inputs)), tuple(sorted(region)))
+                         tuple(dict.fromkeys(inputs)), tuple(sorted(region)), tuple(sorted(adds)))
         return tuple(first + rest), tuple(derived), intermediates, edit
 
     def _final(self, d, role: str) -> str:
@@ -895,6 +920,8 @@ class _Planner:
         name = d[role + "_name"]
         if name is None:
             d["notes"].append("bias created")
+            if d.get("created_base"):
+                return self._new_name(d["created_base"])
             return self._new_name(_prefix(d["weight_name"]) + ("b" if self.inplace else "b_folded"))
         if not self.inplace or d["shared_" + role]:
             return self._new_name(name + "_folded")
@@ -966,6 +993,8 @@ class _Planner:
         """The shift of a map folded into a matrix product stays in the add of a stored constant it
         passed: that constant becomes ``c * scale + shift`` of the terms after it."""
         add, site, terms = side.park
+        if add.is_bn:
+            return self._bn_add_draft(side)
         param, reshapes = add.constant[1]
         name = self.g.name(param, "constant")
         array = (tuple(param.shape), self._dtype(name, param))
@@ -979,6 +1008,23 @@ class _Planner:
             shared_weight=False, shared_bias=self._shared(param), has_shift=bool(terms[1:]),
             layout=None, bias_layout=_flat_layout(site, param), reduce_axes=(), sum_shape=(),
             bias_shape=tuple(param.shape), notes=["the map's shift stays in this add"])
+
+    def _bn_add_draft(self, side: _Side) -> dict:
+        """A BN after a matrix product without bias (:meth:`_bn_as_bias`) becomes ``x + bias``: the
+        product takes its scale, the new bias (the BN's statistics' shape) its shift."""
+        bn, site, terms = side.park
+        mean = bn.fn.inputs[len(bn.fn.inputs) - 2]
+        array = (tuple(mean.shape), self._dtype(bn.term.mean, mean))
+        sub = _Side(bn.fn, OUTPUT_SIDE, site, terms, [bn], None, side.label, [], False)
+        return dict(
+            side=sub, fn=bn.fn, kind="Add2", park=True, bn_add=bn.fn.index, weight_key=None,
+            weight_name=None,
+            weight_writes=False, bias_key="bias of " + bn.term.label, bias_name=None,
+            bias_writes=True, bias_array=array, bias_at=None, shared_weight=False,
+            shared_bias=False, has_shift=True, layout=None, bias_layout=_flat_layout(site, mean),
+            reduce_axes=(), sum_shape=(), bias_shape=array[0],
+            created_base=_prefix(bn.term.mean) + "bias", source=bn.term.beta or bn.term.mean,
+            notes=["the BN's shift: an add of a new bias in its place"])
 
     def _shared(self, v) -> bool:
         """Read elsewhere (another function, the same one twice, or the caller, as a graph output),
@@ -1000,13 +1046,14 @@ class _Planner:
             fields = dict(gamma=None, beta=None, mean=None, var=None, eps=0.0)
         else:
             fields = self._map_fields(side, d["has_shift"], derived, intermediates)
-        taken_out = [] if d.get("park") else [m for m in side.maps
-                                              if side.park is None or m is not side.park[0]]
+        taken_out = [] if d.get("park") else [m for m in side.maps if side.park is None
+                                              or m is not side.park[0] or m.is_bn]
         taken_out.sort(key=lambda m: m.fn.index)
         maps = tuple(m.term.label for m in taken_out)
         bns = tuple(m.term.label for m in taken_out if m.is_bn)
         return FoldSpec(
-            bn=side.label, kind=d["fn"].type, side=side.side, bn_type=_map_type(side),
+            bn=side.label, kind=d.get("kind") or d["fn"].type, side=side.side,
+            bn_type=_map_type(side),
             weight=w_now, bias=b_now if b_dst is not None else None, folded_weight=w_dst,
             folded_bias=b_dst, weight_shape=tuple(d["sum_shape"]), bias_shape=tuple(d["bias_shape"]),
             weight_layout=d["layout"], bias_layout=d["bias_layout"],

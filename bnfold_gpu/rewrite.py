@@ -59,6 +59,7 @@ def prepare(plan: Plan, functions: List, variables: Dict[str, "nn.Variable"], ou
         inputs = [f.inputs for f in functions]
     removed = dict(edit.removed)
     fused = set(edit.fused)
+    adds = dict(edit.adds)
     new_inputs: Dict[int, Dict[int, str]] = {}
     for index, position, name in edit.inputs:
         new_inputs.setdefault(index, {})[position] = name
@@ -76,6 +77,11 @@ def prepare(plan: Plan, functions: List, variables: Dict[str, "nn.Variable"], ou
         ins = [v if v in read_outside and v in mapped else mapped.get(v, v) for v in inputs[index]]
         if index in removed:                       # a map: its output is its data input's value
             mapped[f.outputs[0]] = ins[removed[index]]
+            continue
+        if index in adds:                          # a BN become the add of a new bias
+            mapped[f.outputs[0]] = new_function("Add2", {"inplace": False},
+                                                [ins[0], variables[adds[index]]])[0]
+            made.add(mapped[f.outputs[0]])
             continue
         if index in fused:                         # relu(BN(x) + z): the BN part is folded
             h = ins[0]

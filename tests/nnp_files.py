@@ -175,7 +175,7 @@ def onnx_model(path, variant, seed=0):
 def onnx_linear_models(path, variant, seed=0):
     """ONNX models of PyTorch's ``Linear -> BatchNorm1d`` head ("linear_bn": Gemm then
     BatchNormalization, which NNabla's importer makes Reshape -> BatchMatmul -> Reshape -> Add2 ->
-    BatchNormalization), and of a BN after a residual add, flattened into a Linear ("residual_flatten":
+    BatchNormalization; "linear_nobias_bn": the Linear without bias, no Add2), and of a BN after a residual add, flattened into a Linear ("residual_flatten":
     the BN folds forward into the BatchMatmul, its shift into the add of the Gemm's bias)."""
     from onnx import helper, numpy_helper
     rng = np.random.RandomState(seed)
@@ -190,10 +190,11 @@ def onnx_linear_models(path, variant, seed=0):
     def bn_node(name, x, y):
         return helper.make_node("BatchNormalization", [x] + [f"{name}_{k}" for k in
                                                               ("scale", "bias", "mean", "var")], [y])
-    if variant == "linear_bn":
-        inits = [init("fc_W", rng.randn(6, 8)), init("fc_b", rng.randn(6))] + bn("bn", 6)
+    if variant in ("linear_bn", "linear_nobias_bn"):   # the latter: Linear(bias=False)
+        bias = variant == "linear_bn"
+        inits = [init("fc_W", rng.randn(6, 8))] + [init("fc_b", rng.randn(6))] * bias + bn("bn", 6)
         inits += [init("fc2_W", rng.randn(6, 3))]
-        nodes = [helper.make_node("Gemm", ["x", "fc_W", "fc_b"], ["g"], transB=1),
+        nodes = [helper.make_node("Gemm", ["x", "fc_W"] + ["fc_b"] * bias, ["g"], transB=1),
                  bn_node("bn", "g", "b"), helper.make_node("Relu", ["b"], ["r"]),
                  helper.make_node("Gemm", ["r", "fc2_W"], ["y"])]
         in_shape, out_shape = [2, 8], [2, 3]

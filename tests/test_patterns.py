@@ -547,6 +547,25 @@ def _onnx_linear(x, rows, name, bias_reader=None):
     return F.add2(F.reshape(h, (x.shape[0], rows)), F.reshape(b, (1, rows))), b
 
 
+@pytest.mark.parametrize("inplace", INPLACE)
+@pytest.mark.parametrize("rank", [2, 3])
+def test_onnx_linear_without_bias_then_bn_gets_a_bias(backend, inplace, rank):
+    # PyTorch's Linear(bias=False) -> BatchNorm1d (projection heads) as NNabla's ONNX importer
+    # builds it: the product takes the BN's scale, and the BN becomes the add of a new bias
+    def model():
+        x = nn.Variable((4, 5))
+        w = nn.parameter.get_parameter_or_create("p_W", (5, 6))
+        h = F.batch_matmul(F.reshape(x, (1, 4, 5)), F.reshape(w, (1, 5, 6)))
+        h = F.reshape(h, (4, 6) if rank == 2 else (4, 6, 1))
+        return [x], F.relu(PF.batch_normalization(h, name="bn", **BN))
+    _, y = build(model)
+    res = check(y, backend, inplace, folded=["bn/bn"])
+    assert function_types(res.outputs) == ["Reshape", "Reshape", "BatchMatmul", "Reshape", "Add2",
+                                           "ReLU"]
+    params = nn.get_parameters(grad_only=False)
+    assert "bn/bn/bias" in params and params["bn/bn/bias"].shape == (1, 6) + (1,) * (rank - 2)
+
+
 @pytest.mark.parametrize("scalar", [(1,), ()])
 def test_onnx_linear_with_one_bias_value_keeps_the_bn_and_folds_the_rest(backend, scalar):
     # a Gemm whose bias is one value for all outputs ((1,) or 0-d): its add cannot take a shift
