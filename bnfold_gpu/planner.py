@@ -285,6 +285,21 @@ class _Planner:
                           f"{self._bn_label(writer)} (batch_stat=True) updates as the network runs")
 
     def _bn_label(self, fn: _Fn) -> str:
+        """The BN's name: its mean's without ``/mean``; a second BN of the same statistics (a
+        module applied twice) gets `` (2)`` after it, and so on, so that each is counted and
+        reported."""
+        labels = getattr(self, "_labels", None)
+        if labels is None:
+            labels, seen = {}, {}
+            for other in self.fns:
+                if other.type in BN_TYPES:
+                    base = self._own_label(other)
+                    seen[base] = seen.get(base, 0) + 1
+                    labels[other.index] = base if seen[base] == 1 else f"{base} ({seen[base]})"
+            self._labels = labels
+        return labels[fn.index]
+
+    def _own_label(self, fn: _Fn) -> str:
         inputs = fn.inputs
         mean_at = 3 if fn.type == "FusedBatchNormalization" else len(inputs) - 2
         if len(inputs) < 3:

@@ -928,6 +928,23 @@ def test_running_statistics_a_training_bn_updates_are_not_constants(backend, sha
                    "updates" in s.reason for s in res.skipped)
 
 
+def test_a_bn_applied_twice_is_counted_twice(backend):
+    # one BN module on two branches (siamese towers; ONNX nodes sharing initializers): two BNs
+    def model():
+        x = nn.Variable((2, 3, 5, 5))
+        a = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c1"), name="bn", **BN)
+        b = PF.batch_normalization(PF.convolution(x, 4, (1, 1), name="c2"), name="bn", **BN)
+        c = PF.batch_normalization(F.relu(PF.convolution(x, 4, (1, 1), name="c3")), name="bn",
+                                   **BN)
+        return [x], [F.relu(a), F.relu(b), F.relu(c)]
+    _, ys = build(model)
+    planned = bnfold_gpu.plan(ys)
+    assert planned.folded_bns == ("bn/bn", "bn/bn (2)")
+    assert [s.bn for s in planned.skipped] == ["bn/bn (3)"]
+    res = check(ys[:2], backend, folded=["bn/bn", "bn/bn (2)"])
+    assert len(res.plan.folded_bns) == 2
+
+
 def test_a_parameter_without_values_is_named():
     nn.clear_parameters()
     x = nn.Variable((2, 3, 6, 6))
