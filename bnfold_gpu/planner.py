@@ -290,12 +290,20 @@ class _Planner:
         reported."""
         labels = getattr(self, "_labels", None)
         if labels is None:
-            labels, seen = {}, {}
-            for other in self.fns:
-                if other.type in BN_TYPES:
-                    base = self._own_label(other)
-                    seen[base] = seen.get(base, 0) + 1
-                    labels[other.index] = base if seen[base] == 1 else f"{base} ({seen[base]})"
+            labels, self._bases = {}, {}
+            bns = [other for other in self.fns if other.type in BN_TYPES]
+            for other in bns:
+                self._bases[other.index] = self._own_label(other)
+            used = set(self._bases.values())
+            seen = set()
+            for other in bns:
+                base = label = self._bases[other.index]
+                k = 1
+                while label in seen or (k > 1 and label in used):
+                    k += 1
+                    label = f"{base} ({k})"
+                seen.add(label)
+                labels[other.index] = label
             self._labels = labels
         return labels[fn.index]
 
@@ -399,7 +407,9 @@ class _Planner:
             if fn.type in BN_TYPES:
                 bns.append(fn)
                 label = self._bn_label(fn)
-                pattern = next((p for p in self.skip if fnmatch.fnmatchcase(label, p)), None)
+                base = self._bases[fn.index]   # a skipped name keeps every use of its BN
+                pattern = next((p for p in self.skip if fnmatch.fnmatchcase(label, p)
+                                or fnmatch.fnmatchcase(base, p)), None)
                 if pattern is not None:
                     results[fn.index] = f"skipped on request (matches {pattern!r})"
                     continue
@@ -728,8 +738,10 @@ class _Planner:
             elif not _Facts(self, walk).shift_is_zero():
                 bn = self._bn_as_bias(walk, site)
                 if bn is None:
-                    raise _Reject("the BatchMatmul before it has no bias to take the map's shift "
-                                  "(the map passes no add of a stored value per output)")
+                    raise _Reject("the BatchMatmul before it has no bias to take the map's shift: "
+                                  "the map passes no add of a stored value per output, and is not "
+                                  "BNs over its columns, reached through reshapes, that can become "
+                                  "one")
                 park = (bn, site, walk.terms)   # the BN becomes the add of a new bias
             else:
                 scale_only = True
@@ -750,13 +762,16 @@ class _Planner:
         Linear without bias, then a BatchNorm1d): the walk's one map, a BN of its own statistics
         stored in a shape that broadcasts over its input, reached through reshapes only, over the
         product's columns as they are; else None."""
-        if len(walk.maps) != 1 or len(walk.terms) != 1:
+        if not walk.maps:
             return None
-        m, t = walk.maps[0], walk.terms[0]
-        if not m.is_bn or m.fused or t.term is not m.term or not t.identity or t.scale_only \
-                or m.site is None or m.site.n != site.n:
+        m = walk.maps[0]      # where the walk began: the last map applied
+        if not m.is_bn or m.site is None or m.site.n != site.n or walk.terms[-1].term is not m.term:
             return None
-        if any(f.type != "Reshape" for f in walk.region if f is not m.fn):
+        if any(other.fused for other in walk.maps) or any(
+                t.scale_only or not (t.identity or t.gather is None) for t in walk.terms):
+            return None
+        maps = {other.fn.index for other in walk.maps}
+        if any(f.type != "Reshape" for f in walk.region if f.index not in maps):
             return None
         mean = m.fn.inputs[len(m.fn.inputs) - 2]
         if mean.parent is not None or \
@@ -1034,7 +1049,7 @@ class _Planner:
         return dict(
             side=sub, fn=bn.fn, kind="Add2", park=True, bn_add=bn.fn.index, weight_key=None,
             weight_name=None,
-            weight_writes=False, bias_key="bias of " + bn.term.label, bias_name=None,
+            weight_writes=False, bias_key=f"bias after function {side.fn.index}", bias_name=None,
             bias_writes=True, bias_array=array, bias_at=None, shared_weight=False,
             shared_bias=False, has_shift=True, layout=None, bias_layout=_flat_layout(site, mean),
             reduce_axes=(), sum_shape=(), bias_shape=array[0],

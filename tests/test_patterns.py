@@ -548,18 +548,21 @@ def _onnx_linear(x, rows, name, bias_reader=None):
 
 
 @pytest.mark.parametrize("inplace", INPLACE)
-@pytest.mark.parametrize("rank", [2, 3])
-def test_onnx_linear_without_bias_then_bn_gets_a_bias(backend, inplace, rank):
+@pytest.mark.parametrize("rank, chain", [(2, False), (3, False), (2, True)])
+def test_onnx_linear_without_bias_then_bn_gets_a_bias(backend, inplace, rank, chain):
     # PyTorch's Linear(bias=False) -> BatchNorm1d (projection heads) as NNabla's ONNX importer
-    # builds it: the product takes the BN's scale, and the BN becomes the add of a new bias
+    # builds it: the product takes the BN's scale, and the BN becomes the add of a new bias (of
+    # two BNs in a row, the last, with the shift of both)
     def model():
         x = nn.Variable((4, 5))
         w = nn.parameter.get_parameter_or_create("p_W", (5, 6))
         h = F.batch_matmul(F.reshape(x, (1, 4, 5)), F.reshape(w, (1, 5, 6)))
         h = F.reshape(h, (4, 6) if rank == 2 else (4, 6, 1))
+        if chain:
+            h = PF.batch_normalization(h, name="bn0", **BN)
         return [x], F.relu(PF.batch_normalization(h, name="bn", **BN))
     _, y = build(model)
-    res = check(y, backend, inplace, folded=["bn/bn"])
+    res = check(y, backend, inplace, folded=["bn/bn"] + ["bn0/bn"] * chain)
     assert function_types(res.outputs) == ["Reshape", "Reshape", "BatchMatmul", "Reshape", "Add2",
                                            "ReLU"]
     params = nn.get_parameters(grad_only=False)
@@ -943,6 +946,26 @@ def test_a_bn_applied_twice_is_counted_twice(backend):
     assert [s.bn for s in planned.skipped] == ["bn/bn (3)"]
     res = check(ys[:2], backend, folded=["bn/bn", "bn/bn (2)"])
     assert len(res.plan.folded_bns) == 2
+    _, ys = build(model)   # naming the module keeps every use of it
+    assert [s.bn for s in bnfold_gpu.plan(ys, skip=["bn/bn"]).skipped] == [
+        "bn/bn", "bn/bn (2)", "bn/bn (3)"]
+    assert [s.bn for s in bnfold_gpu.plan(ys, skip=["bn/bn (2)"]).skipped] == [
+        "bn/bn (2)", "bn/bn (3)"]
+
+
+def test_a_bn_named_like_a_second_use_keeps_a_name_of_its_own():
+    # statistics literally named 'bn (2)/...' beside a BN 'bn' applied twice: three names
+    nn.clear_parameters()
+    x = nn.Variable((4, 5))
+
+    def stats(prefix):
+        return [nn.parameter.get_parameter_or_create(f"{prefix}/{k}", (1, 6))
+                for k in ("beta", "gamma", "mean", "var")]
+    ys = [F.relu(F.batch_normalization(PF.affine(x, 6, name=f"fc{k}"), *stats(prefix),
+                                       batch_stat=False))
+          for k, prefix in enumerate(["bn", "bn", "bn (2)"])]
+    randomize_all(np.random.RandomState(0))
+    assert sorted(bnfold_gpu.plan(ys).folded_bns) == ["bn", "bn (2)", "bn (3)"]
 
 
 def test_a_parameter_without_values_is_named():
