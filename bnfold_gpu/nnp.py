@@ -1038,7 +1038,8 @@ def _settle(p: Plan, network: str, uses, taken, seen, fp: FilePlan):
                 fp.derived.append(d)
     fp.intermediates.update(p.intermediates)
     edit = replace(p.edit, inputs=tuple((f, k, rename.get(n, n)) for f, k, n in p.edit.inputs),
-                   adds=tuple((f, rename.get(n, n)) for f, n in p.edit.adds))
+                   adds=tuple((f, rename.get(n, n)) for f, n in p.edit.adds),
+                   appends=tuple((f, rename.get(n, n)) for f, n in p.edit.appends))
     return final, edit
 
 
@@ -1197,6 +1198,16 @@ def _edit_network(net, edit, functions, nnp, declared):
     for g in net.function:
         add(g)
     taken = {g.name for g in net.function}
+    for index, array in edit.appends:   # a product given the add of a new bias
+        f = proto(index)
+        drop(f)
+        y = f.output[0]
+        product = _fresh(declared, y + "_product", declared.get(y), net)
+        f.output[0] = product
+        new = _new_function(net, "Add2", f.name + "_bias", [product, array], [y], taken)
+        replacements[f.name] = [f, new]
+        add(f)
+        add(new)
     for index, array in edit.adds:   # a BN become the add of a new bias
         f = proto(index)
         drop(f)

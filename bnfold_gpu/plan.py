@@ -128,6 +128,7 @@ class GraphEdit:
     inputs: Tuple[Tuple[int, int, str], ...] = ()
     region: Tuple[int, ...] = ()
     adds: Tuple[Tuple[int, str], ...] = ()
+    appends: Tuple[Tuple[int, str], ...] = ()   # (matrix product, array): its output + array
 
 
 @dataclass(frozen=True)

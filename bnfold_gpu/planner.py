@@ -120,6 +120,7 @@ class _Side:
     scale_only: bool = False         # the map's shift is zero where it lands (checked): not folded
     layouts: tuple = ()              # what layout.output_layout / input_layout said
     arrays: tuple = ()               # what _layer_arrays said
+    append: bool = False             # input side of a matrix product without bias: an add follows
 
 
 def plan(graph: Graph, inplace: bool = True, reserved=(), dtypes=None, values=None, skip=(),
@@ -745,6 +746,10 @@ class _Planner:
                 park = (bn, site, walk.terms)   # the BN becomes the add of a new bias
             else:
                 scale_only = True
+            other = self.sides.get((fn.index, INPUT_SIDE))
+            if other is not None and other.append and not (park is not None and park[0].is_bn):
+                raise _Reject("the BatchMatmul before it gets a new bias from the map on its input, "
+                              "which this map would have to scale too")
             if park is not None and not park[0].is_bn:
                 if prod(park[0].constant[1][0].shape) != site.n:   # its bias: one value per output
                     raise _Reject("the add after the BatchMatmul adds one value to all its outputs, "
@@ -812,11 +817,17 @@ class _Planner:
                 raise _Reject(f"the {fn.type} after it zero-pads, and the padding would not be "
                               f"shifted ({facts.describe()} has a shift that is not zero)")
             scale_only = True
+        append = False
         if fn.type == "BatchMatmul" and holder is None:
-            if not facts.shift_is_zero():
-                raise _Reject("the BatchMatmul after it has no bias to take the map's shift (no add "
-                              "of a stored value per output follows it)")
-            scale_only = True
+            if facts.shift_is_zero():
+                scale_only = True
+            else:   # a Linear without bias: the product gets the add of a new bias
+                out = self.sides.get((fn.index, OUTPUT_SIDE))
+                if out is not None and not (out.park is not None and out.park[0].is_bn):
+                    raise _Reject("the BatchMatmul after it has no bias to take the map's shift "
+                                  "(no add of a stored value per output follows it), and a new one "
+                                  "would have to take the map after it too")
+                append = True   # with a BN after it become an add, that add's bias holds both
         region = walk.region + [fn] + w_reshapes
         if holder is not None and not scale_only:
             add = holder[0].fn.index
@@ -824,7 +835,7 @@ class _Planner:
                 raise _Reject(f"the add of the {fn.type}'s bias after it folds into another layer")
             region += [holder[0].fn] + holder[1] + b_reshapes
         return _Side(fn, INPUT_SIDE, site, walk.terms, walk.maps, None, _label(walk),
-                     list(dict.fromkeys(region)), scale_only, layouts, arrays)
+                     list(dict.fromkeys(region)), scale_only, layouts, arrays, append)
 
     def _joined(self, side: _Side, walk: _Walk, fn: _Fn) -> _Walk:
         """The walk joined with the map a layer's input already absorbs, where both reach it over
@@ -907,7 +918,7 @@ class _Planner:
         current: Dict[str, Optional[str]] = {}
         derived: List[DerivedMap] = []
         intermediates = set()
-        inputs, adds = [], []
+        inputs, adds, appends = [], [], []
         first, rest = [], []
         for k, d in enumerate(drafts):
             names = {}
@@ -931,6 +942,8 @@ class _Planner:
                     dst = self._final(d, role)
                     if d.get("bn_add") is not None:
                         adds.append((d["bn_add"], dst))
+                    elif role == "bias" and d.get("append") is not None:
+                        appends.append((d["append"], dst))
                     else:
                         inputs.append(d[role + "_at"] + (dst,))
                 self.arrays[dst] = d[role + "_array"]
@@ -941,7 +954,8 @@ class _Planner:
             spec = self._spec(d, names, derived, intermediates)
             (first if between else rest).append(spec)
         edit = GraphEdit(tuple(sorted(removed.items())), tuple(sorted(fused)),
-                         tuple(dict.fromkeys(inputs)), tuple(sorted(region)), tuple(sorted(adds)))
+                         tuple(dict.fromkeys(inputs)), tuple(sorted(region)), tuple(sorted(adds)),
+                         tuple(sorted(appends)))
         return tuple(first + rest), tuple(derived), intermediates, edit
 
     def _final(self, d, role: str) -> str:
@@ -990,7 +1004,11 @@ class _Planner:
             # the input side's shift makes the layer a bias (written before): it scales too
             other = self.sides.get((fn.index, INPUT_SIDE))
             writes_bias = writes_bias or (other is not None and _has_shift(other))
-        if fn.type == "BatchMatmul":
+        if fn.type == "BatchMatmul" and side.append:   # a new bias, added after the product
+            b_key, b_at = f"bias after function {fn.index}", None   # as a BN become an add
+            n_out = fn.out_shapes[0]
+            bias_shape = (1,) * (len(n_out) - 1) + (n_out[-1],)
+        elif fn.type == "BatchMatmul":
             b_key = None if holder is None else "bias of " + holder[0].term.label
             b_at = None if holder is None else ((b_reshapes[0].index, 0) if b_reshapes else
                                                 (holder[0].fn.index, 1 - holder[0].data))
@@ -1009,7 +1027,9 @@ class _Planner:
                         self.arrays[b_name][1] if b_name else w_array[1]),
             bias_at=b_at, shared_weight=self._shared(w), shared_bias=b is not None and self._shared(b),
             has_shift=has_shift, layout=wl, bias_layout=bl, reduce_axes=reduce_axes,
-            sum_shape=sum_shape, bias_shape=bias_shape, notes=[])
+            sum_shape=sum_shape, bias_shape=bias_shape,
+            notes=["an add of it after the product"] if side.append else [],
+            append=fn.index if side.append else None)
         shared = [role for role in ("weight", "bias") if draft[role + "_writes"] and draft["shared_" + role]]
         if shared:
             draft["notes"].append(f"{' and '.join(shared)} shared (also read elsewhere): folded into "

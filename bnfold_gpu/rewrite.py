@@ -60,6 +60,7 @@ def prepare(plan: Plan, functions: List, variables: Dict[str, "nn.Variable"], ou
     removed = dict(edit.removed)
     fused = set(edit.fused)
     adds = dict(edit.adds)
+    appends = dict(edit.appends)
     new_inputs: Dict[int, Dict[int, str]] = {}
     for index, position, name in edit.inputs:
         new_inputs.setdefault(index, {})[position] = name
@@ -96,6 +97,9 @@ def prepare(plan: Plan, functions: List, variables: Dict[str, "nn.Variable"], ou
             else:
                 ins.append(variables[name])        # a layer's new bias
         outs = call_like(f, ins)
+        if index in appends:                       # a product given the add of a new bias
+            outs[0] = new_function("Add2", {"inplace": False},
+                                   [outs[0], variables[appends[index]]])[0]
         for old, new in zip(f.outputs, outs):
             new.need_grad = old.need_grad
             if tuple(new.shape) != tuple(old.shape):   # same function, same shapes: cannot happen

@@ -190,7 +190,15 @@ def onnx_linear_models(path, variant, seed=0):
     def bn_node(name, x, y):
         return helper.make_node("BatchNormalization", [x] + [f"{name}_{k}" for k in
                                                               ("scale", "bias", "mean", "var")], [y])
-    if variant in ("linear_bn", "linear_nobias_bn"):   # the latter: Linear(bias=False)
+    if variant == "bn_linear_nobias_bn":   # BatchNorm1d -> Linear(bias=False) -> BatchNorm1d
+        inits = bn("bn0", 8) + [init("fc_W", rng.randn(6, 8))] + bn("bn", 6)
+        inits += [init("fc2_W", rng.randn(6, 3))]
+        nodes = [bn_node("bn0", "x", "n"),
+                 helper.make_node("Gemm", ["n", "fc_W"], ["g"], transB=1),
+                 bn_node("bn", "g", "b"), helper.make_node("Relu", ["b"], ["r"]),
+                 helper.make_node("Gemm", ["r", "fc2_W"], ["y"])]
+        in_shape, out_shape = [2, 8], [2, 3]
+    elif variant in ("linear_bn", "linear_nobias_bn"):   # the latter: Linear(bias=False)
         bias = variant == "linear_bn"
         inits = [init("fc_W", rng.randn(6, 8))] + [init("fc_b", rng.randn(6))] * bias + bn("bn", 6)
         inits += [init("fc2_W", rng.randn(6, 3))]

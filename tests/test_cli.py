@@ -229,12 +229,14 @@ def test_bns_that_move_through_functions_fold_in_a_file(tmp_path, fmt):
     assert not [n for n in f1.params if "_folding" in n or "composed" in n]
 
 
-@pytest.mark.parametrize("variant", ["linear_bn", "linear_nobias_bn", "residual_flatten"])
+@pytest.mark.parametrize("variant", ["linear_bn", "linear_nobias_bn", "bn_linear_nobias_bn",
+                                     "residual_flatten"])
 def test_onnx_linear_and_batchnorm1d_fold_and_convert_back(tmp_path, capsys, variant):
     """NNabla's importer turns Gemm into Reshape -> BatchMatmul -> Reshape -> Add2 (the bias): a
     BN after it folds into the stored matrix and the add's bias; a BN flattened into it folds into
     the matrix's rows, its shift into the bias; after a Linear without bias, the BN becomes the add
-    of a new bias. The folded file converts back to ONNX."""
+    of a new bias (a BN before it too: that add's bias holds both shifts). The folded file converts
+    back to ONNX."""
     pytest.importorskip("onnx", reason="the 'onnx' test extra is not installed")
     model = nnp_files.onnx_linear_models(tmp_path / "m.onnx", variant)
     nnp_path, out = tmp_path / "m.nnp", tmp_path / "folded.nnp"
@@ -250,7 +252,7 @@ def test_onnx_linear_and_batchnorm1d_fold_and_convert_back(tmp_path, capsys, var
     got, types1 = load_run(out, name)
     assert "BatchNormalization" in types0 and "BatchNormalization" not in types1
     # the bias add stays, with the shift in it; without one, the BN becomes one
-    assert types1.count("Add2") == types0.count("Add2") + (variant == "linear_nobias_bn")
+    assert types1.count("Add2") == types0.count("Add2") + ("nobias" in variant)
     assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
     back = tmp_path / "back.onnx"
     nnp_files.nnabla_cli("convert", out, back)

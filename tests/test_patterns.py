@@ -569,6 +569,29 @@ def test_onnx_linear_without_bias_then_bn_gets_a_bias(backend, inplace, rank, ch
     assert "bn/bn/bias" in params and params["bn/bn/bias"].shape == (1, 6) + (1,) * (rank - 2)
 
 
+@pytest.mark.parametrize("inplace", INPLACE)
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("after", [False, True])
+def test_bn_then_onnx_linear_without_bias_gets_a_bias(backend, inplace, transpose_b, after):
+    # BatchNorm1d -> Linear(bias=False): the matrix takes the scale, and an add of a new bias
+    # (W t) follows the product; with a BN after the Linear too, that BN becomes the add, its bias
+    # holding both shifts, in one call
+    def model():
+        x = nn.Variable((4, 5))
+        w = nn.parameter.get_parameter_or_create("p_W", (6, 5) if transpose_b else (5, 6))
+        h = PF.batch_normalization(F.relu(x), name="bn", **BN)
+        h = F.batch_matmul(F.reshape(h, (1, 4, 5)), F.reshape(w, (1,) + w.shape),
+                           transpose_b=transpose_b)
+        h = F.reshape(h, (4, 6))
+        if after:
+            h = PF.batch_normalization(h, name="bn2", **BN)
+        return [x], F.relu(h)
+    _, y = build(model)
+    res = check(y, backend, inplace, folded=["bn/bn"] + ["bn2/bn"] * after)
+    adds = function_types(res.outputs).count("Add2")
+    assert adds == 1
+
+
 @pytest.mark.parametrize("scalar", [(1,), ()])
 def test_onnx_linear_with_one_bias_value_keeps_the_bn_and_folds_the_rest(backend, scalar):
     # a Gemm whose bias is one value for all outputs ((1,) or 0-d): its add cannot take a shift
