@@ -175,7 +175,8 @@ def _print_plan(reports, out):
             print("no BatchNormalization in this network", file=out)
         if n.folded:
             print(_table([("BN", "into", "side", "weight")] +
-                         [(s["bn"], s["into"], s["side"], s["weight"]) for s in n.folded]), file=out)
+                         [(s["bn"], s["into"], s["side"], s["weight"] or
+                           f"(its bias {s['folded_bias']})") for s in n.folded]), file=out)
         if n.skipped:
             print(_table([("BN kept", "reason")] + [(s["bn"], s["reason"]) for s in n.skipped]),
                   file=out)
