@@ -191,6 +191,7 @@ class _Planner:
         self.claimed = set()                          # map functions taken by a fold
         self.held = set()                             # adds whose constant holds a layer's bias
         self.sides: Dict[Tuple[int, str], _Side] = {}
+        self.wanted_bias = set()                      # matrix products a map after found no bias of
         self._values_cache = {}
         self._holders = None                          # array -> the graph's variables holding it
         # running statistics a BN on batch statistics updates as the graph runs: not constants
@@ -739,6 +740,7 @@ class _Planner:
             elif not _Facts(self, walk).shift_is_zero():
                 bn = self._bn_as_bias(walk, site)
                 if bn is None:
+                    self.wanted_bias.add(fn.index)   # no new bias before it (a second call's)
                     raise _Reject("the BatchMatmul before it has no bias to take the map's shift: "
                                   "the map passes no add of a stored value per output, and is not "
                                   "BNs over its columns, reached through reshapes, that can become "
@@ -747,11 +749,13 @@ class _Planner:
             else:
                 scale_only = True
             other = self.sides.get((fn.index, INPUT_SIDE))
-            if other is not None and other.append and not (park is not None and park[0].is_bn):
+            if other is not None and other.append and not (
+                    park is None and scale_only or park is not None and park[0].is_bn):
                 raise _Reject("the BatchMatmul before it gets a new bias from the map on its input, "
-                              "which this map would have to scale too")
+                              "which this map would have to take too")
             if park is not None and not park[0].is_bn:
                 if prod(park[0].constant[1][0].shape) != site.n:   # its bias: one value per output
+                    self.wanted_bias.add(fn.index)
                     raise _Reject("the add after the BatchMatmul adds one value to all its outputs, "
                                   "not one per output, and cannot take the map's shift")
                 if park[1] is None:   # one value for every output: one output
@@ -823,11 +827,14 @@ class _Planner:
                 scale_only = True
             else:   # a Linear without bias: the product gets the add of a new bias
                 out = self.sides.get((fn.index, OUTPUT_SIDE))
-                if out is not None and not (out.park is not None and out.park[0].is_bn):
+                if fn.index in self.wanted_bias or out is not None and not (
+                        out.park is None and out.scale_only
+                        or out.park is not None and out.park[0].is_bn):
                     raise _Reject("the BatchMatmul after it has no bias to take the map's shift "
-                                  "(no add of a stored value per output follows it), and a new one "
-                                  "would have to take the map after it too")
-                append = True   # with a BN after it become an add, that add's bias holds both
+                                  "(no add of a stored value per output follows it), and a map "
+                                  "after it needs one too: a new bias for both is not made")
+                # a BN after it become an add holds both shifts; a scale after it scales this one
+                append = True
         region = walk.region + [fn] + w_reshapes
         if holder is not None and not scale_only:
             add = holder[0].fn.index
@@ -1004,7 +1011,13 @@ class _Planner:
             # the input side's shift makes the layer a bias (written before): it scales too
             other = self.sides.get((fn.index, INPUT_SIDE))
             writes_bias = writes_bias or (other is not None and _has_shift(other))
-        if fn.type == "BatchMatmul" and side.append:   # a new bias, added after the product
+        appended = side.append
+        if fn.type == "BatchMatmul" and side.side == OUTPUT_SIDE and side.park is None:
+            # the input side's new bias, added after the product: this scale-only side scales it
+            other = self.sides.get((fn.index, INPUT_SIDE))
+            appended = other is not None and other.append
+            writes_bias = writes_bias or appended
+        if fn.type == "BatchMatmul" and appended:   # a new bias, added after the product
             b_key, b_at = f"bias after function {fn.index}", None   # as a BN become an add
             n_out = fn.out_shapes[0]
             bias_shape = (1,) * (len(n_out) - 1) + (n_out[-1],)
@@ -1028,8 +1041,8 @@ class _Planner:
             bias_at=b_at, shared_weight=self._shared(w), shared_bias=b is not None and self._shared(b),
             has_shift=has_shift, layout=wl, bias_layout=bl, reduce_axes=reduce_axes,
             sum_shape=sum_shape, bias_shape=bias_shape,
-            notes=["an add of it after the product"] if side.append else [],
-            append=fn.index if side.append else None)
+            notes=["an add of it after the product"] if appended else [],
+            append=fn.index if appended else None)
         shared = [role for role in ("weight", "bias") if draft[role + "_writes"] and draft["shared_" + role]]
         if shared:
             draft["notes"].append(f"{' and '.join(shared)} shared (also read elsewhere): folded into "
