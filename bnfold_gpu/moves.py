@@ -140,6 +140,14 @@ class Identity:
         return site, same
 
 
+def _require(condition, facts: Facts) -> None:
+    """Stop unless ``condition`` ((Facts -> bool, reason), or None for none) holds of the map."""
+    if condition is not None:
+        holds, reason = condition
+        if not holds(facts):
+            raise Stop(reason.format(map=facts.describe()))
+
+
 def _spatial_axes(args, ndim: int, n_spatial: int) -> range:
     if args.get("channel_last", False):
         return range(ndim - 1 - n_spatial, ndim - 1)
@@ -173,11 +181,7 @@ class _Spatial:
     def check(cls, args, in_shape, site, facts):
         if set(cls.touched(args, len(in_shape))) & set(site.axes()):
             raise Stop("it works along the axes the channels span")
-        condition = cls.condition_for(args)
-        if condition is not None:
-            holds, reason = condition
-            if not holds(facts):
-                raise Stop(reason.format(map=facts.describe()))
+        _require(cls.condition_for(args), facts)
 
     @classmethod
     def condition_for(cls, args):
@@ -267,13 +271,6 @@ class Mean:
         return sorted({int(a) % ndim for a in args.get("axes", range(ndim))})
 
     @classmethod
-    def _check(cls, facts):
-        if cls.condition is not None:
-            holds, reason = cls.condition
-            if not holds(facts):
-                raise Stop(reason.format(map=facts.describe()))
-
-    @classmethod
     def backward(cls, args, in_shapes, out_shapes, site, facts):
         in_shape = tuple(in_shapes[0])
         reduced = cls._reduced(args, len(in_shape))
@@ -283,7 +280,7 @@ class Mean:
         if not axes or any(a in reduced for a in axes) \
                 or axes != list(range(axes[0], axes[0] + len(axes))):
             raise Stop(f"it {cls.verb} across the axes the channels span")
-        cls._check(facts)
+        _require(cls.condition, facts)
         return [(0, Site(in_shape, axes[0], axes[0] + len(axes)), same)]
 
     @classmethod
@@ -292,7 +289,7 @@ class Mean:
         reduced = cls._reduced(args, ndim)
         if set(reduced) & set(site.axes()):
             raise Stop(f"it {cls.verb} across the axes the channels span")
-        cls._check(facts)
+        _require(cls.condition, facts)
         gone = 0 if args.get("keep_dims", False) else sum(a < site.a0 for a in reduced)
         return Site(tuple(out_shapes[0]), site.a0 - gone, site.a1 - gone), same
 
@@ -331,13 +328,13 @@ class Broadcast:
         return Site(tuple(out_shapes[0]), site.a0 + d, site.a1 + d), same
 
 
-class Pad:
+class Pad(_Spatial):
     """``reflect`` and ``repeat`` padding copy elements of each channel: exact for any map. Constant
     padding writes a value the map would change (``s * c + t`` for ``c``): exact for ``c == 0`` and a
     map whose shift is 0. Padding along an axis the channels span stops the map."""
 
-    @staticmethod
-    def _check(args, in_shape, site, facts):
+    @classmethod
+    def check(cls, args, in_shape, site, facts):
         widths = list(args.get("pad_width", ()))
         first = len(in_shape) - len(widths) // 2
         padded = {first + k // 2 for k, w in enumerate(widths) if w}
@@ -353,16 +350,6 @@ class Pad:
         if not facts.shift_is_zero():
             raise Stop(f"{facts.describe()} has a shift that is not zero, and the padding's zeros "
                        f"would not be shifted")
-
-    @classmethod
-    def backward(cls, args, in_shapes, out_shapes, site, facts):
-        cls._check(args, in_shapes[0], site, facts)
-        return [(0, Site(tuple(in_shapes[0]), site.a0, site.a1), same)]
-
-    @classmethod
-    def forward(cls, args, in_shapes, out_shapes, index, site, facts):
-        cls._check(args, in_shapes[0], site, facts)
-        return Site(tuple(out_shapes[0]), site.a0, site.a1), same
 
 
 class ReLU:

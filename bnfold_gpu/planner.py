@@ -205,6 +205,7 @@ class _Planner:
                         for v in (fn.inputs[k], self._statistic(fn.inputs[k])):
                             if v is not None:
                                 self.updated.setdefault(v, fn)
+        self._labels, self._bases = self._bn_labels()
 
     # -- reading the graph ---------------------------------------------------------------------------
     def _uses(self, var) -> int:
@@ -287,27 +288,22 @@ class _Planner:
                           f"{self._bn_label(writer)} (batch_stat=True) updates as the network runs")
 
     def _bn_label(self, fn: _Fn) -> str:
-        """The BN's name: its mean's without ``/mean``; a second BN of the same statistics (a
-        module applied twice) gets `` (2)`` after it, and so on, so that each is counted and
-        reported."""
-        labels = getattr(self, "_labels", None)
-        if labels is None:
-            labels, self._bases = {}, {}
-            bns = [other for other in self.fns if other.type in BN_TYPES]
-            for other in bns:
-                self._bases[other.index] = self._own_label(other)
-            used = set(self._bases.values())
-            seen = set()
-            for other in bns:
-                base = label = self._bases[other.index]
-                k = 1
-                while label in seen or (k > 1 and label in used):
-                    k += 1
-                    label = f"{base} ({k})"
-                seen.add(label)
-                labels[other.index] = label
-            self._labels = labels
-        return labels[fn.index]
+        return self._labels[fn.index]
+
+    def _bn_labels(self):
+        """({BN index: its name}, {BN index: its own name}): a BN's own name is its mean's without
+        ``/mean``; a second BN of the same statistics (a module applied twice) is named with
+        `` (2)`` after it, and so on, so that each is counted and reported."""
+        bases = {fn.index: self._own_label(fn) for fn in self.fns if fn.type in BN_TYPES}
+        used, seen, labels = set(bases.values()), set(), {}
+        for index, base in bases.items():
+            label, k = base, 1
+            while label in seen or (k > 1 and label in used):
+                k += 1
+                label = f"{base} ({k})"
+            seen.add(label)
+            labels[index] = label
+        return labels, bases
 
     def _own_label(self, fn: _Fn) -> str:
         inputs = fn.inputs
@@ -803,9 +799,9 @@ class _Planner:
         facts = _Facts(self, walk)
         scale_only = False
         if fn.type in SHIFT_FREE_ONLY:
-            if not pointwise_deconvolution(fn.type, fn.args, self._matrix_shape(fn, w)):
+            w_shape = self._matrix_shape(fn, w)
+            if not pointwise_deconvolution(fn.type, fn.args, w_shape):
                 if not facts.shift_is_zero():
-                    w_shape = self._matrix_shape(fn, w)
                     if fn.type == "Deconvolution" and fn.args.get("group", 1) != 1 and \
                             pointwise_deconvolution(fn.type, dict(fn.args, group=1), w_shape):
                         why = "is grouped: a shift into a grouped deconvolution's bias is not " \
