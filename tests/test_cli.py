@@ -1675,11 +1675,20 @@ def test_main_leaves_the_process_as_it_was(tmp_path):
     def state():
         fd = signal.set_wakeup_fd(-1)
         signal.set_wakeup_fd(fd)
-        return (signal.getsignal(signal.SIGINT), fd, logging.getLogger("nnabla").level,
-                np.geterr(), threading.active_count(), os.umask(os.umask(0o022)))
+        log = logging.getLogger("nnabla")
+        return (signal.getsignal(signal.SIGINT), fd, log.level, list(log.handlers), np.geterr(),
+                threading.active_count(), os.umask(os.umask(0o022)),
+                str(nn.get_current_context()), sorted(nn.get_parameters(grad_only=False)))
+    # a file NNabla's own loader refuses: --verify silences its log while it tries, then says why
+    bad = tmp_path / "readme.nnp"
+    with zipfile.ZipFile(p) as a, zipfile.ZipFile(bad, "w") as z:
+        for m in a.infolist():
+            z.writestr(m, a.read(m))
+        z.writestr("README", b"hello\n")
     before = state()
     assert run("fold", p, "-o", tmp_path / "o.nnp", "--verify", "-q") == 0
     assert run("inspect", p, "-q") == 0
+    assert run("fold", bad, "-o", tmp_path / "o2.nnp", "--verify", "-q") == 2
     assert state() == before
 
 

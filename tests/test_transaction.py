@@ -103,22 +103,22 @@ def emulated(host, monkeypatch):
     return fake
 
 
-def _count_calls(monkeypatch, obj, attr, backend, inplace):
+def _count_calls(monkeypatch, obj, attr, backend, inplace, build=model):
     calls = [0]
     with monkeypatch.context() as m:
         m.setattr(obj, attr, failing(getattr(obj, attr), 0, calls))
-        y = model()
+        y = build()
         bnfold_gpu.fold(y, backend=backend, inplace=inplace)
     return calls[0]
 
 
-def _every_failure(monkeypatch, steps, backend, inplace):
+def _every_failure(monkeypatch, steps, backend, inplace, build=model):
     tried = 0
     for obj, attr in steps:
-        n = _count_calls(monkeypatch, obj, attr, backend, inplace)
+        n = _count_calls(monkeypatch, obj, attr, backend, inplace, build)
         assert n >= 1, attr   # the step is part of this fold
         for k in range(1, n + 1):
-            y = model()
+            y = build()
             before = state(y)
             with monkeypatch.context() as m:
                 m.setattr(obj, attr, failing(getattr(obj, attr), k, [0]))
@@ -149,6 +149,43 @@ def test_every_step_that_fails_leaves_everything_as_it_was_gpu_emulated(monkeypa
     want = forward_all(y)
     res = bnfold_gpu.fold(y, backend="cupy", inplace=inplace)
     assert res.backend == "cupy" and rel_err(forward_all(res.outputs)[0], want[0]) < 1e-5
+
+
+def products_model(seed=1):
+    """Linears without bias as NNabla's ONNX importer builds them (no Add2), a BN before and after
+    the first (the BN after becomes the add of a new bias holding both shifts), a BN before the
+    second (an add of a new bias appended after the product), and a BN moved through a mean and a
+    reflect padding into a convolution: the graph edits that add functions."""
+    nn.clear_parameters()
+    rng = np.random.RandomState(seed)
+    x = nn.Variable((4, 6, 5, 5))
+    c = PF.convolution(x, 5, (3, 3), name="c")
+    h = F.mean(F.pad(c, (1, 1), mode="reflect"), axis=(2, 3), keepdims=True)
+    h = F.reshape(PF.batch_normalization(h, name="bn0", **BN), (4, 5))
+
+    def linear(h, cols, name):
+        w = nn.parameter.get_parameter_or_create(f"{name}_W", (h.shape[1], cols))
+        p = F.batch_matmul(F.reshape(h, (1,) + h.shape), F.reshape(w, (1,) + w.shape))
+        return F.reshape(p, (h.shape[0], cols))
+    h = linear(F.relu(h), 6, "l1")
+    h = F.relu(PF.batch_normalization(h, name="bn1", **BN))
+    y = linear(PF.batch_normalization(h, name="bn2", **BN), 3, "l2")
+    randomize_all(rng)
+    feed(rng, x)
+    return y
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_every_step_that_fails_in_edits_that_add_functions_leaves_everything_as_it_was(
+        monkeypatch, inplace):
+    y = products_model()
+    planned = bnfold_gpu.plan(y)
+    assert planned.edit.adds and planned.edit.appends and not planned.skipped   # what it tests
+    assert _every_failure(monkeypatch, NUMPY_STEPS, "numpy", inplace, products_model) > 20
+    y = products_model()
+    want = forward_all(y)
+    res = bnfold_gpu.fold(y, backend="numpy", inplace=inplace)
+    assert not res.skipped and rel_err(forward_all(res.outputs)[0], want[0]) < 1e-5
 
 
 @pytest.mark.parametrize("step, k", [("new_function", 5), ("rewire", 3)])
