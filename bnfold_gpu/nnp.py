@@ -5,15 +5,18 @@ names and need_grad flags stay exactly as they were.
 import contextlib
 import copy
 import errno
+import io
 import logging
 import math
 import os
+import queue
 import re
 import shutil
 import socket
 import stat
 import struct
 import tempfile
+import threading
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -115,7 +118,7 @@ def read(path: str, progress=None) -> NnpFile:
                 _check_members(path, members, getattr(z, "start_dir", None))
                 raw = {m.filename: _read_member(z, m) for m in members if not _is_params(m.filename)}
                 progress.expect(sum(m.file_size for m in members if _is_params(m.filename)))
-                stored = {m.filename: _read_h5(path, z, m, progress) if _is_h5_params(m.filename)
+                stored = {m.filename: _read_h5(path, z, m, progress, fh) if _is_h5_params(m.filename)
                           else _read_protobuf(path, z, m, progress)
                           for m in members if _is_params(m.filename)}
         except _ZIP_ERRORS as e:
@@ -499,11 +502,16 @@ def _read_protobuf(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress):
 _H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
 
 
-def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress):
-    """[(name, Param)] of an HDF5 parameter member. HDF5 reads at random places, so the member is
-    copied to a scratch file first: disk, not a second copy of the weights in memory. The scratch
-    folder is named for this process, so that a later run can remove it if this one is killed."""
+def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress, archive=None):
+    """[(name, Param)] of an HDF5 parameter member. HDF5 reads at random places: a member stored
+    uncompressed (as NNabla saves them) is read where it lies in ``archive``, the open file of ``z``
+    (:func:`_read_h5_in_place`); a compressed one is copied to a scratch file first: disk, not a
+    second copy of the weights in memory. The scratch folder is named for this process, so that a
+    later run can remove it if this one is killed."""
     import h5py
+    start = None if archive is None else _stored_data_start(z, member, archive)
+    if start is not None:
+        return _read_h5_in_place(path, member, archive, start, progress)
     folder = tempfile.gettempdir()
     _atomic.remove_stale(folder)
     _check_room(path, folder, member.file_size)
@@ -537,9 +545,180 @@ def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress):
         _atomic.remove(scratch)
 
 
-def _h5_parameters(where, hd, member_size: int):
+def _stored_data_start(z: zipfile.ZipFile, member: zipfile.ZipInfo, archive) -> Optional[int]:
+    """Where the bytes of ``member`` start in the file ``archive``, where it is stored uncompressed
+    and lies whole inside the file; else None (it is read through zipfile). Its local header is
+    checked by zipfile first, as any read of it would."""
+    if member.compress_type != zipfile.ZIP_STORED or member.compress_size != member.file_size:
+        return None
+    z.open(member).close()   # zipfile's checks of the local header (its signature, its name)
+    archive.seek(member.header_offset)
+    header = archive.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        return None
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    start = member.header_offset + 30 + name_length + extra_length
+    if start + member.file_size > os.fstat(archive.fileno()).st_size:
+        return None   # cut short: zipfile says so in its words
+    return start
+
+
+class _Window(io.RawIOBase):
+    """The bytes ``[start, start + size)`` of the open binary file ``f``, as a read-only file of
+    their own: HDF5 reads a stored member in place through it."""
+
+    def __init__(self, f, start: int, size: int):
+        super().__init__()
+        self.f, self.start, self.size, self.pos = f, start, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def readinto(self, b):
+        view = memoryview(b).cast("B")
+        n = max(0, min(len(view), self.size - self.pos))
+        if n == 0:
+            return 0
+        self.f.seek(self.start + self.pos)
+        got = self.f.readinto(view[:n]) or 0
+        self.pos += got
+        return got
+
+
+def _read_h5_in_place(path, member: zipfile.ZipInfo, archive, start: int, progress):
+    """[(name, Param)] of the stored HDF5 member at ``start`` in ``archive``: HDF5 reads its
+    structure in place (a few kB); then one pass in order over the member reads every value stored
+    whole straight into its array and checks the member's CRC-32 as zipfile would, before any
+    value is used. No scratch file, no copy of the bytes in between."""
+    import h5py
+    where = f"{path}: {member.filename}"
+    window = _Window(archive, start, member.file_size)
+    try:
+        try:
+            with h5py.File(window, "r") as hd:
+                return _h5_parameters(where, hd, member.file_size,
+                                      lambda places: _read_in_order(path, member, window, places,
+                                                                    progress))
+        except NnpError:
+            raise
+        except _H5_ERRORS as e:
+            raise NnpError(f"{where} does not parse: {_h5_reason(e)}") from None
+    except NnpError as e:
+        try:
+            damaged = _read_in_order(path, member, window, [], None, check=False) != member.CRC
+        except NnpError:
+            raise e from None
+        if damaged:   # said as reading it whole would
+            raise _bad_crc(path, member) from None
+        raise
+
+
+def _bad_crc(path, member) -> NnpError:
+    return _not_a_zip(path, zipfile.BadZipFile(f"Bad CRC-32 for file {member.filename!r}"))
+
+
+def _read_in_order(path, member, window: "_Window", places, progress, check=True):
+    """Read the member from start to end: the bytes at each of ``places`` ((offset, array), in
+    offset order, not overlapping, inside the member) into its array, the rest in pieces; returns
+    the CRC-32 of all, checked against the member's unless ``check`` is False."""
+    try:
+        crc = _read_pieces(path, member, window, places, progress)
+    except OSError as e:   # the archive itself failed to read (an I/O error)
+        words = e.strerror or _one_line(e)
+        raise NnpError(f"{path}: {member.filename} cannot be read ({words[:1].lower()}{words[1:]})") \
+            from None
+    if check and crc != member.CRC:
+        raise _bad_crc(path, member)
+    return crc
+
+
+def _read_pieces(path, member, window: "_Window", places, progress) -> int:
+    crc = _Crc()
+    try:
+        pos = 0
+        for offset, array in places + [(member.file_size, None)]:
+            while pos < offset:   # what lies between the values: read in pieces of its own
+                view = memoryview(bytearray(min(_COPY_CHUNK, offset - pos)))
+                pos += _read_exactly(path, window, pos, view)
+                crc.add(view)
+                if progress is not None:
+                    progress.advance(len(view))
+            if array is None:
+                break
+            view = memoryview(array.reshape(-1).view(np.uint8))
+            pos += _read_exactly(path, window, pos, view)
+            crc.add(view)
+            if progress is not None:
+                progress.advance(len(view))
+    finally:
+        value = crc.close()
+    return value
+
+
+def _read_exactly(path, window: "_Window", pos: int, view) -> int:
+    window.seek(pos)
+    got = 0
+    while got < len(view):
+        n = window.readinto(view[got:])
+        if not n:
+            raise _not_a_zip(path, EOFError("the member is cut short"))
+        got += n
+    return got
+
+
+class _Crc:
+    """The CRC-32 of the pieces added, in order, computed on a thread beside the reads (zlib lets go
+    of the interpreter lock), or here where no thread can start. ``close()`` returns it."""
+
+    def __init__(self):
+        self.value = 0
+        self._queue = queue.Queue(maxsize=4)   # pieces read ahead of the CRC: 64 MiB at most
+        self._thread = threading.Thread(target=self._run, name="bnfold-crc", daemon=True)
+        try:
+            self._thread.start()
+        except RuntimeError:   # no more threads
+            self._thread = None
+
+    def _run(self):
+        while True:
+            piece = self._queue.get()
+            if piece is None:
+                return
+            self.value = zlib.crc32(piece, self.value)
+
+    def add(self, piece) -> None:
+        if self._thread is None:
+            self.value = zlib.crc32(piece, self.value)
+        else:
+            self._queue.put(piece)
+
+    def close(self) -> int:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        return self.value
+
+
+def _h5_parameters(where, hd, member_size: int, read_in_order=None):
     """[(name, Param)] of the open HDF5 file ``hd``, in the order of their ``index``. Every dataset
-    is checked before any is read; ``where`` names the file and member in messages."""
+    is checked before any is read; ``where`` names the file and member in messages.
+    ``read_in_order(places)``, where given, reads the values of the datasets stored whole in one
+    place of the file, [(offset, array to fill)] in offset order, not overlapping (HDF5 reads the
+    rest)."""
     datasets = _datasets(hd)
     entries, need, in_place, chunked, stored = [], 0, 0, 0, 0
     for name, ds in datasets:
@@ -552,7 +731,7 @@ def _h5_parameters(where, hd, member_size: int):
         else:
             chunked, stored = chunked + declared, stored + chunks
         entries.append((_attribute(where, name, ds, "index"), name, ds,
-                        _attribute(where, name, ds, "need_grad")))
+                        _attribute(where, name, ds, "need_grad"), declared, chunks is None))
     # each dataset passed alone; together, many small ones could still declare gigabytes
     if in_place > member_size:
         raise NnpError(f"{where}: its {len(datasets)} parameters declare {_amount(in_place)} stored "
@@ -565,13 +744,35 @@ def _h5_parameters(where, hd, member_size: int):
     if available is not None and need > available:
         raise NnpError(f"{where}: its parameters need {_amount(need)} of memory, "
                        f"{_amount(available)} is available")
+    entries.sort(key=lambda e: (e[0], e[1]))
+    values = {}
+    if read_in_order is not None:
+        import h5py
+        places = []
+        for k, (_, name, ds, _, declared, whole) in enumerate(entries):
+            offset = ds.id.get_offset() if whole and declared else None   # None: not stored whole
+            # stored as NumPy holds it (HDF5 converts other number formats as it reads them)
+            if offset is not None and 0 <= offset and offset + declared <= member_size and \
+                    ds.id.get_type().equal(h5py.h5t.py_create(ds.dtype)):
+                places.append((offset, declared, k))
+        places.sort()
+        taken, end = [], 0
+        for offset, declared, k in places:
+            if offset >= end:   # overlapping another dataset's bytes: HDF5 reads it
+                values[k] = np.empty(entries[k][2].shape, entries[k][2].dtype)
+                taken.append((offset, values[k]))
+                end = offset + declared
+        read_in_order(taken)
     out = []
-    for _, name, ds, need_grad in sorted(entries, key=lambda e: (e[0], e[1])):
-        try:
-            value = ds[...]
-        except _H5_ERRORS as e:
-            raise NnpError(f"{where}: parameter '{name}' cannot be read ({_h5_reason(e)})") from None
-        if value.dtype.byteorder not in "=|":   # stored big-endian: the same values, this machine's order
+    for k, (_, name, ds, need_grad, _, _) in enumerate(entries):
+        value = values.get(k)
+        if value is None:
+            try:
+                value = ds[...]
+            except _H5_ERRORS as e:
+                raise NnpError(f"{where}: parameter '{name}' cannot be read ({_h5_reason(e)})") \
+                    from None
+        if not value.dtype.isnative:   # stored big-endian: the same values, this machine's order
             value = value.astype(value.dtype.newbyteorder("="))
         out.append((name, Param(value, need_grad)))
     return out

@@ -472,7 +472,11 @@ def test_damaged_hdf5_member(tmp_path, capsys, monkeypatch, error):
 
 
 def test_no_room_for_the_scratch_file(tmp_path, capsys, monkeypatch):
-    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    stored = nnp_files.single(tmp_path / "stored.nnp", parameter_format=".h5")
+    good = tmp_path / "good.nnp"   # a compressed HDF5 member is read from a scratch copy
+    with zipfile.ZipFile(stored) as a, zipfile.ZipFile(good, "w", zipfile.ZIP_DEFLATED) as z:
+        for m in a.infolist():
+            z.writestr(m.filename, a.read(m))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
     msg = _bad(tmp_path, capsys, "fold", good)
     assert "scratch file" in msg and "TMPDIR" in msg

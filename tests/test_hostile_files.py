@@ -3,6 +3,8 @@ HDF5 datasets declaring more than they hold or than memory holds, parameters tha
 duplicate zip entries, network definitions that NNabla's builder would loop on, stale scratch folders.
 Each is refused in one line naming the file (exit status 2), in bounded time and memory, with nothing
 created or changed."""
+import errno
+import io
 import os
 import stat
 import struct
@@ -525,8 +527,13 @@ def test_missing_attributes_read_as_nnabla_reads_them(tmp_path, scratch):
     assert all(np.array_equal(f.params[n].value, want.params[n].value) for n in names)
 
 
-def test_hdf5_read_failure_is_said_without_hdf5_internals(tmp_path, capsys, scratch, monkeypatch):
+@pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED])
+def test_hdf5_read_failure_is_said_without_hdf5_internals(tmp_path, capsys, scratch, monkeypatch,
+                                                          compression):
+    """An I/O error while the values are read: by HDF5 from the scratch copy of a compressed member,
+    by bnfold from the archive for a stored one (as NNabla saves them)."""
     good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    src = _rezip(good, tmp_path / "member.nnp", compression=compression)
 
     def failing(self, key):
         raise OSError("Can't synchronously read data (file read failed: time = Mon Jan  1 00:00:00 "
@@ -535,9 +542,49 @@ def test_hdf5_read_failure_is_said_without_hdf5_internals(tmp_path, capsys, scra
                       "648, bytes this sub-read = 648, bytes actually read = 18446744073709551615, "
                       "offset = 2048)")
     monkeypatch.setattr(h5py.Dataset, "__getitem__", failing)
-    msg = _refused(tmp_path, capsys, good)
+    read_values = N._read_pieces
+
+    def failing_values(*args):   # the archive fails once HDF5 has read the structure
+        def failing_read(self, b):
+            raise OSError(errno.EIO, "Input/output error")
+        monkeypatch.setattr(N._Window, "readinto", failing_read)
+        return read_values(*args)
+    monkeypatch.setattr(N, "_read_pieces", failing_values)
+    msg = _refused(tmp_path, capsys, src)
     assert "parameter.h5" in msg and "input/output error" in msg
     assert "0x" not in msg and "filename" not in msg and "errno" not in msg
+
+
+@pytest.mark.parametrize("where", ["values", "structure"])
+def test_hdf5_member_not_matching_its_crc(tmp_path, capsys, scratch, where):
+    """A stored parameter member damaged after it was written (its CRC-32 no longer matches) is
+    refused as zipfile refuses it, whether the damage is in the values (read straight from the
+    archive) or in the HDF5 structure (which then may not parse)."""
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    data = bytearray(_member(good, "parameter.h5"))
+    with zipfile.ZipFile(good) as z:
+        info = z.getinfo("parameter.h5")
+        assert info.compress_type == zipfile.ZIP_STORED
+    with h5py.File(io.BytesIO(bytes(data)), "r") as hd:
+        offsets = sorted(hd[name].id.get_offset() for name in _h5_names(hd))
+    at = offsets[-1] + 1 if where == "values" else 0
+    data[at] ^= 0xFF
+    blob = bytearray(good.read_bytes())
+    start = blob.find(bytes(_member(good, "parameter.h5")))
+    blob[start:start + len(data)] = data
+    bad = tmp_path / "damaged.nnp"
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(zipfile.BadZipFile):
+        with zipfile.ZipFile(bad) as z:
+            z.read("parameter.h5")
+    msg = _refused(tmp_path, capsys, bad)
+    assert "Bad CRC-32 for file 'parameter.h5'" in msg
+
+
+def _h5_names(hd):
+    names = []
+    hd.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return names
 
 
 # -- protobuf parameters ------------------------------------------------------------------------------
@@ -803,9 +850,76 @@ def test_long_cycle_is_found_in_time_linear_in_the_definition():
 
 
 # -- the scratch folder of HDF5 parameters -----------------------------------------------------------
+def _deflated_h5(tmp_path):
+    """An .nnp whose HDF5 member is compressed: HDF5 reads it from a scratch copy (a stored one is
+    read in place, in the archive)."""
+    good = nnp_files.single(tmp_path / "stored.nnp", parameter_format=".h5")
+    return _rezip(good, tmp_path / "good.nnp", compression=zipfile.ZIP_DEFLATED)
+
+
+def test_stored_hdf5_member_is_read_without_a_scratch_file(tmp_path, scratch, monkeypatch):
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    made = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    stored = N.read(str(good)).params
+    assert not made and not os.listdir(scratch)
+    other = tmp_path / "deflated"
+    other.mkdir()
+    deflated = N.read(str(_deflated_h5(other))).params
+    assert list(stored) == list(deflated)
+    for name, p in stored.items():
+        q = deflated[name]
+        assert p.need_grad == q.need_grad and p.value.dtype == q.value.dtype
+        np.testing.assert_array_equal(p.value, q.value)
+
+
+def test_stored_hdf5_values_read_as_hdf5_converts_them(tmp_path, scratch):
+    """Values HDF5 converts as it reads them (a float format of its own, big-endian numbers), values
+    never written, and a member with a dataset stored in chunks: read in place, each as HDF5
+    reads it."""
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    values = N.read(str(good)).params
+    rng = np.random.default_rng(3)
+    buf = io.BytesIO()
+    expected = {}
+    with h5py.File(buf, "w") as hd:
+        for i, (name, p) in enumerate(values.items()):
+            v = rng.normal(size=p.value.shape).astype(np.float32)
+            if i % 4 == 0:      # a float format of HDF5's own: read as float64
+                t = h5py.h5t.IEEE_F32LE.copy()
+                t.set_ebias(120)
+                space = h5py.h5s.create_simple(v.shape or (1,))
+                parent, _, leaf = name.rpartition("/")
+                group = hd.require_group(parent) if parent else hd
+                raw = h5py.h5d.create(group.id, leaf.encode(), t, space)
+                raw.write(h5py.h5s.ALL, h5py.h5s.ALL, v.reshape(v.shape or (1,)))
+                ds = hd[name]
+            elif i % 4 == 1:    # big-endian
+                ds = hd.create_dataset(name, data=v.astype(">f4"))
+            elif i % 4 == 2:    # chunked
+                ds = hd.create_dataset(name, data=v, chunks=True) if v.ndim else \
+                    hd.create_dataset(name, data=v)
+            else:               # never written: its fill value
+                ds = hd.create_dataset(name, shape=v.shape, dtype=np.float32, fillvalue=0.5)
+            ds.attrs["need_grad"] = p.need_grad
+            ds.attrs["index"] = i
+        hd.flush()
+        for name in values:
+            expected[name] = hd[name][...]
+    p = _rezip(good, tmp_path / "formats.nnp", {"parameter.h5": buf.getvalue()})
+    got = N.read(str(p)).params
+    assert list(got) == list(values)
+    for name, want in expected.items():
+        v = got[name].value
+        assert v.dtype == want.dtype.newbyteorder("=") and v.dtype.isnative
+        np.testing.assert_array_equal(v, want)
+    assert not os.listdir(scratch)
+
+
 def test_scratch_folder_is_named_for_the_process(tmp_path, scratch, monkeypatch):
     from bnfold_gpu import _atomic
-    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    good = _deflated_h5(tmp_path)
     seen = []
     real = h5py.File
 
@@ -826,7 +940,7 @@ def _dead_pid():
 
 def test_stale_scratch_folders_of_dead_processes_are_removed(tmp_path, scratch, monkeypatch):
     from bnfold_gpu import _atomic
-    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    good = _deflated_h5(tmp_path)
     dead = scratch / (_atomic.prefix(_dead_pid()) + "a1b2c3d4-parameters.tmp")
     dead.mkdir()
     (dead / "parameter.h5").write_bytes(bytes(1000))
@@ -847,7 +961,7 @@ def test_stale_scratch_folders_of_dead_processes_are_removed(tmp_path, scratch, 
 
 def test_scratch_folder_without_room_is_refused_before_copying(tmp_path, capsys, scratch,
                                                               monkeypatch):
-    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    good = _deflated_h5(tmp_path)
     real = os.statvfs
 
     def full(path):
