@@ -592,10 +592,16 @@ class _Window(io.RawIOBase):
         n = max(0, min(len(view), self.size - self.pos))
         if n == 0:
             return 0
-        self.f.seek(self.start + self.pos)
-        got = self.f.readinto(view[:n]) or 0
+        if _PREADV is not None:   # one call, the file's own position untouched
+            got = _PREADV(self.f.fileno(), [view[:n]], self.start + self.pos)
+        else:
+            self.f.seek(self.start + self.pos)
+            got = self.f.readinto(view[:n]) or 0
         self.pos += got
         return got
+
+
+_PREADV = getattr(os, "preadv", None)
 
 
 def _read_h5_in_place(path, member: zipfile.ZipInfo, archive, start: int, progress):
