@@ -227,8 +227,8 @@ def _check_members(path, members: List[zipfile.ZipInfo], directory: Optional[int
     would get wrong: two entries of one name (which one a reader takes varies), entries overlapping
     one another (one compressed stream read as many: a zip bomb's trick) or the directory at
     ``directory``, encryption, methods whose output is not bounded, members expanding like a zip
-    bomb, a definition over its limit, and members that memory cannot hold (HDF5 members are copied
-    to disk: their datasets are checked there)."""
+    bomb, a definition over its limit, and members that memory cannot hold (an HDF5 member's
+    datasets are checked as it is read)."""
     placed = sorted(members, key=lambda m: m.header_offset)
     for m, nxt in zip(placed, placed[1:] + [None]):
         end = m.header_offset + 30 + m.compress_size   # its local header and data, at the least
