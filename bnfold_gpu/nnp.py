@@ -565,7 +565,9 @@ def _stored_data_start(z: zipfile.ZipFile, member: zipfile.ZipInfo, archive) -> 
 
 class _Window(io.RawIOBase):
     """The bytes ``[start, start + size)`` of the open binary file ``f``, as a read-only file of
-    their own: HDF5 reads a stored member in place through it."""
+    their own: HDF5 reads a stored member in place through it. HDF5 does not look at how much a read
+    returned: ``readinto`` fills the whole buffer, with zeros past the member's end (as HDF5's own
+    driver reads past the end of a file), so that nothing it parses is left unset."""
 
     def __init__(self, f, start: int, size: int):
         super().__init__()
@@ -589,15 +591,31 @@ class _Window(io.RawIOBase):
 
     def readinto(self, b):
         view = memoryview(b).cast("B")
-        n = max(0, min(len(view), self.size - self.pos))
-        if n == 0:
-            return 0
-        if _PREADV is not None:   # one call, the file's own position untouched
-            got = _PREADV(self.f.fileno(), [view[:n]], self.start + self.pos)
-        else:
-            self.f.seek(self.start + self.pos)
-            got = self.f.readinto(view[:n]) or 0
+        got = self.read_at(self.pos, view)
+        view[got:] = bytes(len(view) - got)
+        self.pos += len(view)
+        return len(view)
+
+    def readall(self):   # what is left of the member (readinto never says that it has ended)
+        rest = bytearray(max(0, self.size - self.pos))
+        got = self.read_at(self.pos, memoryview(rest))
         self.pos += got
+        return bytes(rest[:got])
+
+    def read_at(self, pos: int, view) -> int:
+        """Read the member's bytes from ``pos`` into ``view`` until it is full or the member (or
+        the file) ends; returns how many."""
+        n = max(0, min(len(view), self.size - pos))
+        got = 0
+        while got < n:   # one call reads at most about 2 GiB on Linux
+            if _PREADV is not None:   # the file's own position untouched
+                k = _PREADV(self.f.fileno(), [view[got:n]], self.start + pos + got)
+            else:
+                self.f.seek(self.start + pos + got)
+                k = self.f.readinto(view[got:n]) or 0
+            if not k:
+                break
+            got += k
         return got
 
 
@@ -622,6 +640,8 @@ def _read_h5_in_place(path, member: zipfile.ZipInfo, archive, start: int, progre
             raise
         except _H5_ERRORS as e:
             raise NnpError(f"{where} does not parse: {_h5_reason(e)}") from None
+    except _BadCrc:
+        raise
     except NnpError as e:
         try:
             damaged = _read_in_order(path, member, window, [], None, check=False) != member.CRC
@@ -632,8 +652,13 @@ def _read_h5_in_place(path, member: zipfile.ZipInfo, archive, start: int, progre
         raise
 
 
+class _BadCrc(NnpError):
+    pass
+
+
 def _bad_crc(path, member) -> NnpError:
-    return _not_a_zip(path, zipfile.BadZipFile(f"Bad CRC-32 for file {member.filename!r}"))
+    return _BadCrc(str(_not_a_zip(path, zipfile.BadZipFile(f"Bad CRC-32 for file "
+                                                           f"{member.filename!r}"))))
 
 
 def _read_in_order(path, member, window: "_Window", places, progress, check=True):
@@ -675,14 +700,9 @@ def _read_pieces(path, member, window: "_Window", places, progress) -> int:
 
 
 def _read_exactly(path, window: "_Window", pos: int, view) -> int:
-    window.seek(pos)
-    got = 0
-    while got < len(view):
-        n = window.readinto(view[got:])
-        if not n:
-            raise _not_a_zip(path, EOFError("the member is cut short"))
-        got += n
-    return got
+    if window.read_at(pos, view) != len(view):
+        raise _not_a_zip(path, EOFError("the member is cut short"))
+    return len(view)
 
 
 class _Crc:
@@ -717,6 +737,18 @@ class _Crc:
             self._thread.join()
             self._thread = None
         return self.value
+
+
+def _place(ds, declared: int) -> Optional[int]:
+    """Where the values of a dataset stored whole lie in the file, or None where HDF5 is to read it:
+    storage never allocated (read as the fill value; HDF5 then gives an undefined address, offset by
+    a user block), or an address HDF5 itself refuses."""
+    try:
+        if ds.id.get_storage_size() != declared:
+            return None
+        return ds.id.get_offset()
+    except _H5_ERRORS:
+        return None
 
 
 def _h5_parameters(where, hd, member_size: int, read_in_order=None):
@@ -756,7 +788,7 @@ def _h5_parameters(where, hd, member_size: int, read_in_order=None):
         import h5py
         places = []
         for k, (_, name, ds, _, declared, whole) in enumerate(entries):
-            offset = ds.id.get_offset() if whole and declared else None   # None: not stored whole
+            offset = _place(ds, declared) if whole and declared else None
             # stored as NumPy holds it (HDF5 converts other number formats as it reads them)
             if offset is not None and 0 <= offset and offset + declared <= member_size and \
                     ds.id.get_type().equal(h5py.h5t.py_create(ds.dtype)):

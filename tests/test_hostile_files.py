@@ -545,9 +545,9 @@ def test_hdf5_read_failure_is_said_without_hdf5_internals(tmp_path, capsys, scra
     read_values = N._read_pieces
 
     def failing_values(*args):   # the archive fails once HDF5 has read the structure
-        def failing_read(self, b):
+        def failing_read(self, pos, view):
             raise OSError(errno.EIO, "Input/output error")
-        monkeypatch.setattr(N._Window, "readinto", failing_read)
+        monkeypatch.setattr(N._Window, "read_at", failing_read)
         return read_values(*args)
     monkeypatch.setattr(N, "_read_pieces", failing_values)
     msg = _refused(tmp_path, capsys, src)
@@ -874,16 +874,18 @@ def test_stored_hdf5_member_is_read_without_a_scratch_file(tmp_path, scratch, mo
         np.testing.assert_array_equal(p.value, q.value)
 
 
-def test_stored_hdf5_values_read_as_hdf5_converts_them(tmp_path, scratch):
+@pytest.mark.parametrize("userblock", [0, 512])
+def test_stored_hdf5_values_read_as_hdf5_converts_them(tmp_path, scratch, userblock):
     """Values HDF5 converts as it reads them (a float format of its own, big-endian numbers), values
     never written, and a member with a dataset stored in chunks: read in place, each as HDF5
-    reads it."""
+    reads it (with a user block before the HDF5 data too: HDF5 then gives a never-written dataset
+    an address that looks like one)."""
     good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
     values = N.read(str(good)).params
     rng = np.random.default_rng(3)
     buf = io.BytesIO()
     expected = {}
-    with h5py.File(buf, "w") as hd:
+    with h5py.File(buf, "w", userblock_size=userblock) as hd:
         for i, (name, p) in enumerate(values.items()):
             v = rng.normal(size=p.value.shape).astype(np.float32)
             if i % 4 == 0:      # a float format of HDF5's own: read as float64
@@ -915,6 +917,78 @@ def test_stored_hdf5_values_read_as_hdf5_converts_them(tmp_path, scratch):
         assert v.dtype == want.dtype.newbyteorder("=") and v.dtype.isnative
         np.testing.assert_array_equal(v, want)
     assert not os.listdir(scratch)
+
+
+def _patched_addresses(tmp_path, where):
+    """A stored member of three datasets (a, b, c) whose b's data address is moved ``where``."""
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    params = N.read(str(good)).params
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as hd:
+        for i, (name, p) in enumerate(params.items()):
+            hd.create_dataset(name, data=p.value).attrs.update({"index": i, "need_grad": False})
+        for i, key in enumerate("abc"):
+            ds = hd.create_dataset("d" + key, data=np.arange(64, dtype=np.float32) + 100 * i)
+            ds.attrs.update({"index": 50 + i, "need_grad": False})
+        hd.flush()
+        at = {key: hd["d" + key].id.get_offset() for key in "abc"}
+    data = bytearray(buf.getvalue())
+    # b's layout message: version 3, contiguous, its address, its size (64 float32)
+    old = b"\x03\x01" + struct.pack("<QQ", at["b"], 256)
+    assert data.count(old) == 1
+    new = {"a": at["a"], "inside a": at["a"] + 40, "zero": 0, "past the end": len(data) - 100,
+           "undefined": (1 << 64) - 1, "far": 1 << 40}[where]
+    k = data.index(old) + 2
+    data[k:k + 8] = struct.pack("<Q", new)
+    return _rezip(good, tmp_path / "patched.nnp", {"parameter.h5": bytes(data)})
+
+
+@pytest.mark.parametrize("where", ["a", "inside a", "zero", "past the end", "undefined", "far"])
+def test_stored_hdf5_values_at_odd_addresses_read_as_hdf5_reads_them(tmp_path, scratch, where):
+    """A dataset whose data address is another's, inside another's, 0, past the end or undefined
+    is read in place as HDF5 reads it from a scratch copy (the same values, or the same refusal),
+    and no two parameters share memory (folding one in place must not change another)."""
+    stored = _patched_addresses(tmp_path, where)
+    other = tmp_path / "deflated"
+    other.mkdir()
+    deflated = _rezip(stored, other / "patched.nnp", compression=zipfile.ZIP_DEFLATED)
+    results = []
+    for path in (stored, deflated):
+        try:
+            results.append(N.read(str(path)).params)
+        except N.NnpError as e:
+            results.append(str(e).replace(str(path), "FILE"))
+    got, want = results
+    if isinstance(want, str):
+        assert got == want
+        return
+    assert list(got) == list(want)
+    for name, p in got.items():
+        np.testing.assert_array_equal(p.value, want[name].value)
+    arrays = [p.value for p in got.values()]
+    for i, a in enumerate(arrays):
+        assert not any(np.shares_memory(a, b) for b in arrays[i + 1:])
+
+
+def test_window_fills_every_read(tmp_path, monkeypatch):
+    """HDF5 ignores how much a read returned: the window on a stored member fills the whole buffer,
+    reading again where the system returns less than asked (Linux: about 2 GiB at most a call), and
+    with zeros past the member's end; and says where the member ends to a reader that asks."""
+    blob = bytes(range(256)) * 4
+    path = tmp_path / "blob"
+    path.write_bytes(blob)
+    real = N._PREADV
+    if real is not None:
+        monkeypatch.setattr(N, "_PREADV", lambda fd, views, offset: real(fd, [views[0][:7]], offset))
+    with open(path, "rb") as f:
+        window = N._Window(f, 100, 600)
+        window.seek(10)
+        buf = bytearray(b"\xff" * 1000)
+        assert window.readinto(buf) == 1000
+        assert bytes(buf[:590]) == blob[110:700] and bytes(buf[590:]) == bytes(410)
+        window.seek(0)
+        assert window.read() == blob[100:700]
+        assert window.read() == b""
 
 
 def test_scratch_folder_is_named_for_the_process(tmp_path, scratch, monkeypatch):
