@@ -786,12 +786,16 @@ def _h5_parameters(where, hd, member_size: int, read_in_order=None):
     values = {}
     if read_in_order is not None:
         import h5py
-        places = []
+        places, memory_types = [], {}
         for k, (_, name, ds, _, declared, whole) in enumerate(entries):
             offset = _place(ds, declared) if whole and declared else None
+            if offset is None or not (0 <= offset and offset + declared <= member_size):
+                continue
+            dtype = ds.dtype
+            if dtype not in memory_types:
+                memory_types[dtype] = h5py.h5t.py_create(dtype)
             # stored as NumPy holds it (HDF5 converts other number formats as it reads them)
-            if offset is not None and 0 <= offset and offset + declared <= member_size and \
-                    ds.id.get_type().equal(h5py.h5t.py_create(ds.dtype)):
+            if ds.id.get_type().equal(memory_types[dtype]):
                 places.append((offset, declared, k))
         places.sort()
         taken, end = [], 0
