@@ -11,7 +11,6 @@ import math
 import os
 import queue
 import re
-import shutil
 import socket
 import stat
 import struct
@@ -1539,10 +1538,9 @@ def _new_function(net, type_name, name, inputs, outputs, taken=None):
 
 
 # -- writing --------------------------------------------------------------------------------------
-def serialize(nnp: NnpFile, out, scratch: Optional[str] = None, progress=None) -> None:
+def serialize(nnp: NnpFile, out, progress=None) -> None:
     """Write the file to the binary file object ``out``: every member as read, the network definition
-    and parameters replaced. HDF5 parameters are written to a scratch file in the folder ``scratch``
-    (default: the system's) and copied into the archive, so the weights are never held twice.
+    and parameters replaced, each parameter's values written once, straight from its array.
     ``progress.advance`` counts the parameter bytes written."""
     progress = progress or _Silent()
     from nnabla.utils import nnabla_pb2
@@ -1557,7 +1555,7 @@ def serialize(nnp: NnpFile, out, scratch: Optional[str] = None, progress=None) -
             if name == nnp.network_member:
                 z.writestr(m, _textproto.to_string(proto))   # text_format's own text, faster
             elif name == nnp.param_member and _is_h5_params(name):
-                _write_h5_member(nnp.params, z, m, scratch, progress)
+                _write_h5_member(nnp.params, z, m, progress)
             elif name == nnp.param_member:
                 entries = [(n, p.value, p.need_grad) for n, p in nnp.params.items()]
                 m.file_size = protobuf_params.size(entries)   # sizes the header (zip64 or not)
@@ -1597,30 +1595,145 @@ def _new_entry(member: zipfile.ZipInfo) -> zipfile.ZipInfo:
     return info
 
 
-def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, scratch, progress):
-    """The parameters as the HDF5 ``member`` (an entry of ``_new_entry``) of ``z``; ``progress``
-    counts the values written to the scratch file, then the bytes copied into the archive. The
-    scratch file lives in a folder named for this process (see ``_atomic``) inside ``scratch``, so a
-    run killed meanwhile leaves something the next run recognises and removes.
+def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress):
+    """The parameters as the HDF5 ``member`` (an entry of ``_new_entry``) of ``z``, written once,
+    in order, into the archive; ``progress`` counts the bytes written.
 
-    HDF5 writes through a Python file object here, not by path: a write that fails (a full disk)
-    then returns to HDF5 as an error it handles. Written by HDF5's own file driver, some fill levels
-    of a full disk left HDF5 inconsistent, and the process crashed at exit."""
+    HDF5 writes the file's structure only, into memory (:class:`_SparseFile`): each dataset's
+    storage is allocated as it is created and never filled, so its place is known and HDF5 writes
+    nothing there. The member is then the structure's bytes with each parameter's values in its
+    place, streamed into the archive: no scratch file, no second copy of the weights. The datasets
+    and their attributes are those of ``h5py``'s ``create_dataset(name, data=value)`` and
+    ``attrs[...] =`` (as NNabla saves them), the dtype of each value stored as it is."""
     import h5py
-    progress.expect(sum(p.value.nbytes for p in params.values()))
-    with _atomic.scratch(scratch) as d, open(os.path.join(d, "parameter.h5"), "w+b") as local:
-        with h5py.File(local, "w") as hd:
-            for i, (name, p) in enumerate(params.items()):   # as NNabla writes them
-                ds = hd.create_dataset(name, data=p.value)
-                ds.attrs["need_grad"] = p.need_grad
-                ds.attrs["index"] = i
-                progress.advance(p.value.nbytes)
-        local.flush()
-        member.file_size = os.fstat(local.fileno()).st_size   # sizes the member's header
-        progress.extend(member.file_size)
-        local.seek(0)
-        with z.open(member, "w") as dst:
-            shutil.copyfileobj(local, _Counted(dst, progress), _COPY_CHUNK)
+    h5d, h5p, h5s, h5t, h5a = h5py.h5d, h5py.h5p, h5py.h5s, h5py.h5t, h5py.h5a
+    dcpl = h5p.create(h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
+    dcpl.set_obj_track_times(False)
+    lcpl = h5p.create(h5p.LINK_CREATE)
+    lcpl.set_create_intermediate_group(True)
+    lcpl.set_char_encoding(h5t.CSET_UTF8)
+    scalar = h5s.create(h5s.SCALAR)
+    types = {}
+
+    def h5type(dtype):
+        if dtype not in types:
+            types[dtype] = h5t.py_create(dtype, logical=True)
+        return types[dtype]
+
+    def attribute(ds, key: bytes, value: np.ndarray):
+        attr = h5a.create(ds, key, h5type(value.dtype), scalar)
+        attr.write(value)
+
+    structure = _SparseFile()
+    places = []
+    with h5py.File(structure, "w") as hd:
+        for i, (name, p) in enumerate(params.items()):   # as NNabla writes them
+            value = p.value
+            space = h5s.create_simple(value.shape) if value.ndim else scalar
+            ds = h5d.create(hd.id, name.encode("utf-8"), h5type(value.dtype), space, dcpl=dcpl,
+                            lcpl=lcpl)
+            attribute(ds, b"need_grad", np.array(bool(p.need_grad)))
+            attribute(ds, b"index", np.array(i, np.int64))
+            if value.nbytes:
+                places.append((ds.get_offset(), value))
+    size = structure.size
+    places.sort(key=lambda place: place[0])
+    end = 0
+    for offset, value in places:
+        if offset is None or offset < end or offset + value.nbytes > size:
+            raise RuntimeError("HDF5 placed a dataset where the file holds something else")
+        end = offset + value.nbytes
+    member.file_size = size   # sizes the member's header
+    progress.expect(size)
+    with z.open(member, "w") as dst:
+        out = _Counted(dst, progress)
+        pos = 0
+        for offset, value in places + [(size, None)]:
+            if offset > pos:
+                out.write(structure.read_range(pos, offset))
+            if value is None:
+                break
+            out.write(memoryview(np.ascontiguousarray(value).reshape(-1)).cast("B"))
+            pos = offset + value.nbytes
+
+
+class _SparseFile(io.RawIOBase):
+    """A file in memory holding only what was written to it, in pages, zeros elsewhere: HDF5 writes
+    the structure of a file whose values are not written through it."""
+    PAGE = 1 << 16
+
+    def __init__(self):
+        super().__init__()
+        self.pages: Dict[int, bytearray] = {}
+        self.pos = self.size = 0
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def truncate(self, size=None):
+        size = self.pos if size is None else size
+        self.size = size
+        for k in [k for k in self.pages if k * self.PAGE >= size]:
+            del self.pages[k]
+        tail = self.pages.get(size // self.PAGE)
+        if tail is not None:
+            tail[size % self.PAGE:] = bytes(self.PAGE - size % self.PAGE)
+        return size
+
+    def write(self, b):
+        view = memoryview(b).cast("B")
+        done = 0
+        while done < len(view):
+            k, at = divmod(self.pos + done, self.PAGE)
+            n = min(self.PAGE - at, len(view) - done)
+            page = self.pages.get(k)
+            if page is None:
+                page = self.pages[k] = bytearray(self.PAGE)
+            page[at:at + n] = view[done:done + n]
+            done += n
+        self.pos += done
+        self.size = max(self.size, self.pos)
+        return done
+
+    def readinto(self, b):
+        view = memoryview(b).cast("B")
+        n = self._copy(self.pos, view)
+        self.pos += n
+        return n
+
+    def _copy(self, pos: int, view) -> int:
+        n = max(0, min(len(view), self.size - pos))
+        done = 0
+        while done < n:
+            k, at = divmod(pos + done, self.PAGE)
+            m = min(self.PAGE - at, n - done)
+            page = self.pages.get(k)
+            view[done:done + m] = page[at:at + m] if page is not None else bytes(m)
+            done += m
+        return n
+
+    def read_range(self, start: int, end: int) -> bytearray:
+        out = bytearray(end - start)
+        self._copy(start, memoryview(out))
+        return out
 
 
 def write_temp(nnp: NnpFile, target: str, progress=None):
@@ -1634,7 +1747,7 @@ def write_temp(nnp: NnpFile, target: str, progress=None):
         raise _write_failure(target, e) from None
     try:
         try:
-            serialize(nnp, pending.file, scratch=os.path.dirname(pending.target), progress=progress)
+            serialize(nnp, pending.file, progress=progress)
             pending.finish()
         except NnpError:
             raise

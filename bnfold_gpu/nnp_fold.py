@@ -394,16 +394,16 @@ def _failure_words(failures, tolerance, atol) -> str:
 
 
 def _space_needed(f) -> int:
-    """Bytes the output's folder must have free to write ``f``: the output, and for HDF5 parameters
-    the scratch file ``_write_h5_member`` makes beside it first (as large as the parameters)."""
-    from . import nnp as N
+    """Bytes the output's folder must have free to write ``f``: the output (its parameters are
+    written once, in place, whatever their format)."""
     params = sum(p.value.nbytes for p in f.params.values())
     others = sum(len(v) for v in f.raw.values()) + 3 * f.proto.ByteSize()   # text is wordier
     if f.param_member is None:
         return others + 4 * params      # parameters as decimal text in the network definition
-    if N._is_h5_params(f.param_member):
-        return others + 2 * params
-    return others + params
+    from . import nnp as N
+    if N._is_h5_params(f.param_member):   # HDF5's structure: about 1.5 kB a dataset
+        return others + params + 4096 * (len(f.params) + 1)
+    return others + params + 64 * len(f.params)   # each parameter's name, shape and flag
 
 
 def size_words(nbytes: int) -> str:

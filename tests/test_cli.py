@@ -1,5 +1,6 @@
 """``bnfold inspect`` and ``bnfold fold`` on .nnp files: saved by NNabla, laid out as Neural Network
 Console does, made by NNabla's ONNX importer, and broken in every way a user's file can be."""
+import io
 import json
 import os
 import struct
@@ -1094,14 +1095,74 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path, capsys, monke
     assert "free" in msg and "out.nnp" in msg and not writes
 
 
-def test_free_space_needed_counts_the_hdf5_scratch_file(tmp_path):
-    # HDF5 parameters are written to a scratch file beside the output, then copied into it
+def test_hdf5_member_written_as_nnabla_writes_it(tmp_path):
+    """Each parameter a dataset of its dtype and values, with a boolean need_grad and an int64
+    index in the order of the parameters, as h5py's create_dataset and attrs write them (NNabla's
+    save); NNabla's loader reads the same values back."""
+    import h5py
+    src = nnp_files.single(tmp_path / "m.nnp", parameter_format=".h5")
+    f = N.read(str(src))
+    rng = np.random.default_rng(7)
+    dtypes = [np.float32, np.float16, np.float64, np.int32]
+    for k, p in enumerate(f.params.values()):
+        p.value = rng.normal(size=p.value.shape).astype(dtypes[k % len(dtypes)]) * 3
+        p.need_grad = bool(k % 2)
+    out = tmp_path / "out.nnp"
+    with open(out, "wb") as fh:
+        N.serialize(f, fh)
+    reference = io.BytesIO()
+    with h5py.File(reference, "w") as hd:
+        for i, (name, p) in enumerate(f.params.items()):
+            ds = hd.create_dataset(name, data=p.value)
+            ds.attrs["need_grad"] = p.need_grad
+            ds.attrs["index"] = i
+    with zipfile.ZipFile(out) as z, h5py.File(io.BytesIO(z.read("parameter.h5")), "r") as got, \
+            h5py.File(reference, "r") as want:
+        names = []
+        got.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        assert sorted(names) == sorted(f.params)
+        for name, p in f.params.items():
+            a, b = got[name], want[name]
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(a[...], p.value)
+            for key in ("need_grad", "index"):
+                assert a.attrs[key] == b.attrs[key]
+                assert a.attrs[key].dtype == b.attrs[key].dtype
+                assert a.id.get_type().get_class() == b.id.get_type().get_class()
+    written = N.read(str(out)).params
+    for name, p in f.params.items():
+        assert written[name].need_grad == p.need_grad
+        np.testing.assert_array_equal(written[name].value, p.value)
+    h5, h5_reference = tmp_path / "parameter.h5", tmp_path / "reference.h5"
+    with zipfile.ZipFile(out) as z:
+        h5.write_bytes(z.read("parameter.h5"))
+    h5_reference.write_bytes(reference.getvalue())
+    loads = []
+    for path in (h5, h5_reference):   # NNabla's own reader of the member
+        nn.clear_parameters()
+        nn.load_parameters(str(path))
+        loads.append({n: (v.d.copy(), v.need_grad) for n, v in
+                      nn.get_parameters(grad_only=False).items()})
+    nn.clear_parameters()
+    assert list(loads[0]) == list(loads[1]) and sorted(loads[0]) == sorted(f.params)
+    for name, (value, need_grad) in loads[0].items():
+        np.testing.assert_array_equal(value, loads[1][name][0])
+        assert need_grad == loads[1][name][1] == f.params[name].need_grad
+
+
+@pytest.mark.parametrize("fmt", [".h5", ".protobuf"])
+def test_free_space_needed_covers_the_output_and_no_second_copy(tmp_path, fmt):
+    # the parameters are written once, straight into the output (HDF5: no scratch file)
     from bnfold_gpu import nnp_fold
-    h5 = N.read(str(nnp_files.single(tmp_path / "h5.nnp", parameter_format=".h5")))
-    pb = N.read(str(nnp_files.single(tmp_path / "pb.nnp", parameter_format=".protobuf")))
-    nbytes = sum(p.value.nbytes for p in pb.params.values())
-    assert nnp_fold._space_needed(pb) >= nbytes
-    assert nnp_fold._space_needed(h5) >= nnp_fold._space_needed(pb) + nbytes
+    src = nnp_files.single(tmp_path / "m.nnp", parameter_format=fmt)
+    f = N.read(str(src))
+    for p in f.params.values():   # parameters that dominate the file, as in real models
+        p.value = np.full(1 << 18, 0.5, np.float32)
+    out = tmp_path / "out.nnp"
+    with open(out, "wb") as fh:
+        N.serialize(f, fh)
+    nbytes = sum(p.value.nbytes for p in f.params.values())
+    assert out.stat().st_size <= nnp_fold._space_needed(f) < out.stat().st_size + nbytes // 10
 
 
 def _h5_write_error():
@@ -1130,12 +1191,11 @@ def test_write_failures_are_one_line_and_leave_nothing(tmp_path, capsys, monkeyp
         error = _h5_write_error() if where == "h5py-oserror" else \
             RuntimeError("Can't decrement id ref count (unable to flush file's cached information)")
 
-        class Failing(h5py.File):
-            def create_dataset(self, name, *args, **kwargs):
-                raise error
-
-            def __setitem__(self, name, value):
-                raise error
+        class Failing(h5py.File):   # HDF5 failing as it makes the output's structure
+            def __init__(self, name, mode="r", *args, **kwargs):
+                if mode == "w":
+                    raise error
+                super().__init__(name, mode, *args, **kwargs)
         monkeypatch.setattr(h5py, "File", Failing)
     msg = _bad(tmp_path, capsys, "fold", p)
     assert "0x" not in msg and "errno" not in msg and "nothing written" in msg
@@ -1144,9 +1204,10 @@ def test_write_failures_are_one_line_and_leave_nothing(tmp_path, capsys, monkeyp
     assert "out.nnp" in msg
 
 
-def test_a_real_write_failure_past_the_file_size_limit(tmp_path):
+@pytest.mark.parametrize("fmt", [".protobuf", ".h5"])
+def test_a_real_write_failure_past_the_file_size_limit(tmp_path, fmt):
     # the kernel refuses the writes (EFBIG), as a full disk would, with no injection in bnfold
-    p = nnp_files.single(tmp_path / "m.nnp", parameter_format=".protobuf")
+    p = nnp_files.single(tmp_path / "m.nnp", parameter_format=fmt)
     out = tmp_path / "out"
     out.mkdir()
     limit = p.stat().st_size // 2
