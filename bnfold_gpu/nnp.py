@@ -1651,8 +1651,10 @@ def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, progre
         out = _Counted(dst, progress)
         pos = 0
         for offset, value in places + [(size, None)]:
-            if offset > pos:
-                out.write(structure.read_range(pos, offset))
+            while pos < offset:   # the structure between values (HDF5's free space: zeros)
+                piece = structure.read_range(pos, min(offset, pos + _COPY_CHUNK))
+                out.write(piece)
+                pos += len(piece)
             if value is None:
                 break
             out.write(memoryview(np.ascontiguousarray(value).reshape(-1)).cast("B"))
