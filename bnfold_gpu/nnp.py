@@ -794,7 +794,7 @@ def _h5_parameters(where, hd, member_size: int, read_in_order=None):
             if dtype not in memory_types:
                 memory_types[dtype] = h5py.h5t.py_create(dtype)
             # stored as NumPy holds it (HDF5 converts other number formats as it reads them)
-            if ds.id.get_type().equal(memory_types[dtype]):
+            if ds.type.equal(memory_types[dtype]):
                 places.append((offset, declared, k))
         places.sort()
         taken, end = [], 0
@@ -830,7 +830,35 @@ def _datasets(hd):
             names.append(name)
 
     h5py.h5o.visit(hd.id, visit, info=True)
-    return [(_decoded(name), h5py.Dataset(h5py.h5d.open(hd.id, name))) for name in names]
+    return [(_decoded(name), _Dataset(h5py.h5d.open(hd.id, name))) for name in names]
+
+
+class _Dataset:
+    """What the reader asks of an HDF5 dataset (h5py's low-level one, ``id``), each asked of h5py
+    once: its shape (None: an empty dataspace), type, dtype (TypeError where NumPy has none);
+    ``ds[...]`` reads it as h5py's ``Dataset`` does."""
+    __slots__ = ("id", "shape", "_type", "_dtype")
+
+    def __init__(self, dsid):
+        self.id = dsid
+        self.shape = dsid.shape
+        self._type = self._dtype = None
+
+    @property
+    def type(self):
+        if self._type is None:
+            self._type = self.id.get_type()
+        return self._type
+
+    @property
+    def dtype(self) -> np.dtype:
+        if self._dtype is None:
+            self._dtype = self.id.dtype
+        return self._dtype
+
+    def __getitem__(self, key):
+        import h5py
+        return h5py.Dataset(self.id)[key]
 
 
 def _decoded(name: bytes):
@@ -846,7 +874,7 @@ def _h5_type_words(ds) -> Optional[str]:
     HDF5 class decides: h5py shows enums as their integer type, complex numbers as compounds."""
     import h5py
     t = h5py.h5t
-    cls = ds.id.get_type().get_class()
+    cls = ds.type.get_class()
     if cls in (t.INTEGER, t.FLOAT):
         return None
     if cls == t.ENUM and ds.dtype.kind == "b":
@@ -880,7 +908,9 @@ def _check_dataset(where, name, ds, member_size: int) -> Tuple[int, Optional[int
         files = "other HDF5 files" if layout == h5py.h5d.VIRTUAL else "external files"
         raise NnpError(f"{where}: parameter '{name}' keeps its values outside the member (in {files})")
     declared = math.prod(ds.shape) * ds.dtype.itemsize
-    what = f"{_amount(declared)} ({'x'.join(map(str, ds.shape)) or 'a scalar'} {ds.dtype})"
+
+    def what():
+        return f"{_amount(declared)} ({'x'.join(map(str, ds.shape)) or 'a scalar'} {ds.dtype})"
     stored = None
     if layout == h5py.h5d.CHUNKED:   # compressed, or chunks never written
         stored = ds.id.get_storage_size()
@@ -890,15 +920,15 @@ def _check_dataset(where, name, ds, member_size: int) -> Tuple[int, Optional[int
         inflated = math.prod(-(-n // c) for n, c in zip(ds.shape, chunk)) * \
             math.prod(chunk) * ds.dtype.itemsize
         if inflated > max(2 * declared, _RATIO_FREE):
-            raise NnpError(f"{where}: parameter '{name}' of {what} is stored in chunks of "
+            raise NnpError(f"{where}: parameter '{name}' of {what()} is stored in chunks of "
                            f"{'x'.join(map(str, chunk))}, which a read decompresses to "
                            f"{_amount(inflated)}")
         if declared > _RATIO_FREE and declared > _RATIO_LIMIT * stored:
-            raise NnpError(f"{where}: parameter '{name}' declares {what} from {_amount(stored)} "
+            raise NnpError(f"{where}: parameter '{name}' declares {what()} from {_amount(stored)} "
                            f"stored (a dataset over {_amount(_RATIO_FREE)} may expand at most "
                            f"{_RATIO_LIMIT}-fold)")
     elif declared > member_size:     # contiguous or compact: stored as declared, or never written
-        raise NnpError(f"{where}: parameter '{name}' declares {what}, more than the "
+        raise NnpError(f"{where}: parameter '{name}' declares {what()}, more than the "
                        f"{_amount(member_size)} the member holds")
     return declared, stored
 
@@ -915,9 +945,10 @@ def _attribute(where, name, ds, key: str):
     count = math.prod(shape) if shape is not None else 0
     if count != 1:
         raise NnpError(f"{where}: parameter '{name}': {key} attribute holds {count} values, not one")
-    cls = attr.get_type().get_class()
+    attr_type = attr.get_type()
+    cls = attr_type.get_class()
     t = h5py.h5t
-    dtype = attr.dtype if cls in (t.INTEGER, t.ENUM) else None   # each h5py call costs ~10-30 us
+    dtype = attr_type.dtype if cls in (t.INTEGER, t.ENUM) else None   # each h5py call: ~5-30 us
     boolean = cls == t.ENUM and dtype.kind == "b"
     value = None
     if cls == t.INTEGER or boolean:
