@@ -1657,14 +1657,15 @@ def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, progre
         attr = h5a.create(ds, key, h5type(value.dtype), scalar)
         attr.write(value)
 
+    _check_h5_names(params)
     structure = _SparseFile()
     places = []
     with h5py.File(structure, "w") as hd:
         for i, (name, p) in enumerate(params.items()):   # as NNabla writes them
             value = p.value
             space = h5s.create_simple(value.shape) if value.ndim else scalar
-            ds = h5d.create(hd.id, name.encode("utf-8"), h5type(value.dtype), space, dcpl=dcpl,
-                            lcpl=lcpl)
+            ds = h5d.create(hd.id, name if isinstance(name, bytes) else name.encode("utf-8"),
+                            h5type(value.dtype), space, dcpl=dcpl, lcpl=lcpl)
             attribute(ds, b"need_grad", np.array(bool(p.need_grad)))
             attribute(ds, b"index", np.array(i, np.int64))
             if value.nbytes:
@@ -1692,10 +1693,27 @@ def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, progre
             pos = offset + value.nbytes
 
 
+def _check_h5_names(params) -> None:
+    """NnpError where one parameter's name is a group of another's ('a' and 'a/b'): HDF5 cannot hold
+    both (parameters of protobuf members merged into an HDF5 one can be named so)."""
+    names = {(n.decode("utf-8", "replace") if isinstance(n, bytes) else n).strip("/")
+             for n in params}
+    for name in names:
+        parts = name.split("/")
+        for k in range(1, len(parts)):
+            group = "/".join(parts[:k])
+            if group in names:
+                raise NnpError(f"parameters '{group}' and '{name}' cannot both be written to "
+                               f"parameter.h5: HDF5 would need '{group}' to be a group holding "
+                               f"the other")
+
+
 class _SparseFile(io.RawIOBase):
     """A file in memory holding only what was written to it, in pages, zeros elsewhere: HDF5 writes
-    the structure of a file whose values are not written through it."""
-    PAGE = 1 << 16
+    the structure of a file whose values are not written through it. The pages are small: HDF5
+    writes a few hundred bytes beside each dataset, and a page held for each of thousands of
+    datasets must not add up to a copy of the values."""
+    PAGE = 512
 
     def __init__(self):
         super().__init__()

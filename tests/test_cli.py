@@ -1150,6 +1150,35 @@ def test_hdf5_member_written_as_nnabla_writes_it(tmp_path):
         assert need_grad == loads[1][name][1] == f.params[name].need_grad
 
 
+def test_hdf5_structure_held_in_memory_is_small_beside_the_values(tmp_path, monkeypatch):
+    """Many parameters of medium size: the file's structure that HDF5 writes beside each one is kept
+    in memory, not a copy of the values around it."""
+    f = N.read(str(nnp_files.single(tmp_path / "m.nnp", parameter_format=".h5")))
+    for k in range(1000):
+        f.params[f"extra/{k}/W"] = N.Param(np.full(15 * 1024, k, np.float32), False)
+    made = []
+    real = N._SparseFile
+    monkeypatch.setattr(N, "_SparseFile", lambda: made.append(real()) or made[-1])
+    out = tmp_path / "out.nnp"
+    with open(out, "wb") as fh:
+        N.serialize(f, fh)
+    nbytes = sum(p.value.nbytes for p in f.params.values())
+    held = len(made[0].pages) * made[0].PAGE
+    assert held < nbytes / 20, (held, nbytes)
+    back = N.read(str(out)).params
+    for name, p in f.params.items():
+        np.testing.assert_array_equal(back[name].value, p.value)
+
+
+def test_parameter_names_hdf5_cannot_hold_together_are_refused(tmp_path):
+    f = N.read(str(nnp_files.single(tmp_path / "m.nnp", parameter_format=".h5")))
+    name = next(iter(f.params))
+    f.params[name + "/inner"] = N.Param(np.ones(3, np.float32), False)
+    with open(tmp_path / "out.nnp", "wb") as fh, pytest.raises(N.NnpError) as e:
+        N.serialize(f, fh)
+    assert f"'{name}' and '{name}/inner'" in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("fmt", [".h5", ".protobuf"])
 def test_free_space_needed_covers_the_output_and_no_second_copy(tmp_path, fmt):
     # the parameters are written once, straight into the output (HDF5: no scratch file)
