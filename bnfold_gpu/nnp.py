@@ -710,6 +710,7 @@ class _Crc:
 
     def __init__(self):
         self.value = 0
+        self._error = None
         self._queue = queue.Queue(maxsize=4)   # pieces read ahead of the CRC: 64 MiB at most
         self._thread = threading.Thread(target=self._run, name="bnfold-crc", daemon=True)
         try:
@@ -718,11 +719,15 @@ class _Crc:
             self._thread = None
 
     def _run(self):
-        while True:
+        while True:   # drains the queue whatever happens, so that no put waits for ever
             piece = self._queue.get()
             if piece is None:
                 return
-            self.value = zlib.crc32(piece, self.value)
+            if self._error is None:
+                try:
+                    self.value = zlib.crc32(piece, self.value)
+                except BaseException as e:   # raised by close()
+                    self._error = e
 
     def add(self, piece) -> None:
         if self._thread is None:
@@ -735,6 +740,8 @@ class _Crc:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        if self._error is not None:
+            raise self._error
         return self.value
 
 

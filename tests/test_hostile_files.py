@@ -1109,3 +1109,16 @@ def test_verify_that_memory_cannot_hold_is_refused_before_any_work(tmp_path, cap
     msg = _refused(tmp_path, capsys, p, command="fold --verify")
     assert "--verify would hold" in msg and "of values running network 'net'" in msg
     assert planned == []
+
+
+def test_crc_thread_failing_neither_hangs_nor_passes(monkeypatch):
+    """The CRC computed beside the reads: where it fails, the pieces still drain (the reads never
+    wait for ever) and the failure is raised."""
+    def failing(data, value=0):
+        raise MemoryError("no memory for the CRC")
+    monkeypatch.setattr(N.zlib, "crc32", failing)
+    crc = N._Crc()
+    for _ in range(10):   # more than the queue holds
+        crc.add(b"piece")
+    with pytest.raises(MemoryError):
+        crc.close()
