@@ -716,6 +716,32 @@ class _Planner:
             return None
         return None
 
+    def _scaled_bias(self, fn: _Fn) -> Optional[str]:
+        """The function scaling the stored operand of the add after the BatchMatmul ``fn`` (through
+        reshapes on both sides), as NNabla's importer builds an ONNX Gemm with beta != 1
+        (``MulScalar(beta)`` of its bias); None where there is none such."""
+        var = fn.outputs[0]
+        while len(self.consumers.get(var, ())) == 1:
+            nxt, k = self.consumers[var][0]
+            if nxt.type == "Reshape":
+                var = nxt.outputs[0]
+                continue
+            if nxt.type != "Add2" or len(nxt.inputs) != 2:
+                return None
+            other = nxt.inputs[1 - k]
+            while other.parent is not None:
+                g = self.by_f.get(other.parent)
+                if g is None:
+                    return None
+                if g.type == "Reshape":
+                    other = g.inputs[0]
+                    continue
+                if g.type == "MulScalar" and self._stored(g.inputs[0]) is not None:
+                    return f"MulScalar({g.args['val']:g})"
+                return None
+            return None
+        return None
+
     def _absorb_output(self, fn: _Fn, walk: _Walk) -> _Side:
         if (fn.index, OUTPUT_SIDE) in self.sides:
             raise _Reject(f"the {fn.type} before it already absorbs another map")
@@ -737,6 +763,12 @@ class _Planner:
                 bn = self._bn_as_bias(walk, site)
                 if bn is None:
                     self.wanted_bias.add(fn.index)   # no new bias before it (a second call's)
+                    scaled = self._scaled_bias(fn)
+                    if scaled is not None:
+                        raise _Reject(f"the BatchMatmul before it has no bias to take the map's "
+                                      f"shift: the bias added after it is a stored value scaled by "
+                                      f"{scaled} (an ONNX Gemm with beta != 1), which bnfold does "
+                                      f"not fold into")
                     raise _Reject("the BatchMatmul before it has no bias to take the map's shift: "
                                   "the map passes no add of a stored value per output, and is not "
                                   "BNs over its columns, reached through reshapes, that can become "

@@ -230,6 +230,44 @@ def test_bns_that_move_through_functions_fold_in_a_file(tmp_path, fmt):
     assert not [n for n in f1.params if "_folding" in n or "composed" in n]
 
 
+@pytest.mark.parametrize("alpha, beta", [(0.5, 1.0), (1.0, 2.0)])
+def test_onnx_gemm_with_alpha_or_beta_then_batchnorm(tmp_path, alpha, beta):
+    """NNabla's importer scales a Gemm's input by MulScalar(alpha) (a map: the BN after the product
+    folds) and its bias by MulScalar(beta) (the bias is computed: the BN stays, and says why)."""
+    pytest.importorskip("onnx", reason="the 'onnx' test extra is not installed")
+    from onnx import helper, numpy_helper
+    rng = np.random.RandomState(4)
+
+    def init(name, arr):
+        return numpy_helper.from_array(arr.astype(np.float32), name)
+    inits = [init("fc_W", rng.randn(6, 8)), init("fc_b", rng.randn(6)),
+             init("bn_scale", -rng.rand(6) - 0.5), init("bn_bias", rng.randn(6)),
+             init("bn_mean", rng.randn(6)), init("bn_var", rng.rand(6) + 0.5),
+             init("fc2_W", rng.randn(6, 3))]
+    nodes = [helper.make_node("Gemm", ["x", "fc_W", "fc_b"], ["g"], transB=1, alpha=alpha, beta=beta),
+             helper.make_node("BatchNormalization", ["g"] + [f"bn_{k}" for k in
+                                                             ("scale", "bias", "mean", "var")], ["b"]),
+             helper.make_node("Relu", ["b"], ["r"]),
+             helper.make_node("Gemm", ["r", "fc2_W"], ["y"])]
+    model = nnp_files._save_onnx(tmp_path / "m.onnx", nodes, inits, [2, 8], [2, 3])
+    nnp_path, out = tmp_path / "m.nnp", tmp_path / "folded.nnp"
+    nnp_files.nnabla_cli("convert", model, nnp_path)
+    report = tmp_path / "r.json"
+    assert run("fold", nnp_path, "-o", out, "--verify", "-q", "--report", report) == 0
+    rep = json.loads(report.read_text())["networks"]
+    folded = [b for n in rep.values() for r in n["folded"] for b in r["bns"]]
+    kept = [s["reason"] for n in rep.values() for s in n["skipped"]]
+    if beta == 1.0:
+        assert folded and not kept
+    else:
+        assert not folded and len(kept) == 1
+        assert "scaled by MulScalar(2)" in kept[0] and "beta != 1" in kept[0]
+    name = N.read(str(nnp_path)).network_names()[0]
+    want, _ = load_run(nnp_path, name)
+    got, _ = load_run(out, name)
+    assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
+
+
 @pytest.mark.parametrize("variant", ["linear_bn", "linear_nobias_bn", "bn_linear_nobias_bn",
                                      "residual_flatten"])
 def test_onnx_linear_and_batchnorm1d_fold_and_convert_back(tmp_path, capsys, variant):
