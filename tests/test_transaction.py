@@ -215,10 +215,7 @@ def test_a_failed_fold_frees_its_new_functions(monkeypatch, step, k):
 
 
 # -- Ctrl-C -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["numpy", "cupy"])
-def test_ctrl_c_during_the_writes_completes_the_fold_then_raises(monkeypatch, request, backend):
-    if backend == "cupy":
-        request.getfixturevalue("emulated")
+def test_ctrl_c_during_the_writes_completes_the_fold_then_raises(monkeypatch, backend):
     y = model()
     want = forward_all(y)
     real = numpy_backend._multiply if backend == "numpy" else cupy_backend._download
@@ -251,6 +248,14 @@ def test_fold_in_a_worker_thread():
 
 
 # -- dtypes, overflow, non-finite maps ----------------------------------------------------------------
+@pytest.fixture(params=["numpy", "cupy"])
+def backend(request):
+    """Each backend by name; CuPy's on the emulated device."""
+    if request.param == "cupy":
+        request.getfixturevalue("emulated")
+    return request.param
+
+
 def _conv_bn(dtype=np.float32, with_bias=True, seed=0):
     nn.clear_parameters()
     rng = np.random.RandomState(seed)
@@ -301,10 +306,7 @@ def test_integer_statistic_past_2_to_the_53_is_refused():
     assert_unchanged(before, y)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "cupy"])
-def test_float16_weights_that_would_overflow_are_refused(request, backend):
-    if backend == "cupy":
-        request.getfixturevalue("emulated")
+def test_float16_weights_that_would_overflow_are_refused(backend):
     y = _conv_bn(np.float16)
     params = nn.get_parameters(grad_only=False)
     w = params["c/conv/W"].data.get_data("rw")
@@ -318,11 +320,8 @@ def test_float16_weights_that_would_overflow_are_refused(request, backend):
     assert_unchanged(before, y)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "cupy"])
-def test_float16_weights_just_below_the_limit_fold(request, backend):
+def test_float16_weights_just_below_the_limit_fold(backend):
     # exact: 65504 is float16's largest value; a weight that lands on it still folds
-    if backend == "cupy":
-        request.getfixturevalue("emulated")
     y = _conv_bn(np.float16)
     params = nn.get_parameters(grad_only=False)
     w = params["c/conv/W"].data.get_data("rw")
@@ -334,10 +333,7 @@ def test_float16_weights_just_below_the_limit_fold(request, backend):
     assert params["c/conv/W"].d[1].flat[0] == np.float16(65504.0)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "cupy"])
-def test_float32_weights_with_extreme_statistics_are_refused(request, backend):
-    if backend == "cupy":
-        request.getfixturevalue("emulated")
+def test_float32_weights_with_extreme_statistics_are_refused(backend):
     y = _conv_bn()
     params = nn.get_parameters(grad_only=False)
     params["c/conv/W"].data.get_data("rw")[0].flat[0] = 1e30
@@ -349,12 +345,9 @@ def test_float32_weights_with_extreme_statistics_are_refused(request, backend):
     assert_unchanged(before, y)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "cupy"])
-def test_a_scale_past_float32_is_refused_without_a_warning(request, backend):
+def test_a_scale_past_float32_is_refused_without_a_warning(backend):
     # gamma near float32's largest over a tiny variance: a scale float32 cannot hold (NumPy's cast
     # warned on stderr before the refusal)
-    if backend == "cupy":
-        request.getfixturevalue("emulated")
     y = _conv_bn()
     params = nn.get_parameters(grad_only=False)
     params["bn/bn/var"].data.get_data("rw").flat[0] = 0.0
@@ -367,10 +360,7 @@ def test_a_scale_past_float32_is_refused_without_a_warning(request, backend):
     assert_unchanged(before, y)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "cupy"])
-def test_float16_bias_that_would_overflow_is_refused(request, backend):
-    if backend == "cupy":
-        request.getfixturevalue("emulated")
+def test_float16_bias_that_would_overflow_is_refused(backend):
     y = _conv_bn(np.float16)
     params = nn.get_parameters(grad_only=False)
     params["bn/bn/beta"].data.get_data("rw").flat[3] = 60000.0
@@ -385,10 +375,7 @@ def test_float16_bias_that_would_overflow_is_refused(request, backend):
 
 @pytest.mark.parametrize("eps, words", [(float("nan"), "eps is not finite"),
                                         (-100.0, "variance \\+ eps is not positive")])
-@pytest.mark.parametrize("backend", ["numpy", "cupy"])
-def test_nan_or_negative_eps_is_refused(request, backend, eps, words):
-    if backend == "cupy":
-        request.getfixturevalue("emulated")
+def test_nan_or_negative_eps_is_refused(backend, eps, words):
     nn.clear_parameters()
     x = nn.Variable((2, 3, 5, 5))
     y = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), eps=eps, name="bn", **BN)
@@ -399,10 +386,7 @@ def test_nan_or_negative_eps_is_refused(request, backend, eps, words):
     assert_unchanged(before, y)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "cupy"])
-def test_scale_past_float64_is_refused(request, backend):
-    if backend == "cupy":
-        request.getfixturevalue("emulated")
+def test_scale_past_float64_is_refused(backend):
     nn.clear_parameters()
     x = nn.Variable((2, 3, 5, 5))
     y = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), eps=0.0, name="bn", **BN)
