@@ -562,15 +562,9 @@ def _stored_data_start(z: zipfile.ZipFile, member: zipfile.ZipInfo, archive) -> 
     return start
 
 
-class _Window(io.RawIOBase):
-    """The bytes ``[start, start + size)`` of the open binary file ``f``, as a read-only file of
-    their own: HDF5 reads a stored member in place through it. HDF5 does not look at how much a read
-    returned: ``readinto`` fills the whole buffer, with zeros past the member's end (as HDF5's own
-    driver reads past the end of a file), so that nothing it parses is left unset."""
-
-    def __init__(self, f, start: int, size: int):
-        super().__init__()
-        self.f, self.start, self.size, self.pos = f, start, size, 0
+class _Positioned(io.RawIOBase):
+    """A file object of ``size`` bytes read (and written) at ``pos``, which HDF5 moves about."""
+    pos = size = 0
 
     def readable(self):
         return True
@@ -587,6 +581,17 @@ class _Window(io.RawIOBase):
 
     def tell(self):
         return self.pos
+
+
+class _Window(_Positioned):
+    """The bytes ``[start, start + size)`` of the open binary file ``f``, as a read-only file of
+    their own: HDF5 reads a stored member in place through it. HDF5 does not look at how much a read
+    returned: ``readinto`` fills the whole buffer, with zeros past the member's end (as HDF5's own
+    driver reads past the end of a file), so that nothing it parses is left unset."""
+
+    def __init__(self, f, start: int, size: int):
+        super().__init__()
+        self.f, self.start, self.size, self.pos = f, start, size, 0
 
     def readinto(self, b):
         view = memoryview(b).cast("B")
@@ -1715,7 +1720,7 @@ def _check_h5_names(params) -> None:
                                f"the other")
 
 
-class _SparseFile(io.RawIOBase):
+class _SparseFile(_Positioned):
     """A file in memory holding only what was written to it, in pages, zeros elsewhere: HDF5 writes
     the structure of a file whose values are not written through it. The pages are small: HDF5
     writes a few hundred bytes beside each dataset, and a page held for each of thousands of
@@ -1727,24 +1732,8 @@ class _SparseFile(io.RawIOBase):
         self.pages: Dict[int, bytearray] = {}
         self.pos = self.size = 0
 
-    def readable(self):
-        return True
-
     def writable(self):
         return True
-
-    def seekable(self):
-        return True
-
-    def seek(self, offset, whence=io.SEEK_SET):
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise OSError(errno.EINVAL, "negative seek position")
-        self.pos = base + offset
-        return self.pos
-
-    def tell(self):
-        return self.pos
 
     def truncate(self, size=None):
         size = self.pos if size is None else size
