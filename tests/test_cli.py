@@ -1239,12 +1239,25 @@ def _h5_write_error():
                    "sub-write = 4096, bytes actually written = 18446744073709551615, offset = 0)")
 
 
-@pytest.mark.parametrize("where", ["zip", "fsync", "h5py-oserror", "h5py-runtimeerror", "quota"])
+@pytest.mark.parametrize("where", ["zip", "fsync", "h5py-oserror", "h5py-runtimeerror", "quota",
+                                   "h5-stream"])
 def test_write_failures_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypatch, where):
     import h5py
-    fmt = ".h5" if where.startswith("h5py") else ".protobuf"
+    import threading
+    fmt = ".h5" if where.startswith("h5") else ".protobuf"
     p = nnp_files.single(tmp_path / "m.nnp", parameter_format=fmt)
-    if where in ("zip", "quota"):
+    threads = threading.active_count()
+    if where == "h5-stream":   # the disk fills while the HDF5 member streams, values written before
+        real = N._SparseFile.read_range
+        calls = []
+
+        def fail_later(self, start, end):   # past the first value
+            calls.append(start)
+            if start > 0:
+                raise OSError(28, os.strerror(28))
+            return real(self, start, end)
+        monkeypatch.setattr(N._SparseFile, "read_range", fail_later)
+    elif where in ("zip", "quota"):
         code = 28 if where == "zip" else 122
 
         def fail(*args, **kwargs):
@@ -1266,9 +1279,12 @@ def test_write_failures_are_one_line_and_leave_nothing(tmp_path, capsys, monkeyp
         monkeypatch.setattr(h5py, "File", Failing)
     msg = _bad(tmp_path, capsys, "fold", p)
     assert "0x" not in msg and "errno" not in msg and "nothing written" in msg
-    if where in ("zip", "h5py-oserror"):
+    if where in ("zip", "h5py-oserror", "h5-stream"):
         assert "No space left on device" in msg
     assert "out.nnp" in msg
+    assert threading.active_count() == threads
+    if where == "h5-stream":
+        assert any(calls)
 
 
 @pytest.mark.parametrize("fmt", [".protobuf", ".h5"])
@@ -1817,10 +1833,22 @@ def test_main_leaves_the_process_as_it_was(tmp_path):
         for m in a.infolist():
             z.writestr(m, a.read(m))
         z.writestr("README", b"hello\n")
+    # HDF5 parameters read in place (a CRC checked on a thread) and written straight into the
+    # output; a damaged member refused after that thread ran
+    h5 = nnp_files.single(tmp_path / "h.nnp", parameter_format=".h5")
+    damaged = tmp_path / "damaged.nnp"
+    blob = bytearray(h5.read_bytes())
+    with zipfile.ZipFile(h5) as z:
+        member = z.read("parameter.h5")
+    at = blob.find(member) + len(member) - 1
+    blob[at] ^= 0xFF
+    damaged.write_bytes(bytes(blob))
     before = state()
     assert run("fold", p, "-o", tmp_path / "o.nnp", "--verify", "-q") == 0
     assert run("inspect", p, "-q") == 0
     assert run("fold", bad, "-o", tmp_path / "o2.nnp", "--verify", "-q") == 2
+    assert run("fold", h5, "-o", tmp_path / "o3.nnp", "--verify", "-q") == 0
+    assert run("fold", damaged, "-o", tmp_path / "o4.nnp", "-q") == 2
     assert state() == before
 
 

@@ -550,9 +550,11 @@ def test_hdf5_read_failure_is_said_without_hdf5_internals(tmp_path, capsys, scra
         monkeypatch.setattr(N._Window, "read_at", failing_read)
         return read_values(*args)
     monkeypatch.setattr(N, "_read_pieces", failing_values)
+    threads = threading.active_count()
     msg = _refused(tmp_path, capsys, src)
     assert "parameter.h5" in msg and "input/output error" in msg
     assert "0x" not in msg and "filename" not in msg and "errno" not in msg
+    assert threading.active_count() == threads   # the CRC's thread ended with the read
 
 
 @pytest.mark.parametrize("where", ["values", "structure"])
