@@ -419,14 +419,15 @@ class Slice:
     a slice that keeps them all."""
 
     @staticmethod
-    def _kept(args, shape, axis):
+    def kept(args, shape, axis) -> np.ndarray:
+        """The indices along ``axis`` of a tensor of ``shape`` that the slice keeps."""
         start, stop, step = args["start"][axis], args["stop"][axis], args["step"][axis]
         return np.arange(shape[axis])[slice(start, stop, step)]
 
     @classmethod
     def _sliced_axis(cls, args, in_shape, site):
-        cut = [a for a in site.axes() if cls._kept(args, in_shape, a).size != in_shape[a]
-               or (cls._kept(args, in_shape, a) != np.arange(in_shape[a])).any()]
+        cut = [a for a in site.axes() if cls.kept(args, in_shape, a).size != in_shape[a]
+               or (cls.kept(args, in_shape, a) != np.arange(in_shape[a])).any()]
         if cut and site.a1 - site.a0 > 1:
             raise Stop("it cuts one of several axes the channels span")
         return cut[0] if cut else None
@@ -437,7 +438,7 @@ class Slice:
         axis = cls._sliced_axis(args, in_shape, Site(in_shape, site.a0, site.a1))
         if axis is None:
             return [(0, Site(in_shape, site.a0, site.a1), same)]
-        kept = cls._kept(args, in_shape, axis)
+        kept = cls.kept(args, in_shape, axis)
 
         def spread(g, kept=kept, size=in_shape[axis]):
             out = np.full(size, -1, np.int64)
@@ -452,7 +453,7 @@ class Slice:
         out = Site(tuple(out_shapes[0]), site.a0, site.a1)
         if axis is None:
             return out, same
-        kept = cls._kept(args, in_shape, axis)
+        kept = cls.kept(args, in_shape, axis)
         return out, lambda g, kept=kept: g[kept]
 
 

@@ -3,11 +3,14 @@ affine map ``y = s * x + t``, moved exactly to a layer that absorbs it.
 
 One pass over the functions finds the maps; then each map, downstream ones first, moves backward
 (against the data) through the functions it commutes with (``moves``), composing every map it meets,
-until the output of a layer absorbs it, which is always exact; failing that it moves forward until the
-input of a layer absorbs it, where that is exact. A layer absorbs one map on each side. After an add
-of two branches, the map's scale goes into both branches' layers and its shift into one. A layer
-without a bias of its own (the matrix product NNabla's ONNX importer makes of Gemm) leaves the map's
-shift in the add of its bias that follows it. Every BN that stays says which function stopped it.
+until the output of a layer absorbs it, which is always exact; failing that it moves forward until
+the input of a layer absorbs it, where that is exact; where several functions read the value it
+moves through (a fork), it goes to every reader's layer or stays. Going back, a value that other
+functions read too is passed where they are slices of channels the map leaves alone (a layer's
+output in parts, a BN on each). A layer absorbs one map on each side (maps on parts of it joined). After an add of two branches, the map's scale goes into both branches' layers and its shift
+into one. A layer without a bias of its own (the matrix product NNabla's ONNX importer makes of
+Gemm) leaves the map's shift in the add of its bias that follows it. Every BN that stays says which
+function stopped it.
 """
 import fnmatch
 from dataclasses import dataclass, field, replace
@@ -99,11 +102,12 @@ class _Walk:
     maps: List[_Map]
     region: List[_Fn]
     park: Optional[tuple] = None     # (add map, its site, terms from it on): where a shift can stay
+    passed: list = field(default_factory=list)   # maps passed that a layer before absorbs already
 
     def copy(self):
         return _Walk(self.site, [_Term(t.term, t.gather, t.scale_only, t.identity)
                                  for t in self.terms],
-                     list(self.maps), list(self.region), self.park)
+                     list(self.maps), list(self.region), self.park, list(self.passed))
 
 
 @dataclass
@@ -191,6 +195,7 @@ class _Planner:
         self.claimed = set()                          # map functions taken by a fold
         self.held = set()                             # adds whose constant holds a layer's bias
         self.sides: Dict[Tuple[int, str], _Side] = {}
+        self.owner: Dict[int, Tuple[int, str]] = {}   # map function -> the first side taking it
         self.wanted_bias = set()                      # matrix products a map after found no bias of
         self._values_cache = {}
         self._holders = None                          # array -> the graph's variables holding it
@@ -456,7 +461,7 @@ class _Planner:
         if self._is_layer_bias(m):
             raise _LayerBias("it is the bias of the BatchMatmul before it")
         walk = self._start(m)
-        sides = self._walk_back(m.fn.inputs[m.data], walk, "its input")
+        sides = self._walk_back(m.fn.inputs[m.data], walk, "its input", (m.fn, m.data))
         for side in sides:   # every branch reached a layer: commit
             self._claim_side(side)
 
@@ -480,17 +485,27 @@ class _Planner:
             var = fn.inputs[0]
         return False
 
-    def _walk_back(self, var, walk: _Walk, what: str) -> List[_Side]:
+    def _walk_back(self, var, walk: _Walk, what: str, reader) -> List[_Side]:
+        """The sides the walk's map reaches going back from ``var``, which ``reader`` (function,
+        input) reads."""
         while True:
-            self._only_here(var, what)
+            self._apart(var, what, walk, reader)
             fn = self.by_f.get(var.parent)
             if fn is None:
                 raise _Reject(f"no layer before it ({what} is not computed by a function)")
             m = self.maps.get(fn.index)
+            if m is not None and m.fn.outputs[0] == var and not m.fused and \
+                    self.owner.get(fn.index, (None, None))[1] == OUTPUT_SIDE:
+                # a layer before absorbs it already: the walk goes on to that layer, to be
+                # applied after it there
+                walk.passed.append(m)
+                walk.region.append(fn)
+                var, what, reader = fn.inputs[m.data], f"the input of {m.term.label}", (fn, m.data)
+                continue
             if m is not None and fn.index not in self.claimed and m.fn.outputs[0] == var \
                     and (not m.fused or self._through_relu(fn, m, walk)):
                 self._compose_before(walk, m)
-                var, what = fn.inputs[m.data], f"the input of {m.term.label}"
+                var, what, reader = fn.inputs[m.data], f"the input of {m.term.label}", (fn, m.data)
                 continue
             if fn.type in FOLDABLE_INTO and fn.outputs[0] == var:
                 return [self._absorb_output(fn, walk)]
@@ -498,19 +513,63 @@ class _Planner:
                 return self._join_back(fn, walk)
             if fn.type in BN_TYPES or m is not None:
                 raise _Reject(f"the function before it is {self._map_name(fn, m)}")
+            before = self._site_for(walk, fn.out_shapes[0])
             ways = self._through(fn, walk)
             if len(ways) == 1:
                 k, site, transform = ways[0]
-                self._move(walk, site, transform)
-                var, what = fn.inputs[k], f"the input of {fn.type}"
+                # a uniform map (a scalar's, a one-channel BN's) through a slice of a value others
+                # read too: over the channels kept only, so that what the others read may stay
+                shared = fn.type == "Slice" and len(self.consumers.get(fn.inputs[k], ())) > 1
+                self._move(walk, site, transform, before if shared else None)
+                var, what, reader = fn.inputs[k], f"the input of {fn.type}", (fn, k)
                 continue
             sides = []
             for k, site, transform in ways:     # a concatenation: every input takes its channels
                 branch = walk.copy()
                 branch.park = None
                 self._move(branch, site, transform)
-                sides += self._walk_back(fn.inputs[k], branch, f"input {k} of {fn.type}")
+                sides += self._walk_back(fn.inputs[k], branch, f"input {k} of {fn.type}", (fn, k))
             return sides
+
+    def _apart(self, var, what: str, walk: _Walk, reader):
+        """_Reject unless changing ``var`` where the walk's map touches it changes nothing but what
+        ``reader`` reads: ``var`` is no graph output, and every other function reading it is a
+        Slice of channels the map leaves alone (a layer's output split into parts, each with its
+        own BN). A map before ``var`` that the walk composes goes whole into the layer, so the
+        others still read it applied."""
+        others = [(fn, k) for fn, k in self.consumers.get(var, ()) if (fn, k) != reader]
+        if not others or var in self.outputs:
+            self._only_here(var, what)
+            return
+        touched = self._touched(walk)
+        for fn, k in others:
+            read = self._slice_reads(fn, walk.site) if touched is not None else None
+            if read is None or (read & touched).any():
+                raise _Reject(f"{what} also feeds {self._uses(var) - 1} other function input(s)")
+        outside = sum(1 for f in var.function_references if _live(f) and f not in self.by_f
+                      for v in f.inputs if v == var)
+        if outside:
+            raise _Reject(f"{what} also feeds {outside} function input(s) outside the graph")
+
+    @staticmethod
+    def _touched(walk: _Walk) -> Optional[np.ndarray]:
+        """The channels of the walk's site its map changes (a mask), None where it changes all."""
+        if walk.site is None or any(t.gather is None for t in walk.terms):
+            return None
+        touched = np.zeros(walk.site.n, bool)
+        for t in walk.terms:
+            touched |= t.gather >= 0
+        return touched
+
+    @staticmethod
+    def _slice_reads(fn: _Fn, site: Site) -> Optional[np.ndarray]:
+        """The channels of ``site`` a Slice reads (a mask), None where ``fn`` is no Slice."""
+        if fn.type != "Slice" or tuple(fn.in_shapes[0]) != site.shape:
+            return None
+        axes = list(site.axes())
+        read = np.zeros([site.shape[a] for a in axes], bool)
+        read[np.ix_(*[moves.Slice.kept(fn.args, site.shape, a) for a in axes])] = True
+        return read.reshape(-1)
 
     def _through_relu(self, fn: _Fn, m: _Map, walk: _Walk) -> bool:
         """relu(BN(x)) without an add: whether the walk's map passes the ReLU (no shift, no negative
@@ -558,7 +617,7 @@ class _Planner:
                 for t in branch.terms:
                     t.scale_only = True
             self._move(branch, site, transform)
-            sides += self._walk_back(fn.inputs[k], branch, f"input {k} of {fn.type}")
+            sides += self._walk_back(fn.inputs[k], branch, f"input {k} of {fn.type}", (fn, k))
         return sides
 
     def _compose_before(self, walk: _Walk, m: _Map):
@@ -627,35 +686,77 @@ class _Planner:
 
     # -- forward: to a layer's input -------------------------------------------------------------------
     def _forward(self, m: _Map):
-        walk = self._start(m)
-        var = m.fn.outputs[0]
-        what = "its output"
-        while True:
+        sides = self._walk_forward(m.fn.outputs[0], self._start(m), "its output")
+        keys = [(side.fn.index, side.side) for side in sides]
+        if len(set(keys)) != len(keys):
+            twice = next(side.fn for side in sides if keys.count((side.fn.index, side.side)) > 1)
+            raise _Reject(f"its output reaches the input of the {twice.type} by two paths")
+        for side in sides:   # every reader reached a layer: commit
+            self._claim_side(side)
+
+    def _readers(self, var, what: str) -> list:
+        """The graph's (function, input) pairs reading ``var``, every one of which a forward map must
+        reach a layer through; _Reject where ``var`` is a graph output or is read outside the
+        graph."""
+        readers = self.consumers.get(var, [])
+        if len(readers) < 2:
             self._only_here(var, what)
-            fn, k = self.consumers[var][0]
-            nxt = self.maps.get(fn.index)
-            if nxt is not None and fn.index not in self.claimed and nxt.data == k and not nxt.fused:
-                gather = self._gather_here(walk, nxt)
-                walk.terms.append(_Term(nxt.term, gather,
-                                        identity=self._identity(walk, nxt, gather)))
-                walk.maps.append(nxt)
-                walk.region.append(fn)
-                var, what = fn.outputs[0], f"the output of {nxt.term.label}"
+            return readers
+        if var in self.outputs:
+            raise _Reject(f"{what} is also a graph output")
+        outside = sum(1 for f in var.function_references if _live(f) and f not in self.by_f
+                      for v in f.inputs if v == var)
+        if outside:
+            raise _Reject(f"{what} also feeds {outside} function input(s) outside the graph")
+        return readers
+
+    def _walk_forward(self, var, walk: _Walk, what: str) -> List[_Side]:
+        """The sides the walk's map reaches from ``var`` on: one per layer. Where ``var`` (or a value
+        after it) is read by several functions (a fork), the map goes to every reader, each on its
+        own copy of the walk, or nowhere."""
+        while True:
+            readers = self._readers(var, what)
+            if len(readers) == 1:
+                step = self._step_forward(*readers[0], walk)
+                if isinstance(step, list):
+                    return step
+                var, what = step
                 continue
-            if fn.type in FOLDABLE_FROM and k == 0:
-                self._claim_side(self._absorb_input(fn, walk))
-                return
-            if fn.type in BN_TYPES or nxt is not None:
-                raise _Reject(f"the function after it is {self._map_name(fn, nxt)}")
-            before = self._site_for(walk, fn.in_shapes[k])
-            try:
-                site, transform = moves.forward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, k,
-                                                before, _Facts(self, walk))
-            except Stop as s:
-                raise _Reject(f"the function after it is {fn.type}: {s}") from None
+            sides = []
+            for n, (fn, k) in enumerate(readers):
+                branch = walk.copy()
+                try:
+                    step = self._step_forward(fn, k, branch)
+                    sides += step if isinstance(step, list) else \
+                        self._walk_forward(step[0], branch, step[1])
+                except _Reject as r:
+                    raise _Reject(f"{what} feeds {len(readers)} function inputs, and reader "
+                                  f"{n + 1} ({fn.type}) does not take the map: {r}") from None
+            return sides
+
+    def _step_forward(self, fn: _Fn, k: int, walk: _Walk):
+        """The walk's map at input ``k`` of ``fn``: absorbed (the side, in a list), or composed or
+        moved past it ((the output, what it is) to go on from)."""
+        nxt = self.maps.get(fn.index)
+        if nxt is not None and fn.index not in self.claimed and nxt.data == k and not nxt.fused:
+            gather = self._gather_here(walk, nxt)
+            walk.terms.append(_Term(nxt.term, gather, identity=self._identity(walk, nxt, gather)))
+            walk.maps.append(nxt)
             walk.region.append(fn)
-            self._move(walk, site, transform, before)
-            var, what = fn.outputs[0], f"the output of {fn.type}"
+            return fn.outputs[0], f"the output of {nxt.term.label}"
+        if fn.type in FOLDABLE_FROM and k == 0:
+            return [self._absorb_input(fn, walk)]
+        if fn.type in BN_TYPES or nxt is not None:
+            raise _Reject(f"the function after it is {self._map_name(fn, nxt)}")
+        before = self._site_for(walk, fn.in_shapes[k])
+        try:
+            site, transform = moves.forward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, k,
+                                            before, _Facts(self, walk))
+        except Stop as s:
+            raise _Reject(f"the function after it is {fn.type}: {s}") from None
+        walk.region.append(fn)
+        self._move(walk, site, transform, before)
+        return fn.outputs[0], f"the output of {fn.type}"
 
     # -- absorbing ------------------------------------------------------------------------------------
     def _layer_arrays(self, fn: _Fn, side: str):
@@ -743,8 +844,15 @@ class _Planner:
         return None
 
     def _absorb_output(self, fn: _Fn, walk: _Walk) -> _Side:
-        if (fn.index, OUTPUT_SIDE) in self.sides:
-            raise _Reject(f"the {fn.type} before it already absorbs another map")
+        existing = self.sides.get((fn.index, OUTPUT_SIDE))
+        if existing is not None:
+            if fn.type == "BatchMatmul" or existing.park is not None or \
+                    any(p not in existing.maps for p in walk.passed):
+                raise _Reject(f"the {fn.type} before it already absorbs another map")
+            walk = self._joined(existing, walk, fn, "before", after=bool(walk.passed))
+        elif walk.passed:
+            raise _Reject(f"the {fn.type} before it is not the layer that absorbs "
+                          f"{walk.passed[0].term.label}")
         arrays = self._layer_arrays(fn, OUTPUT_SIDE)
         w, w_reshapes = arrays[:2]
         site = self._resite(fn, walk, OUTPUT_SIDE)
@@ -792,7 +900,7 @@ class _Planner:
         if park is not None and not park[0].is_bn:   # the add's constant is rewritten: the
             region += park[0].constant[1][1]         # reshapes it passes are rebuilt
         return _Side(fn, OUTPUT_SIDE, site, walk.terms, walk.maps, park, _label(walk),
-                     region, scale_only, layouts, arrays)
+                     list(dict.fromkeys(region)), scale_only, layouts, arrays)
 
     def _bn_as_bias(self, walk: _Walk, site: Site) -> Optional[_Map]:
         """The BN that can become the add of a new bias after a matrix product without one (a
@@ -872,10 +980,13 @@ class _Planner:
         return _Side(fn, INPUT_SIDE, site, walk.terms, walk.maps, None, _label(walk),
                      list(dict.fromkeys(region)), scale_only, layouts, arrays, append)
 
-    def _joined(self, side: _Side, walk: _Walk, fn: _Fn) -> _Walk:
-        """The walk joined with the map a layer's input already absorbs, where both reach it over
-        the same channels of its input and cover none in common (each on its own input of a
-        concatenation): one map, applied term after term, each the identity off its channels."""
+    def _joined(self, side: _Side, walk: _Walk, fn: _Fn, where: str = "after",
+                after: bool = False) -> _Walk:
+        """The walk joined with the map a layer's side already absorbs, where both reach it over
+        the same channels and cover none in common (each on its own input of a concatenation, or
+        its own slice of the layer's output), or, ``after``, where the walk's map applies after
+        the other (it passed it): one map, applied term after term, each the identity off its
+        channels."""
         n = side.site.n if side.site is not None else 0
 
         def covered(terms):
@@ -887,8 +998,8 @@ class _Planner:
             return c
         a = covered(side.terms) if side.site == walk.site else None
         b = covered(walk.terms) if a is not None else None
-        if a is None or b is None or (a & b).any():
-            raise _Reject(f"the {fn.type} after it already absorbs another map on its channels")
+        if a is None or b is None or (a & b).any() and not after:
+            raise _Reject(f"the {fn.type} {where} it already absorbs another map on its channels")
         terms = [_Term(t.term, t.gather, t.scale_only, t.identity) for t in side.terms] + walk.terms
         return _Walk(walk.site, terms, list(side.maps) + walk.maps, side.region + walk.region)
 
@@ -918,6 +1029,7 @@ class _Planner:
         self.sides[(side.fn.index, side.side)] = side
         for m in side.maps:
             self.claimed.add(m.fn.index)
+            self.owner.setdefault(m.fn.index, (side.fn.index, side.side))
         # the add holding a matrix product's bias stays, its constant rewritten: no other fold may
         # move it (it would take the old constant, without the shift written into it)
         if side.park is not None:

@@ -498,6 +498,136 @@ def test_slice_of_channels(backend, inplace):
     check(y, backend, inplace, folded=["bn/bn"])
 
 
+def _forked(channel_last):
+    """A BN after a ReLU (it cannot go back), read by four functions: a layer, a slice of channels
+    then a layer, a scale then a layer, a flatten then an Affine. Channel-last, the layers are
+    Affines over the last axis (NNabla's CPU convolution is channel-first only)."""
+    shape = (2, 6, 6, 3) if channel_last else (2, 3, 6, 6)
+    axis = 3 if channel_last else 1
+    x = nn.Variable(shape)
+    h = PF.batch_normalization(F.relu(x), axes=[axis], name="bn", **BN)
+    start, stop = [0] * 4, list(shape)
+    start[axis] = 1
+
+    def layer(v, n, k, name):
+        if channel_last:
+            return PF.affine(v, n, base_axis=3, name=name)
+        return PF.convolution(v, n, (k, k), name=name)
+    a = layer(h, 4, 1, "a")
+    b = layer(F.slice(h, start, stop), 2, 3, "b")
+    c = layer(F.mul_scalar(h, -1.5), 2, 2, "c")
+    d = PF.affine(F.reshape(h, (2, 108)), 3, name="fc")
+    return x, [F.relu(a), F.relu(b), c, d]
+
+
+@pytest.mark.parametrize("channel_last", [False, True])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_bn_forking_into_several_layers(backend, inplace, channel_last):
+    # forward, to every reader: each layer takes the map over the channels it reads
+    def model():
+        x, ys = _forked(channel_last)
+        return [x], ys
+    _, y = build(model)
+    res = check(y, backend, inplace)
+    assert sorted(res.plan.folded_maps)[1] == "bn/bn" and \
+        sorted(res.plan.folded_maps)[0].startswith("MulScalar(-1.5)")
+    assert sorted((s.kind, s.side) for s in res.folded) == (
+        [("Affine", "input")] * 4 if channel_last else
+        [("Affine", "input")] + [("Convolution", "input")] * 3)
+    assert bn_count(res.outputs) == 0
+
+
+def test_bn_forking_into_several_layers_in_a_file(tmp_path):
+    def model():
+        x, ys = _forked(False)
+        return [x], F.concatenate(*[F.reshape(v, (2, -1)) for v in ys], axis=1)
+    (x,), y = build(model)
+    assert _folds_in_a_file(tmp_path, x, y)["folded_count"] == 1
+
+
+@pytest.mark.parametrize("reader", ["sigmoid", "max pooling", "zero padding", "graph output",
+                                    "two paths", "outside the graph"])
+def test_bn_forking_where_one_reader_stops_the_map_stays(backend, reader):
+    # the map goes to every reader or to none; the reason names the reader that stops it
+    held = []
+
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        h = PF.batch_normalization(F.relu(x), name="bn", **BN)
+        a = PF.convolution(h, 4, (1, 1), name="a")
+        if reader == "sigmoid":
+            return [x], [a, F.sigmoid(h)]
+        if reader == "max pooling":   # a negative scale (build makes some) turns max into min
+            return [x], [a, PF.convolution(F.max_pooling(h, (2, 2)), 2, (1, 1), name="b")]
+        if reader == "zero padding":
+            return [x], [a, PF.convolution(h, 2, (3, 3), pad=(1, 1), name="b")]
+        if reader == "graph output":
+            return [x], [a, h]
+        if reader == "two paths":
+            return [x], [a, PF.convolution(F.concatenate(h, h, axis=1), 2, (1, 1), name="b")]
+        held.append(F.sigmoid(h))   # a function the caller holds, outside the graph folded
+        return [x], [a, PF.convolution(h, 2, (1, 1), name="b")]
+    _, y = build(model)
+    res = check(y, backend, kept=["bn/bn"])
+    why = res.skipped[0].reason
+    expected = {"sigmoid": "its output feeds 2 function inputs, and reader 2 (Sigmoid) does not "
+                           "take the map: the function after it is Sigmoid",
+                "max pooling": "reader 2 (MaxPooling) does not take the map",
+                "zero padding": "reader 2 (Convolution) does not take the map: the Convolution "
+                                "after it zero-pads",
+                "graph output": "its output is also a graph output",
+                "two paths": "its output reaches the input of the Convolution by two paths",
+                "outside the graph": "its output also feeds 1 function input(s) outside the graph",
+                }[reader]
+    assert expected in why, why
+
+
+def _parts(parts, reader=None, bn_first=False):
+    """A convolution's output (``bn_first``: then a BN) sliced into channel groups (``parts``:
+    (start, stop, step)), a BN on each group but the last (a ReLU there), the groups concatenated;
+    ``reader``: another slice (start, stop, step) read by a Sigmoid."""
+    x = nn.Variable((2, 3, 6, 6))
+    h = PF.convolution(x, 8, (3, 3), pad=(1, 1), name="c")
+    if bn_first:
+        h = PF.batch_normalization(h, name="bn", **BN)
+    cut = [F.slice(h, (0, a, 0, 0), (2, b, 6, 6), (1, k, 1, 1)) for a, b, k in parts]
+    out = [PF.batch_normalization(p, name=f"bn{i}", **BN) for i, p in enumerate(cut[:-1])]
+    ys = [F.relu(F.concatenate(*out, F.relu(cut[-1]), axis=1))]
+    if reader is not None:
+        a, b, k = reader
+        ys.append(F.sigmoid(F.slice(h, (0, a, 0, 0), (2, b, 6, 6), (1, k, 1, 1))))
+    return [x], ys
+
+
+@pytest.mark.parametrize("parts", [((0, 3, 1), (3, 5, 1), (5, 8, 1)),
+                                   ((0, 8, 2), (1, 8, 4), (3, 8, 4))])
+@pytest.mark.parametrize("bn_first", [False, True])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_layer_output_in_parts_each_with_its_bn(backend, inplace, parts, bn_first):
+    # each BN goes back to the layer over its own channels (groups of adjacent channels, or
+    # interleaved); the other parts read channels it leaves alone; the layer takes all in one call
+    # (a BN before the parts first: each part's BN applies after it)
+    _, y = build(lambda: _parts(parts, bn_first=bn_first))
+    res = check(y, backend, inplace, folded=["bn0/bn", "bn1/bn"] + ["bn/bn"] * bn_first)
+    assert [(s.kind, s.side) for s in res.folded] == [("Convolution", "output")]
+
+
+def test_layer_output_in_parts_each_with_its_bn_in_a_file(tmp_path):
+    (x,), y = build(lambda: _parts(((0, 3, 1), (3, 5, 1), (5, 8, 1))))
+    assert _folds_in_a_file(tmp_path, x, y[0])["folded_count"] == 2
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_layer_output_in_parts_read_elsewhere(backend, overlap):
+    # another slice reading channels a BN changes keeps that BN; one reading others does not
+    reader = (2, 3, 1) if overlap else (5, 7, 1)
+    _, y = build(lambda: _parts(((0, 3, 1), (3, 5, 1), (5, 8, 1)), reader))
+    res = check(y, backend, folded=["bn1/bn"] if overlap else ["bn0/bn", "bn1/bn"],
+                kept=["bn0/bn"] if overlap else [])
+    if overlap:
+        assert "the input of Slice also feeds 3 other function input(s)" in res.skipped[0].reason
+
+
 @pytest.mark.parametrize("scalar", ["MulScalar", "AddScalar", "Mul2", "one-channel BN"])
 @pytest.mark.parametrize("inplace", INPLACE)
 def test_uniform_map_then_concatenate_covers_its_own_input_only(backend, inplace, scalar):

@@ -91,9 +91,9 @@ def random_graph(rng, base_axis=1, made=None, onnx_linear=True):
 
 def _mover(rng, h, axis, made, name, onnx_linear=True):
     """A function a map moves through (or not, by its statistics), a constant multiply or add, two
-    layers added, a BN of one channel (one map for every element, as a scalar's), an ONNX Linear,
+    layers added, one value read by two layers or in two parts, a BN of one channel (one map for every element, as a scalar's), an ONNX Linear,
     a mean or sum over space, a padding, a tile, a BN over two axes, or a slice of channels."""
-    kind = rng.randint(10)
+    kind = rng.randint(11)
     c = h.shape[axis]
     if kind == 0:   # the spatial axes merged and split again
         flat = F.reshape(h, h.shape[:axis + 1] + (h.shape[-2] * h.shape[-1],))
@@ -117,11 +117,13 @@ def _mover(rng, h, axis, made, name, onnx_linear=True):
         return F.mul2(h, const) if rng.rand() < 0.5 else F.add2(h, const)
     if kind == 5:
         return h * float(rng.uniform(0.5, 2)) if rng.rand() < 0.5 else h + float(rng.randn())
-    if kind == 6:   # two layers on one input, added: a map after the add splits between them
+    if kind == 6:   # two layers on one input, added: a map after the add splits between them, a
+        # map before the fork goes to both (where neither zero-pads)
         out = int(rng.randint(1, 4))
+        k = int(rng.choice([1, 3]))
         a = PF.convolution(h, out, (1, 1), base_axis=axis, name=f"{name}a")
-        b = PF.convolution(h, out, (3, 3), pad=(1, 1), base_axis=axis, with_bias=rng.rand() < 0.5,
-                           name=f"{name}b")
+        b = PF.convolution(h, out, (k, k), pad=(k // 2, k // 2), base_axis=axis,
+                           with_bias=rng.rand() < 0.5, name=f"{name}b")
         return a + b
     if kind == 7:
         one = F.reshape(h, h.shape + (1,))
@@ -139,6 +141,25 @@ def _mover(rng, h, axis, made, name, onnx_linear=True):
             b = nn.parameter.get_parameter_or_create(f"{name}_b", (out,))
             m = F.add2(m, F.reshape(b, (1,) * (len(t.shape) - 1) + (out,)))
         return F.transpose(m, [perm.index(a) for a in range(len(perm))])
+    if kind == 10 and c >= 2 and rng.rand() < 0.5:   # in two parts, a BN on the first
+        cut = int(rng.randint(1, c))
+        start, stop = [0] * len(h.shape), list(h.shape)
+        stop[axis] = cut
+        first = PF.batch_normalization(F.slice(h, start, stop), axes=[axis], batch_stat=False,
+                                       name=name)
+        start[axis], stop[axis] = cut, c
+        return F.concatenate(first, F.slice(h, start, stop), axis=axis)
+    if kind == 10:   # one value read by two layers, one through a slice of channels: a map
+        # before the fork goes to both (a BN after a ReLU: it does not go back)
+        if rng.rand() < 0.7:
+            h = PF.batch_normalization(F.relu(h), axes=[axis], batch_stat=False, name=name)
+        start = [0] * len(h.shape)
+        start[axis] = int(rng.randint(0, c))
+        a = PF.convolution(h, int(rng.randint(1, 4)), (1, 1), base_axis=axis,
+                           with_bias=rng.rand() < 0.5, name=f"{name}a")
+        b = PF.convolution(F.slice(h, start, h.shape), int(rng.randint(1, 4)), (1, 1),
+                           base_axis=axis, with_bias=rng.rand() < 0.5, name=f"{name}b")
+        return F.concatenate(a, b, axis=axis)
     r = rng.rand() if kind == 9 else 1.0
     if r < 0.35 and len(h.shape) > axis + 1:   # ONNX's ReduceMean over space
         space = tuple(range(axis + 1, len(h.shape)))[-int(rng.randint(1, 3)):]
@@ -201,19 +222,105 @@ def test_random_graphs_through_the_gpu_backend_emulated(host, monkeypatch, seed)
 def test_the_generator_makes_every_kind_of_fold_and_skip():
     """The random graphs above reach every fold kind and side and the main reasons to keep a BN
     (so a generator that drifted into trivial graphs would show here)."""
-    kinds, reasons, fused = set(), [], 0
+    kinds, reasons, fused, forks = set(), [], 0, 0
     for seed in range(300):
         res = check_random_fold(seed)
         kinds.update((r.kind, r.side) for r in res.folded)
+        inputs = [r.bn for r in res.folded if r.side == "input"]
+        forks += len(inputs) > len(set(inputs))   # a map that went to several layers' inputs
         fused += sum(r.bn_type == "FusedBatchNormalization" for r in res.folded)
         reasons += [r.reason for r in res.skipped]
     assert {("Convolution", "output"), ("Convolution", "input"), ("Deconvolution", "output"),
             ("DepthwiseConvolution", "output"), ("DepthwiseConvolution", "input"),
             ("DepthwiseDeconvolution", "output"), ("Affine", "output"), ("Affine", "input")} <= kinds
-    assert fused > 0
+    assert fused > 0 and forks > 0
     for why in ("also feeds", "graph output", "no layer before it", "the function before it is ReLU",
                 "zero-pads", "whose add and ReLU stop the map"):
         assert any(why in r for r in reasons), why
+
+
+def random_parts_graph(rng):
+    """One value (a layer's output, a BN's after it, or a BN's after a ReLU, which only moves
+    forward) read by up to four functions: slices of its channels (adjacent, interleaved,
+    overlapping) or the value whole, each followed by a BN, a ReLU, a layer (1x1, or zero-padded
+    3x3), a BN then a layer, or a max pooling then a layer; the results concatenated along the
+    channels or each a graph output."""
+    x = nn.Variable((2, 3, 5, 5))
+    r = rng.rand()
+    if r < 0.7:
+        h = PF.convolution(x, int(rng.randint(2, 7)), (3, 3), pad=(1, 1),
+                           with_bias=rng.rand() < 0.5, name="c")
+        if r < 0.3:   # then a BN: the parts' maps cannot compose with it and leave it for others
+            h = PF.batch_normalization(h, batch_stat=False, name="bn")
+    else:
+        h = PF.batch_normalization(F.relu(x), batch_stat=False, name="bn")
+    c = h.shape[1]
+    n = int(rng.randint(1, min(c, 4) + 1))
+    kind = rng.randint(3)
+    if kind == 0:    # adjacent groups
+        cuts = [0] + sorted(rng.choice(np.arange(1, c), n - 1, replace=False).tolist()) + [c]
+        cut = [(cuts[i], cuts[i + 1], 1) for i in range(n)]
+    elif kind == 1:  # interleaved groups
+        cut = [(i, c, n) for i in range(n)]
+    else:            # anything, overlapping or whole
+        cut = []
+        for _ in range(n):
+            start = int(rng.randint(0, c))
+            cut.append(None if rng.rand() < 0.2 else
+                       (start, int(rng.randint(start + 1, c + 1)), int(rng.choice([1, 2, 3]))))
+    ys = []
+    for i, part in enumerate(cut):
+        v = h
+        if part is not None:
+            start, stop, step = part
+            v = F.slice(h, (0, start, 0, 0), (2, stop, 5, 5), (1, step, 1, 1))
+        op = rng.randint(5)
+        if op in (0, 3):
+            v = PF.batch_normalization(v, batch_stat=False, name=f"bn{i}")
+        if op == 1:
+            v = F.relu(v)
+        if op == 4:
+            v = F.max_pooling(v, (2, 2), (1, 1))
+        if op in (2, 3, 4):
+            k = int(rng.choice([1, 3]))
+            v = PF.convolution(v, int(rng.randint(1, 4)), (k, k), pad=(k // 2, k // 2),
+                               name=f"l{i}")
+        ys.append(v)
+    if rng.rand() < 0.5 and len(ys) > 1 and all(y.shape[2:] == ys[0].shape[2:] for y in ys):
+        return x, [F.relu(F.concatenate(*ys, axis=1))]
+    return x, ys
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cupy"])
+def test_random_values_read_in_parts_fold_exactly(host, monkeypatch, backend):
+    """Random forks and channel groups: a map moves forward to every reader or stays, and back to a
+    layer whose other readers take channels it leaves alone; exact, in one call, every BN folded
+    or kept with a reason."""
+    if backend == "cupy":
+        import fake_cupy
+        from bnfold_gpu.backends import cupy_backend
+        monkeypatch.setattr(cupy_backend, "cupy", fake_cupy.make(host))
+        monkeypatch.setattr(cupy_backend, "_MODULES", {})
+    forks = parts = 0
+    for seed in range(60):
+        nn.clear_parameters()
+        rng = np.random.RandomState(seed)
+        x, outputs = random_parts_graph(rng)
+        randomize_all(rng)
+        feed(rng, x)
+        before = forward_all(outputs)
+        n_bn = bn_count(outputs)
+        res = bnfold_gpu.fold(outputs, inplace=rng.rand() < 0.7, backend=backend)
+        for a, b in zip(forward_all(res.outputs), before):
+            assert a.shape == b.shape and rel_err(a, b) < 1e-4, (seed, rel_err(a, b))
+        assert len(res.plan.folded_bns) + len(res.skipped) == n_bn == \
+            bn_count(res.outputs) + len(res.plan.folded_bns)
+        assert all(s.reason for s in res.skipped)
+        again = bnfold_gpu.plan(res.outputs)
+        assert again.folds == () and len(again.skipped) == len(res.skipped), (seed, again.folds)
+        forks += any(r.bn == "bn/bn" and r.side == "input" for r in res.folded)
+        parts += any("+" in r.bn and r.side == "output" for r in res.folded)
+    assert forks and parts   # both kinds of move happen
 
 
 @pytest.mark.parametrize("seed", range(12))
