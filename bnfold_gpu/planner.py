@@ -514,6 +514,23 @@ class _Planner:
             if fn.type in BN_TYPES or m is not None:
                 raise _Reject(f"the function before it is {self._map_name(fn, m)}")
             before = self._site_for(walk, fn.out_shapes[0])
+            part = self._split_part(fn) if fn.type == "Stack" else None
+            if part is not None:   # a slice of the Split's input: moved back as one
+                split, args, axis, kept = part
+                try:
+                    (_, site, transform), = moves.Slice.backward(
+                        args, split.in_shapes, fn.out_shapes, before, _Facts(self, walk))
+                except Stop as s:
+                    raise _Reject(f"the function before it is Stack: {s}") from None
+                walk.region += [fn, split]
+                self._move(walk, site, transform, before)
+                if kept.size < split.in_shapes[0][axis]:   # the Split's other outputs read the rest
+                    touched = self._touched(walk)
+                    if touched is None or (walk.site.a0, walk.site.a1) != (axis, axis + 1) or                             np.delete(touched, kept).any():
+                        raise _Reject("the Split before it has other outputs, which read what "
+                                      "the map would change")
+                var, what, reader = split.inputs[0], "the input of Split", (split, 0)
+                continue
             ways = self._through(fn, walk)
             if len(ways) == 1:
                 k, site, transform = ways[0]
@@ -530,6 +547,28 @@ class _Planner:
                 self._move(branch, site, transform)
                 sides += self._walk_back(fn.inputs[k], branch, f"input {k} of {fn.type}", (fn, k))
             return sides
+
+    def _split_part(self, fn: _Fn) -> Optional[tuple]:
+        """(the Split, the Slice arguments the pair amounts to, the axis, the indices kept) where the Stack ``fn`` joins
+        consecutive outputs of one Split, in order, along the axis the Split removed, each output
+        read by this Stack only: a slice of the Split's input (NNabla's ONNX importer makes an
+        ONNX Split into a Split and a Stack per part). Else None."""
+        parents = {v.parent for v in fn.inputs}
+        split = self.by_f.get(next(iter(parents))) if len(parents) == 1 else None
+        if split is None or split.type != "Split":
+            return None
+        shape = split.in_shapes[0]
+        axis = split.args["axis"] % len(shape)
+        if fn.args["axis"] % len(fn.out_shapes[0]) != axis:
+            return None
+        at = [next((i for i, o in enumerate(split.outputs) if o == v), -1) for v in fn.inputs]
+        if at != list(range(at[0], at[0] + len(at))) or at[0] < 0:
+            return None
+        if any(v in self.outputs or self._uses(v) != 1 for v in fn.inputs):
+            return None
+        start, stop = [0] * len(shape), list(shape)
+        start[axis], stop[axis] = at[0], at[0] + len(at)
+        return split, {"start": start, "stop": stop, "step": [1] * len(shape)}, axis,             np.arange(at[0], at[0] + len(at))
 
     def _apart(self, var, what: str, walk: _Walk, reader):
         """_Reject unless changing ``var`` where the walk's map touches it changes nothing but what

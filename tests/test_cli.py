@@ -268,6 +268,55 @@ def test_onnx_gemm_with_alpha_or_beta_then_batchnorm(tmp_path, alpha, beta):
     assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
 
 
+@pytest.mark.parametrize("bn_first", [False, True])
+def test_onnx_split_then_a_batchnorm_per_part(tmp_path, bn_first):
+    """Conv -> Split(3, 2, 3) -> BatchNormalization on two parts -> Concat: NNabla's importer makes
+    the Split a Slice per part. Each part's BN folds back into the convolution over its channels
+    (after a BN on the whole output, where there is one)."""
+    pytest.importorskip("onnx", reason="the 'onnx' test extra is not installed")
+    from onnx import helper, numpy_helper
+    rng = np.random.RandomState(5)
+
+    def init(name, arr):
+        return numpy_helper.from_array(arr.astype(np.float32), name)
+
+    def bn(name, c, x, y):
+        inits = [init(f"{name}_scale", rng.randn(c)), init(f"{name}_bias", rng.randn(c)),
+                 init(f"{name}_mean", rng.randn(c)), init(f"{name}_var", rng.rand(c) + 0.5)]
+        return inits, helper.make_node("BatchNormalization", [x] + [f"{name}_{k}" for k in
+                                       ("scale", "bias", "mean", "var")], [y])
+    inits = [init("c_W", rng.randn(8, 3, 3, 3)), init("c_b", rng.randn(8))]
+    nodes = [helper.make_node("Conv", ["x", "c_W", "c_b"], ["c"], pads=[1, 1, 1, 1])]
+    if bn_first:
+        more, node = bn("bn", 8, "c", "n")
+        inits, nodes = inits + more, nodes + [node]
+    nodes.append(helper.make_node("Split", ["n" if bn_first else "c"], ["p0", "p1", "p2"],
+                                  axis=1, split=[3, 2, 3]))
+    for k, c in ((0, 3), (1, 2)):
+        more, node = bn(f"bn{k}", c, f"p{k}", f"b{k}")
+        inits, nodes = inits + more, nodes + [node]
+    nodes += [helper.make_node("Relu", ["p2"], ["b2"]),
+              helper.make_node("Concat", ["b0", "b1", "b2"], ["j"], axis=1),
+              helper.make_node("Relu", ["j"], ["y"])]
+    model = nnp_files._save_onnx(tmp_path / "m.onnx", nodes, inits, [2, 3, 6, 6], [2, 8, 6, 6])
+    nnp_path, out, report = tmp_path / "m.nnp", tmp_path / "folded.nnp", tmp_path / "r.json"
+    nnp_files.nnabla_cli("convert", model, nnp_path)
+    assert run("fold", nnp_path, "-o", out, "--verify", "-q", "--report", report) == 0
+    rep = json.loads(report.read_text())["networks"]
+    assert [s for n in rep.values() for s in n["skipped"]] == []
+    assert len([b for n in rep.values() for r in n["folded"] for b in r["bns"]]) == 2 + bn_first
+    name = N.read(str(nnp_path)).network_names()[0]
+    want, types0 = load_run(nnp_path, name)
+    got, types1 = load_run(out, name)
+    assert types0.count("BatchNormalization") == 2 + bn_first and types0.count("Slice") == 3
+    assert "BatchNormalization" not in types1
+    assert np.abs(got["y"] - want["y"]).max() / np.abs(want["y"]).max() < 1e-5
+    back = tmp_path / "back.onnx"
+    nnp_files.nnabla_cli("convert", out, back)
+    import onnx
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(back)).graph.node]
+
+
 @pytest.mark.parametrize("variant", ["linear_bn", "linear_nobias_bn", "bn_linear_nobias_bn",
                                      "residual_flatten"])
 def test_onnx_linear_and_batchnorm1d_fold_and_convert_back(tmp_path, capsys, variant):

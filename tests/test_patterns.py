@@ -628,6 +628,49 @@ def test_layer_output_in_parts_read_elsewhere(backend, overlap):
         assert "the input of Slice also feeds 3 other function input(s)" in res.skipped[0].reason
 
 
+def _split_stack(groups, axis=1, bn_first=False):
+    """A convolution's output (``bn_first``: then a BN) split along ``axis`` into every index and
+    stacked back in ``groups`` (lists of indices), as older NNabla ONNX importers made an ONNX
+    Split; a BN over the channels on each group but the last (a ReLU there), concatenated."""
+    x = nn.Variable((2, 3, 6, 6))
+    h = PF.convolution(x, 8, (3, 3), pad=(1, 1), name="c")
+    if bn_first:
+        h = PF.batch_normalization(h, name="bn", **BN)
+    outs = F.split(h, axis=axis)
+    parts = [F.stack(*[outs[i] for i in g], axis=axis) for g in groups]
+    done = [PF.batch_normalization(p, name=f"bn{i}", **BN) for i, p in enumerate(parts[:-1])]
+    return [x], F.relu(F.concatenate(*done, F.relu(parts[-1]), axis=axis))
+
+
+@pytest.mark.parametrize("bn_first", [False, True])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_split_and_stack_of_channels_each_with_its_bn(backend, inplace, bn_first):
+    # a Stack of consecutive outputs of a Split along the same axis is a slice of its input
+    _, y = build(lambda: _split_stack([[0, 1, 2], [3, 4], [5, 6, 7]], bn_first=bn_first))
+    res = check(y, backend, inplace, folded=["bn0/bn", "bn1/bn"] + ["bn/bn"] * bn_first)
+    assert [(s.kind, s.side) for s in res.folded] == [("Convolution", "output")]
+
+
+def test_split_and_stack_of_channels_in_a_file(tmp_path):
+    (x,), y = build(lambda: _split_stack([[0, 1, 2], [3, 4], [5, 6, 7]]))
+    assert _folds_in_a_file(tmp_path, x, y)["folded_count"] == 2
+
+
+@pytest.mark.parametrize("case", ["not in order", "along space"])
+def test_split_and_stack_that_is_no_slice_of_the_channels_keeps_the_bn(backend, case):
+    # out of order, the Stack is no slice; along another axis, the map covers what the other
+    # outputs read
+    if case == "not in order":
+        groups, axis, why = [[1, 0, 2], [3, 4, 5, 6, 7]], 1, \
+            "the function before it is Stack: it does not commute with a per-channel map"
+    else:
+        groups, axis, why = [[0, 1, 2], [3, 4, 5]], 2, \
+            "the Split before it has other outputs, which read what the map would change"
+    _, y = build(lambda: _split_stack(groups, axis))
+    res = check(y, backend, kept=["bn0/bn"])
+    assert why in res.skipped[0].reason, res.skipped[0].reason
+
+
 @pytest.mark.parametrize("scalar", ["MulScalar", "AddScalar", "Mul2", "one-channel BN"])
 @pytest.mark.parametrize("inplace", INPLACE)
 def test_uniform_map_then_concatenate_covers_its_own_input_only(backend, inplace, scalar):
