@@ -196,6 +196,7 @@ class _Planner:
         self.held = set()                             # adds whose constant holds a layer's bias
         self.sides: Dict[Tuple[int, str], _Side] = {}
         self.owner: Dict[int, Tuple[int, str]] = {}   # map function -> the first side taking it
+        self.pending: Dict[Tuple[int, str], _Side] = {}   # the sides a backward walk reached
         self.wanted_bias = set()                      # matrix products a map after found no bias of
         self._values_cache = {}
         self._holders = None                          # array -> the graph's variables holding it
@@ -461,7 +462,12 @@ class _Planner:
         if self._is_layer_bias(m):
             raise _LayerBias("it is the bias of the BatchMatmul before it")
         walk = self._start(m)
-        sides = self._walk_back(m.fn.inputs[m.data], walk, "its input", (m.fn, m.data))
+        self.pending = {}   # the sides this walk reaches: branches reaching one layer join there
+        try:
+            self._walk_back(m.fn.inputs[m.data], walk, "its input", (m.fn, m.data))
+            sides = list(self.pending.values())
+        finally:
+            self.pending = {}
         for side in sides:   # every branch reached a layer: commit
             self._claim_side(side)
 
@@ -495,9 +501,9 @@ class _Planner:
                 raise _Reject(f"no layer before it ({what} is not computed by a function)")
             m = self.maps.get(fn.index)
             if m is not None and m.fn.outputs[0] == var and not m.fused and \
-                    self.owner.get(fn.index, (None, None))[1] == OUTPUT_SIDE:
-                # a layer before absorbs it already: the walk goes on to that layer, to be
-                # applied after it there
+                    self._absorbed_before(m):
+                # a layer before absorbs it already (or another branch of this walk takes it
+                # there): the walk goes on to that layer, to be applied after it
                 walk.passed.append(m)
                 walk.region.append(fn)
                 var, what, reader = fn.inputs[m.data], f"the input of {m.term.label}", (fn, m.data)
@@ -569,6 +575,13 @@ class _Planner:
         start, stop = [0] * len(shape), list(shape)
         start[axis], stop[axis] = at[0], at[0] + len(at)
         return split, {"start": start, "stop": stop, "step": [1] * len(shape)}, axis,             np.arange(at[0], at[0] + len(at))
+
+    def _absorbed_before(self, m: _Map) -> bool:
+        """Whether a layer's output side takes ``m`` already: claimed by an earlier walk, or by
+        another branch of this one."""
+        if self.owner.get(m.fn.index, (None, None))[1] == OUTPUT_SIDE:
+            return True
+        return any(q is m for side in self.pending.values() for q in side.maps)
 
     def _apart(self, var, what: str, walk: _Walk, reader):
         """_Reject unless changing ``var`` where the walk's map touches it changes nothing but what
@@ -883,12 +896,13 @@ class _Planner:
         return None
 
     def _absorb_output(self, fn: _Fn, walk: _Walk) -> _Side:
-        existing = self.sides.get((fn.index, OUTPUT_SIDE))
+        key = (fn.index, OUTPUT_SIDE)
+        existing = self.pending.get(key) or self.sides.get(key)   # pending: another branch's
         if existing is not None:
-            if fn.type == "BatchMatmul" or existing.park is not None or \
-                    any(p not in existing.maps for p in walk.passed):
+            if fn.type == "BatchMatmul" or existing.park is not None or not all(
+                    any(p is q for q in existing.maps) for p in walk.passed):
                 raise _Reject(f"the {fn.type} before it already absorbs another map")
-            walk = self._joined(existing, walk, fn, "before", after=bool(walk.passed))
+            walk = self._joined(existing, walk, fn, "before", walk.passed)
         elif walk.passed:
             raise _Reject(f"the {fn.type} before it is not the layer that absorbs "
                           f"{walk.passed[0].term.label}")
@@ -938,8 +952,10 @@ class _Planner:
         region = walk.region + [fn] + w_reshapes
         if park is not None and not park[0].is_bn:   # the add's constant is rewritten: the
             region += park[0].constant[1][1]         # reshapes it passes are rebuilt
-        return _Side(fn, OUTPUT_SIDE, site, walk.terms, walk.maps, park, _label(walk),
+        side = _Side(fn, OUTPUT_SIDE, site, walk.terms, walk.maps, park, _label(walk),
                      list(dict.fromkeys(region)), scale_only, layouts, arrays)
+        self.pending[key] = side
+        return side
 
     def _bn_as_bias(self, walk: _Walk, site: Site) -> Optional[_Map]:
         """The BN that can become the add of a new bias after a matrix product without one (a
@@ -1020,12 +1036,11 @@ class _Planner:
                      list(dict.fromkeys(region)), scale_only, layouts, arrays, append)
 
     def _joined(self, side: _Side, walk: _Walk, fn: _Fn, where: str = "after",
-                after: bool = False) -> _Walk:
+                passed=()) -> _Walk:
         """The walk joined with the map a layer's side already absorbs, where both reach it over
         the same channels and cover none in common (each on its own input of a concatenation, or
-        its own slice of the layer's output), or, ``after``, where the walk's map applies after
-        the other (it passed it): one map, applied term after term, each the identity off its
-        channels."""
+        its own slice of the layer's output), but for the maps of ``side`` the walk passed, which
+        apply before it: one map, applied term after term, each the identity off its channels."""
         n = side.site.n if side.site is not None else 0
 
         def covered(terms):
@@ -1035,12 +1050,14 @@ class _Planner:
                     return None
                 c |= t.gather >= 0
             return c
-        a = covered(side.terms) if side.site == walk.site else None
+        before = [t for t in side.terms if not any(t.term is p.term for p in passed)]
+        a = covered(before) if side.site == walk.site and covered(side.terms) is not None else None
         b = covered(walk.terms) if a is not None else None
-        if a is None or b is None or (a & b).any() and not after:
+        if a is None or b is None or (a & b).any():
             raise _Reject(f"the {fn.type} {where} it already absorbs another map on its channels")
         terms = [_Term(t.term, t.gather, t.scale_only, t.identity) for t in side.terms] + walk.terms
-        return _Walk(walk.site, terms, list(side.maps) + walk.maps, side.region + walk.region)
+        maps = list(side.maps) + [m for m in walk.maps if not any(m is o for o in side.maps)]
+        return _Walk(walk.site, terms, maps, side.region + walk.region)
 
     def _resite(self, fn: _Fn, walk: _Walk, side: str) -> Site:
         """The walk's site, or for a map that does not vary, the layer's channels."""

@@ -628,6 +628,46 @@ def test_layer_output_in_parts_read_elsewhere(backend, overlap):
         assert "the input of Slice also feeds 3 other function input(s)" in res.skipped[0].reason
 
 
+@pytest.mark.parametrize("join", ["concatenate", "reordered", "add", "bn on one part",
+                                  "bn before and on one part"])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_parts_of_a_layer_output_joined_again_then_bn(backend, inplace, join):
+    # the BN after the join goes back to the layer by every part, each branch over its own
+    # channels, the branches joining there (a BN before the parts: composed by one branch, passed
+    # by the other); the parts must not overlap
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        h = PF.convolution(x, 6, (3, 3), pad=(1, 1), name="c")
+        if join == "bn before and on one part":
+            h = PF.batch_normalization(h, name="bn1", **BN)
+        a = F.slice(h, (0, 0, 0, 0), (2, 3, 6, 6))
+        b = F.slice(h, (0, 3, 0, 0), (2, 6, 6, 6))
+        if join == "add":
+            j = F.add2(a, b)
+        elif join == "reordered":
+            j = F.concatenate(b, a, axis=1)
+        else:
+            if join != "concatenate":
+                a = PF.batch_normalization(a, name="bn0", **BN)
+            j = F.concatenate(a, b, axis=1)
+        return [x], F.relu(PF.batch_normalization(j, name="bn", **BN))
+    _, y = build(model)
+    res = check(y, backend, inplace, folded=["bn/bn"] + ["bn0/bn"] * ("one part" in join) +
+                ["bn1/bn"] * ("before" in join))
+    assert [(s.kind, s.side) for s in res.folded] == [("Convolution", "output")]
+
+
+def test_overlapping_parts_joined_again_keep_the_bn(backend):
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        h = PF.convolution(x, 6, (3, 3), pad=(1, 1), name="c")
+        j = F.add2(F.slice(h, (0, 0, 0, 0), (2, 4, 6, 6)), F.slice(h, (0, 2, 0, 0), (2, 6, 6, 6)))
+        return [x], F.relu(PF.batch_normalization(j, name="bn", **BN))
+    _, y = build(model)
+    res = check(y, backend, kept=["bn/bn"])
+    assert "also feeds 1 other function input(s)" in res.skipped[0].reason
+
+
 def _split_stack(groups, axis=1, bn_first=False):
     """A convolution's output (``bn_first``: then a BN) split along ``axis`` into every index and
     stacked back in ``groups`` (lists of indices), as older NNabla ONNX importers made an ONNX

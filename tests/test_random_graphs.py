@@ -244,7 +244,7 @@ def random_parts_graph(rng):
     forward) read by up to four functions: slices of its channels (adjacent, interleaved,
     overlapping) or the value whole, each followed by a BN, a ReLU, a layer (1x1, or zero-padded
     3x3), a BN then a layer, or a max pooling then a layer; the results concatenated along the
-    channels or each a graph output."""
+    channels (then maybe a BN) or each a graph output."""
     x = nn.Variable((2, 3, 5, 5))
     r = rng.rand()
     if r < 0.7:
@@ -287,7 +287,10 @@ def random_parts_graph(rng):
                                name=f"l{i}")
         ys.append(v)
     if rng.rand() < 0.5 and len(ys) > 1 and all(y.shape[2:] == ys[0].shape[2:] for y in ys):
-        return x, [F.relu(F.concatenate(*ys, axis=1))]
+        j = F.concatenate(*ys, axis=1)
+        if rng.rand() < 0.5:   # a BN after the join: back by every part at once
+            j = PF.batch_normalization(j, batch_stat=False, name="bnj")
+        return x, [F.relu(j)]
     return x, ys
 
 
