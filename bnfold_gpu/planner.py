@@ -196,7 +196,7 @@ class _Planner:
         self.held = set()                             # adds whose constant holds a layer's bias
         self.sides: Dict[Tuple[int, str], _Side] = {}
         self.owner: Dict[int, Tuple[int, str]] = {}   # map function -> the first side taking it
-        self.pending: Dict[Tuple[int, str], _Side] = {}   # the sides a backward walk reached
+        self.pending: Dict[Tuple[int, str], _Side] = {}   # the sides the current walk reached
         self.wanted_bias = set()                      # matrix products a map after found no bias of
         self._values_cache = {}
         self._holders = None                          # array -> the graph's variables holding it
@@ -738,11 +738,12 @@ class _Planner:
 
     # -- forward: to a layer's input -------------------------------------------------------------------
     def _forward(self, m: _Map):
-        sides = self._walk_forward(m.fn.outputs[0], self._start(m), "its output")
-        keys = [(side.fn.index, side.side) for side in sides]
-        if len(set(keys)) != len(keys):
-            twice = next(side.fn for side in sides if keys.count((side.fn.index, side.side)) > 1)
-            raise _Reject(f"its output reaches the input of the {twice.type} by two paths")
+        self.pending = {}   # the sides this walk reaches: paths reaching one layer join there
+        try:
+            self._walk_forward(m.fn.outputs[0], self._start(m), "its output")
+            sides = list(self.pending.values())
+        finally:
+            self.pending = {}
         for side in sides:   # every reader reached a layer: commit
             self._claim_side(side)
 
@@ -790,6 +791,13 @@ class _Planner:
         """The walk's map at input ``k`` of ``fn``: absorbed (the side, in a list), or composed or
         moved past it ((the output, what it is) to go on from)."""
         nxt = self.maps.get(fn.index)
+        if nxt is not None and nxt.data == k and not nxt.fused and \
+                any(q is nxt for side in self.pending.values() for q in side.maps):
+            # another path of this walk takes it into a layer: this path goes on to that layer,
+            # to be applied before it there
+            walk.passed.append(nxt)
+            walk.region.append(fn)
+            return fn.outputs[0], f"the output of {nxt.term.label}"
         if nxt is not None and fn.index not in self.claimed and nxt.data == k and not nxt.fused:
             gather = self._gather_here(walk, nxt)
             walk.terms.append(_Term(nxt.term, gather, identity=self._identity(walk, nxt, gather)))
@@ -980,9 +988,15 @@ class _Planner:
         return m
 
     def _absorb_input(self, fn: _Fn, walk: _Walk) -> _Side:
-        existing = self.sides.get((fn.index, INPUT_SIDE))
+        key = (fn.index, INPUT_SIDE)
+        existing = self.pending.get(key) or self.sides.get(key)   # pending: another path's
         if existing is not None:
-            walk = self._joined(existing, walk, fn)
+            if not all(any(p is q for q in existing.maps) for p in walk.passed):
+                raise _Reject(f"the {fn.type} after it already absorbs another map")
+            walk = self._joined(existing, walk, fn, "after", walk.passed, first=True)
+        elif walk.passed:
+            raise _Reject(f"the {fn.type} after it is not the layer that absorbs "
+                          f"{walk.passed[0].term.label}")
         arrays = self._layer_arrays(fn, INPUT_SIDE)
         w, w_reshapes, b, b_reshapes, holder = arrays
         site = self._resite(fn, walk, INPUT_SIDE)
@@ -1032,15 +1046,18 @@ class _Planner:
             if add in self.claimed and add not in self.held:
                 raise _Reject(f"the add of the {fn.type}'s bias after it folds into another layer")
             region += [holder[0].fn] + holder[1] + b_reshapes
-        return _Side(fn, INPUT_SIDE, site, walk.terms, walk.maps, None, _label(walk),
+        side = _Side(fn, INPUT_SIDE, site, walk.terms, walk.maps, None, _label(walk),
                      list(dict.fromkeys(region)), scale_only, layouts, arrays, append)
+        self.pending[key] = side
+        return side
 
     def _joined(self, side: _Side, walk: _Walk, fn: _Fn, where: str = "after",
-                passed=()) -> _Walk:
+                passed=(), first: bool = False) -> _Walk:
         """The walk joined with the map a layer's side already absorbs, where both reach it over
         the same channels and cover none in common (each on its own input of a concatenation, or
         its own slice of the layer's output), but for the maps of ``side`` the walk passed, which
-        apply before it: one map, applied term after term, each the identity off its channels."""
+        apply before the walk's terms, or with ``first`` (a forward walk) after them: one map,
+        applied term after term, each the identity off its channels."""
         n = side.site.n if side.site is not None else 0
 
         def covered(terms):
@@ -1055,7 +1072,12 @@ class _Planner:
         b = covered(walk.terms) if a is not None else None
         if a is None or b is None or (a & b).any():
             raise _Reject(f"the {fn.type} {where} it already absorbs another map on its channels")
-        terms = [_Term(t.term, t.gather, t.scale_only, t.identity) for t in side.terms] + walk.terms
+        terms = [_Term(t.term, t.gather, t.scale_only, t.identity) for t in side.terms]
+        at = len(terms)
+        if first and passed:   # before the first passed map's term: the walk's apply before it
+            at = next((k for k, t in enumerate(terms) if any(t.term is p.term for p in passed)),
+                      at)
+        terms[at:at] = walk.terms
         maps = list(side.maps) + [m for m in walk.maps if not any(m is o for o in side.maps)]
         return _Walk(walk.site, terms, maps, side.region + walk.region)
 

@@ -545,8 +545,32 @@ def test_bn_forking_into_several_layers_in_a_file(tmp_path):
     assert _folds_in_a_file(tmp_path, x, y)["folded_count"] == 1
 
 
+@pytest.mark.parametrize("paths", ["twice", "reordered", "a BN on one, a BN after"])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_bn_reaching_one_layer_by_two_paths(backend, inplace, paths):
+    # forward by both inputs of a concatenation into one layer: the paths join there, each over
+    # its own channels (a BN after the join: composed by one path, passed by the other, applied
+    # after both)
+    def model():
+        x = nn.Variable((2, 4, 6, 6))
+        h = PF.batch_normalization(F.relu(x), name="bn", **BN)
+        a, b = F.slice(h, (0, 1, 0, 0), (2, 4, 6, 6)), F.slice(h, (0, 0, 0, 0), (2, 1, 6, 6))
+        if paths == "twice":
+            j = F.concatenate(h, h, axis=1)
+        elif paths == "reordered":
+            j = F.concatenate(a, b, axis=1)
+        else:
+            j = F.concatenate(PF.batch_normalization(a, name="bn1", **BN), b, axis=1)
+            j = PF.batch_normalization(j, name="bn2", **BN)
+        return [x], PF.convolution(j, 3, (1, 1), name="c")
+    _, y = build(model)
+    more = ["bn1/bn", "bn2/bn"] if "after" in paths else []
+    res = check(y, backend, inplace, folded=["bn/bn"] + more)
+    assert [(s.kind, s.side) for s in res.folded] == [("Convolution", "input")]
+
+
 @pytest.mark.parametrize("reader", ["sigmoid", "max pooling", "zero padding", "graph output",
-                                    "two paths", "outside the graph"])
+                                    "outside the graph"])
 def test_bn_forking_where_one_reader_stops_the_map_stays(backend, reader):
     # the map goes to every reader or to none; the reason names the reader that stops it
     held = []
@@ -563,8 +587,6 @@ def test_bn_forking_where_one_reader_stops_the_map_stays(backend, reader):
             return [x], [a, PF.convolution(h, 2, (3, 3), pad=(1, 1), name="b")]
         if reader == "graph output":
             return [x], [a, h]
-        if reader == "two paths":
-            return [x], [a, PF.convolution(F.concatenate(h, h, axis=1), 2, (1, 1), name="b")]
         held.append(F.sigmoid(h))   # a function the caller holds, outside the graph folded
         return [x], [a, PF.convolution(h, 2, (1, 1), name="b")]
     _, y = build(model)
@@ -576,7 +598,6 @@ def test_bn_forking_where_one_reader_stops_the_map_stays(backend, reader):
                 "zero padding": "reader 2 (Convolution) does not take the map: the Convolution "
                                 "after it zero-pads",
                 "graph output": "its output is also a graph output",
-                "two paths": "its output reaches the input of the Convolution by two paths",
                 "outside the graph": "its output also feeds 1 function input(s) outside the graph",
                 }[reader]
     assert expected in why, why
