@@ -496,6 +496,7 @@ WHY_NOT = {
     "Div2": "a quotient with a tensor that is computed, or stored but not one value per channel",
     "Dropout": "random in training",
     "Split": "it removes an axis", "BatchMatmul": "a matrix product with a computed operand",
+    "Stack": "it adds an axis, other than as consecutive outputs of one Split stacked back in order",
 }
 
 

@@ -723,7 +723,7 @@ def test_split_and_stack_that_is_no_slice_of_the_channels_keeps_the_bn(backend, 
     # outputs read
     if case == "not in order":
         groups, axis, why = [[1, 0, 2], [3, 4, 5, 6, 7]], 1, \
-            "the function before it is Stack: it does not commute with a per-channel map"
+            "the function before it is Stack: it adds an axis, other than as consecutive outputs"
     else:
         groups, axis, why = [[0, 1, 2], [3, 4, 5]], 2, \
             "the Split before it has other outputs, which read what the map would change"
