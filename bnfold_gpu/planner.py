@@ -1058,28 +1058,39 @@ class _Planner:
         its own slice of the layer's output), but for the maps of ``side`` the walk passed, which
         apply before the walk's terms, or with ``first`` (a forward walk) after them: one map,
         applied term after term, each the identity off its channels."""
-        n = side.site.n if side.site is not None else 0
+        wsite = walk.site or side.site   # a walk of uniform terms: over the side's channels
+        if side.site is None or wsite.shape != side.site.shape:
+            raise _Reject(f"the {fn.type} {where} it already absorbs another map on its channels")
+        wider = Site(side.site.shape, min(side.site.a0, wsite.a0), max(side.site.a1, wsite.a1))
+
+        def widened(terms, site):
+            out = []
+            for t in terms:
+                g = t.gather
+                if g is not None and g.size != site.n:
+                    return None
+                if g is not None and site != wider:
+                    g = moves.widen(site, g, wider)
+                out.append(_Term(t.term, g, t.scale_only, t.identity and site == wider))
+            return out
 
         def covered(terms):
-            c = np.zeros(n, bool)
+            c = np.zeros(wider.n, bool)
             for t in terms:
-                if t.gather is None or t.gather.size != n:
-                    return None
-                c |= t.gather >= 0
+                c |= True if t.gather is None else t.gather >= 0
             return c
-        before = [t for t in side.terms if not any(t.term is p.term for p in passed)]
-        a = covered(before) if side.site == walk.site and covered(side.terms) is not None else None
-        b = covered(walk.terms) if a is not None else None
-        if a is None or b is None or (a & b).any():
+        terms, added = widened(side.terms, side.site), widened(walk.terms, wsite)
+        if terms is None or added is None or (covered(
+                [t for t in terms if not any(t.term is p.term for p in passed)])
+                & covered(added)).any():
             raise _Reject(f"the {fn.type} {where} it already absorbs another map on its channels")
-        terms = [_Term(t.term, t.gather, t.scale_only, t.identity) for t in side.terms]
         at = len(terms)
         if first and passed:   # before the first passed map's term: the walk's apply before it
             at = next((k for k, t in enumerate(terms) if any(t.term is p.term for p in passed)),
                       at)
-        terms[at:at] = walk.terms
+        terms[at:at] = added
         maps = list(side.maps) + [m for m in walk.maps if not any(m is o for o in side.maps)]
-        return _Walk(walk.site, terms, maps, side.region + walk.region)
+        return _Walk(wider, terms, maps, side.region + walk.region)
 
     def _resite(self, fn: _Fn, walk: _Walk, side: str) -> Site:
         """The walk's site, or for a map that does not vary, the layer's channels."""

@@ -678,6 +678,31 @@ def test_parts_of_a_layer_output_joined_again_then_bn(backend, inplace, join):
     assert [(s.kind, s.side) for s in res.folded] == [("Convolution", "output")]
 
 
+@pytest.mark.parametrize("before", ["MulScalar", "BN over another axis"])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_map_before_the_parts_of_a_layer_output(backend, inplace, before):
+    # the first part's walk composes the map before the parts into the layer (a scalar's term
+    # covers every channel; a BN over another axis widens the channels to two axes); the other
+    # parts pass it and join there, in the same call
+    def model():
+        if before == "MulScalar":
+            x = nn.Variable((2, 3, 6, 6))
+            h = F.mul_scalar(PF.convolution(x, 8, (3, 3), name="c"), -2.0)
+            cut = [((0, 0, 0, 0), (2, 4, 4, 4)), ((0, 4, 0, 0), (2, 8, 4, 4))]
+            axes = [1]
+        else:
+            x = nn.Variable((2, 5))
+            h = PF.batch_normalization(PF.affine(x, (4, 4), name="fc"), axes=[1], name="bnA", **BN)
+            cut = [((0, 0, 0), (2, 4, 2)), ((0, 0, 2), (2, 4, 4))]
+            axes = [2]
+        return [x], [PF.batch_normalization(F.slice(h, a, b), axes=axes, name=f"b{i}", **BN)
+                     for i, (a, b) in enumerate(cut)]
+    _, y = build(model)
+    res = check(y, backend, inplace)
+    assert len(res.folded) == 1 and not res.skipped
+    assert {"b0/bn", "b1/bn"} <= set(res.plan.folded_maps)
+
+
 def test_overlapping_parts_joined_again_keep_the_bn(backend):
     def model():
         x = nn.Variable((2, 3, 6, 6))
