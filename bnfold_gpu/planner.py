@@ -491,74 +491,89 @@ class _Planner:
             var = fn.inputs[0]
         return False
 
-    def _walk_back(self, var, walk: _Walk, what: str, reader) -> List[_Side]:
-        """The sides the walk's map reaches going back from ``var``, which ``reader`` (function,
-        input) reads."""
-        while True:
-            self._apart(var, what, walk, reader)
-            fn = self.by_f.get(var.parent)
-            if fn is None:
-                raise _Reject(f"no layer before it ({what} is not computed by a function)")
-            m = self.maps.get(fn.index)
-            if m is not None and m.fn.outputs[0] == var and not m.fused and \
-                    self._absorbed_before(m):
-                # a layer before absorbs it already (or another branch of this walk takes it
-                # there): the walk goes on to that layer, to be applied after it
-                walk.passed.append(m)
-                walk.region.append(fn)
-                var, what, reader = fn.inputs[m.data], f"the input of {m.term.label}", (fn, m.data)
-                continue
-            if m is not None and fn.index not in self.claimed and m.fn.outputs[0] == var \
-                    and (not m.fused or self._through_relu(fn, m, walk)):
-                self._compose_before(walk, m)
-                var, what, reader = fn.inputs[m.data], f"the input of {m.term.label}", (fn, m.data)
-                continue
-            if fn.type in FOLDABLE_INTO and fn.outputs[0] == var:
-                return [self._absorb_output(fn, walk)]
-            if fn.type in ("Add2", "Sub2") and self.maps.get(fn.index) is None:
-                return self._join_back(fn, walk)
-            if fn.type in BN_TYPES or m is not None:
-                raise _Reject(f"the function before it is {self._map_name(fn, m)}")
-            before = self._site_for(walk, fn.out_shapes[0])
-            part = self._split_part(fn) if fn.type == "Stack" else None
-            if part is not None:   # a slice of the Split's input: moved back as one
-                split, args, axis, kept = part
-                try:
-                    (_, site, transform), = moves.Slice.backward(
-                        args, split.in_shapes, fn.out_shapes, before, _Facts(self, walk))
-                except Stop as s:
-                    raise _Reject(f"the function before it is Stack: {s}") from None
-                walk.region += [fn, split]
-                self._move(walk, site, transform, before)
-                if kept.size < split.in_shapes[0][axis]:   # the Split's other outputs read the rest
-                    touched = self._touched(walk)
-                    if touched is None or (walk.site.a0, walk.site.a1) != (axis, axis + 1) or                             np.delete(touched, kept).any():
-                        raise _Reject("the Split before it has other outputs, which read what "
-                                      "the map would change")
-                var, what, reader = split.inputs[0], "the input of Split", (split, 0)
-                continue
-            ways = self._through(fn, walk)
-            if len(ways) == 1:
-                k, site, transform = ways[0]
-                # a uniform map (a scalar's, a one-channel BN's) through a slice of a value others
-                # read too: over the channels kept only, so that what the others read may stay
-                shared = fn.type == "Slice" and len(self.consumers.get(fn.inputs[k], ())) > 1
-                self._move(walk, site, transform, before if shared else None)
-                var, what, reader = fn.inputs[k], f"the input of {fn.type}", (fn, k)
-                continue
-            sides = []
-            for k, site, transform in ways:     # a concatenation: every input takes its channels
-                branch = walk.copy()
-                branch.park = None
-                self._move(branch, site, transform)
-                sides += self._walk_back(fn.inputs[k], branch, f"input {k} of {fn.type}", (fn, k))
-            return sides
+    def _walk_back(self, var, walk: _Walk, what: str, reader):
+        """Moves the walk's map back from ``var``, which ``reader`` (function, input) reads, to the
+        layers that absorb it (each side into ``self.pending``), or raises _Reject. Branches (a
+        concatenation, an add) are followed from a list, not by recursion: graphs nest deeply."""
+        todo = [(var, walk, what, reader)]
+        while todo:
+            var, walk, what, reader = todo.pop()
+            while True:
+                self._apart(var, what, walk, reader)
+                fn = self.by_f.get(var.parent)
+                if fn is None:
+                    raise _Reject(f"no layer before it ({what} is not computed by a function)")
+                m = self.maps.get(fn.index)
+                if m is not None and m.fn.outputs[0] == var and not m.fused and \
+                        self._absorbed_before(m):
+                    # a layer before absorbs it already (or another branch of this walk takes it
+                    # there): the walk goes on to that layer, to be applied after it
+                    walk.passed.append(m)
+                    walk.region.append(fn)
+                    var, what, reader = fn.inputs[m.data], f"the input of {m.term.label}", \
+                        (fn, m.data)
+                    continue
+                if m is not None and fn.index not in self.claimed and m.fn.outputs[0] == var \
+                        and (not m.fused or self._through_relu(fn, m, walk)):
+                    self._compose_before(walk, m)
+                    var, what, reader = fn.inputs[m.data], f"the input of {m.term.label}", \
+                        (fn, m.data)
+                    continue
+                if fn.type in FOLDABLE_INTO and fn.outputs[0] == var:
+                    self._absorb_output(fn, walk)
+                    break
+                if fn.type in ("Add2", "Sub2") and self.maps.get(fn.index) is None:
+                    todo += self._join_back(fn, walk)[::-1]
+                    break
+                if fn.type in BN_TYPES or m is not None:
+                    raise _Reject(f"the function before it is {self._map_name(fn, m)}")
+                before = self._site_for(walk, fn.out_shapes[0])
+                part = self._split_part(fn) if fn.type == "Stack" else None
+                if part is not None:   # a slice of the Split's input: moved back as one
+                    var, what, reader = self._back_through_split(fn, walk, before, *part)
+                    continue
+                ways = self._through(fn, walk)
+                if len(ways) == 1:
+                    k, site, transform = ways[0]
+                    # a uniform map (a scalar's, a one-channel BN's) through a slice of a value
+                    # others read too: over the channels kept only, so that what they read stays
+                    shared = fn.type == "Slice" and len(self.consumers.get(fn.inputs[k], ())) > 1
+                    self._move(walk, site, transform, before if shared else None)
+                    var, what, reader = fn.inputs[k], f"the input of {fn.type}", (fn, k)
+                    continue
+                branches = []
+                for k, site, transform in ways:   # a concatenation: every input takes its channels
+                    branch = walk.copy()
+                    branch.park = None
+                    self._move(branch, site, transform)
+                    branches.append((fn.inputs[k], branch, f"input {k} of {fn.type}", (fn, k)))
+                todo += branches[::-1]
+                break
+
+    def _back_through_split(self, fn: _Fn, walk: _Walk, before: Site, split: _Fn, args, axis,
+                            kept):
+        """The walk moved back through the Stack ``fn`` and the Split before it, as through a
+        slice of the Split's input; (the Split's input, what it is, its reader) to go on from."""
+        try:
+            (_, site, transform), = moves.Slice.backward(args, split.in_shapes, fn.out_shapes,
+                                                         before, _Facts(self, walk))
+        except Stop as s:
+            raise _Reject(f"the function before it is Stack: {s}") from None
+        walk.region += [fn, split]
+        self._move(walk, site, transform, before)
+        if kept.size < split.in_shapes[0][axis]:   # the Split's other outputs read the rest
+            touched = self._touched(walk)
+            if touched is None or (walk.site.a0, walk.site.a1) != (axis, axis + 1) or \
+                    np.delete(touched, kept).any():
+                raise _Reject("the Split before it has other outputs, which read what the map "
+                              "would change")
+        return split.inputs[0], "the input of Split", (split, 0)
 
     def _split_part(self, fn: _Fn) -> Optional[tuple]:
-        """(the Split, the Slice arguments the pair amounts to, the axis, the indices kept) where the Stack ``fn`` joins
-        consecutive outputs of one Split, in order, along the axis the Split removed, each output
-        read by this Stack only: a slice of the Split's input (NNabla's ONNX importer makes an
-        ONNX Split into a Split and a Stack per part). Else None."""
+        """(the Split, the Slice arguments the pair amounts to, the axis, the indices kept) where
+        the Stack ``fn`` joins consecutive outputs of one Split, in order, along the axis the Split
+        removed, each output read by this Stack only: a slice of the Split's input (older NNabla
+        ONNX importers make an ONNX Split into a Split and a Stack per part). Else None."""
         parents = {v.parent for v in fn.inputs}
         split = self.by_f.get(next(iter(parents))) if len(parents) == 1 else None
         if split is None or split.type != "Split":
@@ -574,7 +589,8 @@ class _Planner:
             return None
         start, stop = [0] * len(shape), list(shape)
         start[axis], stop[axis] = at[0], at[0] + len(at)
-        return split, {"start": start, "stop": stop, "step": [1] * len(shape)}, axis,             np.arange(at[0], at[0] + len(at))
+        kept = np.arange(at[0], at[0] + len(at))
+        return split, {"start": start, "stop": stop, "step": [1] * len(shape)}, axis, kept
 
     def _absorbed_before(self, m: _Map) -> bool:
         """Whether a layer's output side takes ``m`` already: claimed by an earlier walk, or by
@@ -658,19 +674,19 @@ class _Planner:
             return f"{m.term.label}, which folds into another layer"
         return f"{m.term.label}, which it does not reach on its data input"
 
-    def _join_back(self, fn: _Fn, walk: _Walk) -> List[_Side]:
-        """``map(a + b)``: the map's scale goes to both inputs' layers, its shift to the first."""
-        ways = self._through(fn, walk)
-        sides = []
-        for k, site, transform in ways:
+    def _join_back(self, fn: _Fn, walk: _Walk) -> list:
+        """``map(a + b)``: the map's scale goes to both inputs' layers, its shift to the first.
+        The branches to follow: (input, walk, what it is, its reader)."""
+        branches = []
+        for k, site, transform in self._through(fn, walk):
             branch = walk.copy()
             branch.park = None
             if k > 0:
                 for t in branch.terms:
                     t.scale_only = True
             self._move(branch, site, transform)
-            sides += self._walk_back(fn.inputs[k], branch, f"input {k} of {fn.type}", (fn, k))
-        return sides
+            branches.append((fn.inputs[k], branch, f"input {k} of {fn.type}", (fn, k)))
+        return branches
 
     def _compose_before(self, walk: _Walk, m: _Map):
         """``m`` applies before the walk's terms: it goes first."""
@@ -763,33 +779,42 @@ class _Planner:
             raise _Reject(f"{what} also feeds {outside} function input(s) outside the graph")
         return readers
 
-    def _walk_forward(self, var, walk: _Walk, what: str) -> List[_Side]:
-        """The sides the walk's map reaches from ``var`` on: one per layer. Where ``var`` (or a value
-        after it) is read by several functions (a fork), the map goes to every reader, each on its
-        own copy of the walk, or nowhere."""
-        while True:
-            readers = self._readers(var, what)
-            if len(readers) == 1:
-                step = self._step_forward(*readers[0], walk)
-                if isinstance(step, list):
-                    return step
-                var, what = step
-                continue
-            sides = []
-            for n, (fn, k) in enumerate(readers):
-                branch = walk.copy()
-                try:
-                    step = self._step_forward(fn, k, branch)
-                    sides += step if isinstance(step, list) else \
-                        self._walk_forward(step[0], branch, step[1])
-                except _Reject as r:
-                    raise _Reject(f"{what} feeds {len(readers)} function inputs, and reader "
-                                  f"{n + 1} ({fn.type}) does not take the map: {r}") from None
-            return sides
+    def _walk_forward(self, var, walk: _Walk, what: str):
+        """Moves the walk's map forward from ``var`` to the layers that absorb it (each side into
+        ``self.pending``), or raises _Reject. Where ``var`` (or a value after it) is read by
+        several functions (a fork), the map goes to every reader, each on its own copy of the
+        walk, or nowhere; the readers are followed from a list, not by recursion."""
+        todo = [(var, walk, what, "")]   # ..., what a reason from there on is prefixed with
+        while todo:
+            var, walk, what, prefix = todo.pop()
+            try:
+                while True:
+                    readers = self._readers(var, what)
+                    if len(readers) == 1:
+                        step = self._step_forward(*readers[0], walk)
+                        if step is None:
+                            break
+                        var, what = step
+                        continue
+                    branches = []
+                    for n, (fn, k) in enumerate(readers):
+                        branch = walk.copy()
+                        inner = f"{what} feeds {len(readers)} function inputs, and reader " \
+                                f"{n + 1} ({fn.type}) does not take the map: "
+                        try:
+                            step = self._step_forward(fn, k, branch)
+                        except _Reject as r:
+                            raise _Reject(inner + str(r)) from None
+                        if step is not None:
+                            branches.append((step[0], branch, step[1], prefix + inner))
+                    todo += branches[::-1]
+                    break
+            except _Reject as r:
+                raise _Reject(prefix + str(r)) from None
 
     def _step_forward(self, fn: _Fn, k: int, walk: _Walk):
-        """The walk's map at input ``k`` of ``fn``: absorbed (the side, in a list), or composed or
-        moved past it ((the output, what it is) to go on from)."""
+        """The walk's map at input ``k`` of ``fn``: absorbed (None), or composed or moved past it
+        ((the output, what it is) to go on from)."""
         nxt = self.maps.get(fn.index)
         if nxt is not None and nxt.data == k and not nxt.fused and \
                 any(q is nxt for side in self.pending.values() for q in side.maps):
@@ -805,7 +830,8 @@ class _Planner:
             walk.region.append(fn)
             return fn.outputs[0], f"the output of {nxt.term.label}"
         if fn.type in FOLDABLE_FROM and k == 0:
-            return [self._absorb_input(fn, walk)]
+            self._absorb_input(fn, walk)
+            return None
         if fn.type in BN_TYPES or nxt is not None:
             raise _Reject(f"the function after it is {self._map_name(fn, nxt)}")
         before = self._site_for(walk, fn.in_shapes[k])

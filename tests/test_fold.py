@@ -639,3 +639,38 @@ def test_auto_backend_goes_by_where_the_parameters_are(rng, monkeypatch, host, c
     y = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c"), name="bn", **BN)
     res = assert_fold_exact(prepare(rng, y, x), backend="auto")
     assert res.backend == ("cupy" if cuda_context else "numpy")
+
+
+# -- graphs deeper than Python's recursion limit ----------------------------------------------------
+@pytest.mark.parametrize("direction", ["back through concatenations", "forward through forks"])
+def test_branches_nested_deeper_than_the_recursion_limit(rng, direction):
+    # every level branches: the walk follows its branches from a list, so the depth is no limit
+    # (here 400 levels under a recursion limit of 300, which keeps the graph small)
+    import sys
+    levels = 400
+    x = nn.Variable((1, 2, 2, 2))
+    if direction.startswith("back"):
+        h = PF.convolution(x, 2, (1, 1), name="c")
+        for i in range(levels):   # one channel from a new layer, one from the nest so far
+            h = F.concatenate(PF.convolution(x, 1, (1, 1), name=f"c{i}"),
+                              F.slice(h, (0, 0, 0, 0), (1, 1, 2, 2)), axis=1)
+        y = PF.batch_normalization(h, name="bn", **BN)
+        kinds = [("Convolution", "output")] * (levels + 1)
+    else:
+        h = PF.batch_normalization(F.relu(x), name="bn", **BN)
+        outs = []
+        for i in range(levels):   # each level read by a layer and by the next level
+            outs.append(PF.convolution(h, 1, (1, 1), name=f"c{i}"))
+            h = F.reshape(h, (1, 2, 2, 2))
+        y = F.concatenate(*outs, PF.convolution(h, 1, (1, 1), name="last"), axis=1)
+        kinds = [("Convolution", "input")] * (levels + 1)
+    prepare(rng, y, x)
+    before = forward_all(y)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(300)
+    try:
+        res = bnfold_gpu.fold(y)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert rel_err(forward_all(res.outputs)[0], before[0]) < 1e-5
+    assert sorted((r.kind, r.side) for r in res.folded) == kinds and not res.skipped
