@@ -7,9 +7,10 @@ until the output of a layer absorbs it, which is always exact; failing that it m
 the input of a layer absorbs it, where that is exact; where several functions read the value it
 moves through (a fork), it goes to every reader's layer or stays. Going back, a value that other
 functions read too is passed where they are slices of channels the map leaves alone (a layer's
-output in parts, a BN on each). A layer absorbs one map on each side (maps on parts of it joined). After an add of two branches, the map's scale goes into both branches' layers and its shift
-into one. A layer without a bias of its own (the matrix product NNabla's ONNX importer makes of
-Gemm) leaves the map's shift in the add of its bias that follows it. Every BN that stays says which
+output in parts, a BN on each). A layer absorbs one map on each side (maps on parts of it joined).
+After an add of two branches, the map's scale goes into both branches' layers and its shift into
+one. A layer without a bias of its own (the matrix product NNabla's ONNX importer makes of Gemm)
+leaves the map's shift in the add of its bias that follows it. Every BN that stays says which
 function stopped it.
 """
 import fnmatch
