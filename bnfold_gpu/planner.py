@@ -615,10 +615,7 @@ class _Planner:
             read = self._slice_reads(fn, walk.site) if touched is not None else None
             if read is None or (read & touched).any():
                 raise _Reject(f"{what} also feeds {self._uses(var) - 1} other function input(s)")
-        outside = sum(1 for f in var.function_references if _live(f) and f not in self.by_f
-                      for v in f.inputs if v == var)
-        if outside:
-            raise _Reject(f"{what} also feeds {outside} function input(s) outside the graph")
+        self._not_read_outside(var, what)
 
     @staticmethod
     def _touched(walk: _Walk) -> Optional[np.ndarray]:
@@ -774,11 +771,15 @@ class _Planner:
             return readers
         if var in self.outputs:
             raise _Reject(f"{what} is also a graph output")
+        self._not_read_outside(var, what)
+        return readers
+
+    def _not_read_outside(self, var, what: str):
+        """_Reject where a function outside the graph (one the caller holds) reads ``var``."""
         outside = sum(1 for f in var.function_references if _live(f) and f not in self.by_f
                       for v in f.inputs if v == var)
         if outside:
             raise _Reject(f"{what} also feeds {outside} function input(s) outside the graph")
-        return readers
 
     def _walk_forward(self, var, walk: _Walk, what: str):
         """Moves the walk's map forward from ``var`` to the layers that absorb it (each side into
