@@ -793,30 +793,29 @@ class _Planner:
                 while True:
                     readers = self._readers(var, what)
                     if len(readers) == 1:
-                        step = self._step_forward(*readers[0], walk)
-                        if step is None:
-                            break
-                        var, what = step
-                        continue
+                        steps = self._step_forward(*readers[0], walk)
+                        if len(steps) == 1:
+                            var, walk, what = steps[0]
+                            continue
+                        todo += [(v, w, t, prefix) for v, w, t in steps[::-1]]
+                        break
                     branches = []
                     for n, (fn, k) in enumerate(readers):
-                        branch = walk.copy()
                         inner = f"{what} feeds {len(readers)} function inputs, and reader " \
                                 f"{n + 1} ({fn.type}) does not take the map: "
                         try:
-                            step = self._step_forward(fn, k, branch)
+                            steps = self._step_forward(fn, k, walk.copy())
                         except _Reject as r:
                             raise _Reject(inner + str(r)) from None
-                        if step is not None:
-                            branches.append((step[0], branch, step[1], prefix + inner))
+                        branches += [(v, w, t, prefix + inner) for v, w, t in steps]
                     todo += branches[::-1]
                     break
             except _Reject as r:
                 raise _Reject(prefix + str(r)) from None
 
-    def _step_forward(self, fn: _Fn, k: int, walk: _Walk):
-        """The walk's map at input ``k`` of ``fn``: absorbed (None), or composed or moved past it
-        ((the output, what it is) to go on from)."""
+    def _step_forward(self, fn: _Fn, k: int, walk: _Walk) -> list:
+        """The walk's map at input ``k`` of ``fn``: absorbed ([]), or composed or moved past it
+        ([(the output, the walk, what it is)] to go on from; one per part after a Split)."""
         nxt = self.maps.get(fn.index)
         if nxt is not None and nxt.data == k and not nxt.fused and \
                 any(q is nxt for side in self.pending.values() for q in side.maps):
@@ -824,19 +823,21 @@ class _Planner:
             # to be applied before it there
             walk.passed.append(nxt)
             walk.region.append(fn)
-            return fn.outputs[0], f"the output of {nxt.term.label}"
+            return [(fn.outputs[0], walk, f"the output of {nxt.term.label}")]
         if nxt is not None and fn.index not in self.claimed and nxt.data == k and not nxt.fused:
             gather = self._gather_here(walk, nxt)
             walk.terms.append(_Term(nxt.term, gather, identity=self._identity(walk, nxt, gather)))
             walk.maps.append(nxt)
             walk.region.append(fn)
-            return fn.outputs[0], f"the output of {nxt.term.label}"
+            return [(fn.outputs[0], walk, f"the output of {nxt.term.label}")]
         if fn.type in FOLDABLE_FROM and k == 0:
             self._absorb_input(fn, walk)
-            return None
+            return []
         if fn.type in BN_TYPES or nxt is not None:
             raise _Reject(f"the function after it is {self._map_name(fn, nxt)}")
         before = self._site_for(walk, fn.in_shapes[k])
+        if fn.type == "Split":
+            return self._forward_through_split(fn, walk, before)
         try:
             site, transform = moves.forward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, k,
                                             before, _Facts(self, walk))
@@ -844,7 +845,37 @@ class _Planner:
             raise _Reject(f"the function after it is {fn.type}: {s}") from None
         walk.region.append(fn)
         self._move(walk, site, transform, before)
-        return fn.outputs[0], f"the output of {fn.type}"
+        return [(fn.outputs[0], walk, f"the output of {fn.type}")]
+
+    def _forward_through_split(self, split: _Fn, walk: _Walk, before: Site) -> list:
+        """The walk through ``split`` to each Stack joining its outputs back as a slice of its
+        input (:meth:`_split_part`), one copy of the walk per Stack; _Reject where an output is
+        read otherwise."""
+        stacks = []
+        for o in split.outputs:
+            readers = self.consumers.get(o, [])
+            if o in self.outputs or len(readers) > 1 or readers and readers[0][0].type != "Stack":
+                raise _Reject("the function after it is Split: it removes an axis, and its outputs "
+                              "are not each stacked back by one Stack")
+            self._not_read_outside(o, "an output of the Split after it")
+            if readers and not any(readers[0][0] is f for f in stacks):
+                stacks.append(readers[0][0])
+        steps = []
+        for stack in stacks:
+            part = self._split_part(stack)
+            if part is None or part[0] is not split:
+                raise _Reject("the function after it is Split: it removes an axis, and a Stack "
+                              "joins its outputs other than as consecutive ones in order")
+            branch = walk.copy()
+            try:
+                site, transform = moves.Slice.forward(part[1], split.in_shapes, stack.out_shapes,
+                                                      0, before, _Facts(self, branch))
+            except Stop as s:
+                raise _Reject(f"the function after it is Split: {s}") from None
+            branch.region += [split, stack]
+            self._move(branch, site, transform, before)
+            steps.append((stack.outputs[0], branch, "the output of Stack"))
+        return steps
 
     # -- absorbing ------------------------------------------------------------------------------------
     def _layer_arrays(self, fn: _Fn, side: str):

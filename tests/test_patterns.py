@@ -742,6 +742,28 @@ def test_split_and_stack_of_channels_in_a_file(tmp_path):
     assert _folds_in_a_file(tmp_path, x, y)["folded_count"] == 2
 
 
+@pytest.mark.parametrize("groups", [[[0, 1], [2, 3, 4], [5]], [[0, 1, 2, 3, 4, 5]],
+                                    [[1, 0], [2, 3, 4, 5]]])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_bn_then_split_and_stack_of_channels_into_layers(backend, inplace, groups):
+    # forward: each Stack of consecutive outputs in order is a slice of the BN's output, and its
+    # layer takes the map over those channels; out of order, the BN stays
+    def model():
+        x = nn.Variable((2, 6, 5, 5))
+        outs = F.split(PF.batch_normalization(F.relu(x), name="bn", **BN), axis=1)
+        return [x], [PF.convolution(F.stack(*[outs[i] for i in g], axis=1), 2, (1, 1),
+                                    name=f"c{j}") for j, g in enumerate(groups)]
+    _, y = build(model)
+    in_order = all(g == list(range(g[0], g[0] + len(g))) for g in groups)
+    res = check(y, backend, inplace, folded=["bn/bn"] if in_order else [],
+                kept=[] if in_order else ["bn/bn"])
+    if in_order:
+        assert [(s.kind, s.side) for s in res.folded] == [("Convolution", "input")] * len(groups)
+    else:
+        assert "the function after it is Split: it removes an axis, and a Stack joins its " \
+               "outputs other than as consecutive ones in order" in res.skipped[0].reason
+
+
 @pytest.mark.parametrize("case", ["not in order", "along space"])
 def test_split_and_stack_that_is_no_slice_of_the_channels_keeps_the_bn(backend, case):
     # out of order, the Stack is no slice; along another axis, the map covers what the other
