@@ -792,6 +792,8 @@ class _Planner:
             try:
                 while True:
                     readers = self._readers(var, what)
+                    if not readers:   # nothing to absorb the map: it would be lost
+                        raise _Reject(f"{what} is read by no function")
                     if len(readers) == 1:
                         steps = self._step_forward(*readers[0], walk)
                         if len(steps) == 1:
