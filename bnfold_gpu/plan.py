@@ -21,7 +21,9 @@ class MapTerm:
     ``kind`` "bn": ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale`` (``gamma``,
     ``beta`` None for no_scale / no_bias). "scale": a multiply by the stored constant ``value`` (its
     reciprocal where ``reciprocal``: a Div2) or by ``scalar``. "shift": an add of ``value`` (negated
-    where ``negate``: a Sub2) or of ``scalar``. ``n_channels``: the values it holds (1 for a scalar).
+    where ``negate``: a Sub2; times ``factor`` where the graph scales it first, as NNabla's importer
+    scales an ONNX Gemm's bias by beta) or of ``scalar``. ``n_channels``: the values it holds (1 for
+    a scalar).
     """
     label: str
     kind: str
@@ -35,6 +37,7 @@ class MapTerm:
     scalar: Optional[float] = None
     reciprocal: bool = False
     negate: bool = False
+    factor: float = 1.0
 
     def arrays(self):
         return [n for n in (self.gamma, self.beta, self.mean, self.var, self.value) if n]

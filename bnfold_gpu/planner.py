@@ -263,6 +263,24 @@ class _Planner:
             var = fn.inputs[0]
         return var, reshapes[::-1]
 
+    def _scaled_stored(self, var):
+        """((parameter, the functions between), factor) when ``var`` is a stored parameter times a
+        constant, through reshapes and one MulScalar each read only here (NNabla's importer feeds
+        an ONNX Gemm's bias so, scaled by beta); else (None, 1.0)."""
+        chain, factor = [], None
+        while var.parent is not None:
+            fn = self.by_f.get(var.parent)
+            if fn is None or fn.type not in ("Reshape", "MulScalar") or self._uses(var) != 1 \
+                    or var in self.outputs or fn.type == "MulScalar" and factor is not None:
+                return None, 1.0
+            if fn.type == "MulScalar":
+                factor = float(fn.args["val"])
+            chain.append(fn)
+            var = fn.inputs[0]
+        if factor is None or factor == 0.0 or not np.isfinite(factor):
+            return None, 1.0
+        return (var, chain[::-1]), factor
+
     def _registered(self, var) -> bool:
         """A constant operand is a parameter, not a data input fed at run time: it is registered."""
         return self.g.home(var) is not None
@@ -377,7 +395,9 @@ class _Planner:
             x, c = fn.inputs[data], fn.inputs[const]
             if tuple(x.shape) != fn.out_shapes[0] or x.parent is None:
                 continue
-            stored = self._stored(c)
+            stored, factor = self._stored(c), 1.0
+            if stored is None and fn.type in ("Add2", "Sub2"):
+                stored, factor = self._scaled_stored(c)
             if stored is None or not self._registered(stored[0]) or stored[0] in self.updated:
                 continue
             site = _constant_site(tuple(c.shape), tuple(x.shape))
@@ -386,8 +406,9 @@ class _Planner:
             name = self.g.name(stored[0], "constant")
             self.arrays[name] = (tuple(stored[0].shape), self._dtype(name, stored[0]))
             kind = "scale" if fn.type in ("Mul2", "Div2") else "shift"
-            term = MapTerm(f"{fn.type}({name})", kind, site.n if site else 1, value=name,
-                           reciprocal=fn.type == "Div2", negate=fn.type == "Sub2")
+            shown = name if factor == 1.0 else f"{factor:g} * {name}"
+            term = MapTerm(f"{fn.type}({shown})", kind, site.n if site else 1, value=name,
+                           reciprocal=fn.type == "Div2", negate=fn.type == "Sub2", factor=factor)
             m = _Map(fn, term, data, site, False)
             m.constant = (const, stored)
             return m
@@ -1101,6 +1122,10 @@ class _Planner:
                                   "after it needs one too: a new bias for both is not made")
                 # a BN after it become an add holds both shifts; a scale after it scales this one
                 append = True
+        if holder is not None and not scale_only and holder[0].term.factor != 1.0:
+            raise _Reject(f"the {fn.type} after it adds its bias times "
+                          f"{holder[0].term.factor:g} (an ONNX Gemm with beta != 1): a shift "
+                          f"into that bias is not folded")
         region = walk.region + [fn] + w_reshapes
         if holder is not None and not scale_only:
             add = holder[0].fn.index
@@ -1352,7 +1377,12 @@ class _Planner:
         name = self.g.name(param, "constant")
         array = (tuple(param.shape), self._dtype(name, param))
         self.arrays.setdefault(name, array)
-        sub = _Side(add.fn, OUTPUT_SIDE, site, terms[1:], [m for m in side.maps if m is not add],
+        after = terms[1:]
+        f = add.term.factor
+        if f != 1.0 and after:   # the add reads f * c: c' = (f * c * scale + shift) / f
+            after = [_Term(MapTerm(f"MulScalar({f:g})", "scale", 1, scalar=f), None)] + after + \
+                [_Term(MapTerm(f"MulScalar({1 / f:g})", "scale", 1, scalar=1 / f), None)]
+        sub = _Side(add.fn, OUTPUT_SIDE, site, after, [m for m in side.maps if m is not add],
                     None, side.label, [], False)
         return dict(
             side=sub, fn=add.fn, park=True, weight_key=None, weight_name=None, weight_writes=False,

@@ -819,13 +819,14 @@ def test_one_channel_bn_through_reshape_and_transpose(backend, inplace):
                                                            ("Convolution", "output")]
 
 
-def _onnx_linear(x, rows, name, bias_reader=None):
+def _onnx_linear(x, rows, name, bias_reader=None, beta=1.0):
     """A Linear as NNabla's ONNX importer builds it: Reshape -> BatchMatmul -> Reshape, then Add2
-    of its bias, reshaped."""
+    of its bias, reshaped (``beta`` != 1: first scaled by MulScalar(beta), an ONNX Gemm's beta)."""
     w = nn.parameter.get_parameter_or_create(f"{name}_W", (x.shape[1], rows))
     b = nn.parameter.get_parameter_or_create(f"{name}_b", (rows,))
     h = F.batch_matmul(F.reshape(x, (1,) + x.shape), F.reshape(w, (1,) + w.shape))
-    return F.add2(F.reshape(h, (x.shape[0], rows)), F.reshape(b, (1, rows))), b
+    bias = b if beta == 1.0 else F.mul_scalar(b, beta)
+    return F.add2(F.reshape(h, (x.shape[0], rows)), F.reshape(bias, (1, rows))), b
 
 
 @pytest.mark.parametrize("inplace", INPLACE)
@@ -900,6 +901,47 @@ def test_onnx_linear_with_one_bias_value_keeps_the_bn_and_folds_the_rest(backend
     res = check(ys, backend, folded=["bn2/bn"], kept=["bn/bn"])
     assert "the add after the BatchMatmul adds one value to all its outputs, not one per output" \
         in res.skipped[0].reason
+
+
+@pytest.mark.parametrize("beta", [2.0, -0.5])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_onnx_gemm_with_beta_then_bn(backend, inplace, beta):
+    # the add reads beta * b: the BN's shift goes into b divided by beta, the MulScalar stays;
+    # a BN before it (a shift into that bias) stays and says why
+    def model():
+        x = nn.Variable((3, 5))
+        h = PF.batch_normalization(F.relu(x), name="bn0", **BN)
+        y, _ = _onnx_linear(h, 4, "fc", beta=beta)
+        return [x], F.relu(PF.batch_normalization(y, name="bn", **BN))
+    _, y = build(model)
+    res = check(y, backend, inplace, folded=["bn/bn"], kept=["bn0/bn"])
+    assert sorted((s.kind, s.side) for s in res.folded) == [("Add2", "output"),
+                                                           ("BatchMatmul", "output")]
+    assert f"adds its bias times {beta:g} (an ONNX Gemm with beta != 1)" in res.skipped[0].reason
+    assert function_types(res.outputs).count("MulScalar") == 1
+
+
+def test_onnx_gemm_with_beta_and_no_bn_is_left_as_it_was():
+    def model():
+        x = nn.Variable((3, 5))
+        return [x], F.relu(_onnx_linear(x, 4, "fc", beta=3.0)[0])
+    _, y = build(model)
+    assert bnfold_gpu.plan(y).folds == ()
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_add_of_a_scaled_stored_constant_is_a_map(backend, inplace):
+    # conv -> Add2(h, MulScalar(c, 3)) -> BN: the add is a map of shift 3 * c, composed
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        h = PF.convolution(x, 4, (3, 3), name="c")
+        c = nn.parameter.get_parameter_or_create("k", (1, 4, 1, 1))
+        h = F.add2(h, F.mul_scalar(c, 3.0))
+        return [x], F.relu(PF.batch_normalization(h, name="bn", **BN))
+    _, y = build(model)
+    res = check(y, backend, inplace)
+    assert [(s.kind, s.side) for s in res.folded] == [("Convolution", "output")]
+    assert sorted(res.plan.folded_maps) == ["Add2(3 * k)", "bn/bn"]
 
 
 @pytest.mark.parametrize("bias_read_elsewhere", [False, True])

@@ -139,6 +139,8 @@ def _mover(rng, h, axis, made, name, onnx_linear=True):
         m = F.reshape(m, t.shape[:-1] + (out,))
         if rng.rand() < 0.7:
             b = nn.parameter.get_parameter_or_create(f"{name}_b", (out,))
+            if rng.rand() < 0.3:   # an ONNX Gemm's beta
+                b = F.mul_scalar(b, float(rng.choice([-0.5, 2.0])))
             m = F.add2(m, F.reshape(b, (1,) * (len(t.shape) - 1) + (out,)))
         return F.transpose(m, [perm.index(a) for a in range(len(perm))])
     if kind == 10 and c >= 2 and rng.rand() < 0.5:   # in two parts, a BN on the first

@@ -40,6 +40,7 @@ def term_values(term, get, xp):
                 v = 1.0 / v
             scale, shift = v, xp.zeros_like(v)
         else:
+            v = v * term.factor
             scale, shift = xp.ones_like(v), (-v if term.negate else v)
     _check(term, ((not bool(xp.isfinite(scale).all()),
                    "its scale is not finite (var + eps is too close to 0)"),
