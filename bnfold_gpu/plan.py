@@ -48,11 +48,14 @@ class DerivedMap:
     """A map composed of ``terms``, applied in order, computed (float64) into the arrays ``scale`` and
     ``shift`` (None: scale only) over ``n`` channels before the fold. Each term comes with its gather
     (the term's channel for each of the ``n``; -1: not this term) and whether only its scale counts
-    (the second input of an add takes the map's scale, the first its shift)."""
+    (the second input of an add takes the map's scale, the first its shift). The shift is divided
+    by ``shift_divisor``: the beta of an ONNX Gemm whose bias takes it, which the graph multiplies
+    back."""
     scale: str
     shift: Optional[str]
     n: int
     terms: Tuple[Tuple[MapTerm, Tuple[int, ...], bool], ...]
+    shift_divisor: float = 1.0
 
 
 @dataclass(frozen=True)

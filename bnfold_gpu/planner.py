@@ -1122,10 +1122,6 @@ class _Planner:
                                   "after it needs one too: a new bias for both is not made")
                 # a BN after it become an add holds both shifts; a scale after it scales this one
                 append = True
-        if holder is not None and not scale_only and holder[0].term.factor != 1.0:
-            raise _Reject(f"the {fn.type} after it adds its bias times "
-                          f"{holder[0].term.factor:g} (an ONNX Gemm with beta != 1): a shift "
-                          f"into that bias is not folded")
         region = walk.region + [fn] + w_reshapes
         if holder is not None and not scale_only:
             add = holder[0].fn.index
@@ -1428,7 +1424,9 @@ class _Planner:
         if d.get("park") and not side.terms:
             fields = dict(gamma=None, beta=None, mean=None, var=None, eps=0.0)
         else:
-            fields = self._map_fields(side, d["has_shift"], derived, intermediates)
+            holder = side.arrays[4] if side.side == INPUT_SIDE and side.arrays else None
+            divisor = holder[0].term.factor if holder is not None else 1.0
+            fields = self._map_fields(side, d["has_shift"], derived, intermediates, divisor)
         taken_out = [] if d.get("park") else [m for m in side.maps if side.park is None
                                               or m is not side.park[0] or m.is_bn]
         taken_out.sort(key=lambda m: m.fn.index)
@@ -1444,11 +1442,13 @@ class _Planner:
             bn_index=side.maps[0].fn.index if side.maps else -1, note="; ".join(d["notes"]),
             maps=maps, bns=bns, **fields)
 
-    def _map_fields(self, side: _Side, has_shift: bool, derived, intermediates) -> dict:
+    def _map_fields(self, side: _Side, has_shift: bool, derived, intermediates,
+                    divisor: float = 1.0) -> dict:
         """The map as a BN's arrays: the BN's own where one BN covers the channels as they are,
-        else a map derived from every term."""
+        else a map derived from every term (its shift divided by ``divisor``: the beta of the
+        Gemm whose bias takes it)."""
         terms, n = side.terms, side.site.n
-        t0 = terms[0] if len(terms) == 1 else None
+        t0 = terms[0] if len(terms) == 1 and divisor == 1.0 else None
         if t0 is not None and t0.term.kind == "bn" and not t0.scale_only and has_shift \
                 and t0.term.n_channels == n and t0.identity:
             t = t0.term
@@ -1459,7 +1459,7 @@ class _Planner:
         terms_data = tuple((t.term, tuple(int(x) for x in (np.zeros(n, np.int64) if t.gather is None
                                                            else t.gather)), t.scale_only)
                            for t in terms)
-        derived.append(DerivedMap(scale, shift, n, terms_data))
+        derived.append(DerivedMap(scale, shift, n, terms_data, divisor))
         for name in (scale, shift):
             if name is not None:
                 intermediates.add(name)

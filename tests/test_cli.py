@@ -232,9 +232,9 @@ def test_bns_that_move_through_functions_fold_in_a_file(tmp_path, fmt):
 
 @pytest.mark.parametrize("alpha, beta", [(0.5, 1.0), (1.0, 2.0)])
 def test_onnx_gemm_with_alpha_or_beta_then_batchnorm(tmp_path, alpha, beta):
-    """NNabla's importer scales a Gemm's input by MulScalar(alpha) (a map: the BN after the product
-    folds) and its bias by MulScalar(beta) (the bias is a stored value times beta: the BN's shift
-    goes into the stored value divided by beta, the MulScalar stays)."""
+    """NNabla's importer scales a Gemm's input by MulScalar(alpha) (a map: the BNs around the
+    product fold) and its bias by MulScalar(beta) (the bias is a stored value times beta: each BN's
+    shift goes into the stored value divided by beta, the MulScalar stays)."""
     pytest.importorskip("onnx", reason="the 'onnx' test extra is not installed")
     from onnx import helper, numpy_helper
     rng = np.random.RandomState(4)
@@ -244,8 +244,12 @@ def test_onnx_gemm_with_alpha_or_beta_then_batchnorm(tmp_path, alpha, beta):
     inits = [init("fc_W", rng.randn(6, 8)), init("fc_b", rng.randn(6)),
              init("bn_scale", -rng.rand(6) - 0.5), init("bn_bias", rng.randn(6)),
              init("bn_mean", rng.randn(6)), init("bn_var", rng.rand(6) + 0.5),
-             init("fc2_W", rng.randn(6, 3))]
-    nodes = [helper.make_node("Gemm", ["x", "fc_W", "fc_b"], ["g"], transB=1, alpha=alpha, beta=beta),
+             init("fc2_W", rng.randn(6, 3)),
+             init("bn0_scale", rng.rand(8) + 0.5), init("bn0_bias", rng.randn(8)),
+             init("bn0_mean", rng.randn(8)), init("bn0_var", rng.rand(8) + 0.5)]
+    nodes = [helper.make_node("BatchNormalization", ["x"] + [f"bn0_{k}" for k in
+                                                             ("scale", "bias", "mean", "var")], ["n"]),
+             helper.make_node("Gemm", ["n", "fc_W", "fc_b"], ["g"], transB=1, alpha=alpha, beta=beta),
              helper.make_node("BatchNormalization", ["g"] + [f"bn_{k}" for k in
                                                              ("scale", "bias", "mean", "var")], ["b"]),
              helper.make_node("Relu", ["b"], ["r"]),
@@ -258,7 +262,7 @@ def test_onnx_gemm_with_alpha_or_beta_then_batchnorm(tmp_path, alpha, beta):
     rep = json.loads(report.read_text())["networks"]
     folded = [b for n in rep.values() for r in n["folded"] for b in r["bns"]]
     kept = [s["reason"] for n in rep.values() for s in n["skipped"]]
-    assert folded and not kept
+    assert len(folded) == 2 and not kept
     name = N.read(str(nnp_path)).network_names()[0]
     want, types0 = load_run(nnp_path, name)
     got, types1 = load_run(out, name)
