@@ -617,8 +617,10 @@ class _Planner:
     def _absorbed_before(self, m: _Map) -> bool:
         """Whether a layer's output side takes ``m`` already: claimed by an earlier walk, or by
         another branch of this one."""
-        if self.owner.get(m.fn.index, (None, None))[1] == OUTPUT_SIDE:
-            return True
+        return self.owner.get(m.fn.index, (None, None))[1] == OUTPUT_SIDE or self._pending_takes(m)
+
+    def _pending_takes(self, m: _Map) -> bool:
+        """Whether another branch of the current walk takes ``m`` into a layer."""
         return any(q is m for side in self.pending.values() for q in side.maps)
 
     def _apart(self, var, what: str, walk: _Walk, reader):
@@ -840,8 +842,7 @@ class _Planner:
         """The walk's map at input ``k`` of ``fn``: absorbed ([]), or composed or moved past it
         ([(the output, the walk, what it is)] to go on from; one per part after a Split)."""
         nxt = self.maps.get(fn.index)
-        if nxt is not None and nxt.data == k and not nxt.fused and \
-                any(q is nxt for side in self.pending.values() for q in side.maps):
+        if nxt is not None and nxt.data == k and not nxt.fused and self._pending_takes(nxt):
             # another path of this walk takes it into a layer: this path goes on to that layer,
             # to be applied before it there
             walk.passed.append(nxt)
@@ -988,14 +989,9 @@ class _Planner:
     def _absorb_output(self, fn: _Fn, walk: _Walk) -> _Side:
         key = (fn.index, OUTPUT_SIDE)
         existing = self.pending.get(key) or self.sides.get(key)   # pending: another branch's
-        if existing is not None:
-            if fn.type == "BatchMatmul" or existing.park is not None or not all(
-                    any(p is q for q in existing.maps) for p in walk.passed):
-                raise _Reject(f"the {fn.type} before it already absorbs another map")
-            walk = self._joined(existing, walk, fn, "before", walk.passed)
-        elif walk.passed:
-            raise _Reject(f"the {fn.type} before it is not the layer that absorbs "
-                          f"{walk.passed[0].term.label}")
+        if existing is not None and (fn.type == "BatchMatmul" or existing.park is not None):
+            raise _Reject(f"the {fn.type} before it already absorbs another map")
+        walk = self._with_existing(fn, walk, existing, "before")
         arrays = self._layer_arrays(fn, OUTPUT_SIDE)
         w, w_reshapes = arrays[:2]
         site = self._resite(fn, walk, OUTPUT_SIDE)
@@ -1018,8 +1014,8 @@ class _Planner:
                     if scaled is not None:
                         raise _Reject(f"the BatchMatmul before it has no bias to take the map's "
                                       f"shift: the bias added after it is a stored value scaled by "
-                                      f"{scaled} (an ONNX Gemm with beta != 1), which bnfold does "
-                                      f"not fold into")
+                                      f"{scaled} that cannot take it (scaled by 0, read elsewhere, "
+                                      f"or no constant)")
                     raise _Reject("the BatchMatmul before it has no bias to take the map's shift: "
                                   "the map passes no add of a stored value per output, and is not "
                                   "BNs over its columns, reached through reshapes, that can become "
@@ -1072,13 +1068,7 @@ class _Planner:
     def _absorb_input(self, fn: _Fn, walk: _Walk) -> _Side:
         key = (fn.index, INPUT_SIDE)
         existing = self.pending.get(key) or self.sides.get(key)   # pending: another path's
-        if existing is not None:
-            if not all(any(p is q for q in existing.maps) for p in walk.passed):
-                raise _Reject(f"the {fn.type} after it already absorbs another map")
-            walk = self._joined(existing, walk, fn, "after", walk.passed, first=True)
-        elif walk.passed:
-            raise _Reject(f"the {fn.type} after it is not the layer that absorbs "
-                          f"{walk.passed[0].term.label}")
+        walk = self._with_existing(fn, walk, existing, "after")
         arrays = self._layer_arrays(fn, INPUT_SIDE)
         w, w_reshapes, b, b_reshapes, holder = arrays
         site = self._resite(fn, walk, INPUT_SIDE)
@@ -1132,6 +1122,18 @@ class _Planner:
                      list(dict.fromkeys(region)), scale_only, layouts, arrays, append)
         self.pending[key] = side
         return side
+
+    def _with_existing(self, fn: _Fn, walk: _Walk, existing: Optional[_Side], where: str) -> _Walk:
+        """The walk joined with the map the layer's side takes already (``existing``, or None):
+        every map the walk passed must be among that one's."""
+        if existing is None:
+            if walk.passed:
+                raise _Reject(f"the {fn.type} {where} it is not the layer that absorbs "
+                              f"{walk.passed[0].term.label}")
+            return walk
+        if not all(any(p is q for q in existing.maps) for p in walk.passed):
+            raise _Reject(f"the {fn.type} {where} it already absorbs another map")
+        return self._joined(existing, walk, fn, where, walk.passed, first=where == "after")
 
     def _joined(self, side: _Side, walk: _Walk, fn: _Fn, where: str = "after",
                 passed=(), first: bool = False) -> _Walk:
@@ -1353,7 +1355,9 @@ class _Planner:
             has_shift=has_shift, layout=wl, bias_layout=bl, reduce_axes=reduce_axes,
             sum_shape=sum_shape, bias_shape=bias_shape,
             notes=["an add of it after the product"] if appended else [],
-            append=fn.index if appended else None)
+            append=fn.index if appended else None,
+            # the add of the bias it writes reads factor * b (an ONNX Gemm's beta)
+            shift_divisor=holder[0].term.factor if side.side == INPUT_SIDE and holder else 1.0)
         shared = [role for role in ("weight", "bias") if draft[role + "_writes"] and draft["shared_" + role]]
         if shared:
             draft["notes"].append(f"{' and '.join(shared)} shared (also read elsewhere): folded into "
@@ -1373,12 +1377,7 @@ class _Planner:
         name = self.g.name(param, "constant")
         array = (tuple(param.shape), self._dtype(name, param))
         self.arrays.setdefault(name, array)
-        after = terms[1:]
-        f = add.term.factor
-        if f != 1.0 and after:   # the add reads f * c: c' = (f * c * scale + shift) / f
-            after = [_Term(MapTerm(f"MulScalar({f:g})", "scale", 1, scalar=f), None)] + after + \
-                [_Term(MapTerm(f"MulScalar({1 / f:g})", "scale", 1, scalar=1 / f), None)]
-        sub = _Side(add.fn, OUTPUT_SIDE, site, after, [m for m in side.maps if m is not add],
+        sub = _Side(add.fn, OUTPUT_SIDE, site, terms[1:], [m for m in side.maps if m is not add],
                     None, side.label, [], False)
         return dict(
             side=sub, fn=add.fn, park=True, weight_key=None, weight_name=None, weight_writes=False,
@@ -1386,7 +1385,8 @@ class _Planner:
             bias_at=(reshapes[0].index, 0) if reshapes else (add.fn.index, 1 - add.data),
             shared_weight=False, shared_bias=self._shared(param), has_shift=bool(terms[1:]),
             layout=None, bias_layout=_flat_layout(site, param), reduce_axes=(), sum_shape=(),
-            bias_shape=tuple(param.shape), notes=["the map's shift stays in this add"])
+            bias_shape=tuple(param.shape), notes=["the map's shift stays in this add"],
+            shift_divisor=add.term.factor)   # the add reads factor * c
 
     def _bn_add_draft(self, side: _Side) -> dict:
         """A BN after a matrix product without bias (:meth:`_bn_as_bias`) becomes ``x + bias``: the
@@ -1424,9 +1424,8 @@ class _Planner:
         if d.get("park") and not side.terms:
             fields = dict(gamma=None, beta=None, mean=None, var=None, eps=0.0)
         else:
-            holder = side.arrays[4] if side.side == INPUT_SIDE and side.arrays else None
-            divisor = holder[0].term.factor if holder is not None else 1.0
-            fields = self._map_fields(side, d["has_shift"], derived, intermediates, divisor)
+            fields = self._map_fields(side, d["has_shift"], derived, intermediates,
+                                      d.get("shift_divisor", 1.0))
         taken_out = [] if d.get("park") else [m for m in side.maps if side.park is None
                                               or m is not side.park[0] or m.is_bn]
         taken_out.sort(key=lambda m: m.fn.index)
@@ -1445,8 +1444,8 @@ class _Planner:
     def _map_fields(self, side: _Side, has_shift: bool, derived, intermediates,
                     divisor: float = 1.0) -> dict:
         """The map as a BN's arrays: the BN's own where one BN covers the channels as they are,
-        else a map derived from every term (its shift divided by ``divisor``: the beta of the
-        Gemm whose bias takes it)."""
+        else a map derived from every term (its shift divided by ``divisor``: the beta by which
+        the graph multiplies the bias that takes it, an ONNX Gemm's)."""
         terms, n = side.terms, side.site.n
         t0 = terms[0] if len(terms) == 1 and divisor == 1.0 else None
         if t0 is not None and t0.term.kind == "bn" and not t0.scale_only and has_shift \

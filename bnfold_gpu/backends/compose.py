@@ -69,12 +69,10 @@ def compose(derived, get, xp):
         shift = shift * s_here
         if not scale_only:
             shift = shift + xp.where(present, t[where], 0.0)
-    if not bool(xp.isfinite(scale).all()) or not bool(xp.isfinite(shift).all()):
-        raise FoldError(f"{derived.terms[-1][0].label}: the composed map is not finite")
     if derived.shift_divisor != 1.0:
         shift = shift / derived.shift_divisor
-        if not bool(xp.isfinite(shift).all()):
-            raise FoldError(f"{derived.terms[-1][0].label}: the composed map is not finite")
+    if not bool(xp.isfinite(scale).all()) or not bool(xp.isfinite(shift).all()):
+        raise FoldError(f"{derived.terms[-1][0].label}: the composed map is not finite")
     return scale, (None if derived.shift is None else shift)
 
 
