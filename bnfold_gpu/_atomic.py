@@ -20,7 +20,6 @@ import stat
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from typing import List, Optional
 
 _STALE_NAME = re.compile(r"^\.bnfold-(\d+)@.*\.tmp(\.[A-Za-z0-9]+)?$")
@@ -107,16 +106,6 @@ def scratch_dir(folder: Optional[str] = None, label: Optional[str] = None) -> st
     path = tempfile.mkdtemp(prefix=prefix, suffix=tail + ".tmp", dir=folder)
     track(path)
     return path
-
-
-@contextmanager
-def scratch(folder: Optional[str] = None, label: Optional[str] = None):
-    """:func:`scratch_dir` for the duration of a ``with`` block, removed however it ends."""
-    path = scratch_dir(folder, label)
-    try:
-        yield path
-    finally:
-        remove(path)
 
 
 def remove(path: str) -> None:

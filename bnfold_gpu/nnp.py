@@ -33,7 +33,7 @@ from .plan import OUTPUT_SIDE, FoldSpec, Plan, Skip
 from .planner import plan as make_plan
 
 
-_COPY_CHUNK = 16 << 20   # bytes per read when a member is copied between a scratch file and the archive
+_COPY_CHUNK = 16 << 20   # bytes per piece when a member is copied or streamed
 
 
 class _Counted:
@@ -501,14 +501,13 @@ def _read_protobuf(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress):
 _H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
 
 
-def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress, archive=None):
+def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress, archive):
     """[(name, Param)] of an HDF5 parameter member. HDF5 reads at random places: a member stored
     uncompressed (as NNabla saves them) is read where it lies in ``archive``, the open file of ``z``
     (:func:`_read_h5_in_place`); a compressed one is copied to a scratch file first: disk, not a
     second copy of the weights in memory. The scratch folder is named for this process, so that a
     later run can remove it if this one is killed."""
-    import h5py
-    start = None if archive is None else _stored_data_start(z, member, archive)
+    start = _stored_data_start(z, member, archive)
     if start is not None:
         return _read_h5_in_place(path, member, archive, start, progress)
     folder = tempfile.gettempdir()
@@ -533,13 +532,7 @@ def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress, archiv
                     dst.write(chunk)
                 except OSError as e:
                     raise _no_scratch(path, folder, e) from None
-        try:
-            with h5py.File(local, "r") as hd:
-                return _h5_parameters(f"{path}: {member.filename}", hd, member.file_size)
-        except NnpError:
-            raise
-        except _H5_ERRORS as e:
-            raise NnpError(f"{path}: {member.filename} does not parse: {_h5_reason(e)}") from None
+        return _parse_h5(f"{path}: {member.filename}", local, member.file_size)
     finally:
         _atomic.remove(scratch)
 
@@ -631,19 +624,10 @@ def _read_h5_in_place(path, member: zipfile.ZipInfo, archive, start: int, progre
     structure in place (a few kB); then one pass in order over the member reads every value stored
     whole straight into its array and checks the member's CRC-32 as zipfile would, before any
     value is used. No scratch file, no copy of the bytes in between."""
-    import h5py
-    where = f"{path}: {member.filename}"
     window = _Window(archive, start, member.file_size)
     try:
-        try:
-            with h5py.File(window, "r") as hd:
-                return _h5_parameters(where, hd, member.file_size,
-                                      lambda places: _read_in_order(path, member, window, places,
-                                                                    progress))
-        except NnpError:
-            raise
-        except _H5_ERRORS as e:
-            raise NnpError(f"{where} does not parse: {_h5_reason(e)}") from None
+        return _parse_h5(f"{path}: {member.filename}", window, member.file_size,
+                         lambda places: _read_in_order(path, member, window, places, progress))
     except _BadCrc:
         raise
     except NnpError as e:
@@ -654,6 +638,19 @@ def _read_h5_in_place(path, member: zipfile.ZipInfo, archive, start: int, progre
         if damaged:   # said as reading it whole would
             raise _bad_crc(path, member) from None
         raise
+
+
+def _parse_h5(where, source, size, read_in_order=None):
+    """:func:`_h5_parameters` of the HDF5 file ``source`` (a path or a file object); a file HDF5
+    cannot parse is an NnpError that says why."""
+    import h5py
+    try:
+        with h5py.File(source, "r") as hd:
+            return _h5_parameters(where, hd, size, read_in_order)
+    except NnpError:
+        raise
+    except _H5_ERRORS as e:
+        raise NnpError(f"{where} does not parse: {_h5_reason(e)}") from None
 
 
 class _BadCrc(NnpError):
@@ -716,7 +713,7 @@ class _Crc:
     def __init__(self):
         self.value = 0
         self._error = None
-        self._queue = queue.Queue(maxsize=4)   # pieces read ahead of the CRC: 64 MiB at most
+        self._queue = queue.Queue(maxsize=4)   # pieces read ahead of the CRC (views, no copies)
         self._thread = threading.Thread(target=self._run, name="bnfold-crc", daemon=True)
         try:
             self._thread.start()
@@ -1676,8 +1673,8 @@ def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, progre
         for i, (name, p) in enumerate(params.items()):   # as NNabla writes them
             value = p.value
             space = h5s.create_simple(value.shape) if value.ndim else scalar
-            ds = h5d.create(hd.id, name if isinstance(name, bytes) else name.encode("utf-8"),
-                            h5type(value.dtype), space, dcpl=dcpl, lcpl=lcpl)
+            ds = h5d.create(hd.id, name.encode("utf-8"), h5type(value.dtype), space, dcpl=dcpl,
+                            lcpl=lcpl)
             attribute(ds, b"need_grad", np.array(bool(p.need_grad)))
             attribute(ds, b"index", np.array(i, np.int64))
             if value.nbytes:
@@ -1708,8 +1705,7 @@ def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, progre
 def _check_h5_names(params) -> None:
     """NnpError where one parameter's name is a group of another's ('a' and 'a/b'): HDF5 cannot hold
     both (parameters of protobuf members merged into an HDF5 one can be named so)."""
-    names = {(n.decode("utf-8", "replace") if isinstance(n, bytes) else n).strip("/")
-             for n in params}
+    names = {n.strip("/") for n in params}
     for name in names:
         parts = name.split("/")
         for k in range(1, len(parts)):
