@@ -188,6 +188,49 @@ def test_every_step_that_fails_in_edits_that_add_functions_leaves_everything_as_
     assert not res.skipped and rel_err(forward_all(res.outputs)[0], want[0]) < 1e-5
 
 
+def reach_model(seed=2):
+    """The folds that move a map past a fork or into parts of a layer's output: a BN after a ReLU
+    read by two convolutions (one through a slice of channels), a convolution's output in parts
+    with a BN on each (the layer's output read outside the rebuilt functions until both join),
+    and an ONNX-style Linear whose bias is scaled by beta, then a BN."""
+    nn.clear_parameters()
+    rng = np.random.RandomState(seed)
+    x = nn.Variable((2, 4, 5, 5))
+    h = PF.batch_normalization(F.relu(x), name="bn_fork", **BN)
+    a = PF.convolution(h, 3, (1, 1), name="a")
+    b = PF.convolution(F.slice(h, (0, 1, 0, 0), (2, 4, 5, 5)), 3, (1, 1), name="b")
+    c = PF.convolution(x, 6, (3, 3), pad=(1, 1), with_bias=False, name="c")   # a new bias
+    parts = [PF.batch_normalization(F.slice(c, (0, i, 0, 0), (2, i + 3, 5, 5)), name=f"p{i}", **BN)
+             for i in (0, 3)]
+    h = F.concatenate(F.relu(a), F.relu(b), F.relu(F.concatenate(*parts, axis=1)), axis=1)
+    h = F.reshape(F.mean(h, axis=(2, 3)), (2, 12))
+    w = nn.parameter.get_parameter_or_create("fc_W", (12, 4))
+    bias = nn.parameter.get_parameter_or_create("fc_b", (4,))
+    p = F.reshape(F.batch_matmul(F.reshape(h, (1, 2, 12)), F.reshape(w, (1, 12, 4))), (2, 4))
+    y = PF.batch_normalization(F.add2(p, F.reshape(F.mul_scalar(bias, -2.0), (1, 4))),
+                               name="bn_fc", **BN)
+    randomize_all(rng)
+    feed(rng, x)
+    return y
+
+
+@pytest.mark.parametrize("backend, inplace", [("numpy", True), ("cupy", False)])
+def test_every_step_that_fails_in_folds_past_forks_and_parts_leaves_everything_as_it_was(
+        monkeypatch, request, backend, inplace):
+    steps = NUMPY_STEPS
+    if backend == "cupy":
+        emulated = request.getfixturevalue("emulated")
+        steps = GPU_STEPS + [(emulated, name) for name in DEVICE_ALLOCATIONS]
+    planned = bnfold_gpu.plan(reach_model())
+    assert sorted(planned.folded_bns) == ["bn_fc/bn", "bn_fork/bn", "p0/bn", "p3/bn"]
+    assert not planned.skipped   # what it tests
+    assert _every_failure(monkeypatch, steps, backend, inplace, reach_model) > 20
+    y = reach_model()
+    want = forward_all(y)
+    res = bnfold_gpu.fold(y, backend=backend, inplace=inplace)
+    assert not res.skipped and rel_err(forward_all(res.outputs)[0], want[0]) < 1e-5
+
+
 @pytest.mark.parametrize("step, k", [("new_function", 5), ("rewire", 3)])
 def test_a_failed_fold_frees_its_new_functions(monkeypatch, step, k):
     """The functions a failed fold created are gone when it returns, even while its traceback is
@@ -527,6 +570,11 @@ def test_fold_leaves_the_process_as_it_was():
         bnfold_gpu.fold(y)
         bnfold_gpu.fold(PF.batch_normalization(PF.affine(x, 4, name="a"), batch_stat=False,
                                                name="b2"), backend="numpy")
+        h = PF.batch_normalization(F.relu(x), batch_stat=False, name="bf")   # a fork, forward
+        res = bnfold_gpu.fold([PF.convolution(h, 2, (1, 1), name="f1"),
+                               PF.convolution(F.slice(h, (0, 1, 0, 0), (2, 3, 5, 5)), 2, (1, 1),
+                                              name="f2")], backend="numpy")
+        assert len(res.folded) == 2 and not res.skipped
         after = snapshot()
         assert before[:7] == after[:7], (before[:7], after[:7])
         new = set(after[7]) - set(before[7])
