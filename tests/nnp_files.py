@@ -1,8 +1,5 @@
 """Small .nnp files for the CLI tests, made in the test: saved by nnabla.utils.save, laid out as
 Neural Network Console saves them, and converted from ONNX models by NNabla's own importer."""
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import nnabla as nn
@@ -10,6 +7,7 @@ import nnabla.functions as F
 import nnabla.parametric_functions as PF
 from nnabla.utils.save import save
 
+import nnabla_cli_server
 from helpers import randomize_all
 
 
@@ -234,11 +232,11 @@ def _save_onnx(path, nodes, inits, in_shape, out_shape):
 
 
 def nnabla_cli(*args):
-    """NNabla's own converter (package nnabla-converter), as a user runs it."""
-    exe = Path(sys.executable).with_name("nnabla_cli")
-    r = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return r
+    """NNabla's own converter (package nnabla-converter), as a user runs it: its command, kept running
+    between calls (``nnabla_cli_server``: the same files, without its seconds of imports each time)."""
+    status, printed = nnabla_cli_server.run(*args)
+    assert status == 0, printed[-2000:]
+    return printed
 
 
 def _shared_layer_net(x, batch_stat, kind, last=True):

@@ -186,6 +186,34 @@ def test_real_onnx_reference_file(tmp_path):
 
 
 # -- files made by NNabla's ONNX importer -----------------------------------------------------------
+def test_the_kept_nnabla_cli_writes_the_files_the_command_writes(tmp_path):
+    """The tests convert with ``nnabla_cli`` kept running (tests/nnabla_cli_server.py): after other
+    conversions in that process, it writes what the command writes in a process of its own, byte for
+    byte, both ways (ONNX to .nnp, .nnp back to ONNX)."""
+    pytest.importorskip("onnx", reason="the 'onnx' test extra is not installed")
+    for variant in ("deconv", "gemm"):    # conversions before: the counters move
+        model = nnp_files.onnx_model(tmp_path / f"{variant}.onnx", variant)
+        nnp_files.nnabla_cli("convert", model, tmp_path / f"{variant}.nnp")
+    nnp_files.nnabla_cli("convert", tmp_path / "deconv.nnp", tmp_path / "deconv-back.onnx")
+    model = nnp_files.onnx_linear_models(tmp_path / "m.onnx", "residual_flatten")
+    kept, back = tmp_path / "kept.nnp", tmp_path / "kept.onnx"
+    nnp_files.nnabla_cli("convert", model, kept)
+    nnp_files.nnabla_cli("convert", kept, back)
+    exe = str(Path(sys.executable).with_name("nnabla_cli"))
+    # the two commands at once: each spends its seconds importing
+    commands = [subprocess.Popen([exe, "convert", str(src), str(dst)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+                for src, dst in ((model, tmp_path / "own.nnp"), (kept, tmp_path / "own.onnx"))]
+    for c in commands:
+        out, _ = c.communicate(timeout=300)
+        assert c.returncode == 0, out[-2000:]
+    with zipfile.ZipFile(kept) as a, zipfile.ZipFile(tmp_path / "own.nnp") as b:
+        assert [i.filename for i in a.infolist()] == [i.filename for i in b.infolist()]
+        for i in a.infolist():
+            assert a.read(i.filename) == b.read(i.filename), i.filename
+    assert back.read_bytes() == (tmp_path / "own.onnx").read_bytes()
+
+
 @pytest.mark.parametrize("variant", ["deconv", "gemm"])
 def test_onnx_imported_files_fold_and_convert_back(tmp_path, variant):
     pytest.importorskip("onnx", reason="the 'onnx' test extra is not installed")
