@@ -104,11 +104,12 @@ class _Walk:
     region: List[_Fn]
     park: Optional[tuple] = None     # (add map, its site, terms from it on): where a shift can stay
     passed: list = field(default_factory=list)   # maps passed that a layer before absorbs already
+    origin: Optional[MapTerm] = None  # the term of the map the walk moves (the others it met)
 
     def copy(self):
         return _Walk(self.site, [_Term(t.term, t.gather, t.scale_only, t.identity)
                                  for t in self.terms],
-                     list(self.maps), list(self.region), self.park, list(self.passed))
+                     list(self.maps), list(self.region), self.park, list(self.passed), self.origin)
 
 
 @dataclass
@@ -168,8 +169,10 @@ class _Facts(moves.Facts):
         return bool((self._map()[0] >= 0).all())
 
     def describe(self) -> str:
-        return "its map" if len(self.walk.terms) == 1 else "the map it composes with " + \
-            ", ".join(t.term.label for t in self.walk.terms[:-1])
+        """"its map", or the map composed of it and the others the walk met, which are named (going
+        back, the walk puts those it meets before its own term; going forward, after it)."""
+        others = [t.term.label for t in self.walk.terms if t.term is not self.walk.origin]
+        return "the map it composes with " + ", ".join(others) if others else "its map"
 
 
 class _Planner:
@@ -478,7 +481,8 @@ class _Planner:
     # -- backward: to a layer's output ---------------------------------------------------------------
     def _start(self, m: _Map) -> _Walk:
         gather = None if m.site is None else np.arange(m.site.n)
-        return _Walk(m.site, [_Term(m.term, gather, identity=gather is not None)], [m], [m.fn])
+        return _Walk(m.site, [_Term(m.term, gather, identity=gather is not None)], [m], [m.fn],
+                     origin=m.term)
 
     def _backward(self, m: _Map):
         if self._is_layer_bias(m):
@@ -1174,7 +1178,7 @@ class _Planner:
                       at)
         terms[at:at] = added
         maps = list(side.maps) + [m for m in walk.maps if not any(m is o for o in side.maps)]
-        return _Walk(wider, terms, maps, side.region + walk.region)
+        return _Walk(wider, terms, maps, side.region + walk.region, origin=walk.origin)
 
     def _resite(self, fn: _Fn, walk: _Walk, side: str) -> Site:
         """The walk's site, or for a map that does not vary, the layer's channels."""

@@ -314,6 +314,27 @@ def test_constant_padding_takes_a_map_without_shift():
     check(ys, folded=["bn/bn"], kept=["bn3/bn", "bn4/bn"])
 
 
+def test_a_reason_names_the_maps_its_bn_composes_with_not_itself():
+    """Three BNs on the graph's input before a zero-padded convolution all stay: each moves
+    forward, composing those after it, and the reason names those, not the BN itself. A chain going
+    back names those before it."""
+    def model():
+        x = nn.Variable((2, 3, 5, 5))
+        h = x
+        for name in ("a", "b", "c"):
+            h = PF.batch_normalization(h, name=name, **BN)
+        y = PF.convolution(h, 4, (3, 3), pad=(1, 1), name="conv")
+        z = PF.batch_normalization(PF.batch_normalization(F.relu(x), name="d", **BN), name="e", **BN)
+        return [x], [y, F.max_pooling(z, (2, 2))]
+    _, ys = build(model)
+    res = check(ys, kept=["a/bn", "b/bn", "c/bn", "d/bn", "e/bn"])
+    reasons = {s.bn: s.reason for s in res.skipped}
+    assert "(the map it composes with b/bn, c/bn has a shift that is not zero)" in reasons["a/bn"]
+    assert "(the map it composes with c/bn has a shift that is not zero)" in reasons["b/bn"]
+    assert "(its map has a shift that is not zero)" in reasons["c/bn"]
+    assert "the map it composes with d/bn" in reasons["e/bn"]
+
+
 @pytest.mark.parametrize("kernel", [(1, 1, 2, 2), (1, 2, 2), (2, 1)])
 def test_windows_one_wide_on_the_channels_leave_them_alone(backend, kernel):
     # ONNX's Upsample (opset 9) imports as Unpooling with kernel (1, 1, 2, 2); a pooling window of
