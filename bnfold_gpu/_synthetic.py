@@ -7,7 +7,8 @@ import numpy as np
 from .layout import ChannelLayout
 from .plan import INPUT_SIDE, OUTPUT_SIDE, FoldSpec, Plan
 
-# (kind, side, (groups, rows, channels, inner), weight shape, bias shape): one of each layout
+# (kind, side, (groups, rows, channels, inner), weight shape, bias shape[, the weight axes an input
+# side's bias sums, where not every axis but the first (Affine: the first)]): one of each layout
 LAYOUTS = (
     ("Convolution", OUTPUT_SIDE, (1, 1, 6, 3 * 3 * 3), (6, 3, 3, 3), (6,)),
     ("Convolution", OUTPUT_SIDE, (1, 1, 5, 2 * 4), (5, 2, 4), (5,)),           # channel-last, 1-D
@@ -21,6 +22,10 @@ LAYOUTS = (
     ("Convolution", INPUT_SIDE, (2, 3 * 9, 4, 1), (6, 3, 3, 4), (6,)),         # BN -> channel-last conv
     ("DepthwiseConvolution", INPUT_SIDE, (4, 2, 1, 9), (8, 3, 3), (8,)),       # multiplier 2
     ("Affine", INPUT_SIDE, (1, 2, 3, 4 * 7), (24, 7), (7,)),
+    # BN -> 1x1 deconvolution of stride 1, as (inputs, outputs), and grouped: (groups 3, inputs 2,
+    # outputs 4 of each group), the weight (6, 4, 1, 1)
+    ("Deconvolution", INPUT_SIDE, (1, 1, 6, 4), (6, 4), (4,), (0,)),
+    ("Deconvolution", INPUT_SIDE, (1, 1, 6, 4), (3, 2, 4), (12,), (1,)),
 )
 
 
@@ -28,7 +33,7 @@ def fold_spec(k: int, case, dtype, with_bias=True, no_scale=False, no_bias=False
               stat_dtype=np.float32, inplace=False) -> Tuple[FoldSpec, Dict[str, Tuple[tuple, np.dtype]]]:
     """One fold named ``f{k}`` of layout ``case`` and the shape/dtype of every array it uses;
     ``inplace`` folds into the layer's own weight (and bias, where it has one)."""
-    kind, side, shape4, wshape, bshape = case
+    kind, side, shape4, wshape, bshape = case[:5]
     layout = ChannelLayout(*shape4)
     n = layout.n_channels
     name = f"f{k}"
@@ -44,6 +49,8 @@ def fold_spec(k: int, case, dtype, with_bias=True, no_scale=False, no_bias=False
     if side == OUTPUT_SIDE:
         bias_layout = (ChannelLayout(1, int(np.prod(bshape)) // (n * layout.inner), n, layout.inner)
                        if kind == "Affine" else ChannelLayout(1, 1, n, 1))
+    elif len(case) > 5:
+        reduce_axes = tuple(case[5])
     else:
         reduce_axes = (0,) if kind == "Affine" else tuple(range(1, len(wshape)))
     spec = FoldSpec(

@@ -55,10 +55,11 @@ SHIFT_FREE_ONLY = ("Deconvolution", "DepthwiseDeconvolution")
 
 
 def pointwise_deconvolution(kind: str, args: dict, weight_shape: Sequence[int]) -> bool:
-    """A Deconvolution of one group, a 1x1 kernel, stride 1 and no padding: every output element
-    takes exactly one input element through the whole kernel, so it takes a map's shift as a
-    convolution does (other deconvolutions sum a varying set of kernel taps per output)."""
-    if kind != "Deconvolution" or args.get("group", 1) != 1:
+    """A Deconvolution of a 1x1 kernel, stride 1 and no padding: every output element takes
+    exactly one input element of each input channel of its group, through the whole kernel, so it
+    takes a map's shift as a convolution does (other deconvolutions sum a varying set of kernel taps
+    per output)."""
+    if kind != "Deconvolution":
         return False
     w = tuple(weight_shape)
     kernel = w[1:-1] if args.get("channel_last", False) else w[2:]
@@ -201,9 +202,12 @@ def input_layout(kind: str, args: dict, weight_shape: Sequence[int], in_shape: S
     if kind in ("Deconvolution", "DepthwiseDeconvolution"):
         # the input channel is the weight's first axis; a map folds here only without shift (the
         # bias is never summed: no reduce axes), except into a pointwise deconvolution, a matrix
-        # (inputs, outputs) like an Affine's
+        # (inputs, outputs) like an Affine's, per group: (groups, inputs, outputs of the group)
         if pointwise_deconvolution(kind, args, w):
-            return ChannelLayout(1, 1, w[0], prod(w[1:])), (0,), (w[0], prod(w[1:]))
+            g = args.get("group", 1)
+            if g == 1:
+                return ChannelLayout(1, 1, w[0], prod(w[1:])), (0,), (w[0], prod(w[1:]))
+            return ChannelLayout(1, 1, w[0], prod(w[1:])), (1,), (g, w[0] // g, prod(w[1:]))
         return ChannelLayout(1, 1, w[0], prod(w[1:])), (), w
     if kind == "BatchMatmul":
         rows, cols = _matrix(kind, w)

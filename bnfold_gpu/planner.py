@@ -1087,15 +1087,10 @@ class _Planner:
             w_shape = self._matrix_shape(fn, w)
             if not pointwise_deconvolution(fn.type, fn.args, w_shape):
                 if not facts.shift_is_zero():
-                    if fn.type == "Deconvolution" and fn.args.get("group", 1) != 1 and \
-                            pointwise_deconvolution(fn.type, dict(fn.args, group=1), w_shape):
-                        why = "is grouped: a shift into a grouped deconvolution's bias is not " \
-                              "computed"
-                    else:
-                        why = "adds each input through different kernel taps (or none) at " \
-                              "different outputs, so a shift is not one bias per output"
-                    raise _Reject(f"the {fn.type} after it {why} ({facts.describe()} has a shift "
-                                  f"that is not zero)")
+                    raise _Reject(f"the {fn.type} after it adds each input through different "
+                                  f"kernel taps (or none) at different outputs, so a shift is not "
+                                  f"one bias per output ({facts.describe()} has a shift that is "
+                                  f"not zero)")
                 scale_only = True
         elif any(p != 0 for p in fn.args.get("pad", ())):
             if not facts.shift_is_zero():
@@ -1320,9 +1315,12 @@ class _Planner:
             bias_shape = tuple(w.shape[1:])
         elif b is not None:
             bias_shape = tuple(b.shape)
+        elif side.side == OUTPUT_SIDE:
+            bias_shape = (wl.n_channels,)
+        elif fn.type == "Deconvolution":   # summed as ([groups,] inputs, outputs): every output
+            bias_shape = (prod(sum_shape) // sum_shape[-2],)
         else:
-            bias_shape = (wl.n_channels,) if side.side == OUTPUT_SIDE else \
-                (sum_shape[1],) if fn.type == "Deconvolution" else (w.shape[0],)
+            bias_shape = (w.shape[0],)
         writes_bias = has_shift or (side.side == OUTPUT_SIDE and b is not None)
         if side.side == OUTPUT_SIDE and b is None and fn.type != "BatchMatmul":
             # the input side's shift makes the layer a bias (written before): it scales too

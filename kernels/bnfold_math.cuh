@@ -253,8 +253,10 @@ struct bnfold_input_seg {     // one BN -> layer fold: the layer's bias takes su
   bnfold_u64 weight, bias, dst;        // bias 0: the layer had none
   bnfold_i64 weight_dtype, bias_dtype, dst_dtype;
   bnfold_i64 inner, channels, rows, channel_offset;   // the weight's layout over input channels
-  // output o sums the weight elements o * out_stride + j * term_stride, j < terms
-  bnfold_i64 outputs, out_stride, terms, term_stride;
+  // output o of group g = o / per_group sums the weight elements
+  // g * group_stride + (o - g * per_group) * out_stride + j * term_stride, j < terms (one group:
+  // per_group = outputs)
+  bnfold_i64 outputs, out_stride, terms, term_stride, per_group, group_stride;
   bnfold_i64 first_block;              // block of this fold's output 0 (one block per output)
 };
 
@@ -469,8 +471,10 @@ BNFOLD_HD int bnfold_input_segment(const bnfold_input_seg* segs, int n_segs, bnf
 BNFOLD_HD double bnfold_input_partial(const bnfold_input_seg& s, bnfold_i64 o, int thread,
                                       const double* offset) {
   double sum = 0.0;
+  bnfold_i64 group = o / s.per_group;
+  bnfold_i64 first = group * s.group_stride + (o - group * s.per_group) * s.out_stride;
   for (bnfold_i64 j = thread; j < s.terms; j += BNFOLD_BLOCK) {
-    bnfold_i64 e = o * s.out_stride + j * s.term_stride;
+    bnfold_i64 e = first + j * s.term_stride;
     bnfold_i64 c = s.channel_offset + bnfold_channel<bnfold_i64>(e, s.inner, s.channels, s.rows);
     sum = BNFOLD_DADD(sum, BNFOLD_DMUL(bnfold_load((const void*)s.weight, (int)s.weight_dtype, e),
                                        offset[c]));

@@ -43,7 +43,9 @@ def test_device_fold_matches_numpy(cp, seed):
 
 # BN -> layer biases whose sums are longer than a block (256 threads) and not a multiple of it
 LONG_SUMS = (("Convolution", INPUT_SIDE, (1, 5, 70, 9), (5, 70, 3, 3), (5,)),     # rows of 630
-             ("Affine", INPUT_SIDE, (1, 1, 600, 3), (600, 3), (3,)))              # columns of 600
+             ("Affine", INPUT_SIDE, (1, 1, 600, 3), (600, 3), (3,)),              # columns of 600
+             # a grouped 1x1 deconvolution: groups 2 of 300 inputs, 5 outputs each
+             ("Deconvolution", INPUT_SIDE, (1, 1, 600, 5), (2, 300, 5), (10,), (1,)))
 
 
 @pytest.mark.parametrize("case", LONG_SUMS, ids=[c[0] for c in LONG_SUMS])

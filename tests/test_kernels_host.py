@@ -11,7 +11,7 @@ import pytest
 
 from compare import assert_same_fold
 from bnfold_gpu.backends import FoldError, numpy_backend, segments
-from bnfold_gpu._synthetic import fold_spec, make_arrays, random_plan
+from bnfold_gpu._synthetic import LAYOUTS, fold_spec, make_arrays, random_plan
 from bnfold_gpu.layout import ChannelLayout
 from bnfold_gpu.plan import OUTPUT_SIDE, Plan
 
@@ -187,6 +187,25 @@ def test_host_kernels_match_numpy_backend_bit_for_bit(host, seed):
     assert_same_fold(plan, arrays, ref)
     for spec in plan.folds:
         assert np.array_equal(arrays[spec.weight], ref[spec.weight])  # sources untouched
+
+
+# every layout, alone in a plan; BN -> layer sums longer than a block (256 threads), of one group
+# and of several (a grouped 1x1 deconvolution: groups 2, 300 inputs, 5 outputs each)
+CASES = LAYOUTS + (("Affine", "input", (1, 1, 600, 3), (600, 3), (3,)),
+                   ("Deconvolution", "input", (1, 1, 600, 5), (2, 300, 5), (10,), (1,)))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{'x'.join(map(str, c[3]))}")
+def test_host_kernels_match_numpy_backend_on_every_layout(host, case, dtype):
+    spec, shapes = fold_spec(0, case, dtype, stat_dtype=np.float32)
+    plan = Plan((spec,), (), shapes)
+    arrays = make_arrays(plan, np, seed=11)
+    ref = {n: a.copy() for n, a in arrays.items()}
+    numpy_backend.fold(plan, ref)
+    status, _, flags = _run_host(host, plan, arrays)
+    assert not status.any() and not flags.any()
+    assert_same_fold(plan, arrays, ref)
 
 
 @pytest.mark.parametrize("per_thread, unroll", [(16, 1), (16, 2), (16, 16), (1, 1), (64, 8)])

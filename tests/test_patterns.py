@@ -1197,22 +1197,27 @@ def test_scale_after_a_fused_bn_in_a_file(tmp_path, fmt):
     assert report["networks"]["net"]["folded"] and report["verify"]["outputs"]
 
 
-def test_grouped_pointwise_deconvolution_says_why_it_keeps_a_shift():
+@pytest.mark.parametrize("group, with_bias", [(2, True), (3, False)])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_grouped_pointwise_deconvolution_takes_a_shift(backend, inplace, group, with_bias):
+    # each output of a grouped 1x1 deconvolution of stride 1 sums the inputs of its own group: the
+    # shift goes into its bias group by group
     def model():
-        x = nn.Variable((2, 4, 5, 5))
+        x = nn.Variable((2, 6, 5, 5))
         h = PF.batch_normalization(F.relu(x), name="bn", **BN)
-        return [x], PF.deconvolution(h, 6, (1, 1), group=2, name="d")
+        return [x], PF.deconvolution(h, 4 * group, (1, 1), group=group, with_bias=with_bias,
+                                     name="d")
     _, y = build(model)
-    res = check(y, kept=["bn/bn"])
-    assert "the Deconvolution after it is grouped: a shift into a grouped deconvolution's bias is " \
-        "not computed" in res.skipped[0].reason
+    res = check(y, backend, inplace, folded=["bn/bn"])
+    assert [(s.kind, s.side) for s in res.folded] == [("Deconvolution", "input")]
 
 
-def test_pointwise_deconvolution_and_mean_in_a_file(tmp_path):
+@pytest.mark.parametrize("group", [1, 3])
+def test_pointwise_deconvolution_and_mean_in_a_file(tmp_path, group):
     def model():
         x = nn.Variable((2, 3, 5, 5))
-        h = PF.deconvolution(PF.batch_normalization(F.relu(x), name="bn", **BN), 4, (1, 1),
-                             with_bias=False, name="d")
+        h = PF.deconvolution(PF.batch_normalization(F.relu(x), name="bn", **BN), 6, (1, 1),
+                             group=group, with_bias=False, name="d")
         h = PF.batch_normalization(F.mean(PF.convolution(h, 3, (3, 3), name="c"), axis=(2, 3)),
                                    name="bn2", **BN)
         return [x], F.relu(h)

@@ -47,7 +47,8 @@ def random_graph(rng, base_axis=1, made=None, onnx_linear=True):
                                with_bias=rng.rand() < 0.5, name=name)
         elif r < 0.42:
             g = int(rng.choice(_divisors(c)))
-            h = PF.deconvolution(h, g * int(rng.randint(1, 3)), (2, 2), group=g, base_axis=base_axis,
+            k = 1 if rng.rand() < 0.3 else 2     # 1x1: takes a shift on its input, grouped or not
+            h = PF.deconvolution(h, g * int(rng.randint(1, 3)), (k, k), group=g, base_axis=base_axis,
                                  with_bias=rng.rand() < 0.5, name=name)
             h = h[..., ::2, ::2] if h.shape[-1] > 12 else h
         elif r < 0.5:
@@ -233,6 +234,7 @@ def test_the_generator_makes_every_kind_of_fold_and_skip():
         fused += sum(r.bn_type == "FusedBatchNormalization" for r in res.folded)
         reasons += [r.reason for r in res.skipped]
     assert {("Convolution", "output"), ("Convolution", "input"), ("Deconvolution", "output"),
+            ("Deconvolution", "input"),
             ("DepthwiseConvolution", "output"), ("DepthwiseConvolution", "input"),
             ("DepthwiseDeconvolution", "output"), ("Affine", "output"), ("Affine", "input")} <= kinds
     assert fused > 0 and forks > 0

@@ -57,7 +57,7 @@ INPUT_SEG = np.dtype([
     ("weight_dtype", "<i8"), ("bias_dtype", "<i8"), ("dst_dtype", "<i8"),
     ("inner", "<i8"), ("channels", "<i8"), ("rows", "<i8"), ("channel_offset", "<i8"),
     ("outputs", "<i8"), ("out_stride", "<i8"), ("terms", "<i8"), ("term_stride", "<i8"),
-    ("first_block", "<i8")])
+    ("per_group", "<i8"), ("group_stride", "<i8"), ("first_block", "<i8")])
 
 
 @lru_cache(maxsize=None)
@@ -378,15 +378,19 @@ def copy_rows(t: Tables, bias_src, input_src) -> Tuple[np.ndarray, int]:
     return rows, int(rows["numel"].sum())
 
 
-def input_terms(spec) -> Tuple[int, int, int, int]:
-    """(outputs, out_stride, terms, term_stride) of a BN -> layer bias: output o sums the weight
-    elements ``o * out_stride + j * term_stride`` for ``j < terms``."""
+def input_terms(spec) -> Tuple[int, int, int, int, int, int]:
+    """(outputs, out_stride, terms, term_stride, per_group, group_stride) of a BN -> layer bias:
+    output o of group g = o // per_group sums the weight elements
+    ``g * group_stride + (o - g * per_group) * out_stride + j * term_stride`` for ``j < terms``."""
     shape, axes = spec.weight_shape, tuple(spec.bias_reduce_axes)
     per_first = prod(shape[1:])
     if axes == tuple(range(1, len(shape))):   # convolutions: an output's weights are one row
-        return shape[0], per_first, per_first, 1
+        return shape[0], per_first, per_first, 1, shape[0], 0
     if axes == (0,):                          # Affine: an output's weights are one column
-        return per_first, 1, shape[0], per_first
+        return per_first, 1, shape[0], per_first, per_first, 0
+    if axes == (1,) and len(shape) == 3:      # (groups, inputs, outputs) of a grouped matrix
+        g, i, o = shape
+        return g * o, 1, i, o, o, i * o
     raise ValueError(f"{spec.bn}: a bias summed over weight axes {axes} has no table row")
 
 
@@ -400,7 +404,8 @@ def _input_rows(specs, offsets) -> np.ndarray:
     rows["rows"], rows["channels"], rows["inner"] = shape[:, 1], shape[:, 2], shape[:, 3]
     rows["channel_offset"] = offsets
     terms = np.array([input_terms(s) for s in specs], np.int64)
-    rows["outputs"], rows["out_stride"], rows["terms"], rows["term_stride"] = terms.T
+    (rows["outputs"], rows["out_stride"], rows["terms"], rows["term_stride"], rows["per_group"],
+     rows["group_stride"]) = terms.T
     np.cumsum(rows["outputs"][:-1], out=rows["first_block"][1:])
     return rows
 
