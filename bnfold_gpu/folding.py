@@ -21,7 +21,7 @@ from . import _interrupts, rewrite
 from .backends import get_backend
 from .backends.common import cuda_context
 from .graph import Graph, Home
-from .plan import FoldSpec, Plan, Skip, skip_patterns, warn_unmatched_skips
+from .plan import FoldSpec, Plan, Skip, check_flag, skip_patterns, warn_unmatched_skips
 from .planner import plan as _make_plan
 
 
@@ -32,8 +32,9 @@ class FoldResult:
     ``outputs``: the rewritten graph, same structure as the outputs given. ``folded``: one
     :class:`FoldSpec` per BN removed (``.bn``, ``.kind``...). ``skipped``: one :class:`Skip` per BN left in
     the graph, with its ``.reason``. ``parameters``: the parameters the fold created, by name, each
-    registered beside the parameter it comes from (in the current scope or a module's), except those
-    named in ``unregistered``, whose source is registered nowhere (a plain ``nn.Variable``).
+    registered beside the parameter it comes from (in the current scope, the root one or a
+    module's), except those named in ``unregistered``, whose source is registered nowhere (a plain
+    ``nn.Variable``).
     ``unused``: the registered parameters the unfolded graph read and ``outputs`` no longer reads (a
     folded BN's statistics, scale and shift; with ``inplace=False``, the weights replaced by folded
     copies); :meth:`prune` takes them out of the registry.
@@ -60,10 +61,11 @@ class FoldResult:
                      if home.name not in self._pruned)
 
     def prune(self) -> Tuple[str, ...]:
-        """Take :attr:`unused` out of the parameter registry (the current scope, or a module's), so
-        that ``nnabla.utils.save`` and ``nn.get_parameters()`` no longer see them; returns their
-        names. Another graph still reading them keeps working (it holds the variables), but is
-        saved without them. Entries that now name another variable are left alone."""
+        """Take :attr:`unused` out of the parameter registry (the current scope, the root one, or a
+        module's), so that ``nnabla.utils.save`` and ``nn.get_parameters()`` no longer see them;
+        returns their names. Another graph still reading them keeps working (it holds the
+        variables), but is saved without them. Entries that now name another variable are left
+        alone."""
         pruned = _prune(_unread(self._read_before, self.outputs))
         self._pruned += pruned
         return pruned
@@ -113,10 +115,16 @@ def _prune(entries) -> Tuple[str, ...]:
 def _flatten(outputs):
     if isinstance(outputs, nn.Variable):
         return [outputs], lambda flat: flat[0]
-    if isinstance(outputs, (list, tuple)) and all(isinstance(o, nn.Variable) for o in outputs):
+    if isinstance(outputs, (list, tuple, dict)):
+        items = outputs.items() if isinstance(outputs, dict) else enumerate(outputs)
+        for key, o in items:
+            if not isinstance(o, nn.Variable):
+                raise TypeError(f"outputs[{key!r}] must be an nnabla.Variable, not "
+                                f"{type(o).__name__}")
+    if isinstance(outputs, (list, tuple)):
         kind = type(outputs)
         return list(outputs), lambda flat: kind(flat)
-    if isinstance(outputs, dict) and all(isinstance(o, nn.Variable) for o in outputs.values()):
+    if isinstance(outputs, dict):
         kind, keys = type(outputs), list(outputs)   # e.g. the outputs of an NnpLoader network
         return list(outputs.values()), lambda flat: kind(zip(keys, flat))
     raise TypeError("outputs must be an nnabla.Variable, or a list, tuple or dict of them, "
@@ -289,6 +297,7 @@ def plan(outputs, inplace: bool = True, skip: Sequence[str] = ()) -> Plan:
     the rest would not. Changes nothing."""
     flat, _ = _flatten(outputs)
     skip = skip_patterns(skip)
+    inplace = check_flag("inplace", inplace)
     with _relative_imports_fail_fast():
         p = _make_plan(Graph(flat), inplace, skip=skip)
     warn_unmatched_skips(skip, [p], "the graph")
@@ -305,8 +314,8 @@ def fold(outputs, backend: str = "auto", inplace: bool = True, skip: Sequence[st
     parameters is stale. Weights shared with other layers are never rescaled in place: their layer gets
     a folded copy. ``inplace=False`` leaves the given graph and every parameter untouched and returns a
     new graph using new parameters. New parameters are registered beside the parameter they come from,
-    wherever that is registered: the current parameter scope or a module's (all are in the result's
-    ``parameters``).
+    wherever that is registered: the current parameter scope, the root one (a call inside another
+    ``parameter_scope``) or a module's (all are in the result's ``parameters``).
 
     A fold is all or nothing: a fold that raises (a bad statistic, a value the dtype cannot hold, a
     failed allocation...) has changed no array, registration or function of the graph; Ctrl-C during
@@ -315,9 +324,11 @@ def fold(outputs, backend: str = "auto", inplace: bool = True, skip: Sequence[st
     ``prune=True`` then takes the parameters the folded graph no longer reads out of the registry
     (see :meth:`FoldResult.prune`), so that ``nnabla.utils.save`` writes a clean model.
     """
+    inplace, prune, skip = check_flag("inplace", inplace), check_flag("prune", prune), \
+        skip_patterns(skip)
     try:
         with _relative_imports_fail_fast():
-            result = _fold(outputs, backend, inplace, skip_patterns(skip))
+            result = _fold(outputs, backend, inplace, skip)
     except BaseException as e:
         # what the failed fold made goes now, not when the traceback does (a session may keep it):
         # its new functions would count as consumers of the parameters they read in a later fold

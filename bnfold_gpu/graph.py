@@ -100,7 +100,13 @@ class Graph:
         self.uses = Counter(v for inputs in self.inputs for v in inputs)
         self._homes: Dict["nn.Variable", Home] = {}
         self._taken = set()
-        self._add_scope(nn.parameter.get_current_parameter_scope(), "")
+        current = nn.parameter.get_current_parameter_scope()
+        self._add_scope(current, "")
+        # called inside a parameter_scope other than the graph's: its parameters are named from the
+        # root, as nn.get_parameters() there names them
+        root = getattr(nn.parameter, "root_scope", None)
+        if isinstance(root, dict) and root is not current and self._unregistered_parameters():
+            self._add_scope(root, "")
         if self._unregistered_parameters():
             for prefix, scope in module_scopes():
                 self._add_scope(scope, prefix)

@@ -7,6 +7,7 @@ runs before the rename, so the target is either the complete folded file or exac
 Importing this module does not import nnabla; calling :func:`fold_nnp` does.
 """
 import math
+import numbers
 import os
 import time
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from typing import Dict, List, Optional
 from . import _atomic, _safe_points
 from .backends import get_backend
 from .backends.common import FoldError
-from .plan import skip_patterns, warn_unmatched_skips
+from .plan import check_flag, skip_patterns, warn_unmatched_skips
 from . import __version__
 
 SCHEMA_VERSION = 1   # of Report.to_json(); raised when a field changes meaning or goes away
@@ -197,6 +198,12 @@ def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
     from . import nnp as N
     clock = _Stages()
     src = os.fspath(src)
+    verify, in_place, skip = check_flag("verify", verify), check_flag("in_place", in_place), \
+        skip_patterns(skip)
+    for name, value in (("tolerance", tolerance), ("atol", atol)):
+        if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value)
+                                      and value >= 0):
+            raise ValueError(f"{name} {value!r:.40}: a tolerance is a finite number >= 0")
     out, target = _output(src, dst, in_place)
     get_backend(backend, on_device=False)   # an unusable backend is said before a file is read
     given = _load_inputs(inputs)
@@ -274,6 +281,7 @@ def load(path, network: Optional[str] = None, *, batch_size: Optional[int] = Non
     from . import nnp as N
     clock = _Stages()
     src = os.fspath(path)
+    skip = skip_patterns(skip)
     get_backend(backend, on_device=False)
     if batch_size is not None and not 1 <= batch_size <= N.MAX_BATCH:
         raise ValueError(f"batch_size must be from 1 to {N.MAX_BATCH}, not {batch_size}")

@@ -218,8 +218,30 @@ class SkipPatternWarning(UserWarning):
 
 
 def skip_patterns(skip) -> Tuple[str, ...]:
-    """``skip`` as a tuple of patterns: one pattern may be given as a string."""
-    return (skip,) if isinstance(skip, str) else tuple(skip)
+    """``skip`` as a tuple of patterns: one pattern may be given as a string, None as none; a
+    TypeError says what else was given."""
+    if skip is None:
+        return ()
+    if isinstance(skip, str):
+        return (skip,)
+    try:
+        patterns = tuple(skip)
+    except TypeError:
+        raise TypeError(f"skip must be a BN name or glob pattern, or a list of them, not "
+                        f"{type(skip).__name__}") from None
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"skip patterns are BN names or glob patterns (str), not "
+                            f"{type(p).__name__} ({p!r:.40})")
+    return patterns
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` where it is True or False (NumPy's too); a TypeError otherwise: a string such as
+    "no" would otherwise count as true."""
+    if value is True or value is False or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, not {type(value).__name__} ({value!r:.40})")
 
 
 def bn_names(plans: Iterable[Plan]) -> Tuple[str, ...]:

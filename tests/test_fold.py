@@ -318,6 +318,25 @@ def test_unscoped_onnx_style_names_never_collide(rng):
 
 
 @pytest.mark.parametrize("inplace", [True, False])
+def test_fold_called_inside_another_parameter_scope(rng, inplace):
+    # the graph's parameters are under "s", the call inside parameter_scope("other"): they are
+    # found and named from the root, the new ones registered beside them, prune takes the BN's out
+    x = nn.Variable((2, 3, 6, 6))
+    with nn.parameter_scope("s"):
+        y = PF.batch_normalization(PF.convolution(x, 4, (3, 3), with_bias=False, name="c"),
+                                   name="bn", **BN)
+    prepare(rng, y, x)
+    with nn.parameter_scope("other"):
+        assert [s.bn for s in bnfold_gpu.plan(y, skip=["s/bn/bn"]).skipped] == ["s/bn/bn"]
+        res = assert_fold_exact(y, inplace=inplace, prune=True)
+        assert nn.get_parameters(grad_only=False) == {}
+    assert [r.bn for r in res.folded] == ["s/bn/bn"] and res.unregistered == ()
+    names = sorted(nn.get_parameters(grad_only=False))
+    assert names == (["s/c/conv/W", "s/c/conv/b"] if inplace else
+                     ["s/c/conv/W_folded", "s/c/conv/b_folded"])
+
+
+@pytest.mark.parametrize("inplace", [True, False])
 def test_parameters_that_are_plain_variables(rng, inplace):
     # weights and statistics not in the parameter registry: folded all the same; what the fold
     # creates is returned, not registered
@@ -388,8 +407,38 @@ def test_unknown_backend(rng):
         bnfold_gpu.fold(y, backend="tpu")
     with pytest.raises(TypeError):
         bnfold_gpu.fold("y")
-    with pytest.raises(TypeError, match="list, tuple or dict of them, not list"):
+    with pytest.raises(TypeError, match=r"outputs\[0\] must be an nnabla.Variable, not list"):
         bnfold_gpu.fold([[y]])
+
+
+def test_bad_arguments_are_said_and_change_nothing(rng, tmp_path):
+    x = nn.Variable((1, 3, 4, 4))
+    y = PF.batch_normalization(PF.convolution(x, 2, (1, 1), name="c"), name="bn", **BN)
+    prepare(rng, y, x)
+    before, types = snapshot(), function_types(y)
+    cases = [(dict(outputs={"y": y, "z": 3}), r"outputs\['z'\] must be an nnabla.Variable, not int"),
+             (dict(skip=[3]), r"skip patterns are BN names or glob patterns \(str\), not int \(3\)"),
+             (dict(skip=4.5), "skip must be a BN name or glob pattern, or a list of them, not float"),
+             (dict(inplace="no"), r"inplace must be True or False, not str \('no'\)"),
+             (dict(prune=1), "prune must be True or False, not int")]
+    for kwargs, words in cases:
+        outputs = kwargs.pop("outputs", y)
+        for call in (bnfold_gpu.fold, bnfold_gpu.plan):
+            if call is bnfold_gpu.plan and "prune" in kwargs:
+                continue
+            with pytest.raises(TypeError, match=words):
+                call(outputs, **kwargs)
+    assert function_types(y) == types and set(snapshot()) == set(before)
+    assert all(np.array_equal(v, before[k]) for k, v in snapshot().items())
+    res = bnfold_gpu.fold(y, skip=None, inplace=np.bool_(True))   # None: no pattern
+    assert [r.bn for r in res.folded] == ["bn/bn"]
+    for kwargs, words in ((dict(tolerance=-1), "tolerance -1: a tolerance is a finite number >= 0"),
+                          (dict(atol=float("nan")), "atol nan: a tolerance is"),
+                          (dict(verify="yes"), "verify must be True or False"),
+                          (dict(skip=[None]), "skip patterns are BN names")):
+        with pytest.raises((TypeError, ValueError), match=words):
+            bnfold_gpu.fold_nnp(tmp_path / "missing.nnp", tmp_path / "out.nnp", **kwargs)
+    assert not list(tmp_path.iterdir())
 
 
 # -- randomized shapes ----------------------------------------------------------------------------
