@@ -239,7 +239,15 @@ class _Planner:
             raise _Reject(f"{what} is also a graph output")
         uses = self._uses(var)
         if uses > 1:
-            raise _Reject(f"{what} also feeds {uses - 1} other function input(s)")
+            raise self._read_elsewhere(var, what, uses)
+
+    def _read_elsewhere(self, var, what: str, uses: int) -> _Reject:
+        """Why ``var``, which ``uses`` function inputs read, stops a map."""
+        readers = self.consumers.get(var, [])
+        if len(readers) == uses and all(fn is readers[0][0] for fn, _ in readers):
+            return _Reject(f"{what} is read {uses} times, all by the same {readers[0][0].type} "
+                           f"(its inputs {', '.join(str(k) for _, k in readers)})")
+        return _Reject(f"{what} also feeds {uses - 1} other function input(s)")
 
     def value_of(self, name: str) -> np.ndarray:
         got = self._values_cache.get(name)
@@ -641,7 +649,7 @@ class _Planner:
         for fn, k in others:
             read = self._slice_reads(fn, walk.site) if touched is not None else None
             if read is None or (read & touched).any():
-                raise _Reject(f"{what} also feeds {self._uses(var) - 1} other function input(s)")
+                raise self._read_elsewhere(var, what, self._uses(var))
         self._not_read_outside(var, what)
 
     @staticmethod

@@ -461,6 +461,24 @@ def test_add_whose_branch_feeds_elsewhere_keeps_the_bn():
     assert "input 1 of Add2 also feeds 1 other function input(s)" in res.skipped[0].reason
 
 
+def test_a_value_added_or_joined_to_itself_says_so():
+    # BN(h + h), BN(concatenate(h, h)) then a ReLU: h is read twice by one function
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        h = PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c1")
+        g = PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c2")
+        a = F.relu(PF.batch_normalization(h + h, name="bn", **BN))
+        b = F.relu(PF.batch_normalization(F.concatenate(g, g, axis=1), name="bn2", **BN))
+        return [x], [a, b]
+    _, ys = build(model)
+    res = check(ys, kept=["bn/bn", "bn2/bn"])
+    reasons = {s.bn: s.reason for s in res.skipped}
+    assert reasons["bn/bn"].startswith(
+        "input 0 of Add2 is read 2 times, all by the same Add2 (its inputs 0, 1)")
+    assert reasons["bn2/bn"].startswith(
+        "input 0 of Concatenate is read 2 times, all by the same Concatenate (its inputs 0, 1)")
+
+
 @pytest.mark.parametrize("inplace", INPLACE)
 def test_concatenate_then_bn_splits_the_channels(backend, inplace):
     def model():
