@@ -26,7 +26,7 @@ import numpy as np
 
 from . import _atomic, _textproto, protobuf_params
 from .backends import get_backend
-from .backends.common import FoldError
+from .backends.common import FoldError, quiet_float_errors
 from .graph import BN_TYPES, Graph
 from .nnp_fold import _Silent   # the progress of a caller that shows none
 from .plan import OUTPUT_SIDE, FoldSpec, Plan, Skip
@@ -375,17 +375,28 @@ def _check_definition(path, proto):
 # arguments NNabla's builder divides by (a 0 there ends the process with SIGFPE): each value >= 1
 _POSITIVE = frozenset(("group", "stride", "dilation", "kernel", "output_size", "multiplier",
                        "divisor", "num_groups", "deformable_group"))
+# (function type, argument) that NNabla's builder indexes with, unchecked: a negative value there
+# corrupts its memory and ends the process (a Transpose's axes)
+_NONNEGATIVE = frozenset((("Transpose", "axes"),))
 # elements of a variable NNabla's builder can count without overflowing its 64-bit sizes
 _MAX_ELEMENTS = 1 << 48
 MAX_BATCH = (1 << 31) - 1
 
 
 def _check_arguments(where, f):
-    """The arguments of function ``f`` that NNabla divides by are at least 1."""
+    """The arguments of function ``f`` that NNabla divides by are at least 1; those it indexes with
+    unchecked are at least 0."""
     which = f.WhichOneof("parameter")
     if which is None:
         return
     param = getattr(f, which)
+    for field in param.DESCRIPTOR.fields:
+        if (f.type, field.name) in _NONNEGATIVE and field.label == field.LABEL_REPEATED and \
+                field.type in (field.TYPE_INT32, field.TYPE_INT64):
+            values = list(getattr(param, field.name))
+            if any(v < 0 for v in values):
+                raise NnpError(f"{where}: function '{f.name}' ({f.type}) has {field.name} {values}; "
+                               f"NNabla indexes with them unchecked, so none may be negative")
     for field in param.DESCRIPTOR.fields:   # unset ones too: they read 0, and NNabla takes that 0
         if field.name not in _POSITIVE or field.type not in (field.TYPE_INT32, field.TYPE_INT64,
                                                              field.TYPE_MESSAGE):
@@ -1211,6 +1222,7 @@ def nnabla_words(e: BaseException) -> str:
     return _one_line(text) if text else f"{type(e).__name__} with no message"
 
 
+@quiet_float_errors
 def plan_file(nnp: NnpFile, progress=None, skip=()) -> FilePlan:
     """Plan every network of the file and settle the folded parameters' names across networks: a
     fold that several networks share (the same arrays, the same map) is computed once; an array
@@ -1339,6 +1351,7 @@ def _fold_key(spec: FoldSpec, keys, derived, intermediates) -> tuple:
 
 
 # -- folding --------------------------------------------------------------------------------------
+@quiet_float_errors
 def fold_parameters(nnp: NnpFile, fp: FilePlan, backend: str = "auto"):
     """Compute every folded parameter into ``nnp.params`` (new ones added). Returns (backend name,
     bytes rescaled)."""

@@ -931,6 +931,11 @@ class _Planner:
             self._not_updated(param, "the BatchMatmul's bias")
             return stored[0], stored[1], param, reshapes, (add, path)
         inputs = fn.inputs
+        if len(inputs) not in (2, 3):
+            # NNabla's layers read a bias only as the third of three inputs: with more, they add
+            # none, so a shift written into the third would be lost
+            raise _Reject(f"the {fn.type} it reaches has {len(inputs)} inputs: NNabla adds a bias "
+                          f"only as the third of three, so a shift written there would be lost")
         w, b = inputs[1], (inputs[2] if len(inputs) > 2 else None)
         for label, v in (("weight", w), ("bias", b)):
             if v is not None and v.parent is not None:

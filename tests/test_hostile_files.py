@@ -732,6 +732,12 @@ def _dilation_0(proto):
     _param_of(proto, "Convolution").dilation.dim[:] = [0, 0]
 
 
+def _transpose_negative(proto):   # the ReLU made a Transpose with a negative axis
+    f = next(f for f in proto.network[0].function if f.type == "ReLU")
+    f.type = "Transpose"
+    f.transpose_param.axes[:] = [0, 1, 3, -1]
+
+
 def _huge_batch(proto):
     proto.network[0].batch_size = 1 << 62
 
@@ -758,11 +764,15 @@ def _huge_variable(proto):
     (_group_missing, "network 'net': function '@net/Convolution' (Convolution) has group 0"),
     (_stride_0, "network 'net': function '@net/Deconvolution' (Deconvolution) has stride [1, 0]"),
     (_dilation_0, "network 'net': function '@net/Convolution' (Convolution) has dilation [0, 0]"),
+    # and ends it with a corrupted heap (SIGABRT) on this one
+    (_transpose_negative, "network 'net': function '@net/ReLU' (Transpose) has axes [0, 1, 3, -1]; "
+                          "NNabla indexes with them unchecked, so none may be negative"),
     (_huge_batch, f"network 'net': batch_size {1 << 62} is too large (at most 2147483647)"),
     (_huge_variable, "network 'net': variable 'x' of shape [-1, 3, 1073741824, 1073741824] would "
                      "hold more than 2^48 elements"),
 ], ids=["cycle", "self-loop", "same-function-name", "two-producers", "undeclared", "undeclared-kind",
-        "same-network", "group-0", "group-missing", "stride-0", "dilation-0", "huge-batch",
+        "same-network", "group-0", "group-missing", "stride-0", "dilation-0", "transpose-negative",
+        "huge-batch",
         "huge-variable"])
 @pytest.mark.parametrize("command", ["fold", "inspect"])
 def test_definition_nnabla_cannot_build_is_refused_before_it_reaches_nnabla(
@@ -771,6 +781,46 @@ def test_definition_nnabla_cannot_build_is_refused_before_it_reaches_nnabla(
     p = _edit_definition(good, tmp_path / "bad.nnp", edit)
     msg = _refused(tmp_path, capsys, p, command)
     assert "'net'" in msg and words in msg
+
+
+@pytest.mark.parametrize("param, folds", [("bn1/bn/mean", False), ("c2/conv/b", True)])
+def test_a_signalling_nan_is_said_once(tmp_path, capsys, scratch, param, folds):
+    # NumPy warns as it merely casts a signalling NaN: a BN statistic holding one is refused in
+    # one line; a bias holding one folds (a NaN stays a NaN), saying nothing with --quiet
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+
+    def edit(hd):
+        v = hd[param][...]
+        v.reshape(-1).view(np.uint32)[0] = 0x7FA00000
+        hd[param][...] = v
+    p = _edit_h5(good, tmp_path / "snan.nnp", edit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a warning would fail the command, not only be printed
+        if not folds:
+            assert "bn1/bn: mean has non-finite values" in _refused(tmp_path, capsys, p)
+            return
+        assert cli.main(["fold", str(p), "-o", str(tmp_path / "o.nnp"), "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("kind", ["Convolution", "Deconvolution"])
+def test_a_layer_with_an_input_past_its_bias_keeps_its_bns(tmp_path, scratch, capsys, kind):
+    # NNabla's layers add a bias only as the third of three inputs: with a fourth (its bias again)
+    # they add none, so a BN's shift written into the third would be lost
+    import json
+    good = nnp_files.single(tmp_path / "good.nnp")
+
+    def edit(proto):
+        f = next(f for f in proto.network[0].function if f.type == kind and len(f.input) == 3)
+        f.input.append(f.input[2])
+    p = _edit_definition(good, tmp_path / "four.nnp", edit)
+    out, report = tmp_path / "o.nnp", tmp_path / "r.json"
+    assert cli.main(["fold", str(p), "-o", str(out), "--verify", "--report", str(report),
+                     "-q"]) == 0, capsys.readouterr().err
+    kept = [s for s in json.loads(report.read_text())["networks"]["net"]["skipped"]
+            if f"the {kind} it reaches has 4 inputs: NNabla adds a bias only as the third of " \
+               "three" in s["reason"]]
+    assert kept, report.read_text()
 
 
 @pytest.mark.parametrize("batch", [None, 0, -1])

@@ -1,4 +1,5 @@
 """What every backend shares: the error type and the checks run before any array is written."""
+import functools
 from math import prod
 
 import numpy as np
@@ -12,6 +13,18 @@ _EXACT_INTEGER = 2 ** 53
 
 class FoldError(ValueError):
     """A fold that cannot be done exactly as planned; nothing was changed."""
+
+
+def quiet_float_errors(fn):
+    """``fn`` run with NumPy's floating-point warnings off in this thread (its setting restored on
+    return): the fold checks what it computes and names a value that is not finite by BN and array,
+    so a NaN in a parameter (a signalling one warns as it is merely cast) is said once that way, not
+    as RuntimeWarning lines, nor as the FloatingPointError a caller's ``np.seterr`` would make."""
+    @functools.wraps(fn)
+    def quiet(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+    return quiet
 
 
 def array_facts(arrays) -> dict:

@@ -15,7 +15,8 @@ import numpy as np
 
 from .. import _interrupts
 from ..plan import OUTPUT_SIDE, FoldSpec, Plan
-from .common import FoldError, check_plan_arrays, check_statistics_exact, split_stages
+from .common import (FoldError, check_plan_arrays, check_statistics_exact, quiet_float_errors,
+                     split_stages)
 
 name = "numpy"
 
@@ -402,6 +403,7 @@ def _map_threads(f, items, workers: int) -> list:
     out = [None] * len(items)
     errors = []
     lock = threading.Lock()
+    f = quiet_float_errors(f)   # each thread's own setting
     todo = iter(range(len(items)))
 
     def run():
