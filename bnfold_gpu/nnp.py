@@ -1423,14 +1423,19 @@ def rewrite_proto(nnp: NnpFile, fp: FilePlan):
         del net.variable[:]
         net.variable.extend(keep)
     used_after = set().union(*(set(_uses(n)) for n in nnp.proto.network))
+    # a parameter an executor names as its data or output (a folded BN's statistic, say) is read
+    # by whoever runs it: kept, with its declaration (above)
+    named = {v.variable_name for ex in nnp.proto.executor
+             for v in list(ex.data_variable) + list(ex.output_variable)}
     for name in list(nnp.params):
-        if name in used_before and name not in used_after:
+        if name in used_before and name not in used_after and name not in named:
             del nnp.params[name]
     for ex in nnp.proto.executor:
         net = next((n for n in nnp.proto.network if n.name == ex.network_name), None)
         if not ex.parameter_variable or net is None or not fp.folds.get(net.name):
             continue
-        params_used = [n for n in _uses(net) if n in nnp.params]
+        own = [v.variable_name for v in list(ex.data_variable) + list(ex.output_variable)]
+        params_used = list(dict.fromkeys(n for n in list(_uses(net)) + own if n in nnp.params))
         del ex.parameter_variable[:]
         for name in params_used:
             ex.parameter_variable.add().variable_name = name

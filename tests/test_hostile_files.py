@@ -803,6 +803,24 @@ def test_a_signalling_nan_is_said_once(tmp_path, capsys, scratch, param, folds):
     assert capsys.readouterr().err == ""
 
 
+def test_a_folded_bn_statistic_an_executor_outputs_is_kept(tmp_path, scratch):
+    # the executor names bn1's mean as an output: the BN folds, the mean stays in the file, declared,
+    # with its values and among the executor's parameters
+    good = nnp_files.single(tmp_path / "good.nnp")
+
+    def edit(proto):
+        proto.executor[0].output_variable.add(variable_name="bn1/bn/mean", data_name="m")
+        proto.executor[0].parameter_variable.add(variable_name="bn1/bn/mean")
+    p = _edit_definition(good, tmp_path / "mean-out.nnp", edit)
+    out = tmp_path / "o.nnp"
+    assert cli.main(["fold", str(p), "-o", str(out), "-q"]) == 0
+    before, after = N.read(str(p)), N.read(str(out))
+    assert "bn1/bn/beta" not in after.params     # folded
+    assert np.array_equal(after.params["bn1/bn/mean"].value, before.params["bn1/bn/mean"].value)
+    assert "bn1/bn/mean" in {v.name for v in after.proto.network[0].variable}
+    assert "bn1/bn/mean" in {v.variable_name for v in after.proto.executor[0].parameter_variable}
+
+
 @pytest.mark.parametrize("kind", ["Convolution", "Deconvolution"])
 def test_a_layer_with_an_input_past_its_bias_keeps_its_bns(tmp_path, scratch, capsys, kind):
     # NNabla's layers add a bias only as the third of three inputs: with a fourth (its bias again)
