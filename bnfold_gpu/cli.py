@@ -346,6 +346,13 @@ def cmd_doctor(args, run):
     return doctor.main()
 
 
+def _seed(text: str) -> int:
+    value = int(text)   # argparse turns a ValueError into a usage error
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"{text}: a seed is an integer from 0 to 2**32 - 1")
+    return value
+
+
 def _tolerance(text: str) -> float:
     value = float(text)   # argparse turns a ValueError into a usage error
     if not (math.isfinite(value) and value >= 0):
@@ -397,7 +404,7 @@ def parser():
     fo.add_argument("--atol", type=_tolerance, default=0.0,
                     help="an output also passes if its largest absolute error is at most this "
                     "(default 0)")
-    fo.add_argument("--seed", type=int, default=0, help="seed of --verify's random inputs")
+    fo.add_argument("--seed", type=_seed, default=0, help="seed of --verify's random inputs")
     fo.add_argument("--input", dest="inputs", metavar="NAME=FILE.npy", type=_named_file,
                     action="append", default=[],
                     help="feed --verify this data for the network input NAME instead of random "

@@ -204,6 +204,8 @@ def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
         if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value)
                                       and value >= 0):
             raise ValueError(f"{name} {value!r:.40}: a tolerance is a finite number >= 0")
+    if not (isinstance(seed, numbers.Integral) and 0 <= seed < 2 ** 32):
+        raise ValueError(f"seed {seed!r:.40}: a seed is an integer from 0 to 2**32 - 1")
     out, target = _output(src, dst, in_place)
     get_backend(backend, on_device=False)   # an unusable backend is said before a file is read
     given = _load_inputs(inputs)

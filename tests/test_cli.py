@@ -784,12 +784,16 @@ def test_verify_runs_the_networks_that_fold_nothing(tmp_path, capsys, monkeypatc
     assert "features" in capsys.readouterr().out and not out.exists()
 
 
-@pytest.mark.parametrize("tolerance", ["-1", "nan", "inf", "x"])
-def test_bad_tolerance_is_a_usage_error(tmp_path, capsys, tolerance):
+@pytest.mark.parametrize("option, value", [("--tolerance", "-1"), ("--tolerance", "nan"),
+                                           ("--tolerance", "inf"), ("--tolerance", "x"),
+                                           ("--atol", "-1"), ("--seed", "-5"),
+                                           ("--seed", str(2 ** 32)), ("--seed", "1.5")])
+def test_bad_tolerance_or_seed_is_a_usage_error(tmp_path, capsys, option, value):
+    # a seed NNabla's random generator refuses was said as "cannot verify" (exit 3)
     p = nnp_files.single(tmp_path / "m.nnp")
     with pytest.raises(SystemExit) as e:
-        run("fold", p, "-o", tmp_path / "o.nnp", "--verify", "--tolerance", tolerance)
-    assert e.value.code == 2 and "--tolerance" in capsys.readouterr().err
+        run("fold", p, "-o", tmp_path / "o.nnp", "--verify", option, value)
+    assert e.value.code == 2 and option in capsys.readouterr().err
     assert not (tmp_path / "o.nnp").exists()
 
 
