@@ -1005,8 +1005,8 @@ def _check_parameters(nnp: NnpFile):
         for f in net.function:
             for name in f.input:
                 v = declared.get(name)
-                if v is None or v.type != "Parameter":
-                    continue
+                if v is None or v.type != "Parameter" or v.repeat_id:
+                    continue   # one of a repeated block: stored under names NNabla expands
                 if name not in nnp.params:
                     raise NnpError(f"{nnp.path}: network '{net.name}': parameter '{name}' "
                                    f"(input of {f.name}) has no data in the file")
@@ -1258,8 +1258,14 @@ def plan_file(nnp: NnpFile, progress=None, skip=()) -> FilePlan:
             graph = Graph(outputs)
             # a network that trains (a BN on batch statistics) keeps its parametrization: only
             # BNs on running statistics fold there, not the multiplies and adds of its own
+            # NNabla unrolls a repeated block as it builds the network: the functions it folds
+            # would be copies of the file's, which a fold cannot be written back to
+            repeats = bool(net.repeat_info) or any(f.repeat_id for f in net.function)
             p = make_plan(graph, inplace=True, reserved=taken, dtypes=dtypes, values=values,
-                          skip=skip, constants=not training, fed=fed)
+                          skip=skip, constants=not training, fed=fed,
+                          keep="its network repeats a block (repeat_info), which NNabla unrolls "
+                               "as it builds: a fold cannot be written back to the file"
+                          if repeats else None)
             taken.update(p.arrays)
             producer = {o: f.name for f in net.function for o in f.output}
             functions = [producer.get(f.outputs[0].name) for f in graph.functions]
@@ -1451,8 +1457,8 @@ def _edit_network(net, edit, functions, nnp, declared):
         name = functions[index] if index < len(functions) else None
         f = by_name.get(name)
         if f is None:
-            raise NnpError(f"network '{net.name}': cannot find the function the fold changes in the "
-                           f"file")
+            raise NnpError(f"{nnp.path}: network '{net.name}': cannot find the function the fold "
+                           f"changes in the file")
         return f
 
     for index, position, array in edit.inputs:

@@ -130,7 +130,7 @@ class _Side:
 
 
 def plan(graph: Graph, inplace: bool = True, reserved=(), dtypes=None, values=None, skip=(),
-         constants: bool = True, fed=None) -> Plan:
+         constants: bool = True, fed=None, keep: Optional[str] = None) -> Plan:
     """The plan for ``graph``. ``inplace=False`` sends every folded array to a new name; new names
     avoid every name of the graph and of ``reserved``. ``dtypes`` (name -> dtype) gives the arrays'
     dtypes where the graph's parameters hold no data; otherwise they are read from the parameters.
@@ -138,8 +138,8 @@ def plan(graph: Graph, inplace: bool = True, reserved=(), dtypes=None, values=No
     (default: read from the variable). ``skip``: BN names or glob patterns not to fold.
     ``constants=False``: multiplies and adds by stored constants are not maps (they stay).
     ``fed``: {variable: name} of the graph's inputs fed as it runs (a file declares them), never
-    taken for stored statistics or weights."""
-    return _Planner(graph, inplace, reserved, dtypes, values, skip, constants, fed).run()
+    taken for stored statistics or weights. ``keep``: a reason every BN stays for (nothing folds)."""
+    return _Planner(graph, inplace, reserved, dtypes, values, skip, constants, fed, keep).run()
 
 
 class _Facts(moves.Facts):
@@ -177,8 +177,9 @@ class _Facts(moves.Facts):
 
 class _Planner:
     def __init__(self, graph: Graph, inplace: bool, reserved=(), dtypes=None, values=None, skip=(),
-                 constants: bool = True, fed=None):
+                 constants: bool = True, fed=None, keep=None):
         self.g = graph
+        self.keep = keep
         self.fed = fed or {}
         self.constants = constants
         self.dtypes = dtypes or {}
@@ -450,11 +451,14 @@ class _Planner:
                 if pattern is not None:
                     results[fn.index] = f"skipped on request (matches {pattern!r})"
                     continue
+                if self.keep is not None:
+                    results[fn.index] = self.keep
+                    continue
                 try:
                     maps[fn.index] = self._bn_map(fn)
                 except _Reject as r:
                     results[fn.index] = str(r)
-            elif self.constants and fn.type in _CONSTANT_OPS:
+            elif self.constants and self.keep is None and fn.type in _CONSTANT_OPS:
                 m = self._constant_map(fn)
                 if m is not None:
                     maps[fn.index] = m

@@ -803,6 +803,94 @@ def test_a_signalling_nan_is_said_once(tmp_path, capsys, scratch, param, folds):
     assert capsys.readouterr().err == ""
 
 
+_REPEATED = {   # Neural Network Console's repeated blocks, which NNabla unrolls as it builds
+    "RecurrentInput": ("""
+  repeat_info { id: "T" times: 3 }
+  variable { name: "x" type: "Buffer" shape { dim: -1 dim: 3 dim: 4 } }
+  variable { name: "xi" type: "Buffer" repeat_id: "T" shape { dim: -1 dim: 4 } }
+  variable { name: "a" type: "Buffer" repeat_id: "T" shape { dim: -1 dim: 5 } }
+  variable { name: "b" type: "Buffer" repeat_id: "T" shape { dim: -1 dim: 5 } }
+  variable { name: "y" type: "Buffer" shape { dim: -1 dim: 3 dim: 5 } }
+  variable { name: "fc/W" type: "Parameter" shape { dim: 4 dim: 5 } }
+  variable { name: "fc/b" type: "Parameter" shape { dim: 5 } }
+  variable { name: "bn/beta" type: "Parameter" shape { dim: 1 dim: 5 } }
+  variable { name: "bn/gamma" type: "Parameter" shape { dim: 1 dim: 5 } }
+  variable { name: "bn/mean" type: "Parameter" shape { dim: 1 dim: 5 } }
+  variable { name: "bn/var" type: "Parameter" shape { dim: 1 dim: 5 } }
+  function { name: "RIn" type: "RecurrentInput" repeat_id: "T" input: "x" output: "xi"
+    recurrent_param { repeat_id: "T" length: 3 axis: 1 } }
+  function { name: "Affine" type: "Affine" repeat_id: "T" input: "xi" input: "fc/W" input: "fc/b"
+    output: "a" affine_param { base_axis: 1 } }
+  function { name: "BN" type: "BatchNormalization" repeat_id: "T" input: "a" input: "bn/beta"
+    input: "bn/gamma" input: "bn/mean" input: "bn/var" output: "b"
+    batch_normalization_param { axes: 1 decay_rate: 0.9 eps: 1e-05 } }
+  function { name: "ROut" type: "RecurrentOutput" input: "b" output: "y"
+    recurrent_param { repeat_id: "T" length: 3 axis: 1 } }""",
+                       {"fc/W": (4, 5), "fc/b": (5,), "bn/beta": (1, 5), "bn/gamma": (1, 5),
+                        "bn/mean": (1, 5), "bn/var": (1, 5)}),
+    "RepeatStart": ("""
+  repeat_info { id: "R" times: 3 }
+  variable { name: "x" type: "Buffer" shape { dim: -1 dim: 4 dim: 6 dim: 6 } }
+  variable { name: "rs" type: "Buffer" repeat_id: "R" shape { dim: -1 dim: 4 dim: 6 dim: 6 } }
+  variable { name: "c" type: "Buffer" repeat_id: "R" shape { dim: -1 dim: 4 dim: 6 dim: 6 } }
+  variable { name: "b" type: "Buffer" repeat_id: "R" shape { dim: -1 dim: 4 dim: 6 dim: 6 } }
+  variable { name: "r" type: "Buffer" repeat_id: "R" shape { dim: -1 dim: 4 dim: 6 dim: 6 } }
+  variable { name: "y" type: "Buffer" shape { dim: -1 dim: 4 dim: 6 dim: 6 } }
+  variable { name: "conv/W" type: "Parameter" repeat_id: "R" shape { dim: 4 dim: 4 dim: 3 dim: 3 } }
+  variable { name: "bn/beta" type: "Parameter" repeat_id: "R" shape { dim: 1 dim: 4 dim: 1 dim: 1 } }
+  variable { name: "bn/gamma" type: "Parameter" repeat_id: "R" shape { dim: 1 dim: 4 dim: 1 dim: 1 } }
+  variable { name: "bn/mean" type: "Parameter" repeat_id: "R" shape { dim: 1 dim: 4 dim: 1 dim: 1 } }
+  variable { name: "bn/var" type: "Parameter" repeat_id: "R" shape { dim: 1 dim: 4 dim: 1 dim: 1 } }
+  function { name: "RepeatStart" type: "RepeatStart" repeat_id: "R" input: "x" input: "r"
+    output: "rs" repeat_param { repeat_id: "R" times: 3 } }
+  function { name: "Conv" type: "Convolution" repeat_id: "R" input: "rs" input: "conv/W" output: "c"
+    convolution_param { base_axis: 1 pad { dim: 1 dim: 1 } stride { dim: 1 dim: 1 }
+                        dilation { dim: 1 dim: 1 } group: 1 } }
+  function { name: "BN" type: "BatchNormalization" repeat_id: "R" input: "c" input: "bn/beta"
+    input: "bn/gamma" input: "bn/mean" input: "bn/var" output: "b"
+    batch_normalization_param { axes: 1 decay_rate: 0.9 eps: 1e-05 } }
+  function { name: "ReLU" type: "ReLU" repeat_id: "R" input: "b" output: "r" }
+  function { name: "RepeatEnd" type: "RepeatEnd" input: "r" output: "y"
+    repeat_param { repeat_id: "R" times: 3 } }""",
+                    {f"{n}_R[{k}]": shape for k in range(3) for n, shape in (
+                        ("conv/W", (4, 4, 3, 3)), ("bn/beta", (1, 4, 1, 1)),
+                        ("bn/gamma", (1, 4, 1, 1)), ("bn/mean", (1, 4, 1, 1)),
+                        ("bn/var", (1, 4, 1, 1)))}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_REPEATED))
+def test_a_repeated_block_keeps_its_bns_saying_why(tmp_path, capsys, scratch, kind):
+    # the BNs of a block NNabla unrolls as it builds stay (a fold could not be written back to the
+    # file's one copy of them), each said; the file is written unchanged in values and verifies
+    import json
+    body, params = _REPEATED[kind]
+    rng = np.random.RandomState(0)
+    values = nnabla_pb2.NNablaProtoBuf()
+    for name, shape in params.items():
+        p = values.parameter.add(variable_name=name, need_grad=True)
+        p.shape.dim.extend(shape)
+        data = rng.uniform(0.5, 1.5, shape) if name.startswith("bn/var") else rng.randn(*shape)
+        p.data.extend(data.astype(np.float32).reshape(-1).tolist())
+    definition = f'network {{\n  name: "net"\n  batch_size: 2{body}\n}}\n' \
+        'executor { name: "runtime" network_name: "net" data_variable { variable_name: "x" ' \
+        'data_name: "x" } output_variable { variable_name: "y" data_name: "y" } }\n'
+    path = tmp_path / "repeated.nnp"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("nnp_version.txt", "0.1")
+        z.writestr("network.nntxt", definition)
+        z.writestr("parameter.protobuf", values.SerializeToString())
+    out, report = tmp_path / "o.nnp", tmp_path / "r.json"
+    assert cli.main(["fold", str(path), "-o", str(out), "--verify", "--report", str(report),
+                     "-q"]) == 0, capsys.readouterr().err
+    net = json.loads(report.read_text())["networks"]["net"]
+    assert net["folded"] == [] and len(net["skipped"]) == 3
+    assert all(s["reason"].startswith("its network repeats a block (repeat_info), which NNabla "
+                                      "unrolls as it builds") for s in net["skipped"])
+    after = N.read(str(out))
+    assert sorted(after.params) == sorted(params)
+
+
 def test_a_folded_bn_statistic_an_executor_outputs_is_kept(tmp_path, scratch):
     # the executor names bn1's mean as an output: the BN folds, the mean stays in the file, declared,
     # with its values and among the executor's parameters
