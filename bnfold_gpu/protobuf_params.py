@@ -202,9 +202,34 @@ def _repacked(body: bytes, pb2) -> bytes:
 
 def _message(pb2, data: bytes):
     try:
+        _no_groups(data, pb2.Parameter.DESCRIPTOR)
         return pb2.Parameter.FromString(data)
-    except _decode_error() as e:
+    except (_decode_error(), ProtobufError) as e:
         raise ProtobufError(f"a parameter's name, shape or need_grad does not parse ({e})") from None
+
+
+def _no_groups(data: bytes, descriptor) -> None:
+    """ProtobufError where ``data``, a message of ``descriptor``, or a message field of it holds a
+    field numbered 0 or a wire type NNabla's messages have none of (a group's start or end): the
+    compiled parser takes those for the end of a group, only warns (a RuntimeWarning line), stops
+    there and keeps what it read."""
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        key = _read_varint(stream)
+        field, wire = key >> 3, key & 7
+        if field == 0:    # which the compiled parser takes for the end of a group
+            raise ProtobufError("a field numbered 0")
+        if wire != _LEN:
+            _skip(stream, wire)   # refuses a group's wire types
+            continue
+        n = _read_varint(stream)
+        at = stream.tell()
+        if at + n > len(data):
+            raise ProtobufError("truncated field")
+        inner = descriptor.fields_by_number.get(field)
+        if inner is not None and inner.message_type is not None:
+            _no_groups(data[at:at + n], inner.message_type)
+        stream.seek(at + n)
 
 
 def _checked(p, values: np.ndarray):

@@ -128,3 +128,21 @@ def test_name_that_is_not_utf8(capfd):
     with pytest.raises(P.ProtobufError, match="a parameter's name is not UTF-8 text"):
         list(P.read(io.BytesIO(msg)))
     assert capfd.readouterr().err == ""   # said once: not also in the protobuf library's log
+
+
+@pytest.mark.parametrize("tail, words", [
+    (b"\x00\x05", "a field numbered 0"),                                 # tag 0 after the shape
+    (P._key(20, 2) + P._varint(1) + P._key(3, 4), "unsupported wire type 4"),   # a group's end
+    (P._key(20, 2) + P._varint(1) + P._key(3, 3), "unsupported wire type 3"),   # in the shape
+])
+def test_a_group_or_field_0_is_refused_without_a_warning(tail, words):
+    # the compiled protobuf parser takes these for the end of a group: it warns (a RuntimeWarning
+    # line on stderr), stops there and keeps what it read
+    import warnings
+    body = P._key(1, 2) + P._varint(1) + b"w" + P._key(20, 2) + P._varint(2) + P._key(1, 0) + \
+        P._varint(1) + tail
+    msg = P._key(200, 2) + P._varint(len(body)) + body
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(P.ProtobufError, match=words):
+            list(P.read(io.BytesIO(msg)))
