@@ -191,8 +191,9 @@ def test_every_step_that_fails_in_edits_that_add_functions_leaves_everything_as_
 def reach_model(seed=2):
     """The folds that move a map past a fork or into parts of a layer's output: a BN after a ReLU
     read by two convolutions (one through a slice of channels), a convolution's output in parts
-    with a BN on each (the layer's output read outside the rebuilt functions until both join),
-    and an ONNX-style Linear whose bias is scaled by beta, then a BN."""
+    with a BN on each (the layer's output read outside the rebuilt functions until both join), a
+    BN before a grouped 1x1 deconvolution without bias (its shift summed group by group into a new
+    bias), and an ONNX-style Linear whose bias is scaled by beta, then a BN."""
     nn.clear_parameters()
     rng = np.random.RandomState(seed)
     x = nn.Variable((2, 4, 5, 5))
@@ -202,11 +203,14 @@ def reach_model(seed=2):
     c = PF.convolution(x, 6, (3, 3), pad=(1, 1), with_bias=False, name="c")   # a new bias
     parts = [PF.batch_normalization(F.slice(c, (0, i, 0, 0), (2, i + 3, 5, 5)), name=f"p{i}", **BN)
              for i in (0, 3)]
-    h = F.concatenate(F.relu(a), F.relu(b), F.relu(F.concatenate(*parts, axis=1)), axis=1)
-    h = F.reshape(F.mean(h, axis=(2, 3)), (2, 12))
-    w = nn.parameter.get_parameter_or_create("fc_W", (12, 4))
+    d = PF.deconvolution(PF.batch_normalization(F.relu(x), name="bn_dg", **BN), 4, (1, 1),
+                         group=2, with_bias=False, name="dg")
+    h = F.concatenate(F.relu(a), F.relu(b), F.relu(F.concatenate(*parts, axis=1)), F.relu(d),
+                      axis=1)
+    h = F.reshape(F.mean(h, axis=(2, 3)), (2, 16))
+    w = nn.parameter.get_parameter_or_create("fc_W", (16, 4))
     bias = nn.parameter.get_parameter_or_create("fc_b", (4,))
-    p = F.reshape(F.batch_matmul(F.reshape(h, (1, 2, 12)), F.reshape(w, (1, 12, 4))), (2, 4))
+    p = F.reshape(F.batch_matmul(F.reshape(h, (1, 2, 16)), F.reshape(w, (1, 16, 4))), (2, 4))
     y = PF.batch_normalization(F.add2(p, F.reshape(F.mul_scalar(bias, -2.0), (1, 4))),
                                name="bn_fc", **BN)
     randomize_all(rng)
@@ -222,7 +226,7 @@ def test_every_step_that_fails_in_folds_past_forks_and_parts_leaves_everything_a
         emulated = request.getfixturevalue("emulated")
         steps = GPU_STEPS + [(emulated, name) for name in DEVICE_ALLOCATIONS]
     planned = bnfold_gpu.plan(reach_model())
-    assert sorted(planned.folded_bns) == ["bn_fc/bn", "bn_fork/bn", "p0/bn", "p3/bn"]
+    assert sorted(planned.folded_bns) == ["bn_dg/bn", "bn_fc/bn", "bn_fork/bn", "p0/bn", "p3/bn"]
     assert not planned.skipped   # what it tests
     assert _every_failure(monkeypatch, steps, backend, inplace, reach_model) > 20
     y = reach_model()
