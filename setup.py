@@ -40,8 +40,10 @@ setup(
     # nnabla 1.39.0 has wheels for 3.8-3.10; numpy 1.26 none for 3.8
     python_requires=">=3.9,<3.11",
     # h5py and protobuf: the .nnp reader and writer use them directly. h5py before 3.12 crashes
-    # (SIGSEGV) writing parameters to a full disk; protobuf at nnabla's own pin
-    install_requires=["nnabla==1.39.0", "numpy~=1.26.0", "h5py>=3.12", "protobuf~=3.20"],
+    # (SIGSEGV) writing parameters to a full disk; protobuf at nnabla's own pin. isal: the zip
+    # members' CRC-32 at memory speed (wheels wherever nnabla has them; zlib's is used without it)
+    install_requires=["nnabla==1.39.0", "numpy~=1.26.0", "h5py>=3.12", "protobuf~=3.20",
+                      "isal>=1.6"],
     extras_require={
         "cuda": CUDA,
         # nvrtc: the tests compile the kernels with the compiler CuPy uses (no GPU needed);

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _atomic, _textproto, protobuf_params
+from . import _atomic, _textproto, _zip, protobuf_params
 from .backends import get_backend
 from .backends.common import FoldError, quiet_float_errors
 from .graph import BN_TYPES, Graph
@@ -46,6 +46,11 @@ class _Counted:
         data = self.f.read(n)
         self.progress.advance(len(data))
         return data
+
+    def readinto(self, view) -> int:
+        n = self.f.readinto(view)
+        self.progress.advance(n or 0)
+        return n
 
     def write(self, data):
         n = self.f.write(data)
@@ -118,7 +123,7 @@ def read(path: str, progress=None) -> NnpFile:
                 raw = {m.filename: _read_member(z, m) for m in members if not _is_params(m.filename)}
                 progress.expect(sum(m.file_size for m in members if _is_params(m.filename)))
                 stored = {m.filename: _read_h5(path, z, m, progress, fh) if _is_h5_params(m.filename)
-                          else _read_protobuf(path, z, m, progress)
+                          else _read_protobuf(path, z, m, progress, fh)
                           for m in members if _is_params(m.filename)}
         except _ZIP_ERRORS as e:
             raise _not_a_zip(path, e) from None
@@ -498,14 +503,57 @@ def _not_a_zip(path, e) -> NnpError:
     return NnpError(f"{path}: not an .nnp file (not a readable zip archive: {reason})")
 
 
-def _read_protobuf(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress):
-    """[(name, Param)] of a protobuf parameter member, read a parameter at a time."""
+def _read_protobuf(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress, archive):
+    """[(name, Param)] of a protobuf parameter member, read a parameter at a time: a member stored
+    uncompressed (as NNabla saves them) straight from ``archive``, the open file of ``z``
+    (:class:`_StoredMember`), a compressed one through zipfile."""
+    start = _stored_data_start(z, member, archive)
     try:
-        with z.open(member) as stream:
+        with contextlib.ExitStack() as stack:
+            if start is None:
+                stream = stack.enter_context(z.open(member))
+            else:
+                stream = io.BufferedReader(_StoredMember(path, member, archive, start), _READ_AHEAD)
             return [(name, Param(value, need_grad)) for name, value, need_grad
                     in protobuf_params.read(_Counted(stream, progress), member.file_size)]
     except protobuf_params.ProtobufError as e:
         raise NnpError(f"{path}: {member.filename} does not parse: {e}") from None
+
+
+_READ_AHEAD = 1 << 16   # bytes read at once for the small fields between a member's values
+
+
+class _StoredMember(io.RawIOBase):
+    """The bytes of a stored ``member`` at ``start`` in the open file ``archive``, read in order,
+    with their CRC-32 (:func:`_zip.crc32`) checked once the last is read, as zipfile checks it."""
+
+    def __init__(self, path, member: zipfile.ZipInfo, archive, start: int):
+        super().__init__()
+        self.path, self.member = path, member
+        self.window = _Window(archive, start, member.file_size)
+        self.pos = self.crc = 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        view = memoryview(b).cast("B")
+        n = min(len(view), self.member.file_size - self.pos)
+        if n <= 0:
+            return 0
+        try:
+            got = self.window.read_at(self.pos, view[:n])
+        except OSError as e:   # the archive itself failed to read (an I/O error)
+            words = e.strerror or _one_line(e)
+            raise NnpError(f"{self.path}: {self.member.filename} cannot be read "
+                           f"({words[:1].lower()}{words[1:]})") from None
+        if got != n:
+            raise _not_a_zip(self.path, EOFError("the member is cut short"))
+        self.crc = _zip.crc32(view[:n], self.crc)
+        self.pos += n
+        if self.pos == self.member.file_size and self.crc != self.member.CRC:
+            raise _bad_crc(self.path, self.member)
+        return n
 
 
 # what h5py reports an HDF5 file's damage with, besides OSError
@@ -738,13 +786,13 @@ class _Crc:
                 return
             if self._error is None:
                 try:
-                    self.value = zlib.crc32(piece, self.value)
+                    self.value = _zip.crc32(piece, self.value)
                 except BaseException as e:   # raised by close()
                     self._error = e
 
     def add(self, piece) -> None:
         if self._thread is None:
-            self.value = zlib.crc32(piece, self.value)
+            self.value = _zip.crc32(piece, self.value)
         else:
             self._queue.put(piece)
 
@@ -1613,7 +1661,7 @@ def serialize(nnp: NnpFile, out, progress=None) -> None:
     del proto.parameter[:]
     if nnp.param_member is None:
         _params_to_proto(nnp.params, proto)
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+    with _zip.ZipWriter(out, "w", zipfile.ZIP_DEFLATED) as z:
         for m in map(_new_entry, nnp.members):
             name = m.filename
             if name == nnp.network_member:

@@ -112,7 +112,10 @@ def read(stream: BinaryIO, size: Optional[int] = None) -> Iterator[Tuple[str, np
         n = _read_varint(stream)
         if stream.left is not None and n > stream.left:
             raise ProtobufError(f"a parameter declares {n} bytes, only {stream.left} remain")
-        body = stream.read(n) if stream.left is not None else _read_pieces(stream, n)
+        if stream.left is not None:
+            yield _streamed(stream, n, schema)
+            continue
+        body = _read_pieces(stream, n)
         if len(body) != n:
             raise ProtobufError("truncated parameter")
         yield _parameter(body, schema)
@@ -130,6 +133,75 @@ class _Remaining:
             self.left -= len(data)
         return data
 
+    def readinto(self, view) -> int:
+        """Fill ``view`` (bytes) from the stream; returns how many arrived (fewer at its end)."""
+        got = 0
+        while got < len(view):
+            k = self.stream.readinto(view[got:])
+            if not k:
+                break
+            got += k
+        if self.left is not None:
+            self.left -= got
+        return got
+
+
+def _streamed(stream: "_Remaining", n: int, schema):
+    """:func:`_parameter` of the next ``n`` bytes of ``stream``, with the values (one packed field,
+    as NNabla writes them) read straight into their own array: no copy of them in between. The
+    fields around them are read one at a time, each within the ``n`` bytes; anything else (values
+    in several fields or unpacked, a field of an unknown wire type) reads the rest and leaves it
+    to :func:`_parameter`, with the bytes read so far in front."""
+    _, _, data_field = schema
+    parts: List = []     # the fields as read: bytes; the values' as (their key and size, array)
+    values = None
+    left = n
+    while left > 0:
+        head = _Recorded(stream, left)
+        key = _read_varint(head)
+        field, wire = key >> 3, key & 7
+        if field == data_field and wire == _LEN and values is None:
+            size = _read_varint(head)
+            if size % 4 or size > head.left:
+                break
+            values = np.empty(size // 4, _F32)
+            if stream.readinto(memoryview(values).cast("B")) != size:
+                raise ProtobufError("truncated parameter")
+            parts.append((head.bytes(), values))
+            left -= head.used + size
+            continue
+        if field == data_field or wire not in (_VARINT, _LEN, _I32, _I64):
+            break
+        _skip(head, wire)
+        parts.append(head.bytes())
+        left -= head.used
+    else:
+        rest = b"".join(p for p in parts if isinstance(p, bytes))
+        return _parameter(rest, schema, values=np.zeros(0, _F32) if values is None else values)
+    body = b"".join(p if isinstance(p, bytes) else p[0] + p[1].tobytes() for p in parts)
+    body += head.bytes() + _read_pieces(stream, left - head.used)
+    if len(body) != n:
+        raise ProtobufError("truncated parameter")
+    return _parameter(body, schema)
+
+
+class _Recorded:
+    """Reads from ``stream``, at most ``limit`` bytes, keeping what it read (``bytes()``)."""
+
+    def __init__(self, stream, limit: int):
+        self.stream, self.left, self.used = stream, limit, 0
+        self._read: List[bytes] = []
+
+    def read(self, n: int) -> bytes:
+        data = self.stream.read(min(n, self.left))
+        self._read.append(data)
+        self.left -= len(data)
+        self.used += len(data)
+        return data
+
+    def bytes(self) -> bytes:
+        return b"".join(self._read)
+
 
 def _read_pieces(stream, n: int) -> bytes:
     """Up to ``n`` bytes of ``stream``, asked for a piece at a time (a plain file's ``read(n)``
@@ -146,7 +218,9 @@ def _read_pieces(stream, n: int) -> bytes:
     return b"".join(pieces)
 
 
-def _parameter(body: bytes, schema, repacked=False):
+def _parameter(body: bytes, schema, repacked=False, values=None):
+    """(name, values in the parameter's shape, need_grad) of the parameter message ``body``;
+    ``values``, where given, are its values read apart (``body`` then holds its other fields)."""
     pb2, _, data_field = schema
     view = memoryview(body)
     stream = io.BytesIO(body)
@@ -180,7 +254,9 @@ def _parameter(body: bytes, schema, repacked=False):
             _skip(stream, wire)
             rest += view[start:stream.tell()]
     p = _message(pb2, bytes(rest))
-    if not pieces:
+    if values is not None and not pieces:   # read apart, into an array of their own
+        values = values.astype(np.float32, copy=False)
+    elif not pieces:
         values = np.zeros(0, np.float32)
     else:   # own memory (aligned, writable, not a view of the message), native byte order
         values = np.concatenate(pieces) if len(pieces) > 1 else pieces[0].copy()

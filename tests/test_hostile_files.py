@@ -583,6 +583,59 @@ def test_hdf5_member_not_matching_its_crc(tmp_path, capsys, scratch, where):
     assert "Bad CRC-32 for file 'parameter.h5'" in msg
 
 
+@pytest.mark.parametrize("where", ["values", "last byte"])
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_protobuf_member_not_matching_its_crc(tmp_path, capsys, where, compression):
+    """A protobuf parameter member damaged after it was written is refused as zipfile refuses it:
+    read in place with bnfold's CRC-32 where it is stored (as NNabla saves them), through zipfile
+    where it is compressed."""
+    good = _rezip(nnp_files.single(tmp_path / "good.nnp", parameter_format=".protobuf"),
+                  tmp_path / "rezipped.nnp", compression=compression)
+    data = bytearray(_member(good, "parameter.protobuf"))
+    pb = nnabla_pb2.NNablaProtoBuf.FromString(bytes(data))
+    values = np.asarray(pb.parameter[0].data, np.float32).tobytes()
+    at = data.find(values) + 5 if where == "values" else len(data) - 1
+    assert 0 < at < len(data)
+    data[at] ^= 0x01   # a bit of a value (or of the last need_grad): the member still parses
+    bad = _rezip(good, tmp_path / "damaged.nnp", replace={"parameter.protobuf": bytes(data)},
+                 compression=compression)
+    blob = bytearray(bad.read_bytes())
+    crc = struct.pack("<I", zipfile.ZipFile(good).getinfo("parameter.protobuf").CRC)
+    with zipfile.ZipFile(bad) as z:   # the CRC-32 recorded for the member as it was
+        local = z.getinfo("parameter.protobuf").header_offset
+    for at in (local + 14, _central_entry(blob, "parameter.protobuf") + 16):
+        blob[at:at + 4] = crc
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(zipfile.BadZipFile):
+        with zipfile.ZipFile(bad) as z:
+            z.read("parameter.protobuf")
+    msg = _refused(tmp_path, capsys, bad)
+    assert "Bad CRC-32 for file 'parameter.protobuf'" in msg
+
+
+def _central_entry(blob, name: str) -> int:
+    """Offset of ``name``'s central directory entry in the zip ``blob``."""
+    at = 0
+    while True:
+        at = blob.find(b"PK\x01\x02", at)
+        assert at >= 0, name
+        n = struct.unpack("<H", blob[at + 28:at + 30])[0]
+        if blob[at + 46:at + 46 + n].decode() == name:
+            return at
+        at += 4
+
+
+def test_protobuf_member_read_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    """An I/O error while a stored protobuf member is read from the archive."""
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".protobuf")
+
+    def failing_read(self, pos, view):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(N._Window, "read_at", failing_read)
+    msg = _refused(tmp_path, capsys, good)
+    assert "parameter.protobuf cannot be read (input/output error)" in msg
+
+
 def _h5_names(hd):
     names = []
     hd.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
@@ -1274,7 +1327,7 @@ def test_crc_thread_failing_neither_hangs_nor_passes(monkeypatch):
     wait for ever) and the failure is raised."""
     def failing(data, value=0):
         raise MemoryError("no memory for the CRC")
-    monkeypatch.setattr(N.zlib, "crc32", failing)
+    monkeypatch.setattr(N._zip, "crc32", failing)
     crc = N._Crc()
     for _ in range(10):   # more than the queue holds
         crc.add(b"piece")

@@ -26,7 +26,7 @@ PACKAGE = ROOT / "bnfold_gpu"
 # the distribution behind each top-level name the package imports; a new import fails
 # test_every_imported_package_is_declared until it is named here and declared in setup.py
 DISTRIBUTIONS = {"numpy": "numpy", "nnabla": "nnabla", "nnabla_ext": "nnabla", "h5py": "h5py",
-                 "google": "protobuf", "cupy": "cupy-cuda12x"}
+                 "google": "protobuf", "cupy": "cupy-cuda12x", "isal": "isal"}
 # imported only where its absence is handled, and declared in this extra
 OPTIONAL = {"cupy": "cuda"}
 

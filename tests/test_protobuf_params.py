@@ -40,6 +40,25 @@ def _same(got, want):
         assert np.array_equal(a.view(np.uint32), np.asarray(b, np.float32).view(np.uint32))
 
 
+def _read(data: bytes):
+    """``P.read`` of ``data`` both ways, which must agree: as a member is read (its size known: each
+    parameter's values read straight into their array) and as a stream of unknown size. Where
+    both refuse it, the first's error is raised."""
+    outcomes = []
+    for size in (len(data), None):
+        try:
+            outcomes.append(list(P.read(io.BytesIO(data), size)))
+        except P.ProtobufError as e:
+            outcomes.append(e)
+    sized, unsized = outcomes
+    if isinstance(unsized, Exception):   # refused both ways (the size known, sooner)
+        assert isinstance(sized, Exception)
+        raise sized
+    assert not isinstance(sized, Exception), sized
+    _same(sized, unsized)
+    return sized
+
+
 def test_written_bytes_parse_with_the_protobuf_library(rng):
     params = _params(rng)
     out = io.BytesIO()
@@ -54,7 +73,7 @@ def test_written_bytes_parse_with_the_protobuf_library(rng):
 def test_reads_what_the_protobuf_library_writes(rng):
     params = _params(rng)
     data = _library_message(params).SerializeToString()
-    got = list(P.read(io.BytesIO(data)))
+    got = _read(data)
     _same(got, params)
     assert all(v.flags.writeable and v.flags.aligned and v.flags.c_contiguous for _, v, _ in got)
 
@@ -67,7 +86,7 @@ def test_reads_unpacked_and_split_values():
     body += b"".join(P._key(100, 5) + v.tobytes() for v in values[:2])            # unpacked
     body += P._key(100, 2) + P._varint(8) + values[2:].tobytes()                    # packed
     msg = P._key(200, 2) + P._varint(len(body)) + body
-    (name, got, need_grad), = P.read(io.BytesIO(msg))
+    (name, got, need_grad), = _read(msg)
     assert name == "w" and need_grad and np.array_equal(got, values.reshape(2, 2))
 
 
@@ -88,7 +107,7 @@ def test_values_in_many_fields_are_read_bit_for_bit(rng, layout):
         else:
             body += P._key(100, 2) + P._varint(piece.nbytes) + piece.tobytes()
     msg = P._key(200, 2) + P._varint(len(body)) + body
-    (name, got, need_grad), = P.read(io.BytesIO(msg))
+    (name, got, need_grad), = _read(msg)
     assert name == "w" and not need_grad and got.shape == (3, 1000)
     assert np.array_equal(got.reshape(-1).view(np.uint32), bits)
 
@@ -97,7 +116,7 @@ def test_values_in_many_fields_are_read_bit_for_bit(rng, layout):
 def test_truncated_message(rng, cut):
     data = _library_message(_params(rng)[:1]).SerializeToString()
     with pytest.raises(P.ProtobufError):
-        list(P.read(io.BytesIO(data[:cut])))
+        _read(data[:cut])
 
 
 def test_values_that_do_not_fill_the_shape():
@@ -107,7 +126,7 @@ def test_values_that_do_not_fill_the_shape():
     q.shape.dim.extend([2, 3])
     q.data.extend([1.0, 2.0])
     with pytest.raises(P.ProtobufError, match="holds 2 values for shape"):
-        list(P.read(io.BytesIO(p.SerializeToString())))
+        _read(p.SerializeToString())
 
 
 def test_fields_besides_parameters_are_refused(rng):
@@ -119,14 +138,14 @@ def test_fields_besides_parameters_are_refused(rng):
     q.data.extend(rng.standard_normal(2).tolist())
     p.network.add().name = "net"
     with pytest.raises(P.ProtobufError, match="'network' entries besides parameters"):
-        list(P.read(io.BytesIO(p.SerializeToString())))
+        _read(p.SerializeToString())
 
 
 def test_name_that_is_not_utf8(capfd):
     body = P._key(1, 2) + P._varint(2) + b"\xff\xfe"           # variable_name: invalid UTF-8
     msg = P._key(200, 2) + P._varint(len(body)) + body
     with pytest.raises(P.ProtobufError, match="a parameter's name is not UTF-8 text"):
-        list(P.read(io.BytesIO(msg)))
+        _read(msg)
     assert capfd.readouterr().err == ""   # said once: not also in the protobuf library's log
 
 
@@ -145,4 +164,4 @@ def test_a_group_or_field_0_is_refused_without_a_warning(tail, words):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(P.ProtobufError, match=words):
-            list(P.read(io.BytesIO(msg)))
+            _read(msg)
