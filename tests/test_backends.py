@@ -222,8 +222,11 @@ def test_rescale_each_loop_shape_gives_the_multiplys_bits(dtype, shape4, rng):
     numpy_backend.rescale(w, out, scale, layout)
     assert out.tobytes() == want.tobytes()
     pieces = w.copy()
-    for task in numpy_backend._rescale_tasks(pieces, pieces, scale, layout, split_bytes=pieces.nbytes // 5):
-        numpy_backend._multiply(task)
+    steps = numpy_backend._steps(numpy_backend._rescale_tasks(pieces, pieces, scale, layout,
+                                                              split_bytes=pieces.nbytes // 5))
+    scratch = numpy_backend._scratch(steps)
+    for step in steps:
+        numpy_backend._multiply(step, scratch)
     assert pieces.tobytes() == want.tobytes()
     numpy_backend.rescale(w, w, scale, layout)
     assert w.tobytes() == want.tobytes()

@@ -235,6 +235,109 @@ def test_every_step_that_fails_in_folds_past_forks_and_parts_leaves_everything_a
     assert not res.skipped and rel_err(forward_all(res.outputs)[0], want[0]) < 1e-5
 
 
+def both_sides_model(seed=3, dtype=np.float32):
+    """A convolution with a bias and a BN on each side (folded in two stages, the bias written
+    between them), its input side 3x3 (short runs of weights per channel: the scale repeated in
+    blocks), then an affine head with a BN after it."""
+    nn.clear_parameters()
+    rng = np.random.RandomState(seed)
+    x = nn.Variable((2, 4, 7, 7))
+    h = PF.batch_normalization(F.relu(x), name="bn_in", **BN)
+    h = PF.batch_normalization(PF.convolution(h, 6, (3, 3), name="c0"), name="bn_out", **BN)
+    y = PF.batch_normalization(PF.affine(F.relu(h), 5, name="fc"), name="bn_fc", **BN)
+    randomize_all(rng)
+    if dtype != np.float32:
+        for name, p in nn.get_parameters(grad_only=False).items():
+            if name.endswith("/W"):
+                p.data.cast(dtype)
+    feed(rng, x)
+    return y
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cupy"])
+def test_a_layer_folded_on_both_sides_gets_its_bias_back_when_the_writes_fail(monkeypatch, request,
+                                                                               backend):
+    # the bias the first stage folds is the caller's, though the second stage writes it anew
+    steps = [(numpy_backend, "_store_bias"), (numpy_backend.Prepared, "commit")]
+    if backend == "cupy":
+        request.getfixturevalue("emulated")
+        steps = [(numpy_backend, "_store_bias"), (cupy_backend._Staging, "run")]
+    else:
+        monkeypatch.setattr(numpy_backend, "_workers", lambda: 1)
+        y = both_sides_model()
+        before = state(y)
+        with monkeypatch.context() as m:   # the first multiply: no weight written yet
+            m.setattr(numpy_backend, "_multiply", failing(numpy_backend._multiply, 1, [0]))
+            with pytest.raises(Injected):
+                bnfold_gpu.fold(y, backend="numpy")
+        assert_unchanged(before, y)
+    assert bnfold_gpu.plan(both_sides_model()).intermediates   # folded in two stages
+    assert _every_failure(monkeypatch, steps, backend, True, both_sides_model) >= 3
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_multiply_failing_once_the_weights_are_being_written_is_redone(monkeypatch, workers):
+    """Each multiply writes nothing if it fails; one that fails after others have written is done
+    again, and the fold completes (exact); one that fails before any weight was written leaves all
+    as it was."""
+    monkeypatch.setattr(numpy_backend, "_SPLIT_BYTES", 1 << 8)   # many pieces
+    monkeypatch.setattr(numpy_backend, "_SCALE_BLOCK", 16)       # many blocks of short runs
+    monkeypatch.setattr(numpy_backend, "_workers", lambda: workers)
+    n = _count_calls(monkeypatch, numpy_backend, "_multiply", "numpy", True, both_sides_model)
+    assert n > 10
+    completed = 0
+    for k in range(1, n + 1):
+        y = both_sides_model()
+        before, want = state(y), forward_all(y)[0]
+        with monkeypatch.context() as m:
+            m.setattr(numpy_backend, "_multiply", failing(numpy_backend._multiply, k, [0]))
+            try:
+                res = bnfold_gpu.fold(y, backend="numpy")
+            except Injected:   # the first step of a thread: no weight of the caller's written yet
+                assert_unchanged(before, y)
+                continue
+        assert bn_count(y) == 0 and not res.skipped
+        assert rel_err(forward_all(y)[0], want) < 1e-5
+        completed += 1
+    assert completed >= n - 2 * workers - 1
+
+
+def test_multiplies_failing_again_say_that_the_parameters_are_half_folded(monkeypatch):
+    monkeypatch.setattr(numpy_backend, "_workers", lambda: 1)
+    n = _count_calls(monkeypatch, numpy_backend, "_multiply", "numpy", True, both_sides_model)
+    real = numpy_backend._multiply
+    calls = [0]
+
+    def fails_from_the_last(step, scratch):   # and every time it is tried again
+        calls[0] += 1
+        if calls[0] >= n:
+            raise MemoryError("injected")
+        return real(step, scratch)
+    monkeypatch.setattr(numpy_backend, "_multiply", fails_from_the_last)
+    with pytest.raises(RuntimeError, match="half folded"):
+        bnfold_gpu.fold(both_sides_model(), backend="numpy")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_the_writes_allocate_nothing_through_numpys_functions(monkeypatch, dtype):
+    # every array the writes use (the repeated scale's memory included) exists before they start
+    monkeypatch.setattr(numpy_backend, "_SCALE_BLOCK", 16)
+    y = both_sides_model(dtype=dtype)
+    want = forward_all(y)[0]
+    real_commit = numpy_backend.Prepared.commit
+
+    def commit(self):
+        with monkeypatch.context() as m:
+            for name in ("empty", "zeros", "ones", "repeat", "concatenate", "array", "asarray",
+                         "ascontiguousarray", "empty_like", "zeros_like", "copy", "tile"):
+                m.setattr(np, name, failing(getattr(np, name), 1, [0]))
+            return real_commit(self)
+    monkeypatch.setattr(numpy_backend.Prepared, "commit", commit)
+    res = bnfold_gpu.fold(y, backend="numpy")
+    assert not res.skipped and bn_count(y) == 0
+    assert rel_err(forward_all(y)[0], want) < (1e-5 if dtype == np.float32 else 2e-2)
+
+
 @pytest.mark.parametrize("step, k", [("new_function", 5), ("rewire", 3)])
 def test_a_failed_fold_frees_its_new_functions(monkeypatch, step, k):
     """The functions a failed fold created are gone when it returns, even while its traceback is

@@ -73,6 +73,14 @@ def check_plan_arrays(plan, arrays, facts=None) -> list:
     return strided
 
 
+def fold_own_arrays(plan) -> set:
+    """The arrays of ``plan`` that are the fold's own, not the caller's: those it creates and those
+    between two folds of a layer. Taken from the whole plan: a stage of :func:`split_stages` alone
+    would count an array of the caller's that another stage reads (a layer's bias, folded on both
+    sides) as one it creates."""
+    return set(plan.new_arrays) | set(plan.intermediates)
+
+
 def split_stages(plan):
     """(the folds that write arrays between two folds of one layer, as a plan or None; the rest): the
     first run before the others are checked, since these read what they write."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import numpy_backend, segments
 from .common import (_STATISTIC_KINDS, FoldError, check_plan_arrays, check_statistics_exact,
-                     cuda_context, split_stages)
+                     cuda_context, fold_own_arrays, split_stages)
 from .. import _interrupts, _nvrtc
 from ..plan import OUTPUT_SIDE, Plan
 
@@ -238,12 +238,13 @@ def prepare(plan: Plan, arrays: Mapping[str, object]):
     if reason:
         raise RuntimeError(f"backend 'cupy' is not usable: {reason}")
     columns = _columns(plan)
+    own = fold_own_arrays(plan)     # of the whole plan (see there)
     if columns.first is not None:   # writes only arrays of the fold's own: nothing the caller sees
         prepare(columns.first, arrays).commit()
     plan = columns.rest or plan
     facts = _read(columns, arrays)
     if facts is None or not (columns.plan_ok and _fits(columns, facts)):
-        return _prepare_per_layer(plan, arrays)
+        return _prepare_per_layer(plan, arrays, own)
     if facts.wide_integer[columns.statistic].any():   # rare: the values themselves are read
         check_statistics_exact(plan, arrays)
     if len(facts.devices) > 1:
@@ -257,7 +258,7 @@ def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
     prepare(plan, arrays).commit()
 
 
-def _prepare_per_layer(plan, arrays):
+def _prepare_per_layer(plan, arrays, own):
     """The checks one layer at a time: the path of host arrays, and of device arrays that the checks
     over all layers at once (:func:`_fits`) refused, to name the BN in the error."""
     facts, pointers, devices = _facts(arrays)
@@ -271,7 +272,7 @@ def _prepare_per_layer(plan, arrays):
     if len(pointers) == len(arrays):
         raise RuntimeError("bnfold_gpu: the checks over all layers at once refused arrays that the "
                            "checks one layer at a time accept; please report this")
-    return _HostFold(plan, arrays)
+    return _HostFold(plan, arrays, own)
 
 
 def _facts(arrays):
@@ -540,7 +541,7 @@ class _HostFold:
     ``commit``, so one chunk's upload overlaps the previous chunk's kernel and download. Every device
     allocation and every new bias is made before the first host array is written."""
 
-    def __init__(self, plan, host):
+    def __init__(self, plan, host, own):
         k = _kernels()
         small = {}
         for spec in plan.folds:
@@ -561,7 +562,6 @@ class _HostFold:
             raise FoldError(message)
         offset, scale = ch.offset.get(), ch.scale_d.get()
         self.biases = []                         # before the weights are rescaled: BN -> layer reads them
-        new = set(plan.new_arrays) | plan.intermediates
         self._saved = []                         # the caller's: restored if the writes fail
         for j, spec in enumerate(plan.folds):
             w = None if spec.weight is None else host[spec.weight]
@@ -579,7 +579,7 @@ class _HostFold:
                     _confirm(spec, lambda name: np.asarray(host[name]))
                     raise
                 self.biases.append((dst, checked.reshape(dst.shape)))
-                if spec.folded_bias not in new:
+                if spec.folded_bias not in own:
                     self._saved.append((dst, dst.copy()))
             if w is not None:
                 numpy_backend.check_weight_overflow(spec, w, scale[bounds[j]:bounds[j + 1]])

@@ -15,8 +15,8 @@ import numpy as np
 
 from .. import _interrupts
 from ..plan import OUTPUT_SIDE, FoldSpec, Plan
-from .common import (FoldError, check_plan_arrays, check_statistics_exact, quiet_float_errors,
-                     split_stages)
+from .common import (FoldError, check_plan_arrays, check_statistics_exact, fold_own_arrays,
+                     quiet_float_errors, split_stages)
 
 name = "numpy"
 
@@ -63,8 +63,10 @@ def folded_input_bias(bias, weight, shift, spec: FoldSpec):
 def rescale(src, dst, scale, layout):
     """``dst[e] = src[e] * scale[channel(e)]``, multiplied in max(float32, dtype), stored in dst's dtype.
     ``dst`` may be ``src``."""
-    for task in _rescale_tasks(src, dst, scale, layout, split_bytes=None):
-        _multiply(task)
+    steps = _steps(_rescale_tasks(src, dst, scale, layout, split_bytes=None))
+    scratch = _scratch(steps)
+    for step in steps:
+        _multiply(step, scratch)
 
 
 def stored(values64, dtype) -> np.ndarray:
@@ -106,31 +108,55 @@ def _rescale_tasks(src, dst, scale, layout, split_bytes):
     return tasks
 
 
-def _multiply(task):
-    s4, d4, k4 = task
-    # overflow was ruled out beforehand (``weight_overflow``); a NaN or inf weight stays one
-    with np.errstate(all="ignore"):
+def _steps(tasks) -> list:
+    """The multiplies of ``tasks`` ((src, dst, scale) 4-D views), each one ufunc call that writes
+    nothing if it fails (the scale it needs, where repeated, is put into the caller's scratch
+    memory first): (kind, src, dst, scale)."""
+    steps = []
+    for s4, d4, k4 in tasks:
         if not s4.dtype == d4.dtype == k4.dtype:   # float16 through float32: the casts need buffers
-            np.multiply(s4, k4, out=d4, casting="same_kind")
-            return
-        with _unbuffered():
-            if s4.shape[3] == 1 or s4.shape[3] >= _LONG_ROW:
-                np.multiply(s4, k4, out=d4)
-            else:
-                _multiply_short_rows(s4, d4, k4)
+            steps.append(("cast", s4, d4, k4))
+        elif s4.shape[3] == 1 or s4.shape[3] >= _LONG_ROW:
+            steps.append(("rows", s4, d4, k4))
+        else:
+            steps += _short_row_steps(s4, d4, k4)
+    return steps
 
 
-def _multiply_short_rows(s4, d4, k4):
+def _short_row_steps(s4, d4, k4):
     """The multiply where each channel's run of elements (the last axis) is short, as in the input
     side of a 3x3 convolution: NumPy would loop once per run. The scale is repeated along the run
     for a block of channels at a time (a block that stays in cache), so that each loop covers
     a whole block, scale and weights both contiguous."""
     g, r, c, i = s4.shape
-    step = max(1, _SCALE_BLOCK // i)
-    for a in range(0, c, step):
-        b = min(a + step, c)
-        k = np.repeat(k4[:, :, a:b], i, axis=3).reshape(g, 1, (b - a) * i)
-        np.multiply(_runs(s4[:, :, a:b]), k, out=_runs(d4[:, :, a:b]))
+    step = max(1, _SCALE_BLOCK // (g * i))
+    return [("block", _runs(s4[:, :, a:a + step]), _runs(d4[:, :, a:a + step]),
+             k4[:, :, a:a + step]) for a in range(0, c, step)]
+
+
+def _scratch(steps):
+    """Memory for the repeated scale of the blocks of ``steps`` (one thread's), or None."""
+    sizes = [k.size * s.shape[2] // k.shape[2] for kind, s, _, k in steps if kind == "block"]
+    if not sizes:
+        return None
+    return np.empty(max(sizes), np.float64)
+
+
+def _multiply(step, scratch):
+    kind, s, d, k = step
+    # overflow was ruled out beforehand (``weight_overflow``); a NaN or inf weight stays one
+    with np.errstate(all="ignore"):
+        if kind == "cast":
+            np.multiply(s, k, out=d, casting="same_kind")
+            return
+        if kind == "block":   # the scale repeated along each run, into scratch memory
+            g, _, n = s.shape
+            c = k.shape[2]
+            repeated = scratch.view(k.dtype)[:g * n].reshape(g, 1, c, n // c)
+            repeated[...] = k
+            k = repeated.reshape(g, 1, n)
+        with _unbuffered():
+            np.multiply(s, k, out=d)
 
 
 def _runs(a4):
@@ -163,15 +189,15 @@ def _unbuffered():
         np.setbufsize(before)
 
 
-def _balanced(tasks, workers: int) -> List[list]:
-    """The tasks in at most ``workers`` bins of about equal bytes: largest first, each to the least
+def _balanced(steps, workers: int) -> List[list]:
+    """The steps in at most ``workers`` bins of about equal bytes: largest first, each to the least
     loaded bin."""
     bins = [[] for _ in range(workers)]
     load = [0] * workers
-    for task in sorted(tasks, key=lambda t: -t[0].nbytes):
+    for step in sorted(steps, key=lambda t: -t[1].nbytes):
         k = load.index(min(load))
-        bins[k].append(task)
-        load[k] += task[0].nbytes
+        bins[k].append(step)
+        load[k] += step[1].nbytes
     return [b for b in bins if b]
 
 
@@ -179,42 +205,50 @@ def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-class _Threads:
-    """Threads that each run a list of multiply tasks once ``go()`` is called (NumPy releases the GIL
-    inside ufuncs, and one core cannot saturate memory bandwidth). They are started before anything
-    is written, since starting a thread can fail; ``go`` then cannot."""
+def _run_steps(steps, scratch):
+    """(how many of ``steps`` were done, the error that stopped them or None)."""
+    for j, step in enumerate(steps):
+        try:
+            _multiply(step, scratch)
+        except BaseException as e:
+            return j, e
+    return len(steps), None
 
-    def __init__(self, bins):
+
+class _Threads:
+    """Threads that each run a bin of multiply steps once ``go()`` is called (NumPy releases the GIL
+    inside ufuncs, and one core cannot saturate memory bandwidth). They are started before anything
+    is written, since starting a thread can fail."""
+
+    def __init__(self, bins, scratches):
         self._start = threading.Event()
         self._cancel = False
-        self._errors = []
+        self.failed = []   # (bin, index of the step that failed, its error, scratch)
         self._threads = []
         try:
-            for work in bins:
-                t = threading.Thread(target=self._run, args=(work,), name="bnfold", daemon=True)
+            for work, scratch in zip(bins, scratches):
+                t = threading.Thread(target=self._run, args=(work, scratch), name="bnfold",
+                                     daemon=True)
                 t.start()
                 self._threads.append(t)
         except BaseException:
             self.cancel()
             raise
 
-    def _run(self, work):
+    def _run(self, work, scratch):
         self._start.wait()
         if self._cancel:
             return
-        try:
-            for task in work:
-                _multiply(task)
-        except BaseException as e:   # re-raised by go()
-            self._errors.append(e)
+        done, error = _run_steps(work, scratch)
+        if error is not None:
+            self.failed.append((work, done, error, scratch))
 
-    def go(self):
-        """Run every task; returns when all are done (each thread is waited for)."""
+    def go(self) -> list:
+        """Run every step; returns, once each thread is done, the bins that stopped on an error."""
         self._start.set()
         for t in self._threads:
             t.join()
-        if self._errors:
-            raise self._errors[0]
+        return self.failed
 
     def cancel(self):
         self._cancel = True
@@ -517,6 +551,7 @@ class Prepared:
     writes. Nothing is written before ``commit``."""
 
     def __init__(self, plan: Plan, arrays: Mapping[str, np.ndarray]):
+        own = fold_own_arrays(plan)   # of the whole plan: a stage alone takes others' for new
         first, plan = split_stages(plan)
         if first is not None:   # writes only arrays of the fold's own: nothing the caller sees
             fold(first, arrays)
@@ -531,9 +566,8 @@ class Prepared:
             scale32 = maps.scale.astype(np.float32)   # what float32 and float16 weights multiply by
         starts = maps.starts.tolist()
         self.biases = []   # (destination, values as it stores them), every one computed first
-        self.tasks = []
+        tasks = []
         saved = []
-        new = set(plan.new_arrays) | plan.intermediates
         for k, (spec, (scale, offset, mean, beta)) in enumerate(zip(plan.folds, maps)):
             w = None if spec.weight is None else arrays[spec.weight]
             if spec.folded_bias is not None:
@@ -547,37 +581,58 @@ class Prepared:
                         values = folded_input_bias(b, w, offset, spec)   # reads w before rescaling
                     values = check_bias(spec, values, dst.dtype, b, w)
                 self.biases.append((dst, values.reshape(dst.shape)))
-                if spec.folded_bias not in new:   # restored if the writes fail before the weights
+                if spec.folded_bias not in own:   # restored if the writes fail before the weights
                     saved.append((dst, dst.copy()))
             if w is not None:
                 check_weight_overflow(spec, w, scale, bounds[k], largest[k])
                 if w.dtype != np.float64:
                     scale = scale32[starts[k]:starts[k + 1]]
-                self.tasks += _rescale_tasks(w, arrays[spec.folded_weight], scale, spec.weight_layout,
-                                             split_bytes=_SPLIT_BYTES)
+                tasks += _rescale_tasks(w, arrays[spec.folded_weight], scale, spec.weight_layout,
+                                        split_bytes=_SPLIT_BYTES)
+        self.bins = _balanced(_steps(tasks), _workers())
+        self.scratches = [_scratch(b) for b in self.bins]   # what the writes need, made first
         self._saved = saved
 
     def commit(self) -> None:
         """Write every new bias and rescale every weight, on all cores. Ctrl-C waits for the end of
-        the writes (then raises)."""
+        the writes (then raises). Each multiply writes nothing if it fails (an allocation of NumPy's,
+        say): where one fails before any weight is written, the biases are put back and its error
+        raised; after, the multiplies left are done here, so that the fold completes (an error
+        again is a RuntimeError saying that the parameters are half folded)."""
         with _interrupts.held():
-            bins = _balanced(self.tasks, _workers())
-            threads = _Threads(bins) if len(bins) > 1 else None   # may fail: nothing written yet
+            bins, scratches = self.bins, self.scratches
+            threads = _Threads(bins, scratches) if len(bins) > 1 else None   # may fail
             try:
                 write_biases(self.biases, self._saved)
             except BaseException:
                 if threads is not None:
                     threads.cancel()
                 raise
-            try:
-                if threads is not None:
-                    threads.go()
-                else:
-                    for task in (bins[0] if bins else []):
-                        _multiply(task)
-            except BaseException:   # before the first multiply, this leaves all as it was
-                restore(self._saved)
-                raise
+            if threads is not None:
+                failed = threads.go()
+            else:
+                failed = []
+                for work, scratch in zip(bins, scratches):
+                    done, error = _run_steps(work, scratch)
+                    if error is not None:
+                        failed.append((work, done, error, scratch))
+            if failed:
+                self._after_a_failure(bins, failed)
+
+    def _after_a_failure(self, bins, failed) -> None:
+        error = failed[0][2]
+        if len(failed) == len(bins) and all(done == 0 for _, done, _, _ in failed):
+            restore(self._saved)   # no weight written: all is as it was
+            raise error
+        left = sum(len(work) - done for work, done, _, _ in failed)
+        try:
+            for work, done, _, scratch in failed:
+                for step in work[done:]:
+                    _multiply(step, scratch)
+        except BaseException as again:
+            raise RuntimeError(f"bnfold_gpu: rescaling the weights failed part-way ({error!r}), "
+                               f"and again as the {left} multiplies left were retried ({again!r}): "
+                               f"the parameters are half folded") from again
 
 
 def write_biases(biases, saved) -> None:
