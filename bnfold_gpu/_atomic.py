@@ -203,9 +203,25 @@ def check_room(path: str, folder: str, nbytes: int, size_words) -> None:
 
 
 def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
+    """The mode a new file gets: 0o666 less the process's umask, read without changing it where the
+    system says it (Linux: /proc/self/status), since setting it, even for a moment, applies to
+    files that other threads create meanwhile."""
+    umask = _read_umask()
+    if umask is None:
+        umask = os.umask(0)
+        os.umask(umask)
     return 0o666 & ~umask
+
+
+def _read_umask():
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _fsync_folder(folder: str) -> None:

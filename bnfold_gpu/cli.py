@@ -347,14 +347,20 @@ def cmd_doctor(args, run):
 
 
 def _seed(text: str) -> int:
-    value = int(text)   # argparse turns a ValueError into a usage error
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
     if not 0 <= value < 2 ** 32:
         raise argparse.ArgumentTypeError(f"{text}: a seed is an integer from 0 to 2**32 - 1")
     return value
 
 
 def _tolerance(text: str) -> float:
-    value = float(text)   # argparse turns a ValueError into a usage error
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"{text}: a tolerance is a finite number >= 0")
     return value

@@ -201,8 +201,10 @@ def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
     verify, in_place, skip = check_flag("verify", verify), check_flag("in_place", in_place), \
         skip_patterns(skip)
     for name, value in (("tolerance", tolerance), ("atol", atol)):
-        if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value)
-                                      and value >= 0):
+        if value is None and name == "tolerance":   # the default, by the weights' dtype
+            continue
+        if isinstance(value, bool) or not (isinstance(value, numbers.Real) and
+                                           math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} {value!r:.40}: a tolerance is a finite number >= 0")
     if not (isinstance(seed, numbers.Integral) and 0 <= seed < 2 ** 32):
         raise ValueError(f"seed {seed!r:.40}: a seed is an integer from 0 to 2**32 - 1")
@@ -333,11 +335,12 @@ def _output(src: str, dst, in_place: bool):
     for an output that could not be written."""
     from . import nnp as N
     if dst is None and not in_place:
-        raise N.NnpError("give an output file, or --in-place (in_place=True) to replace the input")
+        raise N.NnpError("give an output file, or in-place folding (--in-place; in_place=True "
+                         "from Python) to replace the input")
     out = src if dst is None else os.fspath(dst)
     if dst is not None and not in_place and os.path.exists(src) and same_file(src, out):
-        raise N.NnpError(f"{out}: the output is the input; give --in-place (in_place=True) to "
-                         f"replace it")
+        raise N.NnpError(f"{out}: the output is the input; ask for in-place folding (--in-place; "
+                         f"in_place=True from Python) to replace it")
     try:
         target = _atomic.check_target(out)
     except _atomic.TargetError as e:

@@ -65,6 +65,32 @@ def test_a_new_file_gets_the_umask_mode(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "t.json").st_mode) == 0o640
 
 
+def test_the_umask_is_read_without_being_changed(tmp_path, monkeypatch):
+    # setting it, even for a moment, would apply to the files other threads create meanwhile
+    set_to = []
+    real = os.umask
+    umask = real(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: set_to.append(mask) or real(mask))
+        assert _atomic._default_mode() == 0o640
+        _atomic.write_bytes(str(tmp_path / "t.json"), b"{}")
+    finally:
+        monkeypatch.undo()
+        real(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "t.json").st_mode) == 0o640
+    assert set_to == []
+
+
+def test_without_proc_the_umask_is_still_found(monkeypatch):
+    monkeypatch.setattr(_atomic, "_read_umask", lambda: None)
+    umask = os.umask(0o077)
+    try:
+        assert _atomic._default_mode() == 0o600
+        assert os.umask(0o077) == 0o077   # put back
+    finally:
+        os.umask(umask)
+
+
 @pytest.mark.parametrize("kind", ["fifo", "directory"])
 def test_check_target_refuses_what_is_not_a_regular_file(tmp_path, kind):
     path = tmp_path / "x"

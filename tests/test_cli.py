@@ -786,14 +786,17 @@ def test_verify_runs_the_networks_that_fold_nothing(tmp_path, capsys, monkeypatc
 
 @pytest.mark.parametrize("option, value", [("--tolerance", "-1"), ("--tolerance", "nan"),
                                            ("--tolerance", "inf"), ("--tolerance", "x"),
-                                           ("--atol", "-1"), ("--seed", "-5"),
-                                           ("--seed", str(2 ** 32)), ("--seed", "1.5")])
+                                           ("--atol", "-1"), ("--atol", "abc"), ("--seed", "-5"),
+                                           ("--seed", str(2 ** 32)), ("--seed", "1.5"),
+                                           ("--seed", "x")])
 def test_bad_tolerance_or_seed_is_a_usage_error(tmp_path, capsys, option, value):
     # a seed NNabla's random generator refuses was said as "cannot verify" (exit 3)
     p = nnp_files.single(tmp_path / "m.nnp")
     with pytest.raises(SystemExit) as e:
         run("fold", p, "-o", tmp_path / "o.nnp", "--verify", option, value)
-    assert e.value.code == 2 and option in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and option in err and f"{value}: a " in err
+    assert "_tolerance" not in err and "_seed" not in err   # no name of bnfold's own functions
     assert not (tmp_path / "o.nnp").exists()
 
 

@@ -444,6 +444,8 @@ def test_bad_arguments_are_said_and_change_nothing(rng, tmp_path):
     assert [r.bn for r in res.folded] == ["bn/bn"]
     for kwargs, words in ((dict(tolerance=-1), "tolerance -1: a tolerance is a finite number >= 0"),
                           (dict(atol=float("nan")), "atol nan: a tolerance is"),
+                          (dict(atol=None), "atol None: a tolerance is"),
+                          (dict(tolerance=True), "tolerance True: a tolerance is"),
                           (dict(seed=-5), "seed -5: a seed is an integer from 0 to 2\\*\\*32 - 1"),
                           (dict(verify="yes"), "verify must be True or False"),
                           (dict(skip=[None]), "skip patterns are BN names")):
