@@ -3,7 +3,10 @@
 Importing the package does not import nnabla: the plan types and the backends work without it
 (the GPU machine has none); ``fold`` and ``plan`` import it when called.
 """
+import logging
 import os
+import sys
+import warnings
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 
 from .backends.common import FoldError
@@ -23,10 +26,34 @@ _Networks = Union["NnpNetwork", Dict[str, "NnpNetwork"]]
 _PathLike = Union[str, "os.PathLike[str]"]
 
 
+def import_nnabla() -> None:
+    """Import nnabla, where it is not yet, leaving the process as it was: importing it configures
+    the root logger (``logging.basicConfig``: INFO, a handler on stderr), adds warning filters and
+    logs an INFO line; the root logger, the filters and the ``nnabla`` logger's level are put back
+    (its INFO line hidden) once it is imported. Every entry point that imports nnabla calls this
+    first."""
+    if "nnabla" in sys.modules:
+        return
+    root, own = logging.getLogger(), logging.getLogger("nnabla")
+    level, handlers, own_level = root.level, list(root.handlers), own.level
+    try:
+        if own_level == logging.NOTSET:
+            own.setLevel(logging.WARNING)
+        with warnings.catch_warnings():   # the filters as they were, once imported
+            import nnabla  # noqa: F401
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+        own.setLevel(own_level)
+
+
 def fold(outputs: _Outputs, backend: str = "auto", inplace: bool = True, skip: Sequence[str] = (),
          prune: bool = False) -> "FoldResult":
     """Fold every BN of the graph ending at ``outputs`` into the layers around it, wherever that is
     exact, in one call; see :func:`bnfold_gpu.folding.fold`. Returns a :class:`FoldResult`."""
+    import_nnabla()
     from .folding import fold as _fold
     return _fold(outputs, backend=backend, inplace=inplace, skip=skip, prune=prune)
 
@@ -35,6 +62,7 @@ def plan(outputs: _Outputs, inplace: bool = True,  # noqa: F811 (the function, n
          skip: Sequence[str] = ()) -> Plan:
     """A dry run of :func:`fold`: the :class:`Plan` (what would fold, into what, why the rest would
     not). Changes nothing."""
+    import_nnabla()
     from .folding import plan as _plan
     return _plan(outputs, inplace=inplace, skip=skip)
 
@@ -42,6 +70,7 @@ def plan(outputs: _Outputs, inplace: bool = True,  # noqa: F811 (the function, n
 def fold_nnp(src: _PathLike, dst: Optional[_PathLike] = None, **options: Any) -> "Report":
     """Fold the .nnp file ``src`` into ``dst`` (or in place); see
     :func:`bnfold_gpu.nnp_fold.fold_nnp`. Returns a :class:`Report`."""
+    import_nnabla()
     from .nnp_fold import fold_nnp as _fold_nnp
     return _fold_nnp(src, dst, **options)
 
@@ -51,6 +80,7 @@ def load(path: _PathLike, network: Optional[str] = None, *, batch_size: Optional
          with_report: bool = False) -> Union[_Networks, Tuple[_Networks, "Report"]]:
     """The networks of the .nnp file ``path`` folded in memory, as ``NnpLoader`` hands them; see
     :func:`bnfold_gpu.nnp_fold.load`."""
+    import_nnabla()
     from .nnp_fold import load as _load
     return _load(path, network, batch_size=batch_size, backend=backend, skip=skip,
                  with_report=with_report)
@@ -65,6 +95,7 @@ def __getattr__(name):
     # folding at once
     if name in _LAZY:
         import importlib
+        import_nnabla()
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'bnfold_gpu' has no attribute {name!r}")
 

@@ -468,6 +468,8 @@ def _main(argv, run) -> int:
     if args.command == "doctor":    # before the imports below, which import nnabla
         return args.run(args, run)
     quiet_nnabla_info()
+    from . import import_nnabla
+    import_nnabla()   # the caller's logging and warning filters kept (main called in a process)
     from .backends.common import FoldError
     from .nnp import NnpError
     try:

@@ -5,6 +5,7 @@ import json
 import os
 import struct
 import subprocess
+import textwrap
 import sys
 import tempfile
 import zipfile
@@ -1932,6 +1933,43 @@ def test_main_leaves_the_process_as_it_was(tmp_path):
     assert run("fold", h5, "-o", tmp_path / "o3.nnp", "--verify", "-q") == 0
     assert run("fold", damaged, "-o", tmp_path / "o4.nnp", "-q") == 2
     assert state() == before
+
+
+@pytest.mark.parametrize("call", ["fold_nnp", "load", "cli", "missing"])
+def test_the_first_call_that_imports_nnabla_leaves_logging_and_warnings_as_they_were(tmp_path, call):
+    # importing nnabla configures the root logger (INFO, a handler on stderr), adds warning filters
+    # and logs a line: in a process that had not imported it, the first call puts all that back
+    p = nnp_files.single(tmp_path / "m.nnp", parameter_format=".h5")
+    script = textwrap.dedent(f"""
+        import logging, sys, warnings
+        import numpy   # its own filters, added as any program importing it gets them
+        root = logging.getLogger()
+        def state():
+            return (root.level, list(root.handlers), logging.getLogger("nnabla").level,
+                    list(warnings.filters))
+        before = state()
+        import bnfold_gpu
+        assert "nnabla" not in sys.modules
+        call = {call!r}
+        if call == "fold_nnp":
+            bnfold_gpu.fold_nnp({str(p)!r}, {str(tmp_path / "o.nnp")!r}, verify=True)
+        elif call == "load":
+            bnfold_gpu.load({str(p)!r})
+        elif call == "cli":
+            from bnfold_gpu.cli import main
+            assert main(["fold", {str(p)!r}, "-o", {str(tmp_path / "o2.nnp")!r}, "-q"]) == 0
+        else:
+            try:
+                bnfold_gpu.fold_nnp({str(tmp_path / "missing.nnp")!r}, {str(tmp_path / "o3.nnp")!r})
+            except bnfold_gpu.NnpError:
+                pass
+        assert "nnabla" in sys.modules
+        assert state() == before, (before, state())
+        logging.getLogger("app").info("the application's own INFO line, not shown")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "" and r.stdout == ""
 
 
 def test_differences_count_nan_and_infinity_where_the_original_has_them():
