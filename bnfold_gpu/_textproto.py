@@ -30,8 +30,8 @@ class _Unsupported(Exception):
 
 # texts past this go to text_format whole: the reader holds every token at once (about 8 bytes of
 # Python objects per byte of text), text_format a line at a time, 3-4 times slower. The limit of
-# the definitions bnfold reads (32 MiB) is this one: every definition it reads takes the fast way
-FAST_LIMIT = 32 << 20
+# the definitions bnfold reads (16 MiB) is this one: every definition it reads takes the fast way
+FAST_LIMIT = 16 << 20
 
 
 def merge(text: str, message) -> None:

@@ -89,8 +89,9 @@ class NnpFile:
 _RATIO_LIMIT = 200            # the most a zip member or chunked dataset may expand (size / stored)...
 _RATIO_FREE = 16 << 20        # ...once it is larger than this
 # the network definition, held as bytes, text and tokens (about 8 bytes a byte), parsed at about
-# 3 MB/s: real ones are well under a megabyte (a ResNet-50's: 139 KB)
-_DEFINITION_LIMIT = 32 << 20
+# 3 MB/s, then built into NNabla's graph and planned: real ones are well under a few megabytes (a
+# ResNet-50's: 139 KB); one of 13.5 MB (16,000 functions) folds in about 40 s and 1.5 GB
+_DEFINITION_LIMIT = 16 << 20
 # a definition expands at most this much once over _DEFINITION_RATIO_FREE (real ones about 20-fold:
 # each function's text differs in its names); parsing costs time per byte of text
 _DEFINITION_RATIO = 64
@@ -145,6 +146,11 @@ def read(path: str, progress=None) -> NnpFile:
     param_member = None   # several parameter members are merged into the last one on output
     for name in stored:
         param_member = name
+    if param_member is not None and _is_h5_params(param_member):
+        try:   # said now, not once the work is done
+            _check_h5_names(params)
+        except NnpError as e:
+            raise NnpError(f"{path}: {e}") from None
     del raw[nets[0]]      # rewritten on output: its bytes need not stay in memory
     nnp = NnpFile(path, members, raw, nets[0], proto, param_member, params)
     _check_parameters(nnp)
@@ -248,6 +254,7 @@ def _check_members(path, members: List[zipfile.ZipInfo], directory: Optional[int
         if name in seen:
             raise NnpError(f"{path}: the archive holds more than one entry named '{name}'")
         seen.add(name)
+        _check_extension(path, m)
         if m.flag_bits & 0x41:
             raise NnpError(f"{path}: {name} is encrypted")
         if m.compress_type not in _READABLE_METHODS:
@@ -286,6 +293,28 @@ def _check_members(path, members: List[zipfile.ZipInfo], directory: Optional[int
     if available is not None and need > available:
         raise NnpError(f"{path}: reading it needs {_amount(need)} of memory ({largest.filename}: "
                        f"{_amount(largest.file_size)}), {_amount(available)} is available")
+
+
+# NNabla's loader picks a member's reader by ``ext in KINDS``, KINDS a string: any part of one
+# ('.nnt', '.proto', '.h', no extension at all) is read as that kind
+_NNABLA_KINDS = (("a network definition", ".nntxt,.prototxt"), ("parameters", ".protobuf,.h5"))
+_OWN_EXTENSIONS = (".nntxt", ".prototxt", ".protobuf", ".h5")
+
+
+def _check_extension(path, member: zipfile.ZipInfo) -> None:
+    """Refuses a member NNabla would read as a definition or parameters by its loader's test of
+    extensions (a part of '.nntxt,.prototxt' or '.protobuf,.h5') that bnfold would not: it would
+    copy it as it is, and NNabla would then read it over the folded network or values."""
+    ext = os.path.splitext(member.filename)[1]
+    if ext in _OWN_EXTENSIONS or (not ext and member.file_size == 0):   # a folder, an empty file
+        return
+    kinds = [what for what, names in _NNABLA_KINDS if ext in names]
+    if kinds:
+        said = f"extension '{ext}'" if ext else "no extension"
+        raise NnpError(f"{path}: member '{member.filename}' has {said}, which NNabla's loader reads "
+                       f"as {' and as '.join(kinds)} (it takes any part of '.nntxt,.prototxt' or "
+                       f"'.protobuf,.h5'); bnfold reads such members only named .nntxt, .prototxt, "
+                       f".h5 or .protobuf")
 
 
 def _read_member(z: zipfile.ZipFile, member: zipfile.ZipInfo) -> bytes:
@@ -348,7 +377,12 @@ def _check_definition(path, proto):
         networks.add(net.name)
         where = f"{path}: network '{net.name}'"
         _check_sizes(where, net)
-        declared = {v.name: v.type for v in net.variable}
+        declared = {}
+        for v in net.variable:
+            if declared.get(v.name, v.type) != v.type:   # NNabla takes the last for the variable
+                raise NnpError(f"{where}: variable '{v.name}' is declared twice, as "
+                               f"{declared[v.name]} and as {v.type}")
+            declared[v.name] = v.type
         producer: Dict[str, int] = {}
         names = set()
         for i, f in enumerate(net.function):
@@ -370,11 +404,20 @@ def _check_definition(path, proto):
                     raise NnpError(f"{where}: variable '{v}' is the output of both "
                                    f"'{net.function[producer[v]].name}' and '{f.name}'")
                 producer[v] = i
-        cycle = _cycle(net.function, producer)
+        cycle, depth = _cycle(net.function, producer)
         if cycle:
             shown = cycle if len(cycle) <= 6 else cycle[:4] + ["..."] + cycle[-1:]
             raise NnpError(f"{where}: function '{cycle[0]}' depends on its own output "
                            f"({' -> '.join(shown)}); NNabla cannot build it")
+        if depth > MAX_DEPTH:
+            raise NnpError(f"{where}: a chain of {depth} functions, each reading the one before; "
+                           f"bnfold reads networks up to {MAX_DEPTH} deep (NNabla walks a graph "
+                           f"recursively, a level of the process's stack a function, and crashes "
+                           f"past about 40,000)")
+
+
+# the longest chain of functions a network may hold (see _check_definition)
+MAX_DEPTH = 20_000
 
 
 # arguments NNabla's builder divides by (a 0 there ends the process with SIGFPE): each value >= 1
@@ -434,10 +477,11 @@ def _check_sizes(where, net):
                                f"hold more than 2^48 elements")
 
 
-def _cycle(functions, producer) -> Optional[List[str]]:
-    """The names of the functions on one cycle, in data-flow order from the first in the file and
-    back to it; None if there is none. Kahn's order removes every function not on or after a cycle;
-    walking back from one that remains, through predecessors that remain, must come round."""
+def _cycle(functions, producer) -> Tuple[Optional[List[str]], int]:
+    """(the names of the functions on one cycle, in data-flow order from the first in the file and
+    back to it, or None if there is none; the longest chain of functions outside cycles). Kahn's
+    order removes every function not on or after a cycle; walking back from one that remains,
+    through predecessors that remain, must come round."""
     n = len(functions)
     preds: List[List[int]] = [[] for _ in range(n)]
     succs: List[List[int]] = [[] for _ in range(n)]
@@ -450,14 +494,18 @@ def _cycle(functions, producer) -> Optional[List[str]]:
                 succs[p].append(i)
     waiting = [len(p) for p in preds]
     ready = [i for i in range(n) if not waiting[i]]
+    level = [1] * n
     while ready:
-        for j in succs[ready.pop()]:
+        i = ready.pop()
+        for j in succs[i]:
+            level[j] = max(level[j], level[i] + 1)
             waiting[j] -= 1
             if not waiting[j]:
                 ready.append(j)
+    depth = max(level, default=0)
     left = next((i for i in range(n) if waiting[i]), None)
     if left is None:
-        return None
+        return None, depth
     position: Dict[int, int] = {}
     walk = []
     while left not in position:
@@ -467,7 +515,7 @@ def _cycle(functions, producer) -> Optional[List[str]]:
     loop = walk[position[left]:][::-1]            # walked against the data: reversed, it flows
     first = loop.index(min(loop))
     loop = loop[first:] + loop[:first]
-    return [functions[i].name for i in loop + loop[:1]]
+    return [functions[i].name for i in loop + loop[:1]], depth
 
 
 def _no_scratch(path, folder, why) -> NnpError:
@@ -514,8 +562,15 @@ def _read_protobuf(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress, 
                 stream = stack.enter_context(z.open(member))
             else:
                 stream = io.BufferedReader(_StoredMember(path, member, archive, start), _READ_AHEAD)
-            return [(name, Param(value, need_grad)) for name, value, need_grad
-                    in protobuf_params.read(_Counted(stream, progress), member.file_size)]
+            out = []
+            for name, value, need_grad in protobuf_params.read(_Counted(stream, progress),
+                                                               member.file_size):
+                if len(out) == MAX_PARAMETERS:
+                    raise NnpError(f"{path}: {member.filename} holds more than {MAX_PARAMETERS} "
+                                   f"parameters; bnfold reads at most {MAX_PARAMETERS} parameters "
+                                   f"(each costs time and memory, whatever its size)")
+                out.append((name, Param(value, need_grad)))
+            return out
     except protobuf_params.ProtobufError as e:
         raise NnpError(f"{path}: {member.filename} does not parse: {e}") from None
 
@@ -824,7 +879,7 @@ def _h5_parameters(where, hd, member_size: int, read_in_order=None):
     ``read_in_order(places)``, where given, reads the values of the datasets stored whole in one
     place of the file, [(offset, array to fill)] in offset order, not overlapping (HDF5 reads the
     rest)."""
-    datasets = _datasets(hd)
+    datasets = _datasets(where, hd)
     entries, need, in_place, chunked, stored = [], 0, 0, 0, 0
     for name, ds in datasets:
         if isinstance(name, bytes):   # NNabla names parameters in text
@@ -887,7 +942,7 @@ def _h5_parameters(where, hd, member_size: int, read_in_order=None):
     return out
 
 
-def _datasets(hd):
+def _datasets(where, hd):
     """[(name, Dataset)] of every dataset of the open HDF5 file, as ``visititems`` finds them (each
     object once, through hard links, in name order), without opening the other objects."""
     import h5py
@@ -898,7 +953,14 @@ def _datasets(hd):
             names.append(name)
 
     h5py.h5o.visit(hd.id, visit, info=True)
+    if len(names) > MAX_PARAMETERS:
+        raise NnpError(f"{where} holds {len(names)} datasets; bnfold reads at most "
+                       f"{MAX_PARAMETERS} parameters (each costs time and memory, whatever its size)")
     return [(_decoded(name), _Dataset(h5py.h5d.open(hd.id, name))) for name in names]
+
+
+# the most parameters a file may hold (a model's are a few thousand)
+MAX_PARAMETERS = 50_000
 
 
 class _Dataset:
@@ -1047,7 +1109,9 @@ def _h5_reason(e) -> str:
 
 
 def _check_parameters(nnp: NnpFile):
-    """Every parameter a function uses has data of the declared size."""
+    """Every parameter a function uses has data of the declared size; no two names of parameters
+    (stored, or variables of the networks) are one parameter to NNabla."""
+    _check_aliases(nnp)
     for net in nnp.proto.network:
         declared = {v.name: v for v in net.variable}
         for f in net.function:
@@ -1063,6 +1127,23 @@ def _check_parameters(nnp: NnpFile):
                 if math.prod(got) != math.prod(want) or any(d < 0 for d in want):
                     raise NnpError(f"{nnp.path}: network '{net.name}': parameter '{name}' has shape "
                                    f"{tuple(got)}, the network declares {tuple(want)}")
+
+
+def _check_aliases(nnp: NnpFile) -> None:
+    """NNabla stores and finds a parameter by the parts of its name between slashes, leaving out
+    empty ones: 'fc/W', '/fc/W' and 'fc//W' are one array to it. bnfold goes by the names as
+    written, so it would fold one of them as if the others were other arrays: such a file is
+    refused."""
+    first: Dict[str, str] = {}
+    names = list(nnp.params)
+    names += [v.name for net in nnp.proto.network for v in net.variable if v.type == "Parameter"]
+    for name in names:
+        key = "/".join(part for part in name.split("/") if part)
+        other = first.setdefault(key, name)
+        if other != name:
+            raise NnpError(f"{nnp.path}: '{other}' and '{name}' are one parameter to NNabla (it "
+                           f"leaves out the empty parts of a name between slashes); bnfold "
+                           f"refuses files that name a parameter two ways")
 
 
 def _one_line(e) -> str:
@@ -1258,11 +1339,17 @@ _ERROR_HEADER = re.compile(r"^\w+ error in \w+$")            # "value error in s
 _FAILED_CHECK = re.compile(r"^Failed `[^`]*`:\s*")            # the C++ condition that failed
 
 
+_HDF5_MESSAGE = re.compile(r"Unable to .+\(.+\)$", re.S)
+
+
 def nnabla_words(e: BaseException) -> str:
     """An error NNabla raised, as one line of words: without the C++ source locations and check
     expressions it carries, and a bare KeyError said as what it means."""
     if isinstance(e, KeyError) and len(e.args) == 1:
-        return f"it refers to '{e.args[0]}', which is not declared"
+        what = str(e.args[0])
+        if _HDF5_MESSAGE.match(what):   # h5py's: a message about the parameters file, not a name
+            return f"its parameters: {what[:1].lower()}{what[1:]}"
+        return f"it refers to '{what}', which is not declared"
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     kept = [_FAILED_CHECK.sub("", line) for line in lines
             if not _SOURCE_LINE.match(line) and not _ERROR_HEADER.match(line)]
@@ -1775,8 +1862,15 @@ def _write_h5_member(params, z: zipfile.ZipFile, member: zipfile.ZipInfo, progre
 
 
 def _check_h5_names(params) -> None:
-    """NnpError where one parameter's name is a group of another's ('a' and 'a/b'): HDF5 cannot hold
-    both (parameters of protobuf members merged into an HDF5 one can be named so)."""
+    """NnpError where a parameter's name is not one HDF5 can hold as a dataset's (empty, '.' or '..'
+    parts, a NUL character), or where one parameter's name is a group of another's ('a' and 'a/b'):
+    HDF5 cannot hold both (parameters of protobuf members merged into an HDF5 one can be named so)."""
+    for name in params:
+        parts = name.strip("/").split("/")
+        if "\0" in name or any(part in ("", ".", "..") for part in parts):
+            raise NnpError(f"parameter {name!r} cannot be written to parameter.h5: HDF5 names "
+                           f"datasets by parts between slashes, none of them empty, '.' or '..', "
+                           f"and no NUL character")
     names = {n.strip("/") for n in params}
     for name in names:
         parts = name.split("/")

@@ -1272,17 +1272,99 @@ def test_parameter_inline_of_wrong_size_names_the_file(tmp_path, capsys, scratch
 
 
 def test_a_file_nnabla_cannot_load_is_said_once_when_verifying(tmp_path):
-    # NNabla's loader reads a member without extension as a definition and logs CRITICAL lines
-    # before it raises: the verify says it once, in words (a process of its own: NNabla's log
-    # handler writes to the stderr it found at import)
-    good = nnp_files.single(tmp_path / "good.nnp")
-    p = _rezip(good, tmp_path / "readme.nnp", add=[("README", b"hello\n")])
+    # NNabla's loader needs each HDF5 parameter's need_grad attribute (bnfold takes False where it
+    # is missing) and logs CRITICAL lines before it raises h5py's KeyError: the verify says it
+    # once, in words (a process of its own: NNabla's log handler writes to the stderr it found at
+    # import)
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    data = io.BytesIO(_member(good, "parameter.h5"))
+    with h5py.File(data, "r+") as hd:
+        del hd[_h5_names(hd)[0]].attrs["need_grad"]
+    p = _rezip(good, tmp_path / "no_need_grad.nnp", replace={"parameter.h5": data.getvalue()})
     out = tmp_path / "out.nnp"
     done = subprocess.run([sys.executable, "-m", "bnfold_gpu", "fold", str(p), "-o", str(out),
                            "--verify", "-q"], capture_output=True, text=True, timeout=300)
     err = done.stderr.splitlines()
     assert done.returncode == 2 and len(err) == 1 and "NNabla cannot load it" in err[0], err
+    assert "its parameters: unable to" in err[0] and "need_grad" in err[0], err
+    assert "not declared" not in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["override.nntx", "override.nnt", "extra.prototx", "extra.protot",
+                                  "schema.proto", "weights.h", "README"])
+def test_a_member_nnabla_reads_as_a_definition_or_parameters_is_refused(tmp_path, capsys, name):
+    # NNabla picks a member's reader by `ext in '.nntxt,.prototxt'` (a part of the string counts):
+    # such a member would be copied as it is, then read by NNabla over the folded network
+    good = nnp_files.single(tmp_path / "good.nnp")
+    text = b'parameter { variable_name: "c1/conv/W" shape { dim: 1 } data: 1.0 }\n'
+    p = _rezip(good, tmp_path / "member.nnp", add=[(name, text), ("folder/", b""),
+                                                    ("nnp_version.txt", b"0.1\n")])
+    msg = _refused(tmp_path, capsys, p)
+    assert f"member '{name}'" in msg and "NNabla's loader reads" in msg
+
+
+def test_a_network_deeper_than_nnabla_can_walk_is_refused(tmp_path, capsys, monkeypatch):
+    # NNabla walks a graph recursively: a long enough chain overflows the stack (SIGSEGV)
+    good = nnp_files.single(tmp_path / "good.nnp")
+    monkeypatch.setattr(N, "MAX_DEPTH", 5)
+    msg = _refused(tmp_path, capsys, good)
+    assert "a chain of" in msg and "up to 5 deep" in msg
+
+
+def test_two_names_of_one_parameter_are_refused(tmp_path, capsys):
+    # NNabla leaves out empty parts of a name: a network reading '/c1/conv/W' reads c1/conv/W,
+    # which bnfold would fold as if it were another array
+    good = nnp_files.single(tmp_path / "good.nnp")
+
+    def edit(proto):
+        net = proto.network.add()
+        net.CopyFrom(proto.network[0])
+        net.name = "other"
+        for v in net.variable:
+            if v.name == "c1/conv/W":
+                v.name = "/c1/conv/W"
+        for f in net.function:
+            f.input[:] = ["/c1/conv/W" if i == "c1/conv/W" else i for i in f.input]
+    p = _edit_definition(good, tmp_path / "alias.nnp", edit)
+    msg = _refused(tmp_path, capsys, p)
+    assert "'c1/conv/W' and '/c1/conv/W' are one parameter to NNabla" in msg
+
+
+def test_a_variable_declared_twice_as_two_kinds_is_refused(tmp_path, capsys):
+    good = nnp_files.single(tmp_path / "good.nnp")
+
+    def edit(proto):
+        v = proto.network[0].variable.add()
+        v.CopyFrom(next(v for v in proto.network[0].variable if v.name == "bn1/bn/mean"))
+        v.type = "Buffer"
+    msg = _refused(tmp_path, capsys, _edit_definition(good, tmp_path / "twice.nnp", edit))
+    assert "variable 'bn1/bn/mean' is declared twice, as Parameter and as Buffer" in msg
+
+
+@pytest.mark.parametrize("bad", ["", ".", "c1//conv/W2", "a\0b", "x/../y"])
+def test_names_hdf5_cannot_hold_are_refused_before_any_work(tmp_path, capsys, bad):
+    # a protobuf member's parameter merged into the HDF5 member written
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    extra = _protobuf_member(lambda q: (q.shape.dim.extend([1]), q.data.extend([1.0]),
+                                        setattr(q, "variable_name", bad)))
+    p = _rezip(good, tmp_path / "names.nnp", add=[("extra.protobuf", extra)])
+    with zipfile.ZipFile(p) as z:   # the HDF5 member last: the one written
+        members = [(m.filename, z.read(m)) for m in z.infolist()]
+    members.sort(key=lambda m: m[0] == "parameter.h5")
+    with zipfile.ZipFile(p, "w") as z:
+        for name, data in members:
+            z.writestr(name, data)
+    msg = _refused(tmp_path, capsys, p)
+    assert "cannot be written to parameter.h5" in msg and "full disk" not in msg
+
+
+def test_too_many_parameters_are_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(N, "MAX_PARAMETERS", 3)
+    for fmt in (".h5", ".protobuf"):
+        good = nnp_files.single(tmp_path / f"good{fmt}.nnp", parameter_format=fmt)
+        msg = _refused(tmp_path, capsys, good)
+        assert "bnfold reads at most 3 parameters" in msg
 
 
 @pytest.mark.parametrize("declared", ["bn1/bn/mean", "c1/conv/W"])
