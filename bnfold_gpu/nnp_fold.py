@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 from . import _atomic, _safe_points
 from .backends import get_backend
 from .backends.common import FoldError
-from .plan import check_flag, skip_patterns, warn_unmatched_skips
+from .plan import check_flag, check_path, skip_patterns, warn_unmatched_skips
 from . import __version__
 
 SCHEMA_VERSION = 1   # of Report.to_json(); raised when a field changes meaning or goes away
@@ -197,7 +197,9 @@ def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
     ``expect``/``extend``/``advance`` calls."""
     from . import nnp as N
     clock = _Stages()
-    src = os.fspath(src)
+    src = check_path("src", src)
+    if dst is not None:
+        dst = check_path("dst", dst)
     verify, in_place, skip = check_flag("verify", verify), check_flag("in_place", in_place), \
         skip_patterns(skip)
     for name, value in (("tolerance", tolerance), ("atol", atol)):
@@ -284,9 +286,17 @@ def load(path, network: Optional[str] = None, *, batch_size: Optional[int] = Non
     import nnabla as nn
     from . import nnp as N
     clock = _Stages()
-    src = os.fspath(path)
+    src = check_path("path", path)
     skip = skip_patterns(skip)
+    with_report = check_flag("with_report", with_report)
+    if network is not None and not isinstance(network, str):
+        raise TypeError(f"network must be a network's name (str) or None, not "
+                        f"{type(network).__name__}")
     get_backend(backend, on_device=False)
+    if batch_size is not None and (isinstance(batch_size, bool) or
+                                   not isinstance(batch_size, numbers.Integral)):
+        raise TypeError(f"batch_size must be an integer or None, not {type(batch_size).__name__} "
+                        f"({batch_size!r:.40})")
     if batch_size is not None and not 1 <= batch_size <= N.MAX_BATCH:
         raise ValueError(f"batch_size must be from 1 to {N.MAX_BATCH}, not {batch_size}")
     with clock("read"):
@@ -431,6 +441,9 @@ def _load_inputs(inputs) -> Dict[str, tuple]:
     import numpy as np
     from . import nnp as N
     loaded = {}
+    if inputs is not None and not hasattr(inputs, "items"):
+        raise TypeError(f"inputs must be a dict of input name -> array or .npy path, not "
+                        f"{type(inputs).__name__}")
     for name, value in (inputs or {}).items():
         if isinstance(value, (str, os.PathLike)):
             path = os.fspath(value)

@@ -224,6 +224,9 @@ def skip_patterns(skip) -> Tuple[str, ...]:
         return ()
     if isinstance(skip, str):
         return (skip,)
+    if isinstance(skip, (bytes, bytearray)):
+        raise TypeError(f"skip must be a BN name or glob pattern (str), or a list of them, not "
+                        f"{type(skip).__name__} ({skip!r:.40})")
     try:
         patterns = tuple(skip)
     except TypeError:
@@ -234,6 +237,20 @@ def skip_patterns(skip) -> Tuple[str, ...]:
             raise TypeError(f"skip patterns are BN names or glob patterns (str), not "
                             f"{type(p).__name__} ({p!r:.40})")
     return patterns
+
+
+def check_path(name: str, value) -> str:
+    """``value`` as a path string (str or os.PathLike of str); a TypeError naming the argument
+    otherwise."""
+    import os
+    try:
+        path = os.fspath(value)
+    except TypeError:
+        path = None
+    if not isinstance(path, str):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), not "
+                        f"{type(value).__name__} ({value!r:.40})")
+    return path
 
 
 def check_flag(name: str, value) -> bool:

@@ -448,9 +448,26 @@ def test_bad_arguments_are_said_and_change_nothing(rng, tmp_path):
                           (dict(tolerance=True), "tolerance True: a tolerance is"),
                           (dict(seed=-5), "seed -5: a seed is an integer from 0 to 2\\*\\*32 - 1"),
                           (dict(verify="yes"), "verify must be True or False"),
-                          (dict(skip=[None]), "skip patterns are BN names")):
+                          (dict(skip=[None]), "skip patterns are BN names"),
+                          (dict(skip=b"bn"), "not bytes"),
+                          (dict(verify=True, inputs=5), "inputs must be a dict"),
+                          (dict(verify=True, inputs=["x"]), "inputs must be a dict")):
         with pytest.raises((TypeError, ValueError), match=words):
             bnfold_gpu.fold_nnp(tmp_path / "missing.nnp", tmp_path / "out.nnp", **kwargs)
+    for args, words in (((5, tmp_path / "out.nnp"), "src must be a path"),
+                        ((tmp_path / "m.nnp", 5), "dst must be a path"),
+                        ((b"m.nnp", b"out.nnp"), "src must be a path .*not bytes")):
+        with pytest.raises(TypeError, match=words):
+            bnfold_gpu.fold_nnp(*args)
+    for kwargs, words in ((dict(batch_size="2"), "batch_size must be an integer or None, not str"),
+                          (dict(batch_size=2.5), "batch_size must be an integer"),
+                          (dict(batch_size=True), "batch_size must be an integer"),
+                          (dict(with_report="yes"), "with_report must be True or False"),
+                          (dict(network=3), "network must be a network's name")):
+        with pytest.raises(TypeError, match=words):
+            bnfold_gpu.load(tmp_path / "missing.nnp", **kwargs)
+    with pytest.raises(TypeError, match="path must be a path"):
+        bnfold_gpu.load(5)
     assert not list(tmp_path.iterdir())
 
 
