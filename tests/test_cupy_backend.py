@@ -590,3 +590,22 @@ def test_arrays_the_checks_refuse(cp, what, key, dtype, message):
     with pytest.raises(FoldError) as got:
         cupy_backend.fold(plan, dev)
     assert str(got.value) == message
+
+
+def test_importing_the_gpu_backend_leaves_warning_filters_and_the_excepthook_as_they_were():
+    # what CuPy imports may add warning filters, and the exceptiongroup backport (Python 3.10,
+    # where installed) replaces sys.excepthook on import
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import sys, warnings
+        import numpy   # its own filters, as any program importing it gets them
+        hook, filters = sys.excepthook, list(warnings.filters)
+        from bnfold_gpu.backends import cupy_backend
+        assert sys.excepthook is hook
+        assert warnings.filters == filters, [f for f in warnings.filters if f not in filters]
+        print("cupy" if cupy_backend.cupy is not None else "no cupy")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

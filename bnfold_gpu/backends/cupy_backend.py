@@ -17,6 +17,8 @@ import dataclasses
 import importlib
 import operator
 import os
+import sys
+import warnings
 from math import prod
 from pathlib import Path
 from typing import Mapping, NamedTuple, Optional
@@ -32,8 +34,24 @@ from ..plan import OUTPUT_SIDE, Plan
 name = "cupy"
 
 _IMPORT_ERROR = "No module named 'cupy'"
+
+
+def _import_cupy():
+    """CuPy, imported leaving the process's warning filters and ``sys.excepthook`` as they were
+    (what it imports may add filters, and on Python 3.10 the ``exceptiongroup`` backport, where
+    installed, replaces the hook)."""
+    hook = sys.excepthook
+    try:
+        with warnings.catch_warnings():
+            import cupy
+    finally:
+        if sys.excepthook is not hook:
+            sys.excepthook = hook
+    return cupy
+
+
 try:
-    import cupy
+    cupy = _import_cupy()
 except ImportError as _e:  # the module imports without CuPy; unavailable_reason() says why
     cupy = None
     _IMPORT_ERROR = str(_e)
