@@ -256,13 +256,13 @@ def prepare(plan: Plan, arrays: Mapping[str, object]):
     if reason:
         raise RuntimeError(f"backend 'cupy' is not usable: {reason}")
     columns = _columns(plan)
-    own = fold_own_arrays(plan)     # of the whole plan (see there)
+    whole = plan
     if columns.first is not None:   # writes only arrays of the fold's own: nothing the caller sees
         prepare(columns.first, arrays).commit()
     plan = columns.rest or plan
     facts = _read(columns, arrays)
     if facts is None or not (columns.plan_ok and _fits(columns, facts)):
-        return _prepare_per_layer(plan, arrays, own)
+        return _prepare_per_layer(plan, arrays, whole)
     if facts.wide_integer[columns.statistic].any():   # rare: the values themselves are read
         check_statistics_exact(plan, arrays)
     if len(facts.devices) > 1:
@@ -276,7 +276,7 @@ def fold(plan: Plan, arrays: Mapping[str, object]) -> None:
     prepare(plan, arrays).commit()
 
 
-def _prepare_per_layer(plan, arrays, own):
+def _prepare_per_layer(plan, arrays, whole):
     """The checks one layer at a time: the path of host arrays, and of device arrays that the checks
     over all layers at once (:func:`_fits`) refused, to name the BN in the error."""
     facts, pointers, devices = _facts(arrays)
@@ -290,7 +290,7 @@ def _prepare_per_layer(plan, arrays, own):
     if len(pointers) == len(arrays):
         raise RuntimeError("bnfold_gpu: the checks over all layers at once refused arrays that the "
                            "checks one layer at a time accept; please report this")
-    return _HostFold(plan, arrays, own)
+    return _HostFold(plan, arrays, fold_own_arrays(whole))   # of the whole plan (see there)
 
 
 def _facts(arrays):
