@@ -36,6 +36,13 @@ class _Reject(Exception):
     """This map cannot fold this way; the message is the reason."""
 
 
+def _before(what: str) -> str:
+    """How a reason names the function a backward walk stopped at: the one right before the map, or,
+    where the walk had moved on (through a concatenation, a reshape...), the one ``what`` (where the
+    walk was) comes from."""
+    return "the function before it is" if what == "its input" else f"{what} comes from"
+
+
 class _LayerBias(_Reject):
     """The add is the bias of the matrix product before it (NNabla's ONNX importer builds a Linear
     as Reshape -> BatchMatmul -> Reshape -> Add2): part of that layer, not a map to move."""
@@ -552,7 +559,7 @@ class _Planner:
                         (fn, m.data)
                     continue
                 if m is not None and fn.index not in self.claimed and m.fn.outputs[0] == var \
-                        and (not m.fused or self._through_relu(fn, m, walk)):
+                        and (not m.fused or self._through_relu(fn, m, walk, what)):
                     self._compose_before(walk, m)
                     var, what, reader = fn.inputs[m.data], f"the input of {m.term.label}", \
                         (fn, m.data)
@@ -561,16 +568,17 @@ class _Planner:
                     self._absorb_output(fn, walk)
                     break
                 if fn.type in ("Add2", "Sub2") and self.maps.get(fn.index) is None:
-                    todo += self._join_back(fn, walk)[::-1]
+                    todo += self._join_back(fn, walk, what)[::-1]
                     break
                 if fn.type in BN_TYPES or m is not None:
-                    raise _Reject(f"the function before it is {self._map_name(fn, m)}")
+                    raise _Reject(f"{_before(what)} {self._map_name(fn, m)}")
                 before = self._site_for(walk, fn.out_shapes[0])
                 part = self._split_part(fn) if fn.type == "Stack" else None
                 if part is not None:   # a slice of the Split's input: moved back as one
-                    var, what, reader = self._back_through_split(fn, walk, before, *part)
+                    var, what, reader = self._back_through_split(fn, walk, before, *part,
+                                                                 what=what)
                     continue
-                ways = self._through(fn, walk)
+                ways = self._through(fn, walk, what)
                 if len(ways) == 1:
                     k, site, transform = ways[0]
                     # a uniform map (a scalar's, a one-channel BN's) through a slice of a value
@@ -589,14 +597,14 @@ class _Planner:
                 break
 
     def _back_through_split(self, fn: _Fn, walk: _Walk, before: Site, split: _Fn, args, axis,
-                            kept):
+                            kept, what: str = "its input"):
         """The walk moved back through the Stack ``fn`` and the Split before it, as through a
         slice of the Split's input; (the Split's input, what it is, its reader) to go on from."""
         try:
             (_, site, transform), = moves.Slice.backward(args, split.in_shapes, fn.out_shapes,
                                                          before, _Facts(self, walk))
         except Stop as s:
-            raise _Reject(f"the function before it is Stack: {s}") from None
+            raise _Reject(f"{_before(what)} Stack: {s}") from None
         walk.region += [fn, split]
         self._move(walk, site, transform, before)
         if kept.size < split.in_shapes[0][axis]:   # the Split's other outputs read the rest
@@ -676,7 +684,7 @@ class _Planner:
         read[np.ix_(*[moves.Slice.kept(fn.args, site.shape, a) for a in axes])] = True
         return read.reshape(-1)
 
-    def _through_relu(self, fn: _Fn, m: _Map, walk: _Walk) -> bool:
+    def _through_relu(self, fn: _Fn, m: _Map, walk: _Walk, what: str = "its input") -> bool:
         """relu(BN(x)) without an add: whether the walk's map passes the ReLU (no shift, no negative
         scale), and so composes with the BN before it, the ReLU staying. _Reject where it does not;
         False where the fused BN adds another input (the map stops there, as for any fused BN)."""
@@ -685,11 +693,11 @@ class _Planner:
         try:
             moves.ReLU.check(_Facts(self, walk))
         except Stop as s:
-            raise _Reject(f"the function before it is {fn.type} {m.term.label}, whose ReLU it "
+            raise _Reject(f"{_before(what)} {fn.type} {m.term.label}, whose ReLU it "
                           f"does not pass: {s}") from None
         return True
 
-    def _through(self, fn: _Fn, walk: _Walk):
+    def _through(self, fn: _Fn, walk: _Walk, what: str = "its input"):
         """The rule's ways through ``fn`` for the walk's map (``moves.backward``), ``fn`` added to
         the walk's region; _Reject with the rule's reason where the map stops."""
         site = self._site_for(walk, fn.out_shapes[0])
@@ -697,7 +705,7 @@ class _Planner:
             ways = moves.backward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, site,
                                   _Facts(self, walk))
         except Stop as s:
-            raise _Reject(f"the function before it is {fn.type}: {s}") from None
+            raise _Reject(f"{_before(what)} {fn.type}: {s}") from None
         walk.region.append(fn)
         return ways
 
@@ -711,11 +719,11 @@ class _Planner:
             return f"{m.term.label}, which folds into another layer"
         return f"{m.term.label}, which it does not reach on its data input"
 
-    def _join_back(self, fn: _Fn, walk: _Walk) -> list:
+    def _join_back(self, fn: _Fn, walk: _Walk, what: str = "its input") -> list:
         """``map(a + b)``: the map's scale goes to both inputs' layers, its shift to the first.
         The branches to follow: (input, walk, what it is, its reader)."""
         branches = []
-        for k, site, transform in self._through(fn, walk):
+        for k, site, transform in self._through(fn, walk, what):
             branch = walk.copy()
             branch.park = None
             if k > 0:

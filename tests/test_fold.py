@@ -755,3 +755,22 @@ def test_branches_nested_deeper_than_the_recursion_limit(rng, direction):
         sys.setrecursionlimit(limit)
     assert rel_err(forward_all(res.outputs)[0], before[0]) < 1e-5
     assert sorted((r.kind, r.side) for r in res.folded) == kinds and not res.skipped
+
+
+def test_a_reason_names_where_the_walk_stopped_past_a_concatenation():
+    # the map stops at a MaxPooling on one input of a Concatenate, not right before the BN: the
+    # reason says which input, and that it comes from the MaxPooling
+    nn.clear_parameters()
+    rng = np.random.default_rng(0)
+    x = nn.Variable((2, 4, 8, 8))
+    a = PF.convolution(x, 4, (1, 1), name="a")
+    c = F.concatenate(a, F.max_pooling(F.relu(x), (3, 3), stride=(1, 1), pad=(1, 1)), axis=1)
+    y = PF.affine(F.relu(PF.batch_normalization(c, batch_stat=False, name="bn")), 3, name="fc")
+    for name, p in nn.get_parameters(grad_only=False).items():
+        if name.endswith(("var", "gamma")):
+            p.d = rng.uniform(0.5, 2, p.shape) * (-1 if name.endswith("gamma") else 1)
+        else:
+            p.d = rng.normal(size=p.shape)
+    (kept,) = bnfold_gpu.plan(y).skipped
+    assert kept.reason.startswith("input 1 of Concatenate comes from MaxPooling: its map has a "
+                                  "negative scale"), kept.reason
