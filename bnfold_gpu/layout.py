@@ -119,9 +119,14 @@ def input_channel_axis(kind: str, args: dict, in_ndim: int) -> int:
 
 
 def _one_axis(kind: str, site, axis: int, where: str):
-    if (site.a0, site.a1) != (axis, axis + 1):
-        raise LayoutError(f"the map's channels (axes {site.a0}..{site.a1 - 1}) are not the {kind}'s "
-                          f"{where} channel axis {axis}")
+    if (site.a0, site.a1) == (axis, axis + 1):
+        return
+    if site.a0 <= axis < site.a1:   # e.g. a BN composed with the add of a stored [N, C] value
+        raise LayoutError(f"the map has a value for each element of axes {site.a0}..{site.a1 - 1}, "
+                          f"not one per {where} channel of the {kind} (axis {axis}), which is what "
+                          f"a layer's weights can take")
+    raise LayoutError(f"the map's channels (axes {site.a0}..{site.a1 - 1}) are not the {kind}'s "
+                      f"{where} channel axis {axis}")
 
 
 def _matrix(kind: str, w: Sequence[int]) -> Tuple[int, int]:
