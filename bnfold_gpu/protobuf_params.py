@@ -149,58 +149,54 @@ class _Remaining:
 def _streamed(stream: "_Remaining", n: int, schema):
     """:func:`_parameter` of the next ``n`` bytes of ``stream``, with the values (one packed field,
     as NNabla writes them) read straight into their own array: no copy of them in between. The
-    fields around them are read one at a time, each within the ``n`` bytes; anything else (values
-    in several fields or unpacked, a field of an unknown wire type) reads the rest and leaves it
-    to :func:`_parameter`, with the bytes read so far in front."""
+    fields around them are read one at a time, each within the ``n`` bytes, into one buffer;
+    anything else (values in several fields or unpacked, a field of an unknown wire type) reads the
+    rest and leaves it to :func:`_parameter`, with the bytes read so far in front."""
     _, _, data_field = schema
-    parts: List = []     # the fields as read: bytes; the values' as (their key and size, array)
-    values = None
-    left = n
-    while left > 0:
-        head = _Recorded(stream, left)
-        key = _read_varint(head)
+    rec = _Recorded(stream, n)   # every byte of the parameter read so far, but the values'
+    values = data = None         # the values; where their key and size lie in rec.buf
+    while rec.left > 0:
+        start = len(rec.buf)
+        key = _read_varint(rec)
         field, wire = key >> 3, key & 7
         if field == data_field and wire == _LEN and values is None:
-            size = _read_varint(head)
-            if size % 4 or size > head.left:
+            size = _read_varint(rec)
+            if size % 4 or size > rec.left:
                 break
             values = np.empty(size // 4, _F32)
             if stream.readinto(memoryview(values).cast("B")) != size:
                 raise ProtobufError("truncated parameter")
-            parts.append((head.bytes(), values))
-            left -= head.used + size
+            rec.left -= size
+            data = (start, len(rec.buf))
             continue
         if field == data_field or wire not in (_VARINT, _LEN, _I32, _I64):
             break
-        _skip(head, wire)
-        parts.append(head.bytes())
-        left -= head.used
+        _skip(rec, wire)
     else:
-        rest = b"".join(p for p in parts if isinstance(p, bytes))
-        return _parameter(rest, schema, values=np.zeros(0, _F32) if values is None else values)
-    body = b"".join(p if isinstance(p, bytes) else p[0] + p[1].tobytes() for p in parts)
-    body += head.bytes() + _read_pieces(stream, left - head.used)
+        rest = rec.buf if data is None else rec.buf[:data[0]] + rec.buf[data[1]:]
+        return _parameter(bytes(rest), schema,
+                          values=np.zeros(0, _F32) if values is None else values)
+    body = bytes(rec.buf) if data is None else \
+        bytes(rec.buf[:data[1]]) + values.tobytes() + bytes(rec.buf[data[1]:])
+    body += _read_pieces(stream, rec.left)
     if len(body) != n:
         raise ProtobufError("truncated parameter")
     return _parameter(body, schema)
 
 
 class _Recorded:
-    """Reads from ``stream``, at most ``limit`` bytes, keeping what it read (``bytes()``)."""
+    """Reads from ``stream``, at most ``limit`` bytes in all (``left``), keeping what it read in
+    one buffer (``buf``)."""
 
     def __init__(self, stream, limit: int):
-        self.stream, self.left, self.used = stream, limit, 0
-        self._read: List[bytes] = []
+        self.stream, self.left = stream, limit
+        self.buf = bytearray()
 
-    def read(self, n: int) -> bytes:
-        data = self.stream.read(min(n, self.left))
-        self._read.append(data)
+    def read(self, k: int) -> bytes:
+        data = self.stream.read(min(k, self.left))
+        self.buf += data
         self.left -= len(data)
-        self.used += len(data)
         return data
-
-    def bytes(self) -> bytes:
-        return b"".join(self._read)
 
 
 def _read_pieces(stream, n: int) -> bytes:

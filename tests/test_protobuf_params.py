@@ -165,3 +165,18 @@ def test_a_group_or_field_0_is_refused_without_a_warning(tail, words):
         warnings.simplefilter("error")
         with pytest.raises(P.ProtobufError, match=words):
             _read(msg)
+
+
+def test_fields_around_the_values_in_any_order_are_kept():
+    # read as a member is (the values straight into their array), the fields before and after
+    # them are the parameter's own: name, shape and need_grad after the values, unknown fields
+    values = np.arange(6, dtype=np.float32) - 2.5
+    p = nnabla_pb2.Parameter(variable_name="w")
+    p.shape.dim.extend([2, 3])
+    head = p.SerializeToString()
+    unknown = b"".join(P._key(50, 0) + P._varint(k) for k in range(300))   # many small fields
+    body = unknown[:90] + P._key(100, 2) + P._varint(values.nbytes) + values.tobytes() + head + \
+        unknown[90:] + P._key(101, 0) + P._varint(1)   # need_grad last
+    msg = P._key(200, 2) + P._varint(len(body)) + body
+    (name, got, need_grad), = _read(msg)
+    assert name == "w" and need_grad and np.array_equal(got, values.reshape(2, 3))
