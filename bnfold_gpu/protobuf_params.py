@@ -155,7 +155,11 @@ def _streamed(stream: "_Remaining", n: int, schema):
     _, _, data_field = schema
     rec = _Recorded(stream, n)   # every byte of the parameter read so far, but the values'
     values = data = None         # the values; where their key and size lie in rec.buf
+    fields = 0
     while rec.left > 0:
+        fields += 1
+        if fields > _MAX_FIELDS:
+            raise _too_many_fields()
         start = len(rec.buf)
         key = _read_varint(rec)
         field, wire = key >> 3, key & 7
@@ -222,6 +226,7 @@ def _parameter(body: bytes, schema, repacked=False, values=None):
     stream = io.BytesIO(body)
     pieces: List[np.ndarray] = []
     rest = bytearray()   # every field but the values, for the protobuf library to parse
+    fields = 0
     while stream.tell() < len(body):
         start = stream.tell()
         key = _read_varint(stream)
@@ -237,7 +242,10 @@ def _parameter(body: bytes, schema, repacked=False, values=None):
                 return _parameter(_repacked(body, pb2), schema, True)
         elif field == data_field and wire == _I32 and not repacked:   # unpacked, as parsers accept
             return _parameter(_repacked(body, pb2), schema, True)
+        elif fields >= _MAX_FIELDS:   # the values' own fields are bounded above
+            raise _too_many_fields()
         elif wire == _LEN and field in _text_fields(pb2):   # said here, not in protobuf's log
+            fields += 1
             n = _read_varint(stream)
             at = stream.tell()
             try:
@@ -247,6 +255,7 @@ def _parameter(body: bytes, schema, repacked=False, values=None):
             stream.seek(at + n)
             rest += view[start:at + n]
         else:
+            fields += 1
             _skip(stream, wire)
             rest += view[start:stream.tell()]
     p = _message(pb2, bytes(rest))
@@ -262,6 +271,14 @@ def _parameter(body: bytes, schema, repacked=False, values=None):
 
 # pieces of packed values past which the protobuf library parses the parameter instead
 _MAX_PIECES = 64
+# fields of one parameter stepped through in Python (NNabla writes 4: name, shape, values,
+# need_grad; values unpacked, one field each, go to the protobuf library at the first)
+_MAX_FIELDS = 1000
+
+
+def _too_many_fields() -> ProtobufError:
+    return ProtobufError(f"a parameter holds more than {_MAX_FIELDS} fields besides its values "
+                         f"(NNabla writes 4)")
 _MAX_DIM = 1 << 48
 
 

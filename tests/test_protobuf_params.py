@@ -180,3 +180,26 @@ def test_fields_around_the_values_in_any_order_are_kept():
     msg = P._key(200, 2) + P._varint(len(body)) + body
     (name, got, need_grad), = _read(msg)
     assert name == "w" and need_grad and np.array_equal(got, values.reshape(2, 3))
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_parameter_of_very_many_fields_is_refused_at_once(where, monkeypatch):
+    # stepped through in Python, field by field: a hostile member of millions would take minutes;
+    # refused once past the limit, not after reading them all
+    values = np.ones(3, np.float32)
+    p = nnabla_pb2.Parameter(variable_name="w")
+    p.shape.dim.extend([3])
+    data = P._key(100, 2) + P._varint(values.nbytes) + values.tobytes()
+    unknown = (P._key(50, 0) + b"\x01") * 200_000
+    body = p.SerializeToString() + (unknown + data if where == "before" else data + unknown)
+    msg = P._key(200, 2) + P._varint(len(body)) + body
+    steps = []
+    real = P._read_varint
+
+    def counted(stream, at_start=False):
+        steps.append(1)
+        return real(stream, at_start)
+    monkeypatch.setattr(P, "_read_varint", counted)
+    with pytest.raises(P.ProtobufError, match="more than 1000 fields besides its values"):
+        _read(msg)
+    assert len(steps) < 10_000   # both ways together; not 200,000 fields each
