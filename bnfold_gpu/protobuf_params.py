@@ -76,12 +76,33 @@ def _read_varint(stream: BinaryIO, at_start=False):
             raise ProtobufError("varint longer than 10 bytes")
 
 
+_MAX_KEY = (1 << 32) - 1     # the protobuf library reads a field's tag as 32 bits
+_MAX_LENGTH = 1 << 62        # past any file's size, and any index Python takes
+
+
+def _read_key(stream: BinaryIO, at_start=False):
+    """The next field's tag (a varint), refused past 32 bits, which the protobuf library would cut
+    to 32 (reading another field than this module does); None at the end where ``at_start``."""
+    key = _read_varint(stream, at_start)
+    if key is not None and key > _MAX_KEY:
+        raise ProtobufError("a field's tag is longer than 32 bits")
+    return key
+
+
+def _read_length(stream: BinaryIO) -> int:
+    """A length-delimited field's length; one past any file is a truncated field."""
+    n = _read_varint(stream)
+    if n > _MAX_LENGTH:
+        raise ProtobufError("truncated field")
+    return n
+
+
 def _skip(stream: BinaryIO, wire: int) -> None:
     if wire == _VARINT:
         _read_varint(stream)
         return
     if wire == _LEN:
-        n = _read_varint(stream)
+        n = _read_length(stream)
     elif wire in (_I64, _I32):
         n = 8 if wire == _I64 else 4
     else:
@@ -102,14 +123,14 @@ def read(stream: BinaryIO, size: Optional[int] = None) -> Iterator[Tuple[str, np
     top = schema[1]
     stream = _Remaining(stream, size)
     while True:
-        key = _read_varint(stream, at_start=True)
+        key = _read_key(stream, at_start=True)
         if key is None:
             return
         if key >> 3 != top or key & 7 != _LEN:
             field = schema[0].NNablaProtoBuf.DESCRIPTOR.fields_by_number.get(key >> 3)
             label = field.name if field is not None else f"field {key >> 3}"
             raise ProtobufError(f"it holds {label!r} entries besides parameters")
-        n = _read_varint(stream)
+        n = _read_length(stream)
         if stream.left is not None and n > stream.left:
             raise ProtobufError(f"a parameter declares {n} bytes, only {stream.left} remain")
         if stream.left is not None:
@@ -157,14 +178,11 @@ def _streamed(stream: "_Remaining", n: int, schema):
     values = data = None         # the values; where their key and size lie in rec.buf
     fields = 0
     while rec.left > 0:
-        fields += 1
-        if fields > _MAX_FIELDS:
-            raise _too_many_fields()
         start = len(rec.buf)
-        key = _read_varint(rec)
+        key = _read_key(rec)
         field, wire = key >> 3, key & 7
         if field == data_field and wire == _LEN and values is None:
-            size = _read_varint(rec)
+            size = _read_length(rec)
             if size % 4 or size > rec.left:
                 break
             values = np.empty(size // 4, _F32)
@@ -175,6 +193,9 @@ def _streamed(stream: "_Remaining", n: int, schema):
             continue
         if field == data_field or wire not in (_VARINT, _LEN, _I32, _I64):
             break
+        fields += 1   # counted as _parameter counts them
+        if fields > _MAX_FIELDS:
+            raise _too_many_fields()
         _skip(rec, wire)
     else:
         rest = rec.buf if data is None else rec.buf[:data[0]] + rec.buf[data[1]:]
@@ -229,10 +250,10 @@ def _parameter(body: bytes, schema, repacked=False, values=None):
     fields = 0
     while stream.tell() < len(body):
         start = stream.tell()
-        key = _read_varint(stream)
+        key = _read_key(stream)
         field, wire = key >> 3, key & 7
         if field == data_field and wire == _LEN:     # packed, as proto3 writes it
-            n = _read_varint(stream)
+            n = _read_length(stream)
             at = stream.tell()
             if n % 4 or at + n > len(body):
                 raise ProtobufError("packed float data of a bad length")
@@ -246,8 +267,10 @@ def _parameter(body: bytes, schema, repacked=False, values=None):
             raise _too_many_fields()
         elif wire == _LEN and field in _text_fields(pb2):   # said here, not in protobuf's log
             fields += 1
-            n = _read_varint(stream)
+            n = _read_length(stream)
             at = stream.tell()
+            if at + n > len(body):
+                raise ProtobufError("truncated field")
             try:
                 str(view[at:at + n], "utf-8")
             except UnicodeDecodeError:
@@ -304,20 +327,25 @@ def _no_groups(data: bytes, descriptor) -> None:
     there and keeps what it read."""
     stream = io.BytesIO(data)
     while stream.tell() < len(data):
-        key = _read_varint(stream)
+        key = _read_key(stream)
         field, wire = key >> 3, key & 7
         if field == 0:    # which the compiled parser takes for the end of a group
             raise ProtobufError("a field numbered 0")
         if wire != _LEN:
             _skip(stream, wire)   # refuses a group's wire types
             continue
-        n = _read_varint(stream)
+        n = _read_length(stream)
         at = stream.tell()
         if at + n > len(data):
             raise ProtobufError("truncated field")
         inner = descriptor.fields_by_number.get(field)
         if inner is not None and inner.message_type is not None:
             _no_groups(data[at:at + n], inner.message_type)
+        elif inner is not None and inner.type == inner.TYPE_STRING:   # said here, not in its log
+            try:
+                str(data[at:at + n], "utf-8")
+            except UnicodeDecodeError:
+                raise ProtobufError("a parameter's name is not UTF-8 text") from None
         stream.seek(at + n)
 
 
@@ -326,9 +354,11 @@ def _checked(p, values: np.ndarray):
     if any(d < 0 for d in shape):
         raise ProtobufError(f"parameter '{p.variable_name}' has a negative dimension in its shape "
                             f"{shape}")
-    if len(shape) > 32 or any(d > _MAX_DIM for d in shape):   # NumPy's limits, even with no values
+    if len(shape) > 32 or any(d > _MAX_DIM for d in shape) or \
+            4 * math.prod(d for d in shape if d) >= 1 << 63:   # NumPy's limits, even with no values
         raise ProtobufError(f"parameter '{p.variable_name}' has a shape of {len(shape)} dimensions "
-                            f"up to {max(shape)}; an array has at most 32, each up to 2^48")
+                            f"up to {max(shape)}; an array has at most 32, each up to 2^48, and "
+                            f"fewer than 2^61 elements besides those of size 0")
     if values.size != math.prod(shape):
         raise ProtobufError(f"parameter '{p.variable_name}' holds {values.size} values for shape "
                             f"{shape}")

@@ -203,3 +203,40 @@ def test_a_parameter_of_very_many_fields_is_refused_at_once(where, monkeypatch):
     with pytest.raises(P.ProtobufError, match="more than 1000 fields besides its values"):
         _read(msg)
     assert len(steps) < 10_000   # both ways together; not 200,000 fields each
+
+
+@pytest.mark.parametrize("data", [
+    # lengths of 2^63: of the shape, of the name, after two empty packed pieces, of an unknown field
+    b'\xc2\x0c\x0c\xa2\x01\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01',
+    b'\xc2\x0c\x0b\n\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01',
+    b'\xc2\x0c\x12\xa2\x06\x00\xa2\x06\x00\xa2\x01\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01',
+    b'\xc2\x0c\r:\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01\x08\x01',
+    # a shape of (0, 2^31, 2^31): no values, but more than NumPy's sizes can count
+    b'\xc2\x0c\x11\xa2\x01\x0e\x08\x00\x08\x80\x80\x80\x80\x08\x08\x80\x80\x80\x80\x08',
+    # tags past 32 bits, which the protobuf library cuts to 32 (an end-group tag; the values' field)
+    b'\xc2\x0c\x12\xa2\x06\x04\x00\x00\x80?\x80\x80\x80\x80\x10\x00\xa2\x01\x02\x08\x01',
+    b'\xc2\x0c\x11\xa2\x06\x04#\xa7g\xb7\xa2\x86\x80\x80\x10\x04#\xa7g\xb7',
+    b'\xc2\x0c\x13\xa2\x01\x02\x08\x01\xa2\x06\x04\x00\x00\x80?\x8a\x80\x80\x80\x10\x01\xff',
+    # a name that is not UTF-8 after unpacked values (which the protobuf library repacks)
+    b'\xc2\x0c\x0e\xa2\x01\x02\x08\x01\xa5\x06\x00\x00\x80?\n\x01\xff',
+])
+def test_malformed_parameters_are_refused_both_ways_in_words(data, capfd):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(P.ProtobufError):
+            _read(data)
+    assert capfd.readouterr() == ("", "")   # nothing in the protobuf library's log
+
+
+def test_the_field_limit_counts_the_same_both_ways():
+    # exactly 1000 fields besides the values: read both ways; 1001: refused both ways
+    for extra, ok in ((999, True), (1000, False)):
+        body = b'\xa2\x01\x02\x08\x01' + b'\x90\x03\x01' * extra + b'\xa2\x06\x04\x00\x00\x80?'
+        msg = P._key(200, 2) + P._varint(len(body)) + body
+        if ok:
+            (_, got, _), = _read(msg)
+            assert got.tolist() == [1.0]
+        else:
+            with pytest.raises(P.ProtobufError, match="more than 1000 fields"):
+                _read(msg)
