@@ -343,7 +343,11 @@ def _print_summary(report, out):
 
 def cmd_doctor(args, run):
     from . import doctor
-    return doctor.main()
+    try:
+        return doctor.main()
+    except BrokenPipeError:   # `bnfold doctor | head`: the reader has what it wanted
+        _release_broken_stdout()
+        return 0
 
 
 def _seed(text: str) -> int:

@@ -26,6 +26,7 @@ def facts() -> Iterator[Tuple[str, str]]:
     yield "backend auto picks for arrays on a GPU", _guarded(
         lambda: _auto(cupy_backend, import_error))
     yield "backend auto picks for arrays in host memory", _guarded(_auto_host)
+    yield "zip CRC-32 of .nnp members", _guarded(_crc)
     cupy = getattr(cupy_backend, "cupy", None)
     yield "CuPy", _guarded(lambda: _cupy(cupy, import_error))
     yield "CUDA driver", _guarded(lambda: _driver(cupy))
@@ -39,6 +40,13 @@ def facts() -> Iterator[Tuple[str, str]]:
                                      else f"unknown: {import_error}")
     yield "kernels compile with NVRTC", _guarded(
         lambda: _compiles(cupy_backend, archs or list(DEFAULT_ARCHS)))
+
+
+def _crc() -> str:
+    from . import _zip
+    if _zip.using() == "isal":
+        return f"ISA-L (isal {importlib.metadata.version('isal')})"
+    return "zlib's (the isal package is not installed: files fold slower)"
 
 
 def main(out=None) -> int:

@@ -1979,3 +1979,11 @@ def test_differences_count_nan_and_infinity_where_the_original_has_them():
     assert N._difference(a, np.array([1.0, 0.0, np.inf, -2.0]))[1] == float("inf")
     assert N._difference(a, np.array([1.0, np.nan, -np.inf, -2.0]))[1] == float("inf")
     assert N._difference(a, a[:2]) == (float("inf"), float("inf"))
+
+
+def test_doctor_into_a_pipe_closed_early_is_quiet():
+    # `bnfold doctor | head -1`: the reader closes the pipe after the first line
+    r = subprocess.run(f"{sys.executable} -m bnfold_gpu doctor | head -1", shell=True,
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.startswith("bnfold_gpu: ") and r.stdout.count("\n") == 1
+    assert r.stderr == "", r.stderr

@@ -212,6 +212,7 @@ def test_doctor_says_which_backend_and_why():
         assert gpu == f"numpy, because {reason}"
         assert ("CUDA" in reason or "CuPy" in reason) and facts["device"] != ""
     assert facts["backend auto picks for arrays in host memory"].startswith("numpy")
+    assert facts["zip CRC-32 of .nnp members"].startswith("ISA-L (isal ")
     assert facts["bnfold_gpu"].startswith(bnfold_gpu.__version__)
     assert facts["kernel sources"] == str(cupy_backend.kernel_dir())
     assert facts["NVRTC"].startswith("12.") and "libnvrtc.so.12" in facts["NVRTC"]
