@@ -327,10 +327,15 @@ def _no_groups(data: bytes, descriptor) -> None:
     there and keeps what it read."""
     stream = io.BytesIO(data)
     while stream.tell() < len(data):
+        start = stream.tell()
         key = _read_key(stream)
         field, wire = key >> 3, key & 7
         if field == 0:    # which the compiled parser takes for the end of a group
             raise ProtobufError("a field numbered 0")
+        if wire in (_I32, _I64):   # values unpacked, one field each: the run skipped at once
+            stream.seek(_fixed_run_end(data, start, stream.tell() - start,
+                                       4 if wire == _I32 else 8))
+            continue
         if wire != _LEN:
             _skip(stream, wire)   # refuses a group's wire types
             continue
@@ -347,6 +352,29 @@ def _no_groups(data: bytes, descriptor) -> None:
             except UnicodeDecodeError:
                 raise ProtobufError("a parameter's name is not UTF-8 text") from None
         stream.seek(at + n)
+
+
+def _fixed_run_end(data: bytes, start: int, key_len: int, value_len: int) -> int:
+    """Where the run of fields with one key and fixed-size values (unpacked floats, say) that
+    begins at ``start`` in ``data`` ends: each field is the same key bytes and ``value_len`` bytes,
+    compared with NumPy a block of fields at a time, not stepped through one by one."""
+    size = key_len + value_len
+    key = np.frombuffer(data, np.uint8, key_len, start)
+    at = start
+    while True:
+        count = min((len(data) - at) // size, _RUN_BLOCK)
+        if count == 0:
+            if at == start:   # the first value is cut short
+                raise ProtobufError("truncated field")
+            return at
+        records = np.frombuffer(data, np.uint8, count * size, at).reshape(count, size)
+        same = (records[:, :key_len] == key).all(axis=1)
+        if not same.all():
+            return at + size * int(np.argmin(same))
+        at += count * size
+
+
+_RUN_BLOCK = 1 << 16   # fields compared at once
 
 
 def _checked(p, values: np.ndarray):

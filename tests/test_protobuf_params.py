@@ -240,3 +240,22 @@ def test_the_field_limit_counts_the_same_both_ways():
         else:
             with pytest.raises(P.ProtobufError, match="more than 1000 fields"):
                 _read(msg)
+
+
+def test_unpacked_values_are_checked_a_block_at_a_time(monkeypatch):
+    # one field per value: the check for groups skips the run at once, not field by field in Python
+    values = np.random.default_rng(3).standard_normal(50_000).astype(np.float32)
+    p = nnabla_pb2.Parameter(variable_name="w", need_grad=True)
+    p.shape.dim.extend([values.size])
+    key = P._key(100, 5)
+    fields = np.zeros(values.size, [("key", np.uint8, (len(key),)), ("value", "<f4")])
+    fields["key"], fields["value"] = np.frombuffer(key, np.uint8), values
+    body = p.SerializeToString() + fields.tobytes()
+    msg = P._key(200, 2) + P._varint(len(body)) + body
+    keys = []
+    real = P._read_key
+    monkeypatch.setattr(P, "_read_key", lambda *a, **k: keys.append(1) or real(*a, **k))
+    (name, got, need_grad), = _read(msg)
+    assert name == "w" and need_grad
+    assert np.array_equal(got.view(np.uint32), values.view(np.uint32))
+    assert len(keys) < 100   # both ways together
