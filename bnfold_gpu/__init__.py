@@ -29,9 +29,9 @@ _PathLike = Union[str, "os.PathLike[str]"]
 def import_nnabla() -> None:
     """Import nnabla, where it is not yet, leaving the process as it was: importing it configures
     the root logger (``logging.basicConfig``: INFO, a handler on stderr), adds warning filters and
-    logs an INFO line; the root logger, the filters and the ``nnabla`` logger's level are put back
-    (its INFO line hidden) once it is imported. Every entry point that imports nnabla calls this
-    first."""
+    logs an INFO line; the root logger's level, its handlers (but a log file the user's
+    ``nnabla.conf`` asks for), the filters and the ``nnabla`` logger's level are put back (its INFO
+    line hidden) once it is imported. Every entry point that imports nnabla calls this first."""
     if "nnabla" in sys.modules:
         return
     root, own = logging.getLogger(), logging.getLogger("nnabla")
@@ -43,7 +43,7 @@ def import_nnabla() -> None:
             import nnabla  # noqa: F401
     finally:
         for handler in list(root.handlers):
-            if handler not in handlers:
+            if handler not in handlers and type(handler) is logging.StreamHandler:   # basicConfig's
                 root.removeHandler(handler)
         root.setLevel(level)
         own.setLevel(own_level)

@@ -123,9 +123,15 @@ def read(path: str, progress=None) -> NnpFile:
                 _check_members(path, members, getattr(z, "start_dir", None))
                 raw = {m.filename: _read_member(z, m) for m in members if not _is_params(m.filename)}
                 progress.expect(sum(m.file_size for m in members if _is_params(m.filename)))
-                stored = {m.filename: _read_h5(path, z, m, progress, fh) if _is_h5_params(m.filename)
-                          else _read_protobuf(path, z, m, progress, fh)
-                          for m in members if _is_params(m.filename)}
+                stored, count = {}, 0
+                for m in members:
+                    if not _is_params(m.filename):
+                        continue
+                    stored[m.filename] = _read_h5(path, z, m, progress, fh) \
+                        if _is_h5_params(m.filename) else _read_protobuf(path, z, m, progress, fh)
+                    count += len(stored[m.filename])   # each member alone is bounded too
+                    if count > MAX_PARAMETERS:
+                        raise _too_many_parameters(path, count)
         except _ZIP_ERRORS as e:
             raise _not_a_zip(path, e) from None
     nets = [m.filename for m in members if _is_definition(m.filename)]
@@ -141,6 +147,8 @@ def read(path: str, progress=None) -> NnpFile:
         raise NnpError(f"{path}: network definition {nets[0]} does not parse: {_one_line(e)}") from None
     if not proto.network:
         raise NnpError(f"{path}: the network definition holds no network")
+    if count + len(proto.parameter) > MAX_PARAMETERS:   # parameters written in the definition too
+        raise _too_many_parameters(path, count + len(proto.parameter))
     _check_definition(path, proto)
     params = _loaded_values(path, members, nets[0], proto, stored)
     param_member = None   # several parameter members are merged into the last one on output
@@ -377,6 +385,7 @@ def _check_definition(path, proto):
         networks.add(net.name)
         where = f"{path}: network '{net.name}'"
         _check_sizes(where, net)
+        _check_repeats(where, net)
         declared = {}
         for v in net.variable:
             if declared.get(v.name, v.type) != v.type:   # NNabla takes the last for the variable
@@ -418,6 +427,31 @@ def _check_definition(path, proto):
 
 # the longest chain of functions a network may hold (see _check_definition)
 MAX_DEPTH = 20_000
+# the variables a network's repeated blocks may unroll to (NNabla's builder makes every copy)
+MAX_UNROLLED_VARIABLES = 100_000
+
+
+def _check_repeats(where, net) -> None:
+    """Refuses repeated blocks (``repeat_info``) that NNabla's builder would unroll past what a
+    network may hold: each function or variable is copied once per combination of its repeats'
+    ``times``, before bnfold sees the network (whose repeats it keeps as they are). Unrolled
+    functions count against MAX_DEPTH: a repeated block is typically one chain."""
+    times = {}
+    for r in net.repeat_info:
+        if r.times < 1:
+            raise NnpError(f"{where}: repeat '{r.id}' is to run {r.times} times")
+        times[r.id] = r.times
+    if not times:
+        return
+
+    def unrolled(items) -> int:
+        return sum(math.prod(times.get(i, 1) for i in item.repeat_id) for item in items)
+    functions, variables = unrolled(net.function), unrolled(net.variable)
+    if functions > MAX_DEPTH or variables > MAX_UNROLLED_VARIABLES:
+        raise NnpError(f"{where}: its repeated blocks unroll to {functions} functions and "
+                       f"{variables} variables; bnfold reads such networks up to {MAX_DEPTH} "
+                       f"functions and {MAX_UNROLLED_VARIABLES} variables (NNabla's builder makes "
+                       f"every copy, and walks a graph a level of the stack a function)")
 
 
 # arguments NNabla's builder divides by (a 0 there ends the process with SIGFPE): each value >= 1
@@ -595,6 +629,8 @@ class _StoredMember(io.RawIOBase):
         view = memoryview(b).cast("B")
         n = min(len(view), self.member.file_size - self.pos)
         if n <= 0:
+            if self.member.file_size == 0 and self.member.CRC != 0:   # nothing read, none checked
+                raise _bad_crc(self.path, self.member)
             return 0
         try:
             got = self.window.read_at(self.pos, view[:n])
@@ -959,8 +995,13 @@ def _datasets(where, hd):
     return [(_decoded(name), _Dataset(h5py.h5d.open(hd.id, name))) for name in names]
 
 
-# the most parameters a file may hold (a model's are a few thousand)
+# the most parameters a file may hold, in all its members (a model's are a few thousand)
 MAX_PARAMETERS = 50_000
+
+
+def _too_many_parameters(path, count: int) -> NnpError:
+    return NnpError(f"{path}: holds {count} parameters or more; bnfold reads at most "
+                    f"{MAX_PARAMETERS} parameters (each costs time and memory, whatever its size)")
 
 
 class _Dataset:

@@ -1972,6 +1972,19 @@ def test_the_first_call_that_imports_nnabla_leaves_logging_and_warnings_as_they_
     assert r.stderr == "" and r.stdout == ""
 
 
+def test_a_log_file_the_users_nnabla_conf_asks_for_is_kept(tmp_path):
+    # nnabla's import adds a FileHandler for [LOG] log_file_name: the user's, not basicConfig's
+    log = tmp_path / "nbla.log"
+    (tmp_path / "nnabla.conf").write_text(f"[LOG]\nlog_file_name = {log}\n")
+    script = ("import logging, bnfold_gpu; bnfold_gpu.import_nnabla(); "
+              "print([type(h).__name__ for h in logging.getLogger().handlers])")
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['FileHandler']" and r.stderr == ""
+
+
 def test_differences_count_nan_and_infinity_where_the_original_has_them():
     a = np.array([1.0, np.nan, np.inf, -2.0])
     assert N._difference(a, a.copy()) == (0.0, 0.0)

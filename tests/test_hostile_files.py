@@ -1359,6 +1359,64 @@ def test_names_hdf5_cannot_hold_are_refused_before_any_work(tmp_path, capsys, ba
     assert "cannot be written to parameter.h5" in msg and "full disk" not in msg
 
 
+def test_parameters_are_counted_over_every_member_and_the_definition(tmp_path, capsys,
+                                                                      monkeypatch):
+    # each member within the limit, together past it: refused (members can be added at will)
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    with zipfile.ZipFile(good) as z, h5py.File(io.BytesIO(z.read("parameter.h5")), "r") as hd:
+        stored = len(_h5_names(hd))
+    extra = _protobuf_member(lambda q: (q.shape.dim.extend([1]), q.data.extend([1.0])))
+    p = _rezip(good, tmp_path / "two.nnp", add=[("extra.protobuf", extra)])
+    monkeypatch.setattr(N, "MAX_PARAMETERS", stored)
+    msg = _refused(tmp_path, capsys, p)
+    assert f"holds {stored + 1} parameters or more" in msg
+
+    def inline(proto):   # and one written in the definition
+        q = proto.parameter.add()
+        q.variable_name, q.need_grad = "inline/W", False
+        q.shape.dim.extend([1])
+        q.data.extend([1.0])
+    p = _edit_definition(good, tmp_path / "inline.nnp", inline)
+    msg = _refused(tmp_path, capsys, p)
+    assert f"holds {stored + 1} parameters or more" in msg
+
+
+def test_an_empty_stored_member_with_a_crc_is_refused(tmp_path, capsys):
+    # nothing to read, so nothing checked as it is read: its CRC-32 (not 0) is checked all the same
+    good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
+    p = _rezip(good, tmp_path / "empty.nnp", add=[("extra.protobuf", b"")])
+    blob = bytearray(p.read_bytes())
+    with zipfile.ZipFile(p) as z:
+        local = z.getinfo("extra.protobuf").header_offset
+    for at in (local + 14, _central_entry(blob, "extra.protobuf") + 16):
+        blob[at:at + 4] = struct.pack("<I", 0xDEADBEEF)
+    p.write_bytes(bytes(blob))
+    msg = _refused(tmp_path, capsys, p)
+    assert "Bad CRC-32 for file 'extra.protobuf'" in msg
+
+
+@pytest.mark.parametrize("times, copies, words", [
+    (0, 1, "is to run 0 times"),
+    (1_000_000, 1, "unroll to"),      # one variable a million times
+    (1000, 3, "unroll to"),           # a variable in three nested repeats: a billion
+])
+def test_repeated_blocks_that_unroll_past_the_limits_are_refused(tmp_path, capsys, times, copies,
+                                                                words):
+    # NNabla's builder copies each repeated function and variable before bnfold sees the network
+    good = nnp_files.single(tmp_path / "good.nnp")
+
+    def edit(proto):
+        net = proto.network[0]
+        r = net.repeat_info.add()
+        r.id, r.times = "r", times
+        v = net.variable.add()
+        v.name, v.type = "unused", "Buffer"
+        v.shape.dim.extend([1])
+        v.repeat_id.extend(["r"] * copies)
+    msg = _refused(tmp_path, capsys, _edit_definition(good, tmp_path / "repeat.nnp", edit))
+    assert words in msg
+
+
 def test_too_many_parameters_are_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(N, "MAX_PARAMETERS", 3)
     for fmt in (".h5", ".protobuf"):
