@@ -600,9 +600,7 @@ def _read_protobuf(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress, 
             for name, value, need_grad in protobuf_params.read(_Counted(stream, progress),
                                                                member.file_size):
                 if len(out) == MAX_PARAMETERS:
-                    raise NnpError(f"{path}: {member.filename} holds more than {MAX_PARAMETERS} "
-                                   f"parameters; bnfold reads at most {MAX_PARAMETERS} parameters "
-                                   f"(each costs time and memory, whatever its size)")
+                    raise _too_many_parameters(f"{path}: {member.filename}", len(out) + 1)
                 out.append((name, Param(value, need_grad)))
             return out
     except protobuf_params.ProtobufError as e:
@@ -635,9 +633,7 @@ class _StoredMember(io.RawIOBase):
         try:
             got = self.window.read_at(self.pos, view[:n])
         except OSError as e:   # the archive itself failed to read (an I/O error)
-            words = e.strerror or _one_line(e)
-            raise NnpError(f"{self.path}: {self.member.filename} cannot be read "
-                           f"({words[:1].lower()}{words[1:]})") from None
+            raise _member_unreadable(self.path, self.member, e) from None
         if got != n:
             raise _not_a_zip(self.path, EOFError("the member is cut short"))
         self.crc = _zip.crc32(view[:n], self.crc)
@@ -812,6 +808,11 @@ def _bad_crc(path, member) -> NnpError:
                                                            f"{member.filename!r}"))))
 
 
+def _member_unreadable(path, member, e: OSError) -> NnpError:
+    words = e.strerror or _one_line(e)
+    return NnpError(f"{path}: {member.filename} cannot be read ({words[:1].lower()}{words[1:]})")
+
+
 def _read_in_order(path, member, window: "_Window", places, progress, check=True):
     """Read the member from start to end: the bytes at each of ``places`` ((offset, array), in
     offset order, not overlapping, inside the member) into its array, the rest in pieces; returns
@@ -819,9 +820,7 @@ def _read_in_order(path, member, window: "_Window", places, progress, check=True
     try:
         crc = _read_pieces(path, member, window, places, progress)
     except OSError as e:   # the archive itself failed to read (an I/O error)
-        words = e.strerror or _one_line(e)
-        raise NnpError(f"{path}: {member.filename} cannot be read ({words[:1].lower()}{words[1:]})") \
-            from None
+        raise _member_unreadable(path, member, e) from None
     if check and crc != member.CRC:
         raise _bad_crc(path, member)
     return crc
@@ -990,8 +989,7 @@ def _datasets(where, hd):
 
     h5py.h5o.visit(hd.id, visit, info=True)
     if len(names) > MAX_PARAMETERS:
-        raise NnpError(f"{where} holds {len(names)} datasets; bnfold reads at most "
-                       f"{MAX_PARAMETERS} parameters (each costs time and memory, whatever its size)")
+        raise _too_many_parameters(where, len(names))
     return [(_decoded(name), _Dataset(h5py.h5d.open(hd.id, name))) for name in names]
 
 
@@ -999,8 +997,8 @@ def _datasets(where, hd):
 MAX_PARAMETERS = 50_000
 
 
-def _too_many_parameters(path, count: int) -> NnpError:
-    return NnpError(f"{path}: holds {count} parameters or more; bnfold reads at most "
+def _too_many_parameters(where, count: int) -> NnpError:
+    return NnpError(f"{where}: holds {count} parameters or more; bnfold reads at most "
                     f"{MAX_PARAMETERS} parameters (each costs time and memory, whatever its size)")
 
 

@@ -3,6 +3,7 @@
 A backend needs nothing but a plan and a dict of arrays keyed by the names in it.
 """
 import fnmatch
+import os
 import warnings
 from dataclasses import dataclass, field
 from math import prod
@@ -242,7 +243,6 @@ def skip_patterns(skip) -> Tuple[str, ...]:
 def check_path(name: str, value) -> str:
     """``value`` as a path string (str or os.PathLike of str); a TypeError naming the argument
     otherwise."""
-    import os
     try:
         path = os.fspath(value)
     except TypeError:

@@ -297,12 +297,12 @@ _MAX_PIECES = 64
 # fields of one parameter stepped through in Python (NNabla writes 4: name, shape, values,
 # need_grad; values unpacked, one field each, go to the protobuf library at the first)
 _MAX_FIELDS = 1000
+_MAX_DIM = 1 << 48
 
 
 def _too_many_fields() -> ProtobufError:
     return ProtobufError(f"a parameter holds more than {_MAX_FIELDS} fields besides its values "
                          f"(NNabla writes 4)")
-_MAX_DIM = 1 << 48
 
 
 def _repacked(body: bytes, pb2) -> bytes:

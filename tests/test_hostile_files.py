@@ -576,11 +576,7 @@ def test_hdf5_member_not_matching_its_crc(tmp_path, capsys, scratch, where):
     blob[start:start + len(data)] = data
     bad = tmp_path / "damaged.nnp"
     bad.write_bytes(bytes(blob))
-    with pytest.raises(zipfile.BadZipFile):
-        with zipfile.ZipFile(bad) as z:
-            z.read("parameter.h5")
-    msg = _refused(tmp_path, capsys, bad)
-    assert "Bad CRC-32 for file 'parameter.h5'" in msg
+    _refused_for_its_crc(tmp_path, capsys, bad, "parameter.h5")
 
 
 @pytest.mark.parametrize("where", ["values", "last byte"])
@@ -599,18 +595,29 @@ def test_protobuf_member_not_matching_its_crc(tmp_path, capsys, where, compressi
     data[at] ^= 0x01   # a bit of a value (or of the last need_grad): the member still parses
     bad = _rezip(good, tmp_path / "damaged.nnp", replace={"parameter.protobuf": bytes(data)},
                  compression=compression)
-    blob = bytearray(bad.read_bytes())
-    crc = struct.pack("<I", zipfile.ZipFile(good).getinfo("parameter.protobuf").CRC)
-    with zipfile.ZipFile(bad) as z:   # the CRC-32 recorded for the member as it was
-        local = z.getinfo("parameter.protobuf").header_offset
-    for at in (local + 14, _central_entry(blob, "parameter.protobuf") + 16):
-        blob[at:at + 4] = crc
-    bad.write_bytes(bytes(blob))
+    with zipfile.ZipFile(good) as z:   # the CRC-32 recorded for the member as it was
+        _with_recorded_crc(bad, "parameter.protobuf", z.getinfo("parameter.protobuf").CRC)
+    _refused_for_its_crc(tmp_path, capsys, bad, "parameter.protobuf")
+
+
+def _with_recorded_crc(path, name: str, crc: int) -> None:
+    """Set the CRC-32 the archive ``path`` records for member ``name`` (in its local header and in
+    the central directory) to ``crc``."""
+    blob = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        local = z.getinfo(name).header_offset
+    for at in (local + 14, _central_entry(blob, name) + 16):
+        blob[at:at + 4] = struct.pack("<I", crc)
+    path.write_bytes(bytes(blob))
+
+
+def _refused_for_its_crc(tmp_path, capsys, bad, name: str) -> None:
+    """``bad`` is refused for member ``name``'s CRC-32, as zipfile refuses it."""
     with pytest.raises(zipfile.BadZipFile):
         with zipfile.ZipFile(bad) as z:
-            z.read("parameter.protobuf")
+            z.read(name)
     msg = _refused(tmp_path, capsys, bad)
-    assert "Bad CRC-32 for file 'parameter.protobuf'" in msg
+    assert f"Bad CRC-32 for file '{name}'" in msg
 
 
 def _central_entry(blob, name: str) -> int:
@@ -1385,14 +1392,8 @@ def test_an_empty_stored_member_with_a_crc_is_refused(tmp_path, capsys):
     # nothing to read, so nothing checked as it is read: its CRC-32 (not 0) is checked all the same
     good = nnp_files.single(tmp_path / "good.nnp", parameter_format=".h5")
     p = _rezip(good, tmp_path / "empty.nnp", add=[("extra.protobuf", b"")])
-    blob = bytearray(p.read_bytes())
-    with zipfile.ZipFile(p) as z:
-        local = z.getinfo("extra.protobuf").header_offset
-    for at in (local + 14, _central_entry(blob, "extra.protobuf") + 16):
-        blob[at:at + 4] = struct.pack("<I", 0xDEADBEEF)
-    p.write_bytes(bytes(blob))
-    msg = _refused(tmp_path, capsys, p)
-    assert "Bad CRC-32 for file 'extra.protobuf'" in msg
+    _with_recorded_crc(p, "extra.protobuf", 0xDEADBEEF)
+    _refused_for_its_crc(tmp_path, capsys, p, "extra.protobuf")
 
 
 @pytest.mark.parametrize("times, copies, words", [

@@ -205,14 +205,15 @@ def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _run_steps(steps, scratch):
-    """(how many of ``steps`` were done, the error that stopped them or None)."""
-    for j, step in enumerate(steps):
+def _run_bin(work, scratch):
+    """Run the steps of ``work``; None once all are done, else (work, how many were done, the
+    error that stopped them, scratch)."""
+    for done, step in enumerate(work):
         try:
             _multiply(step, scratch)
         except BaseException as e:
-            return j, e
-    return len(steps), None
+            return work, done, e, scratch
+    return None
 
 
 class _Threads:
@@ -239,9 +240,9 @@ class _Threads:
         self._start.wait()
         if self._cancel:
             return
-        done, error = _run_steps(work, scratch)
-        if error is not None:
-            self.failed.append((work, done, error, scratch))
+        failure = _run_bin(work, scratch)
+        if failure is not None:
+            self.failed.append(failure)
 
     def go(self) -> list:
         """Run every step; returns, once each thread is done, the bins that stopped on an error."""
@@ -611,11 +612,7 @@ class Prepared:
             if threads is not None:
                 failed = threads.go()
             else:
-                failed = []
-                for work, scratch in zip(bins, scratches):
-                    done, error = _run_steps(work, scratch)
-                    if error is not None:
-                        failed.append((work, done, error, scratch))
+                failed = [f for f in map(_run_bin, bins, scratches) if f is not None]
             if failed:
                 self._after_a_failure(bins, failed)
 
