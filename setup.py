@@ -52,7 +52,7 @@ setup(
         # `make bench` draws its plot (bench/plot.py) with matplotlib
         "bench": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["bnfold=bnfold_gpu.cli:main"]},
+    entry_points={"console_scripts": ["bnfold=bnfold_gpu.cli:command"]},
     license="Apache-2.0",
     license_files=["LICENSE"],
     classifiers=["Programming Language :: Python :: 3.9", "Programming Language :: Python :: 3.10",

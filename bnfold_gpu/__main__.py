@@ -2,7 +2,7 @@
 not on the PATH."""
 import sys
 
-from .cli import main
+from .cli import command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

@@ -101,20 +101,30 @@ def interrupted() -> bool:
 
 
 @contextmanager
-def ctrl_c_at_safe_points(on_second):
+def ctrl_c_at_safe_points(on_second, keep: bool = False):
     """Inside, Ctrl-C is acted on at :func:`check` (see the module's docstring); ``on_second()``
-    returns the one line to print when a second Ctrl-C ends the process. On leaving, the SIGINT
-    handler and the signal wakeup fd are as they were. Outside the main thread, or where SIGINT is
-    ignored or handled outside Python, this changes nothing."""
+    returns the one line to print when a second Ctrl-C ends the process. SIGINT is taken where
+    Python's handler has it, SIGTERM where its handler is the default: each on its own (a command
+    started in the background by a shell script ignores SIGINT, and SIGTERM is then the way to stop
+    it). On leaving, the handlers and the signal wakeup fd are as they were, the handlers put back
+    last, so that a Ctrl-C during the cleanup is still only a flag. ``keep=True`` (a process about
+    to exit, its work done) leaves the guard in place instead: a late Ctrl-C cannot turn into a
+    traceback as the interpreter shuts down. Outside the main thread, or where neither signal can be
+    taken, this changes nothing."""
     global _active
     if threading.current_thread() is not threading.main_thread():
         yield None
         return
-    try:
-        previous = signal.getsignal(signal.SIGINT)
-    except ValueError:
-        previous = None
-    if previous is None or previous is signal.SIG_IGN:
+    previous = {}
+    for signum, takes in ((signal.SIGINT, lambda h: h is not None and h is not signal.SIG_IGN),
+                          (signal.SIGTERM, lambda h: h is signal.SIG_DFL)):
+        try:
+            handler = signal.getsignal(signum)
+        except ValueError:
+            continue
+        if takes(handler):   # a handler the program set, SIG_IGN, or one outside Python stays
+            previous[signum] = handler
+    if not previous:
         yield None
         return
     guard = _Guard(on_second)
@@ -129,30 +139,32 @@ def ctrl_c_at_safe_points(on_second):
         watcher = threading.Thread(target=guard.watch, args=(read_fd,), name="bnfold-ctrl-c",
                                    daemon=True)
         watcher.start()
-    signal.signal(signal.SIGINT, guard.handler)
-    try:
-        previous_term = signal.getsignal(signal.SIGTERM)
-    except ValueError:
-        previous_term = None
-    if previous_term is signal.SIG_DFL:   # a handler the program set, or SIG_IGN, stays
-        signal.signal(signal.SIGTERM, guard.handler)
+    for signum in previous:
+        signal.signal(signum, guard.handler)
     outer, _active = _active, guard
     try:
         yield guard
     finally:
-        _active = outer
-        signal.signal(signal.SIGINT, previous)
-        if previous_term is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, previous_term)
-        if previous_wakeup is not None:
-            signal.set_wakeup_fd(previous_wakeup)
-        if watcher is not None:
-            os.set_blocking(write_fd, True)
-            os.write(write_fd, b"\0")
-            watcher.join()
-        os.close(write_fd)
-        os.close(read_fd)
-        guard.close()
+        if not keep:
+            _leave(guard, outer, previous, previous_wakeup, watcher, read_fd, write_fd)
+
+
+def _leave(guard, outer, previous, previous_wakeup, watcher, read_fd, write_fd):
+    """Undo ``ctrl_c_at_safe_points``: the watcher stopped and the wakeup fd put back while the
+    guard's handlers still take every signal; the handlers last."""
+    global _active
+    if previous_wakeup is not None:
+        signal.set_wakeup_fd(previous_wakeup)
+    if watcher is not None:
+        os.set_blocking(write_fd, True)
+        os.write(write_fd, b"\0")
+        watcher.join()
+    os.close(write_fd)
+    os.close(read_fd)
+    guard.close()
+    _active = outer
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 __all__ = ["EXIT_INTERRUPTED", "check", "ctrl_c_at_safe_points", "interrupted"]

@@ -33,6 +33,13 @@ exit status:
   130  interrupted (Ctrl-C; 143: terminated, SIGTERM); the message says whether the output was written
 """
 
+INSPECT_EXIT_STATUSES = """\
+exit status:
+  0    done
+  2    bad input; one line on stderr
+  130  interrupted (Ctrl-C; 143: terminated, SIGTERM)
+"""
+
 
 class Progress:
     """A one-line progress bar on stderr for a terminal, plain lines otherwise; silent when quiet.
@@ -244,10 +251,16 @@ def cmd_fold(args, run):
     from .nnp_fold import VerificationFailed, VerificationImpossible, fold_nnp
     if args.output is None and not args.in_place:
         raise NnpError("give -o OUT.nnp, or --in-place to replace the input")
+    if args.output is not None and args.in_place:
+        raise NnpError("give -o OUT.nnp or --in-place, not both")
     out_path = args.input if args.output is None else args.output
     _check_report_path(args, out_path)
     if args.inputs and not args.verify:
         raise NnpError("--input feeds --verify's runs: give --verify too")
+    unused = [f"--{k}" for k in ("tolerance", "atol", "seed") if getattr(args, k) is not None]
+    if unused and not args.verify:
+        raise NnpError(f"{' and '.join(unused)} only appl{'ies' if len(unused) == 1 else 'y'} "
+                       f"to --verify: give --verify too")
     run.report = args.report
     summary_to = sys.stderr if args.report == "-" else sys.stdout   # stdout holds the JSON then
     progress = Progress(1, args.quiet)    # its last step, finish(); fold_nnp adds the others
@@ -255,7 +268,8 @@ def cmd_fold(args, run):
         with warnings.catch_warnings():   # said as a note once the fold is done
             warnings.simplefilter("ignore", SkipPatternWarning)
             report = fold_nnp(args.input, args.output, backend=args.backend, verify=args.verify,
-                              tolerance=args.tolerance, atol=args.atol, seed=args.seed,
+                              tolerance=args.tolerance, atol=args.atol or 0.0,
+                              seed=args.seed or 0,
                               inputs=dict(args.inputs), in_place=args.in_place, skip=args.skip,
                               progress=progress)
     except (VerificationFailed, VerificationImpossible) as e:
@@ -386,10 +400,11 @@ def parser():
                     help="print the version and exit")
     sub = ap.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="list what would fold and what would stay, with reasons",
-                         epilog=EXIT_STATUSES, formatter_class=plain)
+                         epilog=INSPECT_EXIT_STATUSES, formatter_class=plain)
     ins.add_argument("input", metavar="IN.nnp", help="the .nnp file to look at")
     ins.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    ins.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    ins.add_argument("-q", "--quiet", action="store_true",
+                     help="no progress lines (the tables or the JSON are still printed)")
     ins.add_argument("--skip", metavar="PATTERN", action="append", default=[],
                      help="keep the BNs whose name matches PATTERN (a name, or a glob such as "
                      "'decoder/*'; repeatable)")
@@ -403,18 +418,20 @@ def parser():
                     "or not at all; an existing file keeps its owner, group and mode, a symlink "
                     "is written through")
     fo.add_argument("--backend", default="auto", choices=["auto", "numpy", "cupy"],
-                    help="where to rescale the weights: cupy (a CUDA GPU), numpy (the CPU), or "
-                    "auto (cupy when usable, else numpy; default)")
+                    help="where to rescale the weights: numpy (the CPU), cupy (a CUDA GPU, "
+                    "the parameters streamed through it), or auto (default: numpy, since a "
+                    "file's parameters are read into host memory; see bnfold doctor)")
     fo.add_argument("--verify", action="store_true",
                     help="run original and folded networks on the same inputs and compare every "
                     "output; write nothing if one differs past the tolerance")
     fo.add_argument("--tolerance", type=_tolerance, default=None,
                     help="largest relative error --verify accepts (default 1e-4; 5e-3 when the "
                     "weights are float16)")
-    fo.add_argument("--atol", type=_tolerance, default=0.0,
+    fo.add_argument("--atol", type=_tolerance, default=None,
                     help="an output also passes if its largest absolute error is at most this "
                     "(default 0)")
-    fo.add_argument("--seed", type=_seed, default=0, help="seed of --verify's random inputs")
+    fo.add_argument("--seed", type=_seed, default=None,
+                    help="seed of --verify's random inputs (default 0)")
     fo.add_argument("--input", dest="inputs", metavar="NAME=FILE.npy", type=_named_file,
                     action="append", default=[],
                     help="feed --verify this data for the network input NAME instead of random "
@@ -446,8 +463,21 @@ def quiet_nnabla_info() -> None:
 
 
 def main(argv=None) -> int:
+    """``bnfold`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status. Called in a
+    process that goes on, it leaves the signal handlers and logging as they were."""
+    return _command(argv, exiting=False)
+
+
+def command() -> int:
+    """The ``bnfold`` executable: :func:`main` in a process that exits as soon as it returns. Its
+    Ctrl-C handling stays to the end, so that a Ctrl-C after the work is done (as the interpreter
+    shuts down) is no traceback: a second one still ends the process at once."""
+    return _command(None, exiting=True)
+
+
+def _command(argv, exiting: bool) -> int:
     run = _Run()
-    with _safe_points.ctrl_c_at_safe_points(run.on_second_ctrl_c) as guard:
+    with _safe_points.ctrl_c_at_safe_points(run.on_second_ctrl_c, keep=exiting) as guard:
         nnabla_log = logging.getLogger("nnabla")
         level = nnabla_log.level
         try:
@@ -469,6 +499,12 @@ def main(argv=None) -> int:
 def _main(argv, run) -> int:
     args = parser().parse_args(argv)
     _safe_points.check()
+    if sys.stdout is None and (args.command != "fold" or not args.quiet or args.report == "-"):
+        # Python's stdout where file descriptor 1 was closed: what this command prints has nowhere
+        # to go, so it does nothing (fold -q with no --report - prints nothing there)
+        _say("bnfold: standard output is closed" +
+             ("; give -q to fold without the summary" if args.command == "fold" else ""))
+        return EXIT_BAD_INPUT
     if args.command == "doctor":    # before the imports below, which import nnabla
         return args.run(args, run)
     quiet_nnabla_info()
@@ -502,4 +538,4 @@ def _main(argv, run) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command())

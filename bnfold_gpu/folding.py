@@ -30,8 +30,10 @@ class FoldResult:
     """What ``fold`` did.
 
     ``outputs``: the rewritten graph, same structure as the outputs given. ``folded``: one
-    :class:`FoldSpec` per BN removed (``.bn``, ``.kind``...). ``skipped``: one :class:`Skip` per BN left in
-    the graph, with its ``.reason``. ``parameters``: the parameters the fold created, by name, each
+    :class:`FoldSpec` per layer side a map folds into (``.bn``, ``.bns``, ``.maps``, ``.kind``,
+    ``.side``...): a BN moved into two layers (through an add) has two, and two BNs composed into one
+    side share one; ``plan.folded_bns`` lists the BNs removed. ``skipped``: one :class:`Skip` per BN
+    left in the graph, with its ``.reason``. ``parameters``: the parameters the fold created, by name, each
     registered beside the parameter it comes from (in the current scope, the root one or a
     module's), except those named in ``unregistered``, whose source is registered nowhere (a plain
     ``nn.Variable``).

@@ -691,6 +691,38 @@ def test_output_equal_to_input_needs_in_place(tmp_path, capsys):
     assert p.read_bytes() == before
 
 
+def test_output_and_in_place_together_are_refused(tmp_path, capsys):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    before = p.read_bytes()
+    assert "not both" in _bad(tmp_path, capsys, "fold", p, "--in-place")
+    assert p.read_bytes() == before
+
+
+@pytest.mark.parametrize("given", [("--tolerance", "0.5"), ("--atol", "1"), ("--seed", "3"),
+                                   ("--atol", "1", "--seed", "3")])
+def test_verify_options_without_verify_are_refused(tmp_path, capsys, given):
+    # they would change nothing: a user who meant to verify would believe they had
+    p = nnp_files.single(tmp_path / "m.nnp")
+    err = _bad(tmp_path, capsys, "fold", p, *given)
+    assert "give --verify too" in err and all(g in err for g in given[::2])
+
+
+@pytest.mark.parametrize("argv", [("inspect",), ("fold",), ("fold", "--report", "-", "-q")])
+def test_closed_stdout_is_refused_before_any_work(tmp_path, argv):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    out = tmp_path / "o.nnp"
+    args = [argv[0], p] + (["-o", out] if argv[0] == "fold" else []) + list(argv[1:])
+    r = _cli_subprocess(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                        preexec_fn=lambda: os.close(1))
+    assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith(
+        "bnfold: standard output is closed"), r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+    # fold -q prints nothing there: it runs
+    r = _cli_subprocess("fold", p, "-o", out, "-q", stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    assert r.returncode == 0 and r.stderr == "" and out.exists()
+
+
 def test_unusable_backend_is_a_clear_error(tmp_path, capsys, monkeypatch):
     from bnfold_gpu.backends import cupy_backend
     monkeypatch.setattr(cupy_backend, "unavailable_reason", lambda: "no CUDA device found")
@@ -1521,6 +1553,44 @@ def test_ctrl_c_while_nnabla_is_imported(tmp_path):
                         str(out / "o.nnp")], capture_output=True, text=True)
     assert r.returncode == 130 and r.stderr == "bnfold: interrupted; nothing written\n", r.stderr
     assert r.stdout == "" and os.listdir(out) == []
+
+
+def test_sigterm_stops_a_command_started_in_the_background(tmp_path):
+    # `bnfold fold ... &` in a shell script runs with SIGINT ignored: SIGTERM still stops it at a
+    # safe point, with its line and status, and no temporary file stays
+    import signal
+    p = nnp_files.single(tmp_path / "m.nnp", parameter_format=".h5")
+    out = tmp_path / "out"
+    out.mkdir()
+    script = ("import os, signal, sys\n"
+              "from bnfold_gpu import nnp as N\n"
+              "real = N._write_h5_member\n"
+              "def write(*args, **kwargs):\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    return real(*args, **kwargs)\n"
+              "N._write_h5_member = write\n"
+              "from bnfold_gpu.cli import command; sys.exit(command())\n")
+    r = subprocess.run([sys.executable, "-c", script, "fold", str(p), "-o", str(out / "o.nnp")],
+                       capture_output=True, text=True,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert r.returncode == 143, r.stderr
+    assert r.stderr.splitlines()[-1] == "bnfold: interrupted; nothing written"
+    assert "Traceback" not in r.stderr and os.listdir(out) == []
+
+
+def test_ctrl_c_once_the_command_is_done_is_no_traceback(tmp_path):
+    # the executable keeps its Ctrl-C handling to the end: a Ctrl-C after its work (here just
+    # as the interpreter shuts down) leaves the status and output as they were
+    p = nnp_files.single(tmp_path / "m.nnp")
+    out = tmp_path / "o.nnp"
+    script = ("import atexit, os, signal, sys, time\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.1)))\n"
+              "from bnfold_gpu.cli import command\n"
+              "sys.exit(command())\n")
+    r = subprocess.run([sys.executable, "-c", script, "fold", str(p), "-o", str(out), "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert load_run(out, "net")[1].count("BatchNormalization") == 0
 
 
 def test_second_ctrl_c_while_nnabla_computes_exits_at_once(tmp_path):

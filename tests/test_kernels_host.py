@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from compare import assert_same_fold
+from conftest import need_tool
 from bnfold_gpu.backends import FoldError, numpy_backend, segments
 from bnfold_gpu._synthetic import LAYOUTS, fold_spec, make_arrays, random_plan
 from bnfold_gpu.layout import ChannelLayout
@@ -28,7 +29,7 @@ def test_there_are_kernel_sources():
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
 def test_kernels_compile_with_nvcc(tmp_path, source, arch):
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    assert Path(nvcc).exists(), "nvcc (the CUDA toolkit) is needed to check that the kernels build"
+    need_tool(Path(nvcc).exists(), "nvcc (the CUDA toolkit), to check that the kernels build,")
     out = tmp_path / (source.stem + ".ptx")
     r = subprocess.run([nvcc, f"-arch={arch}", "-ptx", "-Werror=all-warnings", "-ftz=true",
                         str(source), "-o", str(out)], capture_output=True, text=True)
@@ -64,7 +65,8 @@ def test_kernels_compile_with_nvrtc_as_cupy_does():
     NVRTC, for sm_80 and sm_90."""
     from bnfold_gpu.backends.cupy_backend import kernel_source
     nvrtc = _nvrtc()
-    assert nvrtc is not None, "libnvrtc (the CUDA toolkit) is needed to check the kernels for CuPy"
+    need_tool(nvrtc is not None, "libnvrtc (the test extra's NVRTC wheel, or the CUDA toolkit), to "
+              "check the kernels for CuPy,")
     code = kernel_source().encode()
     for arch in (b"compute_80", b"compute_90"):
         prog = ctypes.c_void_p()

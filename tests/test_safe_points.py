@@ -80,13 +80,69 @@ def test_a_sigterm_handler_of_the_program_is_left_alone():
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_ignored_ctrl_c_stays_ignored():
+def test_ignored_ctrl_c_stays_ignored_and_sigterm_is_still_taken():
+    # a command started in the background by a shell script ignores SIGINT: SIGTERM stops it
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        with _safe_points.ctrl_c_at_safe_points(lambda: "unused") as guard:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            with pytest.raises(KeyboardInterrupt):
+                _safe_points.check()
+            assert guard.exit_status() == 143
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_nothing_to_take_changes_nothing():
+    def mine(signum, frame):
+        pass
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous_term = signal.signal(signal.SIGTERM, mine)
     try:
         with _safe_points.ctrl_c_at_safe_points(lambda: "unused") as guard:
             assert guard is None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+def test_ctrl_c_while_the_guard_is_leaving_is_only_a_flag(monkeypatch):
+    # the handlers are put back last: a Ctrl-C as the watcher is stopped raises nothing
+    real = os.write
+    sent = []
+
+    def write(fd, data):
+        if data == b"\0" and not sent:
+            sent.append(fd)
+            _ctrl_c()
+        return real(fd, data)
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(_safe_points.os, "write", write)
+    with _safe_points.ctrl_c_at_safe_points(lambda: "unused") as guard:
+        pass
+    assert sent and guard.pending and signal.getsignal(signal.SIGINT) is before
+
+
+def test_kept_guard_takes_a_late_ctrl_c_as_a_flag():
+    # keep=True (a process exiting once the work is done): a Ctrl-C after the guard's block is no
+    # KeyboardInterrupt at shutdown; without keep, it would be one
+    code = ("import os, signal, sys, time\n"
+            "from bnfold_gpu import _safe_points\n"
+            "keep = sys.argv[1] == 'keep'\n"
+            "with _safe_points.ctrl_c_at_safe_points(lambda: 'gone', keep=keep):\n"
+            "    pass\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "time.sleep(0.2)\n"
+            "print('done')\n")
+    kept = subprocess.run([sys.executable, "-c", code, "keep"], capture_output=True, text=True)
+    assert kept.returncode == 0 and kept.stdout == "done\n" and kept.stderr == ""
+    left = subprocess.run([sys.executable, "-c", code, "leave"], capture_output=True, text=True)
+    assert left.returncode != 0 and "KeyboardInterrupt" in left.stderr
 
 
 def test_outside_the_main_thread_nothing_changes():
