@@ -55,16 +55,19 @@ SHIFT_FREE_ONLY = ("Deconvolution", "DepthwiseDeconvolution")
 
 
 def pointwise_deconvolution(kind: str, args: dict, weight_shape: Sequence[int]) -> bool:
-    """A Deconvolution of a 1x1 kernel, stride 1 and no padding: every output element takes
-    exactly one input element of each input channel of its group, through the whole kernel, so it
-    takes a map's shift as a convolution does (other deconvolutions sum a varying set of kernel taps
-    per output)."""
-    if kind != "Deconvolution":
-        return False
+    """A (depthwise) deconvolution of a 1x1 kernel, stride 1 and no output padding: every output
+    element takes exactly one input element of each input channel of its group, through the whole
+    kernel (a padding only crops the output), so it takes a map's shift as a convolution does
+    (other deconvolutions sum a varying set of kernel taps per output, or none)."""
     w = tuple(weight_shape)
-    kernel = w[1:-1] if args.get("channel_last", False) else w[2:]
+    if kind == "Deconvolution":
+        kernel = w[1:-1] if args.get("channel_last", False) else w[2:]
+    elif kind == "DepthwiseDeconvolution":
+        kernel = w[1:]
+    else:
+        return False
     return (all(k == 1 for k in kernel) and all(s == 1 for s in args.get("stride", ()))
-            and not any(args.get("pad", ())) and not any(args.get("output_padding", ())))
+            and not any(args.get("output_padding", ())))
 
 
 class LayoutError(ValueError):
@@ -209,6 +212,10 @@ def input_layout(kind: str, args: dict, weight_shape: Sequence[int], in_shape: S
         # bias is never summed: no reduce axes), except into a pointwise deconvolution, a matrix
         # (inputs, outputs) like an Affine's, per group: (groups, inputs, outputs of the group)
         if pointwise_deconvolution(kind, args, w):
+            if kind == "DepthwiseDeconvolution":   # output o sums inputs o * d ... o * d + d - 1
+                d = args.get("divisor", 1)
+                return (ChannelLayout(1, 1, w[0], prod(w[1:])), (1,),
+                        (w[0] // d, d * prod(w[1:])))
             g = args.get("group", 1)
             if g == 1:
                 return ChannelLayout(1, 1, w[0], prod(w[1:])), (0,), (w[0], prod(w[1:]))

@@ -225,7 +225,41 @@ class Unpooling(_Spatial):
     """Exact: it repeats each element."""
 
 
-class AveragePooling(_Spatial):
+class _Pooling(_Spatial):
+    """A pooling over windows: besides :class:`_Spatial`, no window may lie wholly in the padding
+    (a pad of at least the kernel, or windows past the end): NNabla computes such an output from
+    memory outside the window (another channel's, another sample's), not from the channel's
+    elements, so it does not commute with the channel's map."""
+
+    @classmethod
+    def backward(cls, args, in_shapes, out_shapes, site, facts):
+        cls.check(args, in_shapes[0], site, facts)
+        _no_empty_window(args, in_shapes[0], out_shapes[0])
+        return [(0, Site(tuple(in_shapes[0]), site.a0, site.a1), same)]
+
+    @classmethod
+    def forward(cls, args, in_shapes, out_shapes, index, site, facts):
+        cls.check(args, in_shapes[0], site, facts)
+        _no_empty_window(args, in_shapes[0], out_shapes[0])
+        return Site(tuple(out_shapes[0]), site.a0, site.a1), same
+
+
+def _no_empty_window(args, in_shape, out_shape):
+    """Stop where a pooling window covers no element of the input: the first starts at ``-pad``,
+    the last at ``(out - 1) * stride - pad``, and those between cannot be empty if neither is."""
+    kernel = list(args.get("kernel", ()))
+    axes = list(_spatial_axes(args, len(in_shape), len(kernel)))
+    stride = list(args.get("stride", ())) or [1] * len(kernel)
+    pad = list(args.get("pad", ())) or [0] * len(kernel)
+    for k, a in enumerate(axes):
+        p = pad[k] if k < len(pad) else 0
+        st = stride[k] if k < len(stride) else 1
+        if kernel[k] <= p or (out_shape[a] - 1) * st - p >= in_shape[a]:
+            raise Stop(f"some of its windows lie wholly in the padding (kernel {kernel[k]}, pad "
+                       f"{p}), where NNabla's output is not computed from the channel's elements")
+
+
+class AveragePooling(_Pooling):
     """Exact where every window's weights sum to 1: no zero padding counted (``including_pad=False``,
     or no padding). A window that counts padding averages zeros the shift never reached: then
     exact only for a map whose shift is 0."""
@@ -238,13 +272,13 @@ class AveragePooling(_Spatial):
         return None
 
 
-class SumPooling(_Spatial):
+class SumPooling(_Pooling):
     """A sum of a window adds the shift once per element: exact only for a map whose shift is 0."""
     condition = (_shift_zero, "{map} has a shift that is not zero, which a sum over each window "
                               "multiplies")
 
 
-class MaxPooling(_Spatial):
+class MaxPooling(_Pooling):
     """``max(s * x + t) == s * max(x) + t`` exactly where ``s >= 0`` (padding counts as -inf, which
     the map leaves -inf); a negative scale turns the maximum into a minimum."""
     condition = (_scale_nonnegative, "{map} has a negative scale, which turns the maximum into a "

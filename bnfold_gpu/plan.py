@@ -188,7 +188,10 @@ class Plan:
             lines.append(format_table([("BN left in the graph", "reason")] +
                                       [(s.bn, s.reason) for s in self.skipped]))
         lines.append("")
-        lines.append(f"{len(self.folded_bns)} folded, {len(self.skipped)} left in the graph")
+        others = len(self.folded_maps) - len(self.folded_bns)   # multiplies and adds by constants
+        also = (f"; also folded: {others} multipl{'y' if others == 1 else 'ies'} or "
+                f"add{'' if others == 1 else 's'} by a constant") if others else ""
+        lines.append(f"{len(self.folded_bns)} folded, {len(self.skipped)} left in the graph{also}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -210,6 +210,7 @@ class _Planner:
         self.owner: Dict[int, Tuple[int, str]] = {}   # map function -> the first side taking it
         self.pending: Dict[Tuple[int, str], _Side] = {}   # the sides the current walk reached
         self.wanted_bias = set()                      # matrix products a map after found no bias of
+        self.bad_constants: Dict[int, str] = {}       # constant function -> why it is no map
         self._values_cache = {}
         self._holders = None                          # array -> the graph's variables holding it
         # running statistics a BN on batch statistics updates as the graph runs: not constants
@@ -423,7 +424,12 @@ class _Planner:
             if site is False:
                 continue
             name = self.g.name(stored[0], "constant")
-            self.arrays[name] = (tuple(stored[0].shape), self._dtype(name, stored[0]))
+            dtype = self._dtype(name, stored[0])
+            problem = self._constant_problem(name, fn.type, factor)
+            if problem is not None:   # stays a function: a map would make the whole fold fail
+                self.bad_constants[fn.index] = problem
+                return None
+            self.arrays[name] = (tuple(stored[0].shape), dtype)
             kind = "scale" if fn.type in ("Mul2", "Div2") else "shift"
             shown = name if factor == 1.0 else f"{factor:g} * {name}"
             term = MapTerm(f"{fn.type}({shown})", kind, site.n if site else 1, value=name,
@@ -431,6 +437,17 @@ class _Planner:
             m = _Map(fn, term, data, site, False)
             m.constant = (const, stored)
             return m
+        return None
+
+    def _constant_problem(self, name: str, type_name: str, factor: float) -> Optional[str]:
+        """Why the stored constant ``name`` cannot be a map's (its values make no finite map: a
+        quotient by 0, a non-finite value), or None."""
+        with np.errstate(all="ignore"):
+            v = np.asarray(self.value_of(name), np.float64) * factor
+            if not np.isfinite(v).all():
+                return f"its constant {name} has values that are not finite"
+            if type_name == "Div2" and not np.isfinite(1.0 / v).all():
+                return f"its constant {name} has a 0 (or a value whose reciprocal overflows)"
         return None
 
     def _dtype(self, name: str, var) -> np.dtype:
@@ -485,7 +502,8 @@ class _Planner:
             if index in self.claimed:
                 continue
             if m.fused:
-                results[index] = why_back[index]
+                results[index] = (f"{why_back[index]}; it does not move forward: its own ReLU "
+                                  f"(and add) come after its map")
                 continue
             try:
                 self._forward(m)
@@ -701,13 +719,33 @@ class _Planner:
         """The rule's ways through ``fn`` for the walk's map (``moves.backward``), ``fn`` added to
         the walk's region; _Reject with the rule's reason where the map stops."""
         site = self._site_for(walk, fn.out_shapes[0])
-        try:
-            ways = moves.backward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, site,
-                                  _Facts(self, walk))
-        except Stop as s:
-            raise _Reject(f"{_before(what)} {fn.type}: {s}") from None
+        if fn.index in self.bad_constants:
+            raise _Reject(f"{_before(what)} {fn.type}, which stays: "
+                          f"{self.bad_constants[fn.index]}")
+        first = None
+        for site in self._sites_to_try(walk, site):
+            try:
+                ways = moves.backward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, site,
+                                      _Facts(self, walk))
+                break
+            except Stop as s:
+                first = first or str(s)   # the text: an exception would hold this frame
+        else:
+            raise _Reject(f"{_before(what)} {fn.type}: {first}") from None
         walk.region.append(fn)
         return ways
+
+    @staticmethod
+    def _sites_to_try(walk: _Walk, site: Site):
+        """``site``, and for a uniform map (a scalar's, a one-channel BN's: the same map for every
+        element, placed on axis 1 by default) each other axis in turn, since any axis holds it: a
+        function working along axis 1 (a channel-last pooling, a mean over the channels) stops it
+        on that axis only. A rule's reason is the one for ``site``."""
+        yield site
+        if walk.site is None:
+            for a in range(len(site.shape)):
+                if a != site.a0:
+                    yield Site(site.shape, a, a + 1)
 
     def _map_name(self, fn: _Fn, m: Optional[_Map]) -> str:
         """A map function that a walk meets and cannot compose, and why."""
@@ -884,13 +922,21 @@ class _Planner:
         if fn.type in BN_TYPES or nxt is not None:
             raise _Reject(f"the function after it is {self._map_name(fn, nxt)}")
         before = self._site_for(walk, fn.in_shapes[k])
+        if fn.index in self.bad_constants:
+            raise _Reject(f"the function after it is {fn.type}, which stays: "
+                          f"{self.bad_constants[fn.index]}")
         if fn.type == "Split":
             return self._forward_through_split(fn, walk, before)
-        try:
-            site, transform = moves.forward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, k,
-                                            before, _Facts(self, walk))
-        except Stop as s:
-            raise _Reject(f"the function after it is {fn.type}: {s}") from None
+        first = None
+        for before in self._sites_to_try(walk, before):
+            try:
+                site, transform = moves.forward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, k,
+                                                before, _Facts(self, walk))
+                break
+            except Stop as s:
+                first = first or str(s)   # the text: an exception would hold this frame
+        else:
+            raise _Reject(f"the function after it is {fn.type}: {first}") from None
         walk.region.append(fn)
         self._move(walk, site, transform, before)
         return [(fn.outputs[0], walk, f"the output of {fn.type}")]

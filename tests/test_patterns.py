@@ -233,16 +233,22 @@ def test_mean_over_space_is_a_global_pooling(backend, inplace, channel_last, kee
 
 
 def test_mean_or_sum_across_the_channels_stops_the_map():
+    # a map of several channels cannot pass a mean or sum across them; a one-channel map (what
+    # follows a mean or sum over the channels kept as an axis) is the same for every element and
+    # passes a mean over any axes, but not a sum where it has a shift
     def model():
         x = nn.Variable((2, 3, 5, 5))
+        a = PF.batch_normalization(F.relu(x), name="bn", **BN)
+        a = PF.convolution(F.mean(a, axis=1, keepdims=True), 2, (1, 1), name="c0")
         h = PF.convolution(x, 4, (3, 3), name="c")
-        return [x], [PF.batch_normalization(F.mean(h, axis=(1, 2), keepdims=True), name="bn",
-                                            **BN),
-                     PF.batch_normalization(F.sum(h, axis=1, keepdims=True), name="bn2", **BN)]
+        b = PF.batch_normalization(F.sum(h, axis=1, keepdims=True), name="bn2", **BN)
+        h3 = PF.convolution(x, 4, (3, 3), name="c3")
+        c = PF.batch_normalization(F.mean(h3, axis=(1, 2), keepdims=True), name="bn3", **BN)
+        return [x], [a, b, c]
     _, ys = build(model)
-    res = check(ys, kept=["bn/bn", "bn2/bn"])
+    res = check(ys, kept=["bn/bn", "bn2/bn"], folded=["bn3/bn"])
     reasons = {s.bn: s.reason for s in res.skipped}
-    assert "Mean: it averages across the axes the channels span" in reasons["bn/bn"]
+    assert "after it is Mean: it averages across the axes the channels span" in reasons["bn/bn"]
     assert "Sum: it sums across the axes the channels span" in reasons["bn2/bn"]
 
 
@@ -1443,3 +1449,101 @@ def test_a_skip_pattern_that_matches_no_bn_warns_and_folds_the_rest():
     with pytest.warns(bnfold_gpu.SkipPatternWarning, match="'nothing' matches no BN of the graph"):
         res = bnfold_gpu.fold(y, backend="numpy", skip="nothing")
     assert res.folded and not res.skipped
+
+
+# -- corners of moves and layers ------------------------------------------------------------------
+@pytest.mark.parametrize("pooling", ["max", "average", "sum"])
+def test_pooling_with_windows_wholly_in_the_padding_stops_a_map(backend, pooling):
+    # pad >= kernel: NNabla computes the windows that cover no input from memory outside them
+    # (another channel's, another sample's), so a map moved across would change those outputs
+    def model():
+        x = nn.Variable((2, 3, 4, 4))
+        h = PF.convolution(x, 4, (1, 1), name="c")
+        if pooling == "max":
+            h = F.max_pooling(h, (2, 2), stride=(2, 2), pad=(2, 2))
+        elif pooling == "average":
+            h = F.average_pooling(h, (2, 2), stride=(2, 2), pad=(2, 2), including_pad=True)
+        else:
+            h = F.sum_pooling(h, (2, 2), stride=(2, 2), pad=(2, 2))
+        return [x], PF.batch_normalization(h, name="bn", **BN)
+    (x,), y = build(model, positive=True, shift_free=["bn"])   # every other condition is met
+    res = bnfold_gpu.fold(y, backend=backend)
+    assert not res.folded and len(res.skipped) == 1
+    assert "some of its windows lie wholly in the padding (kernel 2, pad 2)" in \
+        res.skipped[0].reason
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_a_quotient_by_a_constant_holding_zero_stays_and_the_rest_folds(backend, inplace, tmp_path):
+    # a Div2 whose constant has a 0 is no map (1 / 0): it stays, a BN after it says why, and the
+    # other folds go on (it used to make the whole fold fail, with no way to skip it)
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        k = nn.parameter.get_parameter_or_create("k/const", (1, 4, 1, 1))
+        a = PF.batch_normalization(F.div2(PF.convolution(x, 4, (3, 3), name="c"), k), name="bn0",
+                                   **BN)
+        b = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c2"), name="bn", **BN)
+        m = F.mul2(PF.convolution(x, 4, (1, 1), name="c3"),
+                   nn.parameter.get_parameter_or_create("m/const", (1, 4, 1, 1)))
+        return [x], [a, b, m]
+    _, ys = build(model)
+    params = nn.get_parameters(grad_only=False)
+    params["k/const"].d = np.array([1.5, 0.0, -2.0, 3.0]).reshape(1, 4, 1, 1)
+    params["m/const"].d = np.array([1.5, np.inf, -2.0, 3.0]).reshape(1, 4, 1, 1)
+    before = forward_all(ys)
+    res = bnfold_gpu.fold(ys, backend=backend, inplace=inplace)
+    for a, b in zip(forward_all(res.outputs), before):   # inf where the graph divides by 0
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b[np.isfinite(b)]).max())
+    assert res.plan.folded_maps == ("bn/bn",) and [s.bn for s in res.skipped] == ["bn0/bn"]
+    assert "Div2, which stays: its constant k/const has a 0" in res.skipped[0].reason
+    assert function_types(res.outputs).count("Mul2") == 1   # non-finite constant: stays too
+
+
+@pytest.mark.parametrize("case", ["depthwise", "depthwise divisor 3, padded", "cropping",
+                                  "grouped, cropping"])
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_pointwise_deconvolutions_that_crop_or_are_depthwise_take_a_shift(backend, inplace, case):
+    # a 1x1 stride-1 (depthwise) deconvolution gives each output exactly one input of each of its
+    # channels, a padding only cropping the output: the shift goes into the bias (a depthwise
+    # one with divisor d sums d consecutive inputs per output)
+    def model():
+        x = nn.Variable((2, 6, 5, 5))
+        h = PF.batch_normalization(F.relu(x), name="bn", **BN)
+        pad = (1, 1) if "padded" in case or "cropping" in case else None
+        if case.startswith("depthwise"):
+            return [x], PF.depthwise_deconvolution(h, (1, 1), divisor=3 if "3" in case else 1,
+                                                   pad=pad, name="d")
+        return [x], PF.deconvolution(h, 4, (1, 1), pad=pad, group=2 if "grouped" in case else 1,
+                                     name="d")
+    (x,), y = build(model)
+    res = check(y, backend, inplace, folded=["bn/bn"])
+    assert [s.side for s in res.folded] == ["input"]
+
+
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_a_one_channel_map_passes_functions_working_along_axis_1(backend, inplace):
+    # a one-channel BN is the same map for every element: any axis holds it, not just axis 1,
+    # so a mean over the channels, or a reflect padding of a channel-last tensor's rows, does not
+    # stop it; a sum over the channels still does where it has a shift
+    def model():
+        x = nn.Variable((2, 3, 6, 6))
+        a = F.mean(PF.convolution(x, 4, (3, 3), pad=(1, 1), name="c"), axis=1, keepdims=True)
+        a = PF.batch_normalization(a, name="bn", **BN)
+        t = F.transpose(PF.convolution(x, 1, (3, 3), name="c2"), (0, 2, 3, 1))   # (2, 4, 4, 1)
+        b = PF.batch_normalization(F.pad(t, (1, 1, 1, 1, 0, 0), mode="reflect"), axes=[3],
+                                   name="bn2", **BN)
+        s = F.sum(PF.convolution(x, 4, (1, 1), name="c3"), axis=1, keepdims=True)
+        c = PF.batch_normalization(s, name="bn3", **BN)
+        return [x], [F.relu(a), F.relu(b), F.relu(c)]
+    _, ys = build(model, seed=2)
+    res = check(ys, backend, inplace, folded=["bn/bn", "bn2/bn"], kept=["bn3/bn"])
+    assert sorted(s.kind for s in res.folded) == ["Convolution", "Convolution"]
+
+
+def test_the_summary_counts_constant_maps_apart_from_bns():
+    x = nn.Variable((2, 3, 6, 6))
+    h = F.mul_scalar(PF.convolution(x, 4, (3, 3), name="c"), 0.5)
+    y = F.add_scalar(PF.convolution(h, 4, (3, 3), name="c2"), 0.25)
+    table = str(bnfold_gpu.plan(y))
+    assert table.splitlines()[-1] == ("0 folded, 0 left in the graph; also folded: 2 multiplies "
+                                      "or adds by a constant")
