@@ -7,8 +7,8 @@ gets the new content and the link stays.
 
 Every temporary file or folder is named ``.bnfold-<pid>@<host>-<random>[-<target>].tmp[<suffix>]``
 so that a later run on the same host can recognise the ones a killed run left (:func:`remove_stale`;
-the host, because a folder may be shared between machines whose process ids mean nothing to each
-other), and is registered while it lives so that an emergency exit can remove it
+the host, with its process-id namespace, because a folder may be shared between machines or
+containers whose process ids mean nothing to each other), and is registered while it lives so that an emergency exit can remove it
 (:func:`remove_live`; :func:`track` registers scratch made elsewhere).
 """
 import errno
@@ -20,7 +20,7 @@ import stat
 import tempfile
 import threading
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 _STALE_NAME = re.compile(r"^\.bnfold-(\d+)@.*\.tmp(\.[A-Za-z0-9]+)?$")
 _LABEL_CHARS = 80        # of the target's name kept in a temporary name (names are at most 255 bytes)
@@ -86,7 +86,14 @@ def untrack(path: str) -> None:
 
 
 def host() -> str:
-    return re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname()) or "localhost"
+    """This host's name, and its process-id namespace where the system says it (a container may
+    share both a folder and the host's name, its process ids meaning nothing outside it)."""
+    name = re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname()) or "localhost"
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except (OSError, AttributeError):
+        return name
+    return f"{name}.pidns{namespace}"
 
 
 def prefix(pid: Optional[int] = None) -> str:
@@ -139,16 +146,24 @@ def committed() -> List[str]:
         return list(_committed)
 
 
-def remove_stale(folder: str) -> List[str]:
+def remove_stale(folder: str, keep: Sequence[str] = ()) -> List[str]:
     """Remove from ``folder`` the temporary files and folders that runs of bnfold left when they were
-    killed: named as this module names them, owned by this user, made by a process that no longer
-    exists. Anything else (other names, symlinks, a live process's files) is left alone. Returns
-    what was removed."""
+    killed: named as this module names them, owned by this user, made by a process of this host
+    (and process-id namespace) that no longer exists. Anything else (other names, symlinks, a live
+    process's files, the files ``keep`` names, such as the input of the run that calls this) is
+    left alone. Returns what was removed."""
     removed = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
+    kept = set()
+    for path in keep:
+        try:
+            st = os.stat(path)
+            kept.add((st.st_dev, st.st_ino))
+        except (OSError, TypeError, ValueError):
+            pass
     for entry in entries:
         m = _STALE_NAME.match(entry.name)
         # the host's name may hold "-": compared whole, through the prefix this host would give
@@ -156,7 +171,7 @@ def remove_stale(folder: str) -> List[str]:
             continue
         try:
             st = entry.stat(follow_symlinks=False)
-            if st.st_uid != os.geteuid():
+            if st.st_uid != os.geteuid() or (st.st_dev, st.st_ino) in kept:
                 continue
             if stat.S_ISDIR(st.st_mode):
                 shutil.rmtree(entry.path)
@@ -297,12 +312,18 @@ class AtomicFile:
         return self.target
 
     def discard(self) -> None:
+        """Remove the temporary file unless committed. Never raises: it runs as an error is being
+        raised, which it must not replace; a file it cannot remove (its folder made read-only
+        meanwhile) stays registered, and a later run in that folder removes it."""
         if not self.committed:
             try:
                 self.file.close()
             except OSError:
                 pass
-            remove(self.path)
+            try:
+                remove(self.path)
+            except OSError:
+                track(self.path)
 
     def __enter__(self):
         return self

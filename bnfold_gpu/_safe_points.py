@@ -66,9 +66,15 @@ class _Guard:
                 if byte in (signal.SIGINT, signal.SIGTERM):
                     self._count("watcher", signal.Signals(byte))
 
+    def claim_exit(self) -> bool:
+        """For the main thread about to say it was interrupted and return: True where it may (a
+        second Ctrl-C then neither exits nor says it again), False where a second Ctrl-C is
+        already ending the process with its own line."""
+        return self._exiting.acquire(blocking=False)
+
     def _exit_now(self):
         if not self._exiting.acquire(blocking=False):
-            return                  # the other thread is already exiting
+            return                  # the other thread is exiting, or the main one has said it
         message = "bnfold: interrupted"
         try:
             message = self.on_second() or message
@@ -138,7 +144,10 @@ def ctrl_c_at_safe_points(on_second, keep: bool = False):
     if previous_wakeup is not None:
         watcher = threading.Thread(target=guard.watch, args=(read_fd,), name="bnfold-ctrl-c",
                                    daemon=True)
-        watcher.start()
+        try:
+            watcher.start()
+        except RuntimeError:   # no more threads: a second Ctrl-C acts when Python's handler runs
+            watcher = None
     for signum in previous:
         signal.signal(signum, guard.handler)
     outer, _active = _active, guard

@@ -232,7 +232,7 @@ def _check_report_path(args, out_path):
     for path in dict.fromkeys([args.input, out_path]):
         if same_file(path, args.report):
             raise NnpError(f"{args.report}: the report would overwrite {path}")
-    _atomic.remove_stale(os.path.dirname(report))   # the output's folder: fold_nnp's
+    _atomic.remove_stale(os.path.dirname(report), keep=[args.input])   # the output's: fold_nnp's
 
 
 def _write_report(path, report) -> None:
@@ -485,11 +485,13 @@ def _command(argv, exiting: bool) -> int:
             _safe_points.check()            # a Ctrl-C after the last safe point
             return status
         except KeyboardInterrupt:
-            _say(run.interrupted())
+            if guard is None or guard.claim_exit():   # else a second Ctrl-C is saying it
+                _say(run.interrupted())
             return EXIT_INTERRUPTED if guard is None else guard.exit_status()
         except SystemExit:                  # argparse: --help, --version, a usage error
             if guard is not None and guard.pending:
-                _say(run.interrupted())
+                if guard.claim_exit():
+                    _say(run.interrupted())
                 return guard.exit_status()
             raise
         finally:
@@ -508,10 +510,20 @@ def _main(argv, run) -> int:
     if args.command == "doctor":    # before the imports below, which import nnabla
         return args.run(args, run)
     quiet_nnabla_info()
-    from . import import_nnabla
-    import_nnabla()   # the caller's logging and warning filters kept (main called in a process)
-    from .backends.common import FoldError
-    from .nnp import NnpError
+    try:
+        from . import import_nnabla
+        import_nnabla()   # the caller's logging and warning filters kept (main called in a process)
+        from .backends.common import FoldError
+        from .nnp import NnpError
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except MemoryError:
+        _say("bnfold: out of memory while importing NNabla; nothing written")
+        return EXIT_BAD_INPUT
+    except Exception as e:   # e.g. too many open files for its libraries
+        words = _os_words(e) if isinstance(e, OSError) else _words(e)
+        _say(f"bnfold: NNabla cannot be imported: {words}; nothing written")
+        return EXIT_BAD_INPUT
     try:
         return args.run(args, run)
     except (KeyboardInterrupt, SystemExit):

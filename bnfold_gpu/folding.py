@@ -20,6 +20,7 @@ import numpy as np
 from . import _interrupts, rewrite
 from .backends import get_backend
 from .backends.common import cuda_context, quiet_float_errors
+from ._scope_lock import holding_scope_lock
 from .graph import Graph, Home
 from .plan import FoldSpec, Plan, Skip, check_flag, skip_patterns, warn_unmatched_skips
 from .planner import plan as _make_plan
@@ -295,6 +296,7 @@ def _relative_imports_fail_fast():
 
 
 @quiet_float_errors
+@holding_scope_lock
 def plan(outputs, inplace: bool = True, skip: Sequence[str] = ()) -> Plan:
     """A dry run: what ``fold(outputs, inplace=inplace, skip=skip)`` would fold, into what, and why
     the rest would not. Changes nothing."""
@@ -308,6 +310,7 @@ def plan(outputs, inplace: bool = True, skip: Sequence[str] = ()) -> Plan:
 
 
 @quiet_float_errors
+@holding_scope_lock
 def fold(outputs, backend: str = "auto", inplace: bool = True, skip: Sequence[str] = (),
          prune: bool = False) -> FoldResult:
     """Fold every BN of the graph ending at ``outputs`` (and every multiply or add by a stored

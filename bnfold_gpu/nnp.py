@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from . import _atomic, _textproto, _zip, protobuf_params
+from ._scope_lock import holding_scope_lock
 from .backends import get_backend
 from .backends.common import FoldError, quiet_float_errors
 from .graph import BN_TYPES, Graph
@@ -581,6 +582,9 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib
 
 
 def _not_a_zip(path, e) -> NnpError:
+    if isinstance(e, OSError) and e.errno is not None:   # the system's (too many open files, an
+        # I/O error, no memory), not the file's: said as such
+        return NnpError(f"{path}: cannot read it: {e.strerror or _one_line(e)}; nothing written")
     reason = e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
     return NnpError(f"{path}: not an .nnp file (not a readable zip archive: {reason})")
 
@@ -657,7 +661,7 @@ def _read_h5(path, z: zipfile.ZipFile, member: zipfile.ZipInfo, progress, archiv
     if start is not None:
         return _read_h5_in_place(path, member, archive, start, progress)
     folder = tempfile.gettempdir()
-    _atomic.remove_stale(folder)
+    _atomic.remove_stale(folder, keep=[path])
     _check_room(path, folder, member.file_size)
     try:
         scratch = _atomic.scratch_dir(folder, "parameters")
@@ -1262,6 +1266,7 @@ def structure(proto):
     return out
 
 
+@holding_scope_lock
 def build_networks(path: str, proto, names=None, parsed=False, values=None, batch_size=None):
     """(loader scope) -> {network name: (graph outputs, NnpNetwork)} built by NNabla in a private
     parameter scope, for the networks of ``proto`` (its network definition; every network, or those
@@ -1303,6 +1308,8 @@ def build_networks(path: str, proto, names=None, parsed=False, values=None, batc
 
                 def get_network(name):
                     return loader.get_network(name, batch_size=_batch(name))
+        except MemoryError:
+            raise
         except Exception as e:  # NNabla's own loader, on a file our checks passed
             where = _failing_network(proto, names)
             raise NnpError(f"{path}: {where}NNabla cannot load it: {nnabla_words(e)}") from None
@@ -1397,6 +1404,7 @@ def nnabla_words(e: BaseException) -> str:
 
 
 @quiet_float_errors
+@holding_scope_lock
 def plan_file(nnp: NnpFile, progress=None, skip=()) -> FilePlan:
     """Plan every network of the file and settle the folded parameters' names across networks: a
     fold that several networks share (the same arrays, the same map) is computed once; an array
@@ -2055,6 +2063,7 @@ def check_verify_memory(path, proto):
                            f"'{net.name}' (batch size {batch}), {_amount(available)} is available")
 
 
+@holding_scope_lock
 def verify(original, folded, networks, seed: int = 0, progress=None, inputs=None):
     """Run each network of ``networks`` from both files on the same inputs (``inputs``: {input name:
     array}, seeded random values for the rest); one record per output the network has or its

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from . import _atomic, _safe_points
+from ._scope_lock import holding_scope_lock
 from .backends import get_backend
 from .backends.common import FoldError
 from .plan import check_flag, check_path, skip_patterns, warn_unmatched_skips
@@ -175,6 +176,7 @@ def same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+@holding_scope_lock
 def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
              tolerance: Optional[float] = None, atol: float = 0.0, seed: int = 0,
              inputs=None, in_place: bool = False, skip=(), progress=None) -> Report:
@@ -213,7 +215,7 @@ def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
     out, target = _output(src, dst, in_place)
     get_backend(backend, on_device=False)   # an unusable backend is said before a file is read
     given = _load_inputs(inputs)
-    _atomic.remove_stale(os.path.dirname(target))
+    _atomic.remove_stale(os.path.dirname(target), keep=[src])
     progress = progress or _Silent()
     report = Report(src, out, seconds=clock.seconds)
 
@@ -272,6 +274,7 @@ def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
     return report
 
 
+@holding_scope_lock
 def load(path, network: Optional[str] = None, *, batch_size: Optional[int] = None,
          backend: str = "auto", skip=(), with_report: bool = False):
     """The networks of the .nnp file ``path``, folded in memory, as NNabla's ``NnpLoader`` hands

@@ -132,6 +132,42 @@ def test_remove_stale_leaves_other_users_files(tmp_path, monkeypatch):
     assert _atomic.remove_stale(str(tmp_path)) == [] and os.listdir(tmp_path) == [name]
 
 
+def test_remove_stale_keeps_the_files_it_is_told_to(tmp_path):
+    # an input named like a killed run's temporary file (one a failed run left, copied): the run
+    # reading it must not remove it first
+    name = f"{_atomic.prefix(_dead_pid())}abc-m.nnp.tmp.nnp"
+    (tmp_path / name).write_text("x")
+    os.link(tmp_path / name, tmp_path / "alias.nnp")
+    assert _atomic.remove_stale(str(tmp_path), keep=[str(tmp_path / "alias.nnp")]) == []
+    assert sorted(os.listdir(tmp_path)) == sorted([name, "alias.nnp"])
+
+
+def test_another_pid_namespace_files_are_not_judged_here(tmp_path):
+    # a container sharing the folder and the host's name: its process ids mean nothing here
+    if not os.path.exists("/proc/self/ns/pid"):
+        pytest.skip("no process-id namespaces on this system")
+    here = _atomic.host()
+    assert here.endswith(f".pidns{os.stat('/proc/self/ns/pid').st_ino}")
+    elsewhere = _atomic.prefix(_dead_pid()).replace(here, here.rsplit(".pidns", 1)[0] + ".pidns1")
+    (tmp_path / f"{elsewhere}abc.tmp").write_text("x")
+    assert _atomic.remove_stale(str(tmp_path)) == []
+
+
+def test_discard_never_replaces_the_error_being_raised(tmp_path, monkeypatch):
+    # the folder made read-only as the write fails: the temporary cannot go, the error stays the
+    # write's, and the file stays registered for a later removal
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", path)
+    with pytest.raises(RuntimeError, match="the write's"):
+        with _atomic.AtomicFile(str(tmp_path / "o.nnp")) as f:
+            monkeypatch.setattr(os, "unlink", refuse)
+            raise RuntimeError("the write's")
+    monkeypatch.undo()
+    assert f.path in _atomic._live
+    _atomic.remove(f.path)
+    assert os.listdir(tmp_path) == []
+
+
 def test_remove_live_removes_every_temporary_of_the_process(tmp_path):
     folder = _atomic.scratch_dir(str(tmp_path))
     (tmp_path / "keep").write_text("x")

@@ -723,6 +723,33 @@ def test_closed_stdout_is_refused_before_any_work(tmp_path, argv):
     assert r.returncode == 0 and r.stderr == "" and out.exists()
 
 
+def test_the_systems_read_errors_are_not_blamed_on_the_file(tmp_path, capsys, monkeypatch):
+    import errno
+    import zipfile
+    p = nnp_files.single(tmp_path / "m.nnp")
+
+    def no_files(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(zipfile, "ZipFile", no_files)
+    err = _bad(tmp_path, capsys, "fold", p)
+    assert "cannot read it: Too many open files" in err and "not an .nnp file" not in err
+
+
+def test_nnabla_failing_to_import_is_one_line(tmp_path):
+    p = nnp_files.single(tmp_path / "m.nnp")
+    hook = ("import os, sys\n"
+            "class Hook:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'nnabla':\n"
+            "            raise OSError(24, 'Too many open files')\n"
+            "sys.meta_path.insert(0, Hook())\n")
+    r = subprocess.run([sys.executable, "-c", hook + _SUBPROCESS_MAIN, "fold", str(p), "-o",
+                        str(tmp_path / "o.nnp")], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == "bnfold: NNabla cannot be imported: Too many open files; nothing written\n"
+    assert not (tmp_path / "o.nnp").exists()
+
+
 def test_unusable_backend_is_a_clear_error(tmp_path, capsys, monkeypatch):
     from bnfold_gpu.backends import cupy_backend
     monkeypatch.setattr(cupy_backend, "unavailable_reason", lambda: "no CUDA device found")

@@ -250,3 +250,40 @@ def test_save_without_prune_keeps_the_dead_bn_parameters(tmp_path):
     assert {n for n in _saved_parameters(out) if n.startswith("bn")}
     with zipfile.ZipFile(out) as z:
         assert any(m.endswith(".h5") for m in z.namelist())
+
+
+def test_file_folds_in_several_threads_take_turns_with_nnablas_one_scope(tmp_path):
+    # reading a file makes a scope of bnfold's own current for a while (NNabla has one per
+    # process): folds in other threads meanwhile must neither see it nor leave the caller's
+    import threading
+    a = nnp_files.single(tmp_path / "a.nnp", parameter_format=".h5", seed=1)
+    b = nnp_files.single(tmp_path / "b.nnp", parameter_format=".protobuf", seed=2)
+    nn.clear_parameters()
+    x = nn.Variable((2, 3, 6, 6))
+    y = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="mine"), batch_stat=False,
+                               name="mine_bn")
+    randomize_all(np.random.RandomState(0))
+    feed(np.random.RandomState(0), x)
+    y.forward()
+    want = y.d.copy()
+    errors = []
+
+    def work(src, k):
+        try:
+            for i in range(4):
+                bnfold_gpu.fold_nnp(str(src), str(tmp_path / f"o{k}-{i}.nnp"), verify=True)
+                bnfold_gpu.load(str(src), "net")
+        except Exception as e:   # raised in the test below
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(src, k)) for k, src in enumerate((a, b))]
+    for t in threads:
+        t.start()
+    res = bnfold_gpu.fold(y, backend="numpy")   # the caller's own fold, meanwhile
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert res.plan.folded_bns == ("mine_bn/bn",)
+    y.forward()
+    assert rel_err(y.d, want) < 1e-5
+    names = set(nn.get_parameters(grad_only=False))   # load() adds the file's, as NnpLoader does
+    assert {"mine/conv/W", "mine/conv/b", "mine_bn/bn/gamma"} <= names, sorted(names)

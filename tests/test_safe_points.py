@@ -167,3 +167,19 @@ def test_second_ctrl_c_exits_at_once_with_the_line_given():
             "print('not reached')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 130 and r.stderr == "bnfold: gone\n" and r.stdout == ""
+
+
+def test_the_interrupted_line_is_said_once():
+    # the main thread has said it was interrupted and is returning: a second Ctrl-C then neither
+    # says it again nor cuts the return short
+    code = ("import os, signal, sys\n"
+            "from bnfold_gpu import _safe_points\n"
+            "with _safe_points.ctrl_c_at_safe_points(lambda: 'second line') as guard:\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    assert guard.claim_exit()\n"
+            "    print('interrupted', file=sys.stderr)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "print('returned')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "interrupted\n" and r.stdout == "returned\n", r

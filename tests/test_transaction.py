@@ -302,6 +302,28 @@ def test_a_multiply_failing_once_the_weights_are_being_written_is_redone(monkeyp
     assert completed >= n - 2 * workers - 1
 
 
+def test_no_thread_can_start_the_fold_runs_on_this_one(monkeypatch):
+    # a process at its thread limit: the magnitude bounds, the writes and the Ctrl-C guard each
+    # do their work on the calling thread instead of failing
+    monkeypatch.setattr(numpy_backend, "_SPLIT_BYTES", 1 << 8)   # several bins to share
+    monkeypatch.setattr(numpy_backend, "_workers", lambda: 2)
+    y = both_sides_model()
+    want = forward_all(y)[0]
+    started = []
+
+    def no_thread(self):
+        started.append(self.name)
+        raise RuntimeError("can't start new thread")
+    with monkeypatch.context() as m:
+        m.setattr(threading.Thread, "start", no_thread)
+        from bnfold_gpu import _safe_points
+        with _safe_points.ctrl_c_at_safe_points(lambda: "unused"):
+            res = bnfold_gpu.fold(y, backend="numpy")
+    assert "bnfold" in started and "bnfold-ctrl-c" in started
+    assert bn_count(y) == 0 and not res.skipped
+    assert rel_err(forward_all(y)[0], want) < 1e-5
+
+
 def test_multiplies_failing_again_say_that_the_parameters_are_half_folded(monkeypatch):
     monkeypatch.setattr(numpy_backend, "_workers", lambda: 1)
     n = _count_calls(monkeypatch, numpy_backend, "_multiply", "numpy", True, both_sides_model)

@@ -602,7 +602,12 @@ class Prepared:
         again is a RuntimeError saying that the parameters are half folded)."""
         with _interrupts.held():
             bins, scratches = self.bins, self.scratches
-            threads = _Threads(bins, scratches) if len(bins) > 1 else None   # may fail
+            threads = None
+            if len(bins) > 1:
+                try:
+                    threads = _Threads(bins, scratches)
+                except RuntimeError:   # no more threads: the bins run one after another here
+                    threads = None
             try:
                 write_biases(self.biases, self._saved)
             except BaseException:
