@@ -9,12 +9,14 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 
-from .backends.common import FoldError
+# the plan types need neither nnabla nor NumPy (and the submodule ``plan``, imported here, is
+# then not set over the function ``plan`` below when something imports it later)
 from .plan import FoldSpec, Plan, Skip, SkipPatternWarning
 
 if TYPE_CHECKING:   # for the annotations alone: importing these at run time would import nnabla
     import nnabla
     from nnabla.utils.nnp_graph import NnpNetwork
+    from .backends.common import FoldError
     from .folding import FoldResult
     from .nnp_fold import Report
 
@@ -88,13 +90,18 @@ def load(path: _PathLike, network: Optional[str] = None, *, batch_size: Optional
 
 _LAZY = {"FoldResult": "folding", "Report": "nnp_fold", "VerificationFailed": "nnp_fold",
          "VerificationImpossible": "nnp_fold", "NnpError": "nnp"}
+# without nnabla, but with NumPy: imported when first asked for too, so that importing the package
+# (the command line starting, its Ctrl-C handling set up) takes no time
+_LAZY_PLAIN = {"FoldError": "backends.common"}
 
 
 def __getattr__(name):
     # imported when first asked for: nnp_fold imports nnabla only when a file is folded, nnp and
     # folding at once
+    import importlib
+    if name in _LAZY_PLAIN:
+        return getattr(importlib.import_module(f".{_LAZY_PLAIN[name]}", __name__), name)
     if name in _LAZY:
-        import importlib
         import_nnabla()
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'bnfold_gpu' has no attribute {name!r}")

@@ -352,3 +352,13 @@ def test_make_demo_installs_the_runtime_alone(tmp_path):
     (venv / ".installed-test").touch()               # as `make test` leaves it
     assert _make(tmp_path, "demo") == [".venv/bin/python -m bnfold_gpu.demo"]
     assert _make(tmp_path, "test") == [".venv/bin/python -m pytest -q tests"]
+
+
+def test_the_command_line_starts_without_numpy_or_nnabla():
+    # its Ctrl-C handling is set up before the heavy imports (a Ctrl-C there is then one line), and
+    # --version, --help and usage errors answer at once
+    code = ("import sys; import bnfold_gpu, bnfold_gpu.cli; "
+            "print(sorted(m for m in ('numpy', 'nnabla', 'cupy') if m in sys.modules)); "
+            "print(bnfold_gpu.plan.__name__, bnfold_gpu.FoldError.__name__)")
+    r = _run([sys.executable, "-c", code], cwd=ROOT)
+    assert r.returncode == 0 and r.stdout == "[]\nplan FoldError\n", r.stderr
