@@ -404,6 +404,9 @@ class _Planner:
     def _constant_map(self, fn: _Fn) -> Optional[_Map]:
         """A multiply or add by a stored constant as a map, or None."""
         if fn.type in ("MulScalar", "AddScalar"):
+            if not np.isfinite(float(fn.args["val"])):   # stays a function, as a constant's would
+                self.bad_constants[fn.index] = f"its value {fn.args['val']} is not finite"
+                return None
             label = f"{fn.type}({fn.args['val']:g}) #{fn.index}"
             kind = "scale" if fn.type == "MulScalar" else "shift"
             return _Map(fn, MapTerm(label, kind, 1, scalar=float(fn.args["val"])), 0, None, False)
@@ -777,7 +780,9 @@ class _Planner:
         walk.terms.insert(0, _Term(m.term, gather, identity=self._identity(walk, m, gather)))
         walk.maps.append(m)
         walk.region.append(m.fn)
-        if m.term.kind == "shift" and m.term.value is not None:
+        if m.term.kind == "shift" and m.term.value is not None and not m.term.negate:
+            # the add's stored constant can hold the shift of the maps after it (c * s + t); not a
+            # subtraction's (x - c would need c * s - t)
             walk.park = (m, walk.site, [_Term(t.term, t.gather, t.scale_only, t.identity)
                                         for t in walk.terms])
         else:
@@ -808,6 +813,9 @@ class _Planner:
     def _site_for(self, walk: _Walk, shape) -> Site:
         """The walk's site over a tensor of ``shape`` (a uniform map takes the channel axis 1)."""
         if walk.site is None:
+            if not len(shape):   # no axis to hold it: the rules work along axes
+                raise _Reject("it meets a 0-d value (one number, no axis), which maps are not "
+                              "moved across")
             return Site(tuple(shape), min(1, len(shape) - 1), min(2, len(shape)))
         return walk.site
 
@@ -1390,6 +1398,8 @@ class _Planner:
             bias_shape = (wl.n_channels,)
         elif fn.type == "Deconvolution":   # summed as ([groups,] inputs, outputs): every output
             bias_shape = (prod(sum_shape) // sum_shape[-2],)
+        elif fn.type == "DepthwiseDeconvolution":   # summed as (outputs, divisor * kernel)
+            bias_shape = (sum_shape[0],)
         else:
             bias_shape = (w.shape[0],)
         writes_bias = has_shift or (side.side == OUTPUT_SIDE and b is not None)

@@ -1547,3 +1547,56 @@ def test_the_summary_counts_constant_maps_apart_from_bns():
     table = str(bnfold_gpu.plan(y))
     assert table.splitlines()[-1] == ("0 folded, 0 left in the graph; also folded: 2 multiplies "
                                       "or adds by a constant")
+
+
+@pytest.mark.parametrize("divisor", [2, 3])
+def test_a_depthwise_deconvolution_without_bias_gets_one_per_output(backend, divisor):
+    # its outputs are its inputs / divisor: the new bias that takes the shift has that many
+    def model():
+        x = nn.Variable((2, 6, 4, 4))
+        h = PF.batch_normalization(F.relu(x), name="bn", **BN)
+        return [x], PF.depthwise_deconvolution(h, (1, 1), divisor=divisor, with_bias=False,
+                                               name="d")
+    (x,), y = build(model)
+    res = check(y, backend, folded=["bn/bn"])
+    assert [tuple(s.bias_shape) for s in res.folded] == [(6 // divisor,)]
+
+
+@pytest.mark.parametrize("op", ["sub2", "add2"])
+def test_a_subtracted_constant_never_holds_a_shift(backend, op):
+    # after a Linear without bias (Reshape -> BatchMatmul -> Reshape), an add of a stored constant
+    # holds the shift of the maps after it (c * s + t); a subtraction's cannot (it would need
+    # c * s - t), so the map after it stays there
+    def model():
+        x = nn.Variable((4, 5))
+        w = nn.parameter.get_parameter_or_create("W", (5, 3))
+        c = nn.parameter.get_parameter_or_create("c", (1, 3))
+        m = F.reshape(F.batch_matmul(F.reshape(x, (1, 4, 5)), F.reshape(w, (1, 5, 3))), (4, 3))
+        h = F.sub2(m, c) if op == "sub2" else F.add2(m, c)
+        return [x], F.add_scalar(h, 1.25)
+    (x,), y = build(model)
+    res = check(y, backend)
+    assert function_types(res.outputs).count("AddScalar") == (1 if op == "sub2" else 0)
+
+
+def test_a_zero_dimensional_value_stops_a_uniform_map():
+    x = nn.Variable((4,))
+    y = F.mul_scalar(F.split(x, axis=0)[0], 2.0)     # one number, no axis
+    out = PF.affine(F.tile(y, [3]), 2, base_axis=0, name="fc")
+    build(lambda: ([x], out))
+    p = bnfold_gpu.plan(out)
+    assert p.folds == () and p.skipped == ()
+
+
+def test_a_scalar_that_is_not_finite_stays_and_the_rest_folds(backend):
+    def model():
+        x = nn.Variable((2, 3, 5, 5))
+        h = F.relu(F.mul_scalar(PF.convolution(x, 4, (3, 3), name="c"), float("inf")))
+        g = F.add_scalar(PF.convolution(x, 4, (3, 3), name="c3"), float("nan"))
+        z = PF.batch_normalization(PF.convolution(x, 4, (3, 3), name="c2"), name="bn", **BN)
+        return [x], [h, g, z]
+    _, ys = build(model)
+    res = bnfold_gpu.fold(ys, backend=backend)
+    assert res.plan.folded_maps == ("bn/bn",)
+    assert function_types(res.outputs).count("MulScalar") == 1
+    assert function_types(res.outputs).count("AddScalar") == 1
