@@ -26,7 +26,7 @@ _STALE_NAME = re.compile(r"^\.bnfold-(\d+)@.*\.tmp(\.[A-Za-z0-9]+)?$")
 _LABEL_CHARS = 80        # of the target's name kept in a temporary name (names are at most 255 bytes)
 ROOM_MARGIN = 1 << 20    # left free beyond what a write is expected to take
 
-_lock = threading.Lock()
+_lock = threading.RLock()   # also taken by a second Ctrl-C's handler, on a thread that may hold it
 _live = set()            # temporary files and folders of this process, removed by remove_live()
 _committed: List[str] = []   # targets renamed into place, in order
 
@@ -94,6 +94,13 @@ def host() -> str:
     except (OSError, AttributeError):
         return name
     return f"{name}.pidns{namespace}"
+
+
+def _unnamespaced_prefix(pid: int) -> str:
+    """The prefix of temporary names before they named the process-id namespace (version 0.1.0's
+    first releases): what they left is still recognised."""
+    name = re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname()) or "localhost"
+    return f".bnfold-{pid}@{name}-"
 
 
 def prefix(pid: Optional[int] = None) -> str:
@@ -167,7 +174,9 @@ def remove_stale(folder: str, keep: Sequence[str] = ()) -> List[str]:
     for entry in entries:
         m = _STALE_NAME.match(entry.name)
         # the host's name may hold "-": compared whole, through the prefix this host would give
-        if not m or not entry.name.startswith(prefix(int(m.group(1)))) or _alive(int(m.group(1))):
+        # (or gave before it named the process-id namespace)
+        if not m or _alive(int(m.group(1))) or not entry.name.startswith(
+                (prefix(int(m.group(1))), _unnamespaced_prefix(int(m.group(1))))):
             continue
         try:
             st = entry.stat(follow_symlinks=False)

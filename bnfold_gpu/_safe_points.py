@@ -23,8 +23,10 @@ _active = None   # the _Guard of the innermost active ctrl_c_at_safe_points
 
 
 class _Guard:
-    def __init__(self, on_second):
+    def __init__(self, on_second, taken=(signal.SIGINT, signal.SIGTERM)):
         self.on_second = on_second
+        self.taken = frozenset(taken)   # the signals whose handler this guard is
+        self.claimed = False            # the main thread has said it was interrupted
         self.pending = False        # a Ctrl-C that check() has not yet raised
         self.seen = False           # any Ctrl-C while active
         self.signal = None          # the first signal taken (SIGINT or SIGTERM)
@@ -63,18 +65,22 @@ class _Guard:
             for byte in data:
                 if byte == 0:       # the guard is leaving
                     return
-                if byte in (signal.SIGINT, signal.SIGTERM):
+                if byte in self.taken:   # the wakeup fd also gets the signals a program's
+                    # own handlers take: those are not this guard's
                     self._count("watcher", signal.Signals(byte))
 
     def claim_exit(self) -> bool:
         """For the main thread about to say it was interrupted and return: True where it may (a
-        second Ctrl-C then neither exits nor says it again), False where a second Ctrl-C is
-        already ending the process with its own line."""
-        return self._exiting.acquire(blocking=False)
+        second Ctrl-C then ends the process at once without saying it again), False where a
+        second Ctrl-C is already ending the process with its own line."""
+        self.claimed = self._exiting.acquire(blocking=False)
+        return self.claimed
 
     def _exit_now(self):
         if not self._exiting.acquire(blocking=False):
-            return                  # the other thread is exiting, or the main one has said it
+            if self.claimed:        # the main thread has said it: end now, without a second line
+                os._exit(self.exit_status())
+            return                  # the other thread is exiting
         message = "bnfold: interrupted"
         try:
             message = self.on_second() or message
@@ -133,7 +139,7 @@ def ctrl_c_at_safe_points(on_second, keep: bool = False):
     if not previous:
         yield None
         return
-    guard = _Guard(on_second)
+    guard = _Guard(on_second, previous)
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     try:

@@ -254,13 +254,13 @@ def cmd_fold(args, run):
     if args.output is not None and args.in_place:
         raise NnpError("give -o OUT.nnp or --in-place, not both")
     out_path = args.input if args.output is None else args.output
-    _check_report_path(args, out_path)
     if args.inputs and not args.verify:
         raise NnpError("--input feeds --verify's runs: give --verify too")
     unused = [f"--{k}" for k in ("tolerance", "atol", "seed") if getattr(args, k) is not None]
     if unused and not args.verify:
         raise NnpError(f"{' and '.join(unused)} only appl{'ies' if len(unused) == 1 else 'y'} "
                        f"to --verify: give --verify too")
+    _check_report_path(args, out_path)
     run.report = args.report
     summary_to = sys.stderr if args.report == "-" else sys.stdout   # stdout holds the JSON then
     progress = Progress(1, args.quiet)    # its last step, finish(); fold_nnp adds the others

@@ -226,10 +226,11 @@ class Unpooling(_Spatial):
 
 
 class _Pooling(_Spatial):
-    """A pooling over windows: besides :class:`_Spatial`, no window may lie wholly in the padding
-    (a pad of at least the kernel, or windows past the end): NNabla computes such an output from
-    memory outside the window (another channel's, another sample's), not from the channel's
-    elements, so it does not commute with the channel's map."""
+    """A maximum over windows: besides :class:`_Spatial`, no window may lie wholly in the padding
+    (a pad of at least the kernel, or windows past the end): NNabla's max pooling computes such an
+    output from memory outside the window (another channel's, another sample's), not from the
+    channel's elements, so it does not commute with the channel's map. (Its sum and average give
+    such a window 0, or 0 / 0 without the padding counted: exact under their own conditions.)"""
 
     @classmethod
     def backward(cls, args, in_shapes, out_shapes, site, facts):
@@ -246,7 +247,9 @@ class _Pooling(_Spatial):
 
 def _no_empty_window(args, in_shape, out_shape):
     """Stop where a pooling window covers no element of the input: the first starts at ``-pad``,
-    the last at ``(out - 1) * stride - pad``, and those between cannot be empty if neither is."""
+    the last at ``(out - 1) * stride - pad``, and those between cannot be empty if neither is.
+    (NNabla's output sizes give a last window past the end only with a pad of at least the kernel,
+    as far as searched; that clause is kept as a guard.)"""
     kernel = list(args.get("kernel", ()))
     axes = list(_spatial_axes(args, len(in_shape), len(kernel)))
     stride = list(args.get("stride", ())) or [1] * len(kernel)
@@ -259,7 +262,7 @@ def _no_empty_window(args, in_shape, out_shape):
                        f"{p}), where NNabla's output is not computed from the channel's elements")
 
 
-class AveragePooling(_Pooling):
+class AveragePooling(_Spatial):
     """Exact where every window's weights sum to 1: no zero padding counted (``including_pad=False``,
     or no padding). A window that counts padding averages zeros the shift never reached: then
     exact only for a map whose shift is 0."""
@@ -272,7 +275,7 @@ class AveragePooling(_Pooling):
         return None
 
 
-class SumPooling(_Pooling):
+class SumPooling(_Spatial):
     """A sum of a window adds the shift once per element: exact only for a map whose shift is 0."""
     condition = (_shift_zero, "{map} has a shift that is not zero, which a sum over each window "
                               "multiplies")

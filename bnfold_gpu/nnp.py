@@ -581,9 +581,14 @@ def _is_params(name: str) -> bool:
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error)
 
 
+# errors of the system, not of the file: said as such
+_SYSTEM_ERRNOS = frozenset(getattr(errno, n) for n in (
+    "EMFILE", "ENFILE", "ENOMEM", "ENOBUFS", "EIO", "EACCES", "EPERM", "EAGAIN", "EINTR", "ENOSPC",
+    "EDQUOT", "EFBIG", "ESTALE", "ETIMEDOUT") if hasattr(errno, n))
+
+
 def _not_a_zip(path, e) -> NnpError:
-    if isinstance(e, OSError) and e.errno is not None:   # the system's (too many open files, an
-        # I/O error, no memory), not the file's: said as such
+    if isinstance(e, OSError) and e.errno in _SYSTEM_ERRNOS:
         return NnpError(f"{path}: cannot read it: {e.strerror or _one_line(e)}; nothing written")
     reason = e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
     return NnpError(f"{path}: not an .nnp file (not a readable zip archive: {reason})")

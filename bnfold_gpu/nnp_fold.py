@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from . import _atomic, _safe_points
-from ._scope_lock import holding_scope_lock
+from ._scope_lock import SCOPE_LOCK
 from .backends import get_backend
 from .backends.common import FoldError
 from .plan import check_flag, check_path, skip_patterns, warn_unmatched_skips
@@ -176,7 +176,6 @@ def same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-@holding_scope_lock
 def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
              tolerance: Optional[float] = None, atol: float = 0.0, seed: int = 0,
              inputs=None, in_place: bool = False, skip=(), progress=None) -> Report:
@@ -274,7 +273,6 @@ def fold_nnp(src, dst=None, *, backend: str = "auto", verify: bool = False,
     return report
 
 
-@holding_scope_lock
 def load(path, network: Optional[str] = None, *, batch_size: Optional[int] = None,
          backend: str = "auto", skip=(), with_report: bool = False):
     """The networks of the .nnp file ``path``, folded in memory, as NNabla's ``NnpLoader`` hands
@@ -314,9 +312,10 @@ def load(path, network: Optional[str] = None, *, batch_size: Optional[int] = Non
     with clock("build"):
         _, built = N.build_networks(src, f.proto, set(wanted), parsed=True, values=f.params,
                                     batch_size=batch_size)
-    for name in wanted:   # what NnpLoader.get_network does once a network is built
-        for key, v in built[name][1].proto_network.parameters.items():
-            nn.parameter.set_parameter(key, v.variable_instance)
+    with SCOPE_LOCK:   # into the caller's scope, not one a file read in another thread made current
+        for name in wanted:   # what NnpLoader.get_network does once a network is built
+            for key, v in built[name][1].proto_network.parameters.items():
+                nn.parameter.set_parameter(key, v.variable_instance)
     clock.seconds["total"] = clock.total()
     nets = {name: built[name][1] for name in wanted}
     result = nets[network] if network is not None else nets

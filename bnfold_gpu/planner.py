@@ -404,12 +404,12 @@ class _Planner:
     def _constant_map(self, fn: _Fn) -> Optional[_Map]:
         """A multiply or add by a stored constant as a map, or None."""
         if fn.type in ("MulScalar", "AddScalar"):
-            if not np.isfinite(float(fn.args["val"])):   # stays a function, as a constant's would
-                self.bad_constants[fn.index] = f"its value {fn.args['val']} is not finite"
-                return None
             label = f"{fn.type}({fn.args['val']:g}) #{fn.index}"
             kind = "scale" if fn.type == "MulScalar" else "shift"
-            return _Map(fn, MapTerm(label, kind, 1, scalar=float(fn.args["val"])), 0, None, False)
+            term = MapTerm(label, kind, 1, scalar=float(fn.args["val"]))
+            if not self._finite_map(fn, term):
+                return None
+            return _Map(fn, term, 0, None, False)
         if len(fn.inputs) != 2:
             return None
         for data, const in ((0, 1), (1, 0)):
@@ -428,30 +428,29 @@ class _Planner:
                 continue
             name = self.g.name(stored[0], "constant")
             dtype = self._dtype(name, stored[0])
-            problem = self._constant_problem(name, fn.type, factor)
-            if problem is not None:   # stays a function: a map would make the whole fold fail
-                self.bad_constants[fn.index] = problem
-                return None
-            self.arrays[name] = (tuple(stored[0].shape), dtype)
             kind = "scale" if fn.type in ("Mul2", "Div2") else "shift"
             shown = name if factor == 1.0 else f"{factor:g} * {name}"
             term = MapTerm(f"{fn.type}({shown})", kind, site.n if site else 1, value=name,
                            reciprocal=fn.type == "Div2", negate=fn.type == "Sub2", factor=factor)
+            if not self._finite_map(fn, term):
+                return None
+            self.arrays[name] = (tuple(stored[0].shape), dtype)
             m = _Map(fn, term, data, site, False)
             m.constant = (const, stored)
             return m
         return None
 
-    def _constant_problem(self, name: str, type_name: str, factor: float) -> Optional[str]:
-        """Why the stored constant ``name`` cannot be a map's (its values make no finite map: a
-        quotient by 0, a non-finite value), or None."""
-        with np.errstate(all="ignore"):
-            v = np.asarray(self.value_of(name), np.float64) * factor
-            if not np.isfinite(v).all():
-                return f"its constant {name} has values that are not finite"
-            if type_name == "Div2" and not np.isfinite(1.0 / v).all():
-                return f"its constant {name} has a 0 (or a value whose reciprocal overflows)"
-        return None
+    def _finite_map(self, fn: _Fn, term: MapTerm) -> bool:
+        """Whether the constant of ``term`` makes a finite map (as the backends check it: no inf or
+        NaN, no quotient by 0); where it does not, the function stays, saying why to a map it
+        stops, rather than make the whole fold fail."""
+        try:
+            with np.errstate(all="ignore"):
+                term_values(term, self.value_of, np)
+        except FoldError as e:
+            self.bad_constants[fn.index] = str(e)
+            return False
+        return True
 
     def _dtype(self, name: str, var) -> np.dtype:
         dtype = self.dtypes.get(name)

@@ -153,6 +153,13 @@ def test_another_pid_namespace_files_are_not_judged_here(tmp_path):
     assert _atomic.remove_stale(str(tmp_path)) == []
 
 
+def test_files_named_before_the_namespace_was_are_still_removed(tmp_path):
+    old = _atomic._unnamespaced_prefix(_dead_pid())
+    assert old != _atomic.prefix(_dead_pid()) or "pidns" not in _atomic.host()
+    (tmp_path / f"{old}abc-o.nnp.tmp.nnp").write_text("x")
+    assert len(_atomic.remove_stale(str(tmp_path))) == 1 and os.listdir(tmp_path) == []
+
+
 def test_discard_never_replaces_the_error_being_raised(tmp_path, monkeypatch):
     # the folder made read-only as the write fails: the temporary cannot go, the error stays the
     # write's, and the file stays registered for a later removal

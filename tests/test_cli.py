@@ -735,6 +735,15 @@ def test_the_systems_read_errors_are_not_blamed_on_the_file(tmp_path, capsys, mo
     assert "cannot read it: Too many open files" in err and "not an .nnp file" not in err
 
 
+def test_only_the_systems_errors_are_said_as_such():
+    import errno
+    from bnfold_gpu import nnp as N
+    assert "cannot read it: Too many open files" in str(
+        N._not_a_zip("m.nnp", OSError(errno.EMFILE, "Too many open files")))
+    # a seek to a corrupt offset fails with EINVAL: the file's fault
+    assert "not an .nnp file" in str(N._not_a_zip("m.nnp", OSError(errno.EINVAL, "Invalid argument")))
+
+
 def test_nnabla_failing_to_import_is_one_line(tmp_path):
     p = nnp_files.single(tmp_path / "m.nnp")
     hook = ("import os, sys\n"

@@ -1452,21 +1452,30 @@ def test_a_skip_pattern_that_matches_no_bn_warns_and_folds_the_rest():
 
 
 # -- corners of moves and layers ------------------------------------------------------------------
-@pytest.mark.parametrize("pooling", ["max", "average", "sum"])
-def test_pooling_with_windows_wholly_in_the_padding_stops_a_map(backend, pooling):
-    # pad >= kernel: NNabla computes the windows that cover no input from memory outside them
-    # (another channel's, another sample's), so a map moved across would change those outputs
+@pytest.mark.parametrize("pooling", ["max", "average", "average without the padding", "sum"])
+def test_pooling_with_windows_wholly_in_the_padding(backend, pooling):
+    # pad >= kernel: NNabla's max pooling computes the windows that cover no input from memory
+    # outside them (another channel's, another sample's), so a map moved across would change
+    # those outputs: it stops there. Sum and average give them 0 (0 / 0 without the padding
+    # counted): exact under their own conditions (a map without shift), so those fold.
     def model():
         x = nn.Variable((2, 3, 4, 4))
         h = PF.convolution(x, 4, (1, 1), name="c")
         if pooling == "max":
             h = F.max_pooling(h, (2, 2), stride=(2, 2), pad=(2, 2))
-        elif pooling == "average":
-            h = F.average_pooling(h, (2, 2), stride=(2, 2), pad=(2, 2), including_pad=True)
+        elif pooling.startswith("average"):
+            h = F.average_pooling(h, (2, 2), stride=(2, 2), pad=(2, 2),
+                                  including_pad=pooling == "average")
         else:
             h = F.sum_pooling(h, (2, 2), stride=(2, 2), pad=(2, 2))
         return [x], PF.batch_normalization(h, name="bn", **BN)
     (x,), y = build(model, positive=True, shift_free=["bn"])   # every other condition is met
+    if pooling != "max":
+        before = forward_all([y])[0]
+        res = bnfold_gpu.fold(y, backend=backend)
+        np.testing.assert_allclose(forward_all(res.outputs)[0], before, rtol=1e-5, atol=1e-6)
+        assert res.plan.folded_maps == ("bn/bn",)
+        return
     res = bnfold_gpu.fold(y, backend=backend)
     assert not res.folded and len(res.skipped) == 1
     assert "some of its windows lie wholly in the padding (kernel 2, pad 2)" in \
@@ -1495,7 +1504,7 @@ def test_a_quotient_by_a_constant_holding_zero_stays_and_the_rest_folds(backend,
     for a, b in zip(forward_all(res.outputs), before):   # inf where the graph divides by 0
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b[np.isfinite(b)]).max())
     assert res.plan.folded_maps == ("bn/bn",) and [s.bn for s in res.skipped] == ["bn0/bn"]
-    assert "Div2, which stays: its constant k/const has a 0" in res.skipped[0].reason
+    assert "Div2, which stays: Div2(k/const): it divides by zero" in res.skipped[0].reason
     assert function_types(res.outputs).count("Mul2") == 1   # non-finite constant: stays too
 
 

@@ -170,16 +170,33 @@ def test_second_ctrl_c_exits_at_once_with_the_line_given():
 
 
 def test_the_interrupted_line_is_said_once():
-    # the main thread has said it was interrupted and is returning: a second Ctrl-C then neither
-    # says it again nor cuts the return short
-    code = ("import os, signal, sys\n"
+    # the main thread has said it was interrupted and is returning: a second Ctrl-C then ends
+    # the process at once, without saying it again
+    code = ("import os, signal, sys, time\n"
             "from bnfold_gpu import _safe_points\n"
             "with _safe_points.ctrl_c_at_safe_points(lambda: 'second line') as guard:\n"
             "    os.kill(os.getpid(), signal.SIGINT)\n"
             "    assert guard.claim_exit()\n"
-            "    print('interrupted', file=sys.stderr)\n"
+            "    print('interrupted', file=sys.stderr, flush=True)\n"
             "    os.kill(os.getpid(), signal.SIGINT)\n"
-            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(30)\n"
             "print('returned')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stderr == "interrupted\n" and r.stdout == "returned\n", r
+    assert r.returncode == 130 and r.stderr == "interrupted\n" and r.stdout == "", r
+
+
+def test_a_signal_the_program_handles_is_not_the_guards():
+    # the program's own SIGTERM handler is left alone, and the guard's watcher (which sees every
+    # signal through the wakeup fd) does not count it either
+    code = ("import os, signal, sys, time\n"
+            "from bnfold_gpu import _safe_points\n"
+            "seen = []\n"
+            "signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))\n"
+            "with _safe_points.ctrl_c_at_safe_points(lambda: 'gone') as guard:\n"
+            "    for _ in range(3):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        time.sleep(0.05)\n"
+            "    _safe_points.check()\n"
+            "    print(len(seen), guard.seen)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "3 False\n" and r.stderr == "", r
