@@ -10,8 +10,9 @@ functions read too is passed where they are slices of channels the map leaves al
 output in parts, a BN on each). A layer absorbs one map on each side (maps on parts of it joined).
 After an add of two branches, the map's scale goes into both branches' layers and its shift into
 one. A layer without a bias of its own (the matrix product NNabla's ONNX importer makes of Gemm)
-leaves the map's shift in the add of its bias that follows it. Every BN that stays says which
-function stopped it.
+leaves the map's shift in the add of its bias that follows it (an add of a stored constant, never
+a subtraction, whose constant would need the shift with the opposite sign). Every BN that stays says
+which function stopped it.
 """
 import fnmatch
 from dataclasses import dataclass, field, replace
