@@ -92,7 +92,8 @@ def random_graph(rng, base_axis=1, made=None, onnx_linear=True):
 
 def _mover(rng, h, axis, made, name, onnx_linear=True):
     """A function a map moves through (or not, by its statistics), a constant multiply or add, two
-    layers added, one value read by two layers or in two parts, a BN of one channel (one map for every element, as a scalar's), an ONNX Linear,
+    layers added, one value read by two layers or in two parts, a BN of one channel (one map for
+    every element, as a scalar's; also after a mean over the channels), an ONNX Linear,
     a mean or sum over space, a padding, a tile, a BN over two axes, or a slice of channels."""
     kind = rng.randint(11)
     c = h.shape[axis]
@@ -126,6 +127,11 @@ def _mover(rng, h, axis, made, name, onnx_linear=True):
         b = PF.convolution(h, out, (k, k), pad=(k // 2, k // 2), base_axis=axis,
                            with_bias=rng.rand() < 0.5, name=f"{name}b")
         return a + b
+    if kind == 7 and rng.rand() < 0.4:   # a mean over the channels, a one-channel BN on it, spread
+        # back over the channels: the BN's map, the same for every element, passes both
+        m = F.mean(h, axis=axis, keepdims=True)
+        m = PF.batch_normalization(m, axes=[axis], batch_stat=False, name=name)
+        return F.broadcast(m, h.shape) + h if rng.rand() < 0.5 else F.broadcast(m, h.shape)
     if kind == 7:
         one = F.reshape(h, h.shape + (1,))
         bn = PF.batch_normalization(one, axes=[len(h.shape)], batch_stat=False, name=name)
