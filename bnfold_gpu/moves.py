@@ -225,26 +225,6 @@ class Unpooling(_Spatial):
     """Exact: it repeats each element."""
 
 
-class _Pooling(_Spatial):
-    """A maximum over windows: besides :class:`_Spatial`, no window may lie wholly in the padding
-    (a pad of at least the kernel, or windows past the end): NNabla's max pooling computes such an
-    output from memory outside the window (another channel's, another sample's), not from the
-    channel's elements, so it does not commute with the channel's map. (Its sum and average give
-    such a window 0, or 0 / 0 without the padding counted: exact under their own conditions.)"""
-
-    @classmethod
-    def backward(cls, args, in_shapes, out_shapes, site, facts):
-        cls.check(args, in_shapes[0], site, facts)
-        _no_empty_window(args, in_shapes[0], out_shapes[0])
-        return [(0, Site(tuple(in_shapes[0]), site.a0, site.a1), same)]
-
-    @classmethod
-    def forward(cls, args, in_shapes, out_shapes, index, site, facts):
-        cls.check(args, in_shapes[0], site, facts)
-        _no_empty_window(args, in_shapes[0], out_shapes[0])
-        return Site(tuple(out_shapes[0]), site.a0, site.a1), same
-
-
 def _no_empty_window(args, in_shape, out_shape):
     """Stop where a pooling window covers no element of the input: the first starts at ``-pad``,
     the last at ``(out - 1) * stride - pad``, and those between cannot be empty if neither is.
@@ -281,11 +261,27 @@ class SumPooling(_Spatial):
                               "multiplies")
 
 
-class MaxPooling(_Pooling):
+class MaxPooling(_Spatial):
     """``max(s * x + t) == s * max(x) + t`` exactly where ``s >= 0`` (padding counts as -inf, which
-    the map leaves -inf); a negative scale turns the maximum into a minimum."""
+    the map leaves -inf); a negative scale turns the maximum into a minimum. No window may lie
+    wholly in the padding (:func:`_no_empty_window`): NNabla computes such an output from memory
+    outside the window (another channel's, another sample's), not from the channel's elements. (Sum
+    and average pooling give such a window 0, or 0 / 0 without the padding counted: exact under
+    their own conditions.)"""
     condition = (_scale_nonnegative, "{map} has a negative scale, which turns the maximum into a "
                                      "minimum")
+
+    @classmethod
+    def backward(cls, args, in_shapes, out_shapes, site, facts):
+        ways = super().backward(args, in_shapes, out_shapes, site, facts)
+        _no_empty_window(args, in_shapes[0], out_shapes[0])
+        return ways
+
+    @classmethod
+    def forward(cls, args, in_shapes, out_shapes, index, site, facts):
+        moved = super().forward(args, in_shapes, out_shapes, index, site, facts)
+        _no_empty_window(args, in_shapes[0], out_shapes[0])
+        return moved
 
 
 class GlobalAveragePooling(_Spatial):

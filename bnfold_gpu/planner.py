@@ -725,30 +725,30 @@ class _Planner:
         if fn.index in self.bad_constants:
             raise _Reject(f"{_before(what)} {fn.type}, which stays: "
                           f"{self.bad_constants[fn.index]}")
-        first = None
-        for site in self._sites_to_try(walk, site):
-            try:
-                ways = moves.backward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, site,
-                                      _Facts(self, walk))
-                break
-            except Stop as s:
-                first = first or str(s)   # the text: an exception would hold this frame
-        else:
-            raise _Reject(f"{_before(what)} {fn.type}: {first}") from None
+        ways, _, why = self._first_passing(walk, site, lambda s: moves.backward(
+            fn.type, fn.args, fn.in_shapes, fn.out_shapes, s, _Facts(self, walk)))
+        if why is not None:
+            raise _Reject(f"{_before(what)} {fn.type}: {why}")
         walk.region.append(fn)
         return ways
 
     @staticmethod
-    def _sites_to_try(walk: _Walk, site: Site):
-        """``site``, and for a uniform map (a scalar's, a one-channel BN's: the same map for every
-        element, placed on axis 1 by default) each other axis in turn, since any axis holds it: a
-        function working along axis 1 (a channel-last pooling, a mean over the channels) stops it
-        on that axis only. A rule's reason is the one for ``site``."""
-        yield site
+    def _first_passing(walk: _Walk, site: Site, rule):
+        """(``rule(s)``, ``s``, None) for the first site ``s`` the rule passes: ``site``, and for a
+        uniform map (a scalar's, a one-channel BN's: the same map for every element, placed on axis
+        1 by default) each other axis in turn, since any axis holds it (a function working along
+        axis 1, such as a channel-last pooling or a mean over the channels, stops it on that axis
+        only). Else (None, None, the rule's reason for ``site``)."""
+        sites = [site]
         if walk.site is None:
-            for a in range(len(site.shape)):
-                if a != site.a0:
-                    yield Site(site.shape, a, a + 1)
+            sites += [Site(site.shape, a, a + 1) for a in range(len(site.shape)) if a != site.a0]
+        why = None
+        for s in sites:
+            try:
+                return rule(s), s, None
+            except Stop as e:
+                why = why or str(e)   # the text: the exception would hold this frame
+        return None, None, why
 
     def _map_name(self, fn: _Fn, m: Optional[_Map]) -> str:
         """A map function that a walk meets and cannot compose, and why."""
@@ -935,16 +935,11 @@ class _Planner:
                           f"{self.bad_constants[fn.index]}")
         if fn.type == "Split":
             return self._forward_through_split(fn, walk, before)
-        first = None
-        for before in self._sites_to_try(walk, before):
-            try:
-                site, transform = moves.forward(fn.type, fn.args, fn.in_shapes, fn.out_shapes, k,
-                                                before, _Facts(self, walk))
-                break
-            except Stop as s:
-                first = first or str(s)   # the text: an exception would hold this frame
-        else:
-            raise _Reject(f"the function after it is {fn.type}: {first}") from None
+        moved, before, why = self._first_passing(walk, before, lambda s: moves.forward(
+            fn.type, fn.args, fn.in_shapes, fn.out_shapes, k, s, _Facts(self, walk)))
+        if why is not None:
+            raise _Reject(f"the function after it is {fn.type}: {why}")
+        site, transform = moved
         walk.region.append(fn)
         self._move(walk, site, transform, before)
         return [(fn.outputs[0], walk, f"the output of {fn.type}")]
