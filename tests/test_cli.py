@@ -746,12 +746,7 @@ def test_only_the_systems_errors_are_said_as_such():
 
 def test_nnabla_failing_to_import_is_one_line(tmp_path):
     p = nnp_files.single(tmp_path / "m.nnp")
-    hook = ("import os, sys\n"
-            "class Hook:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'nnabla':\n"
-            "            raise OSError(24, 'Too many open files')\n"
-            "sys.meta_path.insert(0, Hook())\n")
+    hook = _when_nnabla_is_imported("raise OSError(24, 'Too many open files')")
     r = subprocess.run([sys.executable, "-c", hook + _SUBPROCESS_MAIN, "fold", str(p), "-o",
                         str(tmp_path / "o.nnp")], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
@@ -1575,16 +1570,21 @@ def test_ctrl_c_after_the_output_is_in_place_says_it_was_written(tmp_path, capsy
 _SUBPROCESS_MAIN = "from bnfold_gpu.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
+def _when_nnabla_is_imported(statement: str) -> str:
+    """Python code that runs ``statement`` as the process first imports nnabla (an import hook)."""
+    return ("import os, signal, sys\n"
+            "class Hook:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'nnabla':\n"
+            f"            {statement}\n"
+            "sys.meta_path.insert(0, Hook())\n")
+
+
 def test_ctrl_c_while_nnabla_is_imported(tmp_path):
     p = nnp_files.single(tmp_path / "m.nnp")
     out = tmp_path / "out"
     out.mkdir()
-    hook = ("import os, signal, sys\n"
-            "class Hook:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'nnabla':\n"
-            "            os.kill(os.getpid(), signal.SIGINT)\n"
-            "sys.meta_path.insert(0, Hook())\n")
+    hook = _when_nnabla_is_imported("os.kill(os.getpid(), signal.SIGINT)")
     r = subprocess.run([sys.executable, "-c", hook + _SUBPROCESS_MAIN, "fold", str(p), "-o",
                         str(out / "o.nnp")], capture_output=True, text=True)
     assert r.returncode == 130 and r.stderr == "bnfold: interrupted; nothing written\n", r.stderr
